@@ -1,0 +1,96 @@
+#include <cuda_runtime.h>
+
+#include <mutex>
+
+#include "kernels/allocator.h"
+#include "kernels/cuda/runtime.h"
+
+namespace lancet {
+
+std::vector<CudaDeviceInfo> cuda_devices() {
+  std::vector<CudaDeviceInfo> out;
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no device" error
+    return out;
+  }
+  for (int i = 0; i < n; ++i) {
+    cudaDeviceProp p{};
+    if (cudaGetDeviceProperties(&p, i) != cudaSuccess) continue;
+    out.push_back({i, p.name, p.totalGlobalMem, p.major, p.minor});
+  }
+  return out;
+}
+
+std::string cuda_runtime_version() {
+  int v = 0;
+  cudaRuntimeGetVersion(&v);
+  return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+}
+
+namespace {
+
+// Sets the current device for a scope and restores the previous one on exit.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int index) {
+    cudaGetDevice(&prev_);
+    if (prev_ != index) LANCET_CUDA_CHECK(cudaSetDevice(index));
+  }
+  ~DeviceGuard() { cudaSetDevice(prev_); }
+
+ private:
+  int prev_ = 0;
+};
+
+// A plain cudaMalloc allocator. The caching allocator of the CUDA backend issue replaces it.
+class CudaAllocator final : public Allocator {
+ public:
+  explicit CudaAllocator(int index) : index_(index) {}
+  void* allocate(size_t bytes) override {
+    DeviceGuard g(index_);
+    void* p = nullptr;
+    LANCET_CUDA_CHECK(cudaMalloc(&p, bytes == 0 ? 1 : bytes));
+    std::lock_guard<std::mutex> lock(mu_);
+    count_alloc(bytes);
+    return p;
+  }
+  void deallocate(void* p, size_t bytes) noexcept override {
+    cudaFree(p);
+    std::lock_guard<std::mutex> lock(mu_);
+    count_free(bytes);
+  }
+  Device device() const override { return Device::cuda(index_); }
+
+ private:
+  int index_;
+  std::mutex mu_;
+};
+
+}  // namespace
+
+Allocator* cuda_allocator_create(int index) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    n = 0;
+  }
+  LANCET_CHECK(index < n, "device cuda:" << index << " requested but " << n << " CUDA device(s) are visible");
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  return new CudaAllocator(index);  // lives for the process, like the devices themselves
+}
+
+void cuda_copy(void* dst, Device dst_dev, const void* src, Device src_dev, size_t bytes) {
+  const cudaMemcpyKind kind = dst_dev.is_cpu() ? cudaMemcpyDeviceToHost
+                              : src_dev.is_cpu() ? cudaMemcpyHostToDevice
+                                                 : cudaMemcpyDeviceToDevice;
+  LANCET_CUDA_CHECK(cudaMemcpy(dst, src, bytes, kind));
+}
+
+void cuda_memset_zero(void* dst, Device dev, size_t bytes) {
+  DeviceGuard g(dev.index);
+  LANCET_CUDA_CHECK(cudaMemset(dst, 0, bytes));
+}
+
+}  // namespace lancet

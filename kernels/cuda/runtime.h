@@ -1,0 +1,31 @@
+// cuda/runtime.h — the CUDA device runtime as far as the foundation needs it: device count
+// and names, host<->device copies, and a device allocator. Only compiled with LANCET_WITH_CUDA.
+// The error idiom: LANCET_CUDA_CHECK(call) throws lancet::Error naming the call, the CUDA
+// error string, and file:line.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "kernels/error.h"
+
+#define LANCET_CUDA_CHECK(call)                                                                  \
+  do {                                                                                           \
+    cudaError_t lancet_cuda_err_ = (call);                                                       \
+    if (lancet_cuda_err_ != cudaSuccess)                                                         \
+      LANCET_FAIL(#call << " failed: " << cudaGetErrorString(lancet_cuda_err_));                 \
+  } while (0)
+
+namespace lancet {
+
+struct CudaDeviceInfo {
+  int index;
+  std::string name;
+  size_t total_bytes;
+  int cc_major, cc_minor;
+};
+
+// Never throws: a machine with no GPU or no driver yields an empty list.
+std::vector<CudaDeviceInfo> cuda_devices();
+std::string cuda_runtime_version();  // e.g. "13.0"; "no driver" when none
+
+}  // namespace lancet

@@ -1,0 +1,32 @@
+// elementwise.h — add, scale, concat/split along channels, SE channel scale, and small
+// tensor utilities (see conv.h for the common contract).
+#pragma once
+#include <vector>
+
+#include "kernels/tensor.h"
+
+namespace lancet {
+
+void fill(Tensor& y, float value, const Stream& s);
+void add(const Tensor& a, const Tensor& b, Tensor& y, const Stream& s);   // y = a + b (y may alias a or b)
+void add_inplace(Tensor& y, const Tensor& x, const Stream& s);            // y += x
+void axpy(float alpha, const Tensor& x, Tensor& y, const Stream& s);      // y += alpha * x
+void scale_inplace(Tensor& y, float alpha, const Stream& s);               // y *= alpha
+
+// xs[i]: [N, C_i, H, W] -> y [N, sum C_i, H, W], xs[0] first.
+void concat_channels_forward(const std::vector<Tensor>& xs, Tensor& y, const Stream& s);
+// dy [N, sum C_i, H, W] -> dxs[i] [N, C_i, H, W] overwritten.
+void concat_channels_backward(const Tensor& dy, std::vector<Tensor>& dxs, const Stream& s);
+
+// Squeeze-excitation scale: y[n,c,h,w] = x[n,c,h,w] * g[n,c]; x [N,C,H,W], g [N,C].
+void channel_scale_forward(const Tensor& x, const Tensor& g, Tensor& y, const Stream& s);
+// dx = dy * g (overwritten, may be undefined); dg[n,c] = sum_hw dy * x (overwritten).
+void channel_scale_backward(const Tensor& x, const Tensor& g, const Tensor& dy, Tensor& dx, Tensor& dg,
+                            const Stream& s);
+
+// Sum of squares of all elements (f32, computed in double on CPU); used for gradient norms.
+double sum_squares(const Tensor& x, const Stream& s);
+// True when every element is finite.
+bool all_finite(const Tensor& x, const Stream& s);
+
+}  // namespace lancet

@@ -1,0 +1,13 @@
+// linear.h — fully connected layer y = x w^T + b (PyTorch Linear), see conv.h for the contract.
+// x [N, in], w [out, in], b [out] (optional), y [N, out].
+#pragma once
+#include "kernels/tensor.h"
+
+namespace lancet {
+
+void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, Tensor& y, const Stream& s);
+// dx overwritten (may be undefined); dw, db accumulated (may be undefined).
+void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx, Tensor& dw, Tensor& db,
+                     const Stream& s);
+
+}  // namespace lancet

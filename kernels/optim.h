@@ -1,0 +1,28 @@
+// optim.h — optimizer update kernels with PyTorch's torch.optim semantics (one tensor at a
+// time on the CPU; the CUDA backend adds fused multi-tensor versions).
+// All state tensors have the parameter's shape and are f32 (master weights).
+#pragma once
+#include <cstdint>
+
+#include "kernels/tensor.h"
+
+namespace lancet {
+
+struct SgdParams {
+  float lr = 0.01f, momentum = 0.9f, dampening = 0.0f, weight_decay = 0.0f;
+  bool nesterov = false;
+};
+// torch.optim.SGD: g = grad + wd*param; buf = momentum*buf + (1-dampening)*g (buf = g on the
+// first step, signalled by first_step); g = nesterov ? g + momentum*buf : buf; param -= lr*g.
+void sgd_step(const SgdParams& p, bool first_step, Tensor& param, const Tensor& grad, Tensor& momentum_buf,
+              const Stream& s);
+
+struct AdamParams {
+  float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.0f;
+  bool decoupled = false;  // false: Adam (L2 added to the gradient); true: AdamW (param *= 1 - lr*wd)
+};
+// torch.optim.Adam / AdamW with bias correction; step is 1 on the first update.
+void adam_step(const AdamParams& p, int64_t step, Tensor& param, const Tensor& grad, Tensor& exp_avg,
+               Tensor& exp_avg_sq, const Stream& s);
+
+}  // namespace lancet

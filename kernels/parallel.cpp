@@ -1,0 +1,30 @@
+#include "kernels/parallel.h"
+
+#include <atomic>
+
+#include "kernels/blas.h"
+#include "kernels/error.h"
+
+namespace lancet {
+
+namespace {
+std::atomic<int> g_threads{0};
+}
+
+void set_num_threads(int n) {
+  LANCET_CHECK(n >= 1, "thread count must be at least 1, got " << n);
+  g_threads = n;
+  omp_set_num_threads(n);
+  blas_set_num_threads(n);
+}
+
+int num_threads() {
+  int n = g_threads.load();
+  if (n == 0) {
+    n = omp_get_max_threads();
+    g_threads = n;
+  }
+  return n;
+}
+
+}  // namespace lancet

@@ -1,0 +1,43 @@
+// parallel.h — the CPU thread setting and the one parallel-for every CPU kernel uses.
+//
+// set_num_threads(n) sets both lancet's own worker count (OpenMP) and the BLAS's, so a
+// single setting controls all CPU compute; n = 1 is the serial baseline.
+#pragma once
+#include <cstdint>
+
+namespace lancet {
+
+void set_num_threads(int n);  // n >= 1
+int num_threads();
+
+// Calls fn(begin, end) on disjoint chunks covering [0, n). Runs inline when n is small
+// (below `grain` items per thread) or when called from inside another parallel region.
+template <typename F>
+void parallel_for(int64_t n, int64_t grain, F&& fn);
+
+}  // namespace lancet
+
+#include <omp.h>
+
+namespace lancet {
+
+template <typename F>
+void parallel_for(int64_t n, int64_t grain, F&& fn) {
+  if (n <= 0) return;
+  const int nt = num_threads();
+  if (nt <= 1 || n <= grain || omp_in_parallel()) {
+    fn(int64_t{0}, n);
+    return;
+  }
+  int64_t chunks = n / (grain < 1 ? 1 : grain);
+  const int workers = static_cast<int>(chunks < nt ? (chunks < 1 ? 1 : chunks) : nt);
+#pragma omp parallel num_threads(workers)
+  {
+    const int t = omp_get_thread_num();
+    const int64_t begin = n * t / workers;
+    const int64_t end = n * (t + 1) / workers;
+    if (begin < end) fn(begin, end);
+  }
+}
+
+}  // namespace lancet
