@@ -1,0 +1,246 @@
+#include "data/image_folder.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <mutex>
+#include <opencv2/core.hpp>
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+#include <set>
+
+#include "kernels/parallel.h"
+
+namespace fs = std::filesystem;
+
+namespace lancet {
+
+void check_load_options(const ImageLoadOptions& opt) {
+  LANCET_CHECK(opt.channels == 1 || opt.channels == 3, "image channels must be 1 or 3, got " << opt.channels);
+  LANCET_CHECK(opt.image_size >= 1, "image size must be positive, got " << opt.image_size);
+  const size_t c = static_cast<size_t>(opt.channels);
+  LANCET_CHECK(opt.mean.size() == 1 || opt.mean.size() == c,
+               "normalisation mean needs 1 or " << c << " values, got " << opt.mean.size());
+  LANCET_CHECK(opt.std.size() == 1 || opt.std.size() == c,
+               "normalisation std needs 1 or " << c << " values, got " << opt.std.size());
+  for (float s : opt.std) LANCET_CHECK(s > 0, "normalisation std must be positive, got " << s);
+}
+
+void preprocess_image(const uint8_t* pixels, int height, int width, int in_channels, const ImageLoadOptions& opt,
+                      float* out) {
+  LANCET_CHECK(in_channels == 1 || in_channels == 3, "preprocess_image: in_channels must be 1 or 3");
+  cv::Mat m(height, width, CV_8UC(in_channels), const_cast<uint8_t*>(pixels));
+  if (opt.channels == 1 && in_channels == 3) cv::cvtColor(m, m, cv::COLOR_RGB2GRAY);
+  // Resize before replicating gray to RGB: the result depends only on the gray pixels.
+  const int s = opt.image_size;
+  if (m.rows != s || m.cols != s) cv::resize(m, m, cv::Size(s, s), 0, 0, cv::INTER_AREA);
+  if (!m.isContinuous()) m = m.clone();
+  const int mc = m.channels();
+  const uint8_t* src = m.ptr<uint8_t>();
+  const size_t plane = static_cast<size_t>(s) * static_cast<size_t>(s);
+  for (int c = 0; c < opt.channels; ++c) {
+    const float mean = opt.mean[opt.mean.size() == 1 ? 0 : static_cast<size_t>(c)];
+    const float sd = opt.std[opt.std.size() == 1 ? 0 : static_cast<size_t>(c)];
+    float lut[256];
+    for (int v = 0; v < 256; ++v) lut[v] = (static_cast<float>(v) / 255.0f - mean) / sd;
+    const int sc = mc == 1 ? 0 : c;
+    float* o = out + static_cast<size_t>(c) * plane;
+    for (size_t i = 0; i < plane; ++i) o[i] = lut[src[i * static_cast<size_t>(mc) + static_cast<size_t>(sc)]];
+  }
+}
+
+namespace {
+
+struct Item {
+  std::string file;
+  int64_t label;
+};
+
+std::string trim(const std::string& s) {
+  size_t b = 0, e = s.size();
+  while (b < e && std::isspace(static_cast<unsigned char>(s[b]))) ++b;
+  while (e > b && std::isspace(static_cast<unsigned char>(s[e - 1]))) --e;
+  return s.substr(b, e - b);
+}
+
+// One CSV record: comma-separated, fields optionally double-quoted ("" escapes a quote).
+std::vector<std::string> split_csv(const std::string& line) {
+  std::vector<std::string> out(1);
+  bool quoted = false;
+  for (size_t i = 0; i < line.size(); ++i) {
+    const char ch = line[i];
+    if (quoted) {
+      if (ch == '"' && i + 1 < line.size() && line[i + 1] == '"') out.back() += '"', ++i;
+      else if (ch == '"') quoted = false;
+      else out.back() += ch;
+    } else if (ch == '"') {
+      quoted = true;
+    } else if (ch == ',') {
+      out.emplace_back();
+    } else {
+      out.back() += ch;
+    }
+  }
+  for (auto& f : out) f = trim(f);
+  return out;
+}
+
+bool is_index(const std::string& s) {
+  return !s.empty() && s.size() < 10 && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
+std::vector<Item> read_manifest(const fs::path& dir, const std::string& split, std::vector<std::string>* classes) {
+  const std::string mpath = (dir / "manifest.csv").string();
+  std::ifstream in(mpath);
+  LANCET_CHECK(in, mpath << ": cannot read: " << std::strerror(errno));
+  std::string line;
+  LANCET_CHECK(std::getline(in, line), mpath << ": empty manifest (expected a header row path,label[,split])");
+  const std::vector<std::string> header = split_csv(line);
+  int ip = -1, il = -1, is = -1;
+  for (size_t i = 0; i < header.size(); ++i) {
+    std::string h = header[i];
+    std::transform(h.begin(), h.end(), h.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+    if (h == "path") ip = static_cast<int>(i);
+    if (h == "label") il = static_cast<int>(i);
+    if (h == "split") is = static_cast<int>(i);
+  }
+  LANCET_CHECK(ip >= 0 && il >= 0, mpath << ":1: the header must name the columns path,label[,split], got '"
+                                         << trim(line) << "'");
+  LANCET_CHECK(split.empty() || is >= 0, mpath << ": no split column, so split '" << split << "' cannot be selected");
+  const size_t need = static_cast<size_t>(std::max({ip, il, is})) + 1;
+  struct Row {
+    std::string path, label;
+    bool selected;
+  };
+  std::vector<Row> rows;
+  for (int ln = 2; std::getline(in, line); ++ln) {
+    if (trim(line).empty()) continue;
+    const std::vector<std::string> f = split_csv(line);
+    LANCET_CHECK(f.size() >= need, mpath << ":" << ln << ": expected " << need << " columns, got " << f.size());
+    LANCET_CHECK(!f[ip].empty() && !f[il].empty(), mpath << ":" << ln << ": empty path or label");
+    rows.push_back({f[ip], f[il], split.empty() || f[is] == split});
+  }
+  // The class list comes from every row, so that all splits of one manifest agree on it.
+  const bool numeric = std::all_of(rows.begin(), rows.end(), [](const Row& r) { return is_index(r.label); });
+  classes->clear();
+  if (numeric) {
+    int64_t max_label = -1;
+    for (const Row& r : rows) max_label = std::max<int64_t>(max_label, std::stoll(r.label));
+    for (int64_t k = 0; k <= max_label; ++k) classes->push_back(std::to_string(k));
+  } else {
+    const std::set<std::string> names = [&] {
+      std::set<std::string> s;
+      for (const Row& r : rows) s.insert(r.label);
+      return s;
+    }();
+    classes->assign(names.begin(), names.end());
+  }
+  std::vector<Item> items;
+  for (const Row& r : rows) {
+    if (!r.selected) continue;
+    const int64_t label = numeric ? std::stoll(r.label)
+                                  : std::lower_bound(classes->begin(), classes->end(), r.label) - classes->begin();
+    const fs::path p(r.path);
+    items.push_back({(p.is_absolute() ? p : dir / p).string(), label});
+  }
+  LANCET_CHECK(!items.empty(), mpath << ": no rows" << (split.empty() ? "" : " with split '" + split + "'"));
+  return items;
+}
+
+bool is_image_file(const fs::path& p) {
+  std::string ext = p.extension().string();
+  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  return ext == ".png" || ext == ".jpg" || ext == ".jpeg" || ext == ".bmp" || ext == ".tif" || ext == ".tiff";
+}
+
+std::vector<Item> read_folders(const fs::path& dir, const std::string& split, std::vector<std::string>* classes) {
+  const fs::path root = split.empty() ? dir : dir / split;
+  LANCET_CHECK(fs::is_directory(root), dir.string() << ": no manifest.csv and no '" << split << "' folder");
+  classes->clear();
+  for (const auto& e : fs::directory_iterator(root)) {
+    const std::string name = e.path().filename().string();
+    if (e.is_directory() && !name.empty() && name[0] != '.') classes->push_back(name);
+  }
+  std::sort(classes->begin(), classes->end());
+  LANCET_CHECK(!classes->empty(), root.string() << ": no manifest.csv and no class sub-folders");
+  std::vector<Item> items;
+  for (size_t k = 0; k < classes->size(); ++k) {
+    const fs::path cdir = root / (*classes)[k];
+    std::vector<std::string> files;
+    for (const auto& e : fs::directory_iterator(cdir))
+      if (e.is_regular_file() && is_image_file(e.path())) files.push_back(e.path().string());
+    LANCET_CHECK(!files.empty(), cdir.string() << ": empty class folder (no .png/.jpg/.jpeg/.bmp/.tif/.tiff images)");
+    std::sort(files.begin(), files.end());
+    for (auto& f : files) items.push_back({std::move(f), static_cast<int64_t>(k)});
+  }
+  return items;
+}
+
+// Decodes `file` and preprocesses it into `out`; throws "<file>: <reason>".
+void load_one(const std::string& file, const ImageLoadOptions& opt, float* out) {
+  std::ifstream in(file, std::ios::binary);
+  LANCET_CHECK(in, file << ": cannot read: " << std::strerror(errno));
+  const std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  LANCET_CHECK(!bytes.empty(), file << ": empty file");
+  cv::Mat img;
+  try {
+    img = cv::imdecode(bytes, cv::IMREAD_ANYDEPTH | cv::IMREAD_ANYCOLOR);
+  } catch (const cv::Exception& e) {
+    LANCET_FAIL(file << ": cannot decode image: " << e.err);
+  }
+  LANCET_CHECK(!img.empty(), file << ": cannot decode image (corrupt or unsupported format)");
+  if (img.depth() == CV_16U) img.convertTo(img, CV_8U, 1.0 / 257.0);
+  LANCET_CHECK(img.depth() == CV_8U, file << ": unsupported pixel depth (expected 8- or 16-bit integers)");
+  switch (img.channels()) {  // OpenCV decodes colour as BGR(A); preprocess_image wants RGB
+    case 1: break;
+    case 2: cv::extractChannel(img, img, 0); break;
+    case 3: cv::cvtColor(img, img, cv::COLOR_BGR2RGB); break;
+    case 4: cv::cvtColor(img, img, cv::COLOR_BGRA2RGB); break;
+    default: LANCET_FAIL(file << ": unsupported channel count " << img.channels());
+  }
+  if (!img.isContinuous()) img = img.clone();
+  preprocess_image(img.ptr<uint8_t>(), img.rows, img.cols, img.channels(), opt, out);
+}
+
+}  // namespace
+
+std::unique_ptr<InMemoryDataset> load_image_dataset(const std::string& dir, const std::string& split,
+                                                    const ImageLoadOptions& opt) {
+  check_load_options(opt);
+  LANCET_CHECK(fs::is_directory(dir), dir << ": no such directory");
+  std::vector<std::string> classes;
+  const std::vector<Item> items = fs::exists(fs::path(dir) / "manifest.csv") ? read_manifest(dir, split, &classes)
+                                                                             : read_folders(dir, split, &classes);
+  const int64_t n = static_cast<int64_t>(items.size());
+  const int64_t s = opt.image_size;
+  Tensor images = Tensor::empty({n, opt.channels, s, s});
+  float* base = images.data<float>();
+  const int64_t per = opt.channels * s * s;
+  // One decode per item across lancet's worker threads; OpenCV's own threads would
+  // oversubscribe the cores, so it runs single-threaded inside each task.
+  cv::setNumThreads(0);
+  std::mutex mu;
+  int64_t first_bad = n;
+  std::string first_error;
+  parallel_for(n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      try {
+        load_one(items[static_cast<size_t>(i)].file, opt, base + i * per);
+      } catch (const std::exception& e) {  // exceptions must not escape an OpenMP region
+        std::lock_guard<std::mutex> lock(mu);
+        if (i < first_bad) first_bad = i, first_error = e.what();
+      }
+    }
+  });
+  if (first_bad < n) throw Error(first_error);  // the same error whatever the thread count
+  std::vector<int64_t> labels;
+  labels.reserve(items.size());
+  for (const Item& it : items) labels.push_back(it.label);
+  return std::make_unique<InMemoryDataset>(std::move(images), std::move(labels), std::move(classes));
+}
+
+}  // namespace lancet

@@ -1,0 +1,359 @@
+// data/: the synthetic chest X-ray generator, the image-folder loader (manifest and folder
+// layouts, errors), the written-PNG == in-memory contract, make_batch, and real images.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "data/dataset.h"
+#include "data/image_folder.h"
+#include "data/synth.h"
+#include "kernels/parallel.h"
+
+namespace fs = std::filesystem;
+using namespace lancet;
+
+namespace {
+
+class DataTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir_ = fs::temp_directory_path() / ("lancet_data_" + std::to_string(::getpid()) + "_" + info->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  std::string path(const std::string& rel) const { return (dir_ / rel).string(); }
+  // A small synthetic dataset on disk to take PNG files from.
+  std::string synth_folder(int64_t train = 6, int64_t val = 4, int size = 32) {
+    SynthOptions o;
+    o.train = train, o.val = val, o.image_size = size, o.seed = 99;
+    write_synthetic_cxr(path("synth"), o);
+    return path("synth");
+  }
+  void write_text(const std::string& rel, const std::string& text) {
+    fs::create_directories(fs::path(path(rel)).parent_path());
+    std::ofstream(path(rel), std::ios::binary) << text;
+  }
+  void copy(const std::string& from, const std::string& rel) {
+    fs::create_directories(fs::path(path(rel)).parent_path());
+    fs::copy_file(from, path(rel), fs::copy_options::overwrite_existing);
+  }
+  fs::path dir_;
+};
+
+template <typename F>
+void expect_error(F&& fn, const std::vector<std::string>& parts) {
+  try {
+    fn();
+    ADD_FAILURE() << "expected an error mentioning '" << parts.front() << "'";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
+  }
+}
+
+bool same_tensor(const Tensor& a, const Tensor& b) {
+  return a.shape() == b.shape() && a.dtype() == b.dtype() && std::memcmp(a.raw_data(), b.raw_data(), a.nbytes()) == 0;
+}
+
+double mean_of(const std::vector<uint8_t>& v) { return std::accumulate(v.begin(), v.end(), 0.0) / v.size(); }
+
+}  // namespace
+
+// ---- synthetic data ------------------------------------------------------------------
+
+TEST(Synth, DeterministicFromSeedAndIndex) {
+  EXPECT_EQ(synth_cxr_image(64, 1, 7, 3), synth_cxr_image(64, 1, 7, 3));
+  EXPECT_NE(synth_cxr_image(64, 1, 7, 3), synth_cxr_image(64, 1, 7, 4));
+  EXPECT_NE(synth_cxr_image(64, 1, 7, 3), synth_cxr_image(64, 1, 8, 3));
+  // The two labels of one (seed, index) share the anatomy: they differ, but only locally.
+  const auto n = synth_cxr_image(64, 0, 7, 3), p = synth_cxr_image(64, 1, 7, 3);
+  int big = 0;
+  for (size_t i = 0; i < n.size(); ++i) big += std::abs(int(p[i]) - int(n[i])) > 12;
+  EXPECT_GT(big, 4) << "no visible opacity";
+  EXPECT_LT(big, static_cast<int>(n.size()) / 4) << "the opacity changed most of the image";
+
+  // Parallel generation gives the same tensors as serial generation.
+  SynthOptions o;
+  o.train = 12, o.val = 3, o.image_size = 48;
+  ImageLoadOptions lo;
+  lo.image_size = 32;
+  const int threads = num_threads();
+  set_num_threads(1);
+  const auto serial = make_synthetic_cxr(o, "train", lo);
+  set_num_threads(std::max(2, threads));
+  const auto parallel = make_synthetic_cxr(o, "train", lo);
+  set_num_threads(threads);
+  EXPECT_TRUE(same_tensor(serial->images(), parallel->images()));
+  EXPECT_EQ(serial->labels(), parallel->labels());
+  EXPECT_FALSE(same_tensor(serial->images().narrow(0, 3), make_synthetic_cxr(o, "val", lo)->images()))
+      << "train and val must be different images";
+}
+
+TEST(Synth, ExactClassBalance) {
+  for (double f : {0.0, 0.3, 0.5, 0.77, 1.0}) {
+    for (int64_t n : {1, 10, 101, 1000}) {
+      SynthOptions o;
+      o.positive_fraction = f;
+      int64_t pos = 0;
+      for (int64_t i = 0; i < n; ++i) pos += synth_label(o, i);
+      EXPECT_EQ(pos, static_cast<int64_t>(std::ceil(n * f - 0.5))) << "f=" << f << " n=" << n;
+    }
+  }
+  SynthOptions o;
+  o.train = 20, o.val = 0, o.image_size = 16;
+  const auto ds = make_synthetic_cxr(o, "train", ImageLoadOptions{});
+  EXPECT_EQ(std::count(ds->labels().begin(), ds->labels().end(), 1), 10);
+  EXPECT_EQ(ds->class_names(), (std::vector<std::string>{"normal", "opacity"}));
+  EXPECT_EQ(ds->sample_shape(), (Shape{1, 64, 64}));
+}
+
+TEST(Synth, MeanBrightnessDoesNotGiveTheClassAway) {
+  const int n = 300;
+  std::vector<double> m[2];
+  for (int i = 0; i < n; ++i) {
+    const int label = i % 2;
+    m[label].push_back(mean_of(synth_cxr_image(64, label, 5, i)));
+  }
+  auto mean = [](const std::vector<double>& v) { return std::accumulate(v.begin(), v.end(), 0.0) / v.size(); };
+  auto sd = [&](const std::vector<double>& v) {
+    const double mu = mean(v);
+    double s = 0;
+    for (double x : v) s += (x - mu) * (x - mu);
+    return std::sqrt(s / (v.size() - 1));
+  };
+  const double spread = std::sqrt(0.5 * (sd(m[0]) * sd(m[0]) + sd(m[1]) * sd(m[1])));
+  EXPECT_GT(spread, 5.0) << "brightness should vary between images";
+  EXPECT_LT(std::abs(mean(m[1]) - mean(m[0])), 0.2 * spread) << "class means differ by more than 0.2 sd";
+  // The best single threshold on the mean intensity is close to chance.
+  std::vector<std::pair<double, int>> all;
+  for (int c = 0; c < 2; ++c)
+    for (double x : m[c]) all.push_back({x, c});
+  std::sort(all.begin(), all.end());
+  int best = 0, below1 = 0;
+  for (size_t k = 0; k < all.size(); ++k) {
+    below1 += all[k].second;
+    const int below0 = static_cast<int>(k + 1) - below1;
+    const int acc = below0 + (n / 2 - below1);  // class 0 below the threshold, class 1 above
+    best = std::max({best, acc, n - acc});
+  }
+  EXPECT_LT(best, static_cast<int>(0.62 * n)) << "mean brightness separates the classes";
+}
+
+TEST_F(DataTest, WrittenFolderLoadsToTheInMemoryTensors) {
+  SynthOptions o;
+  o.train = 14, o.val = 6, o.image_size = 96, o.seed = 42;
+  const std::string d = path("cxr");
+  write_synthetic_cxr(d, o);
+  EXPECT_TRUE(fs::exists(d + "/train/normal/0.png"));
+  EXPECT_TRUE(fs::exists(d + "/train/opacity/1.png"));
+  EXPECT_TRUE(fs::exists(d + "/val/opacity/5.png"));
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir_)) names.push_back(e.path().filename().string());
+  EXPECT_EQ(names, std::vector<std::string>{"cxr"}) << "temporary folder left behind";
+  std::ifstream m(d + "/manifest.csv");
+  std::string header;
+  std::getline(m, header);
+  EXPECT_EQ(header, "path,label,split");
+
+  ImageLoadOptions gray;  // 96 -> 64: the resize-on-load path
+  ImageLoadOptions rgb;
+  rgb.channels = 3, rgb.image_size = 40, rgb.mean = {0.4f, 0.5f, 0.6f}, rgb.std = {0.2f, 0.25f, 0.3f};
+  for (const auto& lo : {gray, rgb}) {
+    for (const char* split : {"train", "val"}) {
+      const auto disk = load_image_dataset(d, split, lo);
+      const auto mem = make_synthetic_cxr(o, split, lo);
+      EXPECT_TRUE(same_tensor(disk->images(), mem->images())) << split << " channels=" << lo.channels;
+      EXPECT_EQ(disk->labels(), mem->labels());
+      EXPECT_EQ(disk->class_names(), mem->class_names());
+    }
+  }
+  EXPECT_EQ(load_image_dataset(d, "", gray)->size(), 20);
+
+  expect_error([&] { write_synthetic_cxr(d, o); }, {d, "not empty"});
+  o.train = 4, o.val = 2;
+  write_synthetic_cxr(d, o, /*overwrite=*/true);
+  EXPECT_EQ(load_image_dataset(d, "train", gray)->size(), 4);
+  EXPECT_FALSE(fs::exists(d + "/train/normal/6.png")) << "the old dataset was not replaced";
+}
+
+// ---- loader layouts and errors ----------------------------------------------------------
+
+TEST_F(DataTest, ManifestLayout) {
+  const std::string s = synth_folder();
+  // Class names, split column in another position, quoted path, an extra column; the
+  // class list comes from all rows, so "val" (only class "b") still has classes {a, b, c}.
+  write_text("m/manifest.csv",
+             "split,path,note,label\n"
+             "train,\"img/x, 1.png\",first,c\n"
+             "train,img/y.png,,a\n"
+             "val,img/z.png,,b\n"
+             "\n"
+             "train,img/w.png,,a\r\n");
+  copy(s + "/train/normal/0.png", "m/img/x, 1.png");
+  copy(s + "/train/opacity/1.png", "m/img/y.png");
+  copy(s + "/val/normal/0.png", "m/img/z.png");
+  copy(s + "/train/normal/2.png", "m/img/w.png");
+  ImageLoadOptions lo;
+  lo.image_size = 16;
+  const auto train = load_image_dataset(path("m"), "train", lo);
+  EXPECT_EQ(train->class_names(), (std::vector<std::string>{"a", "b", "c"}));
+  EXPECT_EQ(train->labels(), (std::vector<int64_t>{2, 0, 0}));
+  const auto val = load_image_dataset(path("m"), "val", lo);
+  EXPECT_EQ(val->class_names(), train->class_names());
+  EXPECT_EQ(val->labels(), std::vector<int64_t>{1});
+  EXPECT_EQ(load_image_dataset(path("m"), "", lo)->size(), 4);
+  expect_error([&] { load_image_dataset(path("m"), "test", lo); }, {"manifest.csv", "no rows", "test"});
+
+  // Integer labels are class indices; no split column.
+  write_text("n/manifest.csv", "path,label\n" + s + "/train/normal/0.png,2\n" + s + "/val/normal/0.png,0\n");
+  const auto n = load_image_dataset(path("n"), "", lo);
+  EXPECT_EQ(n->labels(), (std::vector<int64_t>{2, 0}));
+  EXPECT_EQ(n->class_names(), (std::vector<std::string>{"0", "1", "2"}));
+  expect_error([&] { load_image_dataset(path("n"), "train", lo); }, {"manifest.csv", "no split column"});
+
+  write_text("bad/manifest.csv", "file,class\na.png,x\n");
+  expect_error([&] { load_image_dataset(path("bad"), "", lo); }, {"manifest.csv", "path,label"});
+  write_text("missing/manifest.csv", "path,label\nnot_there.png,x\n");
+  expect_error([&] { load_image_dataset(path("missing"), "", lo); }, {path("missing/not_there.png")});
+}
+
+TEST_F(DataTest, ClassFolderLayouts) {
+  const std::string s = synth_folder();
+  // <dir>/<class>/...: classes sorted, files in name order; non-image files ignored.
+  copy(s + "/train/opacity/1.png", "f/sick/b.PNG");
+  copy(s + "/train/opacity/3.png", "f/sick/a.png");
+  copy(s + "/train/normal/0.png", "f/healthy/z.png");
+  write_text("f/healthy/readme.txt", "not an image");
+  ImageLoadOptions lo;
+  lo.image_size = 20;
+  const auto ds = load_image_dataset(path("f"), "", lo);
+  EXPECT_EQ(ds->class_names(), (std::vector<std::string>{"healthy", "sick"}));
+  EXPECT_EQ(ds->labels(), (std::vector<int64_t>{0, 1, 1}));
+  const auto direct = make_synthetic_cxr([] {
+    SynthOptions o;
+    o.train = 6, o.val = 4, o.image_size = 32, o.seed = 99;
+    return o;
+  }(), "train", lo);
+  std::vector<float> a(20 * 20), b(20 * 20);
+  ds->get(1, a.data());  // sick/a.png = train image 3
+  direct->get(3, b.data());
+  EXPECT_EQ(a, b);
+
+  // With a split: <dir>/<split>/<class>/... (the synthetic folder minus its manifest).
+  fs::remove(s + "/manifest.csv");
+  const auto val = load_image_dataset(s, "val", lo);
+  EXPECT_EQ(val->size(), 4);
+  EXPECT_EQ(val->class_names(), (std::vector<std::string>{"normal", "opacity"}));
+  expect_error([&] { load_image_dataset(s, "test", lo); }, {s, "test"});
+  expect_error([&] { load_image_dataset(path("nowhere"), "", lo); }, {path("nowhere"), "no such directory"});
+}
+
+TEST_F(DataTest, BadFilesAreNamed) {
+  const std::string s = synth_folder();
+  ImageLoadOptions lo;
+  copy(s + "/train/normal/0.png", "e/a/0.png");
+  fs::create_directories(path("e/b"));
+  expect_error([&] { load_image_dataset(path("e"), "", lo); }, {path("e/b"), "empty class folder"});
+
+  copy(s + "/train/normal/0.png", "c/a/0.png");
+  copy(s + "/train/normal/2.png", "c/a/1.png");
+  write_text("c/b/broken.png", std::string("\x89PNG\r\n\x1a\n", 8) + "garbage that is not a PNG stream");
+  expect_error([&] { load_image_dataset(path("c"), "", lo); }, {path("c/b/broken.png"), "cannot decode"});
+  fs::remove(path("c/b/broken.png"));
+  write_text("c/b/empty.jpg", "");
+  expect_error([&] { load_image_dataset(path("c"), "", lo); }, {path("c/b/empty.jpg"), "empty file"});
+
+  lo.channels = 2;
+  expect_error([&] { load_image_dataset(s, "train", lo); }, {"channels"});
+  lo.channels = 3, lo.mean = {0.1f, 0.2f};
+  expect_error([&] { load_image_dataset(s, "train", lo); }, {"mean"});
+}
+
+// ---- batches ---------------------------------------------------------------------------
+
+TEST(MakeBatch, GathersSamplesAndLabels) {
+  const int64_t n = 50, c = 2, h = 3, w = 4, per = c * h * w;
+  std::vector<float> v(static_cast<size_t>(n * per));
+  for (size_t i = 0; i < v.size(); ++i) v[i] = static_cast<float>(i);
+  std::vector<int64_t> labels(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) labels[static_cast<size_t>(i)] = i % 3;
+  const InMemoryDataset ds(Tensor::from_vector(v, {n, c, h, w}), labels, {"a", "b", "c"});
+  EXPECT_EQ(ds.num_classes(), 3);
+  EXPECT_EQ(ds.sample_shape(), (Shape{c, h, w}));
+  std::vector<int64_t> idx;
+  for (int k = 0; k < 40; ++k) idx.push_back((k * 17 + 3) % n);
+  idx.push_back(idx.front());  // repeats are allowed
+  const int64_t b = static_cast<int64_t>(idx.size());
+  Tensor x = Tensor::empty({b, c, h, w});
+  Tensor y = Tensor::empty({b}, DType::i64);
+  make_batch(ds, idx, x, y);
+  for (int64_t j = 0; j < b; ++j) {
+    const int64_t i = idx[static_cast<size_t>(j)];
+    EXPECT_EQ(y.data<int64_t>()[j], i % 3);
+    for (int64_t e = 0; e < per; ++e) ASSERT_EQ(x.data<float>()[j * per + e], static_cast<float>(i * per + e));
+  }
+  Tensor small = Tensor::empty({2, c, h, w});
+  Tensor y2 = Tensor::empty({2}, DType::i64);
+  expect_error([&] { make_batch(ds, idx, small, y2); }, {"make_batch"});
+  expect_error([&] { make_batch(ds, {0, n}, small, y2); }, {"index", std::to_string(n)});
+  expect_error([&] { InMemoryDataset(Tensor::zeros({2, 1, 2, 2}), {0, 3}, {"a", "b"}); }, {"label 3"});
+  expect_error([&] { InMemoryDataset(Tensor::zeros({2, 1, 2, 2}), {0}, {"a"}); }, {"1 labels for 2 images"});
+}
+
+// ---- real images ------------------------------------------------------------------------
+
+TEST_F(DataTest, RealChestXraysAndFundusPhoto) {
+  const fs::path real = "/work/shared/data/real/png_jpeg";
+  const fs::path x1 = real / "txv__nih_00000001_000.png", x2 = real / "txv__nih_00027426_000.png",
+                 fundus = real / "napari__fundus_normal_right_eye_600px.jpg";
+  if (!fs::exists(x1) || !fs::exists(x2) || !fs::exists(fundus))
+    GTEST_SKIP() << "real sample images not found under " << real;
+  copy(x1.string(), "r/xray/a.png");
+  copy(x2.string(), "r/xray/b.png");
+  copy(fundus.string(), "r/fundus/c.jpg");
+
+  ImageLoadOptions gray;  // mean 0.5, std 0.25: values in [-2, 2]
+  const auto g = load_image_dataset(path("r"), "", gray);
+  EXPECT_EQ(g->images().shape(), (Shape{3, 1, 64, 64}));
+  EXPECT_EQ(g->class_names(), (std::vector<std::string>{"fundus", "xray"}));
+  EXPECT_EQ(g->labels(), (std::vector<int64_t>{0, 1, 1}));
+  for (int64_t i = 0; i < 3; ++i) {
+    const std::vector<float> v(g->images().data<float>() + i * 64 * 64, g->images().data<float>() + (i + 1) * 64 * 64);
+    const auto [lo, hi] = std::minmax_element(v.begin(), v.end());
+    EXPECT_GE(*lo, -2.0f);
+    EXPECT_LE(*hi, 2.0f);
+    EXPECT_GT(*hi - *lo, 1.5f) << "image " << i << " has almost no contrast";
+  }
+
+  ImageLoadOptions rgb;
+  rgb.channels = 3, rgb.image_size = 96, rgb.mean = {0.485f, 0.456f, 0.406f}, rgb.std = {0.229f, 0.224f, 0.225f};
+  const auto c = load_image_dataset(path("r"), "", rgb);
+  EXPECT_EQ(c->images().shape(), (Shape{3, 3, 96, 96}));
+  const float* p = c->images().data<float>();
+  const int64_t plane = 96 * 96;
+  auto pixel = [&](int64_t i, int ch, int64_t k) { return p[(i * 3 + ch) * plane + k] * rgb.std[ch] + rgb.mean[ch]; };
+  double red = 0, blue = 0;
+  for (int64_t k = 0; k < plane; ++k) {
+    for (int ch = 0; ch < 3; ++ch) {
+      for (int64_t i = 0; i < 3; ++i) {
+        ASSERT_GE(pixel(i, ch, k), -1e-5f);
+        ASSERT_LE(pixel(i, ch, k), 1 + 1e-5f);
+      }
+    }
+    // Gray X-rays are replicated into three equal channels.
+    ASSERT_NEAR(pixel(1, 0, k), pixel(1, 2, k), 1e-5f);
+    ASSERT_NEAR(pixel(2, 1, k), pixel(2, 2, k), 1e-5f);
+    red += pixel(0, 0, k), blue += pixel(0, 2, k);
+  }
+  EXPECT_GT(red, 2 * blue) << "the fundus photo should be red-dominant (RGB order)";
+}
