@@ -18,7 +18,11 @@ void sigmoid_backward(const Tensor& y, const Tensor& dy, Tensor& dx, const Strea
 // 1/(1-p). The uniform comes from a counter-based hash of (seed, counter), so the same
 // (seed, offset) gives the same mask on every device and thread count. mask: u8, same shape.
 // p == 0 copies x and sets the mask to all ones.
-float dropout_uniform(uint64_t seed, uint64_t counter);  // in [0, 1)
+// Exactly (so CUDA and CPU masks agree bit for bit), with mix64 = splitmix64's finaliser
+//   z ^= z >> 30; z *= 0xBF58476D1CE4E5B9; z ^= z >> 27; z *= 0x94D049BB133111EB; z ^= z >> 31
+// and all arithmetic mod 2^64:
+//   u = (mix64(mix64(seed) + (counter + 1) * 0x9E3779B97F4A7C15) >> 40) * 2^-24
+float dropout_uniform(uint64_t seed, uint64_t counter);  // in [0, 1), a multiple of 2^-24
 void dropout_forward(float p, uint64_t seed, uint64_t offset, const Tensor& x, Tensor& y, Tensor& mask,
                      const Stream& s);
 void dropout_backward(float p, const Tensor& mask, const Tensor& dy, Tensor& dx, const Stream& s);

@@ -4,10 +4,13 @@
 #pragma once
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
+#include <initializer_list>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "kernels/tensor.h"
 
@@ -63,6 +66,37 @@ inline int check_gradient(const std::string& what, Tensor& var, const Tensor& an
   }
   EXPECT_LT(skipped, std::max<int64_t>(2, n / stride / 4)) << what << ": too many kink points skipped";
   return skipped;
+}
+
+// A tensor of closed-form values sin(a*i + b) * scale + offset (computed in double, stored as
+// f32), so that expected values can be reproduced in PyTorch with the same formula.
+inline Tensor sin_tensor(const Shape& shape, double a, double b, double scale = 1.0, double offset = 0.0) {
+  Tensor t = Tensor::empty(shape);
+  float* p = t.data<float>();
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] = static_cast<float>(std::sin(a * i + b) * scale + offset);
+  return t;
+}
+
+// Expects fn() to throw lancet::Error whose message contains every string in `parts`
+// (e.g. both offending shapes).
+template <typename F>
+void expect_error(F&& fn, std::initializer_list<std::string> parts) {
+  try {
+    fn();
+    ADD_FAILURE() << "expected an error mentioning " << *parts.begin();
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    for (const std::string& part : parts)
+      EXPECT_NE(msg.find(part), std::string::npos) << "'" << part << "' not in: " << msg;
+  }
+}
+
+// Expects every element of `t` to be within tol * max(1, |expected|) of `expected`.
+inline void expect_near_all(const Tensor& t, const std::vector<float>& expected, double tol, const std::string& what) {
+  ASSERT_EQ(t.numel(), static_cast<int64_t>(expected.size())) << what;
+  const std::vector<float> v = t.to_vector();
+  for (size_t i = 0; i < v.size(); ++i)
+    EXPECT_NEAR(v[i], expected[i], tol * std::max(1.0, std::fabs(double(expected[i])))) << what << "[" << i << "]";
 }
 
 // A fixed random projection r so that loss = sum(y * r) has a non-trivial gradient dy = r.
