@@ -175,11 +175,11 @@ Blob make_blob(Rng& g, const Anatomy& a) {
     b.cy = l.cy + g.uniform(-0.75, 0.9) * l.ry;
     if (air_mask(a, b.cx, b.cy) > 0.95 || tries > 100) break;
   }
-  const double r = g.uniform(0.07, 0.17), aspect = g.uniform(0.6, 1.0), th = g.uniform(0, kPi);
+  const double r = g.uniform(0.09, 0.19), aspect = g.uniform(0.6, 1.0), th = g.uniform(0, kPi);
   b.rx = r, b.ry = r * aspect, b.cos_t = std::cos(th), b.sin_t = std::sin(th);
   b.power = g.uniform(1.0, 2.2);  // 1: Gaussian (soft edge), >1: flatter top, firmer edge
   // Contrast: mostly clear, some faint (the hard cases).
-  b.amp = g.uniform() < 0.2 ? g.uniform(0.06, 0.09) : g.uniform(0.09, 0.22);
+  b.amp = g.uniform() < 0.15 ? g.uniform(0.08, 0.12) : g.uniform(0.12, 0.28);
   b.tex_fx = g.uniform(4, 10), b.tex_fy = g.uniform(4, 10), b.tex_phase = g.uniform(0, 2 * kPi);
   return b;
 }
