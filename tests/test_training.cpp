@@ -1,0 +1,100 @@
+// The training loop end to end on a small job: the run folder holds metrics.jsonl and
+// final.h5, the saved weights reproduce the reported validation figures when loaded again,
+// the same seed gives the same weights, and CLI errors are one clear line. (Learning to a
+// stated accuracy is test_slow_default_job.cpp.)
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "cli_util.h"
+#include "comm/communicator.h"
+#include "data/image_folder.h"
+#include "trainer/trainer.h"
+#include "trainer/weights.h"
+
+using namespace lancet;
+using namespace lancet::testing;
+
+namespace {
+// A small job for the run-folder and determinism checks (learning itself is checked on the
+// real default job, test_slow_default_job.cpp).
+Json small_job(const std::string& out) {
+  Json c = default_config();
+  apply_override(c, "model.widths=[8, 16, 32, 64]");
+  apply_override(c, "model.depths=[1, 1, 1, 1]");
+  apply_override(c, "model.head_hidden=32");
+  apply_override(c, "data.image_size=32");
+  apply_override(c, "data.synth.train=200");
+  apply_override(c, "data.synth.val=64");
+  apply_override(c, "data.synth.size=32");
+  apply_override(c, "train.epochs=2");
+  apply_override(c, "train.batch_size=32");
+  apply_override(c, "train.threads=2");
+  apply_override(c, "train.out=" + out);
+  return c;
+}
+
+}  // namespace
+
+TEST(Training, RunFolderHoldsMetricsAndWeights) {
+  TempDir tmp("train");
+  setenv("LANCET_CACHE", (tmp / "cache").c_str(), 1);
+  const Json config = small_job(tmp / "run");
+  auto comm = make_single_process_communicator();
+  std::ostringstream log;
+  const TrainSummary s = run_training(config, *comm, log);
+  SCOPED_TRACE(log.str());
+  EXPECT_EQ(s.steps, 2 * 7);
+
+  // One metrics line per epoch, and weights that reproduce the final accuracy.
+  std::ifstream m(tmp / "run/metrics.jsonl");
+  int lines = 0;
+  for (std::string line; std::getline(m, line); ++lines) {
+    const Json j = Json::parse(line);
+    EXPECT_EQ(j["epoch"].get<int>(), lines + 1);
+    EXPECT_TRUE(j["val"].contains("recall"));
+  }
+  EXPECT_EQ(lines, 2);
+  auto model = load_model(tmp / "run/final.h5");
+  DataConfig dc = data_config(config);
+  DataSplits data = load_data(dc, log);
+  const EvalResult again = evaluate(*model, *data.val, 64, Loss{}, Stream::cpu());
+  EXPECT_DOUBLE_EQ(again.cm.accuracy(), s.final_eval.cm.accuracy());
+  EXPECT_DOUBLE_EQ(again.loss, s.final_eval.loss);
+}
+
+TEST(Training, SameSeedSameWeights) {
+  TempDir tmp("train_det");
+  setenv("LANCET_CACHE", (tmp / "cache").c_str(), 1);
+  auto run = [&](const std::string& out) {
+    Json c = small_job(tmp / ("runs/" + out));
+    apply_override(c, "train.epochs=1");
+    apply_override(c, "train.max_steps=5");
+    auto comm = make_single_process_communicator();
+    std::ostringstream log;
+    run_training(c, *comm, log);
+    return load_model(tmp / ("runs/" + out + "/final.h5"));
+  };
+  auto a = run("a"), b = run("b");
+  auto sa = a->state_dict(), sb = b->state_dict();
+  ASSERT_EQ(sa.size(), sb.size());
+  for (size_t i = 0; i < sa.size(); ++i) EXPECT_EQ(sa[i].second->to_vector(), sb[i].second->to_vector()) << sa[i].first;
+}
+
+TEST(Training, CliDefaultsAndErrors) {
+  // A bad setting is one clear line and a non-zero exit, before any work starts.
+  RunResult r = run_lancet("train --set train.batchsize=3");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("unknown setting 'train.batchsize'"), std::string::npos) << r.output;
+  r = run_lancet("train --data /nonexistent/folder --epochs 1");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("/nonexistent/folder"), std::string::npos) << r.output;
+  r = run_lancet("--version");
+  EXPECT_EQ(r.status, 0);
+  for (const char* part : {"lancet ", "CUDA", "cuDNN", "NCCL", "MPI", "OpenCV", "HDF5", "BLAS", "devices:"})
+    EXPECT_NE(r.output.find(part), std::string::npos) << part << " missing from: " << r.output;
+}

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# tools/dev.sh — the quick start. On a fresh Debian 12 machine:
+#   tools/dev.sh train   installs what is missing, builds, runs the default training job
+#   tools/dev.sh test    installs what is missing, builds, runs the whole test suite
+#                        (Release build with CUDA when nvcc is present, then an
+#                        ASan+UBSan build of the CPU tests)
+#   tools/dev.sh deps    only installs the Debian packages
+#   tools/dev.sh build   installs and builds (build/bin/lancet)
+# Environment: BUILD_DIR (default build), JOBS (default nproc), LANCET_CMAKE_ARGS (extra
+# cmake arguments, e.g. -DLANCET_CUDA=OFF), SKIP_DEPS=1 to skip apt-get, SKIP_SANITIZE=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+BUILD_DIR=${BUILD_DIR:-build}
+JOBS=${JOBS:-$(nproc)}
+
+PACKAGES=(build-essential cmake ninja-build pkg-config git
+          libopenblas-dev libopencv-core-dev libopencv-imgproc-dev libopencv-imgcodecs-dev
+          libhdf5-dev libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libgtest-dev)
+
+deps() {
+  [[ "${SKIP_DEPS:-0}" == 1 ]] && return
+  local missing=()
+  for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    echo "dev.sh: installing ${missing[*]}"
+    local sudo=""
+    [[ $(id -u) != 0 ]] && sudo=sudo
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  # Optional: h5py lets the interchange tests check files against an independent HDF5 reader.
+  python3 -c "import h5py" 2>/dev/null || python3 -m pip install -q h5py numpy 2>/dev/null || \
+    echo "dev.sh: h5py not available; the h5py interop tests will be skipped"
+}
+
+configure_build() {  # dir, extra cmake args...
+  local dir=$1; shift
+  cmake -S "$ROOT" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release ${LANCET_CMAKE_ARGS:-} "$@" >/dev/null
+  cmake --build "$dir" -j "$JOBS"
+}
+
+case "${1:-}" in
+  deps) deps ;;
+  build) deps; configure_build "$BUILD_DIR" ;;
+  train)
+    deps
+    configure_build "$BUILD_DIR" -DLANCET_TESTS=OFF
+    shift
+    exec "$BUILD_DIR/bin/lancet" train "$@"
+    ;;
+  test)
+    deps
+    configure_build "$BUILD_DIR"
+    (cd "$BUILD_DIR" && ctest --output-on-failure -j "$JOBS")
+    if [[ "${SKIP_SANITIZE:-0}" != 1 ]]; then
+      echo "dev.sh: AddressSanitizer + UndefinedBehaviorSanitizer build of the CPU tests"
+      configure_build "$BUILD_DIR-asan" -DLANCET_SANITIZE=ON -DLANCET_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
+      (cd "$BUILD_DIR-asan" && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
+        ctest --output-on-failure -j "$JOBS" -L cpu -LE slow)
+    fi
+    ;;
+  *)
+    sed -n '2,12p' "$0"
+    exit 2
+    ;;
+esac

@@ -1,0 +1,40 @@
+// lancet --version: the version, what this build has, and the devices it sees.
+#include <sstream>
+#include <thread>
+
+#include "kernels/blas.h"
+#include "kernels/parallel.h"
+#include "tools/cli.h"
+#ifdef LANCET_WITH_CUDA
+#include "kernels/cuda/runtime.h"
+#endif
+
+namespace lancet::cli {
+
+std::string version_report() {
+  std::ostringstream os;
+  os << "lancet " << LANCET_VERSION << "\n";
+#ifdef LANCET_WITH_CUDA
+  os << "  CUDA     " << cuda_runtime_version() << " (runtime)\n";
+#else
+  os << "  CUDA     off\n";
+#endif
+  os << "  cuDNN    off\n"
+     << "  NCCL     off\n"
+     << "  MPI      off\n"
+     << "  OpenCV   " << LANCET_OPENCV_VERSION << "\n"
+     << "  HDF5     " << LANCET_HDF5_VERSION << "\n"
+     << "  BLAS     " << blas_info() << "\n"
+     << "devices:\n"
+     << "  cpu      " << std::thread::hardware_concurrency() << " hardware threads\n";
+#ifdef LANCET_WITH_CUDA
+  const auto gpus = cuda_devices();
+  if (gpus.empty()) os << "  cuda     none visible\n";
+  for (const auto& g : gpus)
+    os << "  cuda:" << g.index << "   " << g.name << ", " << (g.total_bytes >> 20) << " MiB, sm_" << g.cc_major
+       << g.cc_minor << "\n";
+#endif
+  return os.str();
+}
+
+}  // namespace lancet::cli

@@ -1,0 +1,244 @@
+#include "trainer/config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <cstdlib>
+#include <fstream>
+
+#include "kernels/error.h"
+
+namespace lancet {
+
+Json default_config() {
+  return Json::parse(R"({
+    "model": {"name": "medicalcnn"},
+    "data": {
+      "dir": "", "train_split": "train", "val_split": "val",
+      "image_size": 64, "channels": 1, "mean": [0.5], "std": [0.25],
+      "synth": {"train": 2000, "val": 500, "size": 128, "seed": 1234}
+    },
+    "train": {
+      "epochs": 10, "max_steps": 0, "batch_size": 32, "drop_last": false, "seed": 0,
+      "device": "cpu", "threads": 0, "precision": "fp32", "out": "", "log_every": 10
+    },
+    "optim": {
+      "name": "adam", "lr": 0.001, "weight_decay": 0.0, "momentum": 0.9,
+      "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "nesterov": false
+    },
+    "loss": {"label_smoothing": 0.0, "class_weights": []}
+  })");
+}
+
+Json default_job_config() {
+  Json c = default_config();
+  merge_config(c, Json::parse(R"({
+    "model": {"widths": [32, 64, 128, 256], "depths": [1, 1, 1, 1], "head_hidden": 128},
+    "data": {"synth": {"train": 4000, "val": 1000}}
+  })"), "");
+  return c;
+}
+
+namespace {
+
+std::string keys_of(const Json& obj) {
+  std::string s;
+  for (auto it = obj.begin(); it != obj.end(); ++it) s += (s.empty() ? "" : ", ") + it.key();
+  return s;
+}
+
+bool compatible(const Json& want, const Json& got) {
+  if (want.is_number_float()) return got.is_number();
+  if (want.is_number_integer()) return got.is_number_integer();
+  if (want.is_boolean()) return got.is_boolean();
+  if (want.is_string()) return got.is_string();
+  if (want.is_array()) return got.is_array();
+  if (want.is_object()) return got.is_object();
+  return true;
+}
+
+const char* type_word(const Json& j) {
+  if (j.is_number_float()) return "a number";
+  if (j.is_number_integer()) return "an integer";
+  if (j.is_boolean()) return "true or false";
+  if (j.is_string()) return "a string";
+  if (j.is_array()) return "a list";
+  if (j.is_object()) return "a section";
+  return "a value";
+}
+
+Json yaml_to_json(const YAML::Node& n) {
+  switch (n.Type()) {
+    case YAML::NodeType::Null:
+    case YAML::NodeType::Undefined: return nullptr;
+    case YAML::NodeType::Sequence: {
+      Json a = Json::array();
+      for (const auto& e : n) a.push_back(yaml_to_json(e));
+      return a;
+    }
+    case YAML::NodeType::Map: {
+      Json o = Json::object();
+      for (const auto& kv : n) o[kv.first.as<std::string>()] = yaml_to_json(kv.second);
+      return o;
+    }
+    case YAML::NodeType::Scalar: {
+      const std::string s = n.Scalar();
+      if (n.Tag() == "!") return s;  // quoted: always a string
+      long long i;
+      double d;
+      bool b;
+      if (YAML::convert<long long>::decode(n, i)) return i;
+      if (YAML::convert<double>::decode(n, d)) return d;
+      if (YAML::convert<bool>::decode(n, b)) return b;
+      return s;
+    }
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+void merge_config(Json& base, const Json& overlay, const std::string& where) {
+  LANCET_CHECK(overlay.is_object(), where << ": expected a mapping of settings");
+  for (auto it = overlay.begin(); it != overlay.end(); ++it) {
+    const std::string key = where.empty() ? it.key() : where + "." + it.key();
+    if (where == "model") {  // the model validates its own keys
+      base[it.key()] = it.value();
+      continue;
+    }
+    LANCET_CHECK(base.contains(it.key()), "unknown setting '" << key << "'; valid keys"
+                                                              << (where.empty() ? "" : " in " + where) << ": "
+                                                              << keys_of(base));
+    Json& slot = base[it.key()];
+    LANCET_CHECK(compatible(slot, it.value()),
+                 "setting '" << key << "' must be " << type_word(slot) << ", got " << it.value().dump());
+    if (slot.is_object())
+      merge_config(slot, it.value(), key);
+    else
+      slot = it.value();
+  }
+}
+
+Json load_yaml_file(const std::string& path) {
+  std::ifstream f(path);
+  LANCET_CHECK(f.good(), "cannot open config file '" << path << "'");
+  YAML::Node root;
+  try {
+    root = YAML::LoadFile(path);
+  } catch (const YAML::Exception& e) {
+    LANCET_FAIL("config file '" << path << "': " << e.what());
+  }
+  if (root.IsNull()) return Json::object();
+  LANCET_CHECK(root.IsMap(), "config file '" << path << "': expected a mapping of sections at the top level");
+  return yaml_to_json(root);
+}
+
+void apply_override(Json& config, const std::string& assignment) {
+  const auto eq = assignment.find('=');
+  LANCET_CHECK(eq != std::string::npos && eq > 0, "bad override '" << assignment << "': expected section.key=value");
+  const std::string path = assignment.substr(0, eq);
+  const std::string value = assignment.substr(eq + 1);
+  Json parsed;
+  try {
+    parsed = yaml_to_json(YAML::Load(value));
+  } catch (const YAML::Exception& e) {
+    LANCET_FAIL("bad value in override '" << assignment << "': " << e.what());
+  }
+  if (value.empty()) parsed = "";
+  // Build the nested overlay {"a": {"b": value}} and merge it, so the same checks apply.
+  Json overlay = parsed;
+  std::string rest = path;
+  std::vector<std::string> parts;
+  for (size_t pos; (pos = rest.find('.')) != std::string::npos; rest = rest.substr(pos + 1))
+    parts.push_back(rest.substr(0, pos));
+  parts.push_back(rest);
+  for (auto it = parts.rbegin(); it != parts.rend(); ++it) overlay = Json{{*it, overlay}};
+  // Integers given where a float is expected, and vice versa, are converted by merge rules.
+  merge_config(config, overlay, "");
+}
+
+namespace {
+template <typename T>
+T get(const Json& c, const char* section, const char* key) {
+  try {
+    return c.at(section).at(key).get<T>();
+  } catch (const Json::exception& e) {
+    LANCET_FAIL("setting '" << section << "." << key << "': " << e.what());
+  }
+}
+}  // namespace
+
+DataConfig data_config(const Json& c) {
+  DataConfig d;
+  d.dir = get<std::string>(c, "data", "dir");
+  d.train_split = get<std::string>(c, "data", "train_split");
+  d.val_split = get<std::string>(c, "data", "val_split");
+  d.image_size = get<int>(c, "data", "image_size");
+  d.channels = get<int>(c, "data", "channels");
+  d.mean = get<std::vector<float>>(c, "data", "mean");
+  d.std = get<std::vector<float>>(c, "data", "std");
+  const Json& s = c.at("data").at("synth");
+  d.synth_train = s.at("train").get<int64_t>();
+  d.synth_val = s.at("val").get<int64_t>();
+  d.synth_size = s.at("size").get<int>();
+  d.synth_seed = s.at("seed").get<uint64_t>();
+  LANCET_CHECK(d.image_size >= 8, "data.image_size must be at least 8, got " << d.image_size);
+  LANCET_CHECK(d.channels == 1 || d.channels == 3, "data.channels must be 1 or 3, got " << d.channels);
+  LANCET_CHECK(!d.mean.empty() && !d.std.empty(), "data.mean and data.std need at least one value");
+  for (float v : d.std) LANCET_CHECK(v > 0, "data.std values must be positive, got " << v);
+  return d;
+}
+
+TrainConfig train_config(const Json& c) {
+  TrainConfig t;
+  t.epochs = get<int>(c, "train", "epochs");
+  t.max_steps = get<int64_t>(c, "train", "max_steps");
+  t.batch_size = get<int>(c, "train", "batch_size");
+  t.drop_last = get<bool>(c, "train", "drop_last");
+  t.seed = get<uint64_t>(c, "train", "seed");
+  t.device = get<std::string>(c, "train", "device");
+  t.threads = get<int>(c, "train", "threads");
+  t.precision = get<std::string>(c, "train", "precision");
+  t.out = get<std::string>(c, "train", "out");
+  t.log_every = get<int>(c, "train", "log_every");
+  LANCET_CHECK(t.epochs >= 1, "train.epochs must be at least 1, got " << t.epochs);
+  LANCET_CHECK(t.max_steps >= 0, "train.max_steps must be >= 0 (0 = no limit), got " << t.max_steps);
+  LANCET_CHECK(t.batch_size >= 1, "train.batch_size must be at least 1, got " << t.batch_size);
+  LANCET_CHECK(t.threads >= 0, "train.threads must be >= 0 (0 = all cores), got " << t.threads);
+  LANCET_CHECK(t.log_every >= 1, "train.log_every must be at least 1, got " << t.log_every);
+  return t;
+}
+
+OptimConfig optim_config(const Json& c) {
+  OptimConfig o;
+  o.name = get<std::string>(c, "optim", "name");
+  o.lr = get<float>(c, "optim", "lr");
+  o.weight_decay = get<float>(c, "optim", "weight_decay");
+  o.momentum = get<float>(c, "optim", "momentum");
+  o.beta1 = get<float>(c, "optim", "beta1");
+  o.beta2 = get<float>(c, "optim", "beta2");
+  o.eps = get<float>(c, "optim", "eps");
+  o.nesterov = get<bool>(c, "optim", "nesterov");
+  LANCET_CHECK(o.name == "sgd" || o.name == "adam" || o.name == "adamw",
+               "optim.name must be sgd, adam or adamw, got '" << o.name << "'");
+  LANCET_CHECK(o.lr > 0, "optim.lr must be positive, got " << o.lr);
+  LANCET_CHECK(o.weight_decay >= 0, "optim.weight_decay must be >= 0, got " << o.weight_decay);
+  return o;
+}
+
+LossConfig loss_config(const Json& c) {
+  LossConfig l;
+  l.label_smoothing = get<float>(c, "loss", "label_smoothing");
+  l.class_weights = get<std::vector<float>>(c, "loss", "class_weights");
+  LANCET_CHECK(l.label_smoothing >= 0 && l.label_smoothing < 1,
+               "loss.label_smoothing must be in [0, 1), got " << l.label_smoothing);
+  return l;
+}
+
+std::string cache_dir() {
+  if (const char* p = std::getenv("LANCET_CACHE"); p && *p) return p;
+  if (const char* p = std::getenv("XDG_CACHE_HOME"); p && *p) return std::string(p) + "/lancet";
+  if (const char* p = std::getenv("HOME"); p && *p) return std::string(p) + "/.cache/lancet";
+  return "/tmp/lancet-cache";
+}
+
+}  // namespace lancet

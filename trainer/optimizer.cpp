@@ -1,0 +1,75 @@
+#include "trainer/optimizer.h"
+
+#include "kernels/optim.h"
+
+namespace lancet {
+namespace {
+
+class Sgd final : public Optimizer {
+ public:
+  Sgd(const OptimConfig& c, Params params) : Optimizer(std::move(params), c.lr) {
+    p_.momentum = c.momentum;
+    p_.weight_decay = c.weight_decay;
+    p_.nesterov = c.nesterov;
+    for (auto& [name, prm] : params_) buf_.push_back(Tensor::zeros(prm->value.shape(), DType::f32, prm->value.device()));
+  }
+  void step(const Stream& s) override {
+    p_.lr = lr_;
+    for (size_t i = 0; i < params_.size(); ++i)
+      sgd_step(p_, steps_ == 0, params_[i].second->value, params_[i].second->grad, buf_[i], s);
+    ++steps_;
+  }
+  std::vector<std::pair<std::string, Tensor*>> state() override {
+    std::vector<std::pair<std::string, Tensor*>> out;
+    for (size_t i = 0; i < params_.size(); ++i) out.emplace_back(params_[i].first + ".momentum_buffer", &buf_[i]);
+    return out;
+  }
+
+ private:
+  SgdParams p_;
+  std::vector<Tensor> buf_;
+};
+
+class Adam final : public Optimizer {
+ public:
+  Adam(const OptimConfig& c, Params params, bool decoupled) : Optimizer(std::move(params), c.lr) {
+    p_.beta1 = c.beta1;
+    p_.beta2 = c.beta2;
+    p_.eps = c.eps;
+    p_.weight_decay = c.weight_decay;
+    p_.decoupled = decoupled;
+    for (auto& [name, prm] : params_) {
+      m_.push_back(Tensor::zeros(prm->value.shape(), DType::f32, prm->value.device()));
+      v_.push_back(Tensor::zeros(prm->value.shape(), DType::f32, prm->value.device()));
+    }
+  }
+  void step(const Stream& s) override {
+    p_.lr = lr_;
+    ++steps_;
+    for (size_t i = 0; i < params_.size(); ++i)
+      adam_step(p_, steps_, params_[i].second->value, params_[i].second->grad, m_[i], v_[i], s);
+  }
+  std::vector<std::pair<std::string, Tensor*>> state() override {
+    std::vector<std::pair<std::string, Tensor*>> out;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      out.emplace_back(params_[i].first + ".exp_avg", &m_[i]);
+      out.emplace_back(params_[i].first + ".exp_avg_sq", &v_[i]);
+    }
+    return out;
+  }
+
+ private:
+  AdamParams p_;
+  std::vector<Tensor> m_, v_;
+};
+
+}  // namespace
+
+std::unique_ptr<Optimizer> make_optimizer(const OptimConfig& cfg, Optimizer::Params params) {
+  if (cfg.name == "sgd") return std::make_unique<Sgd>(cfg, std::move(params));
+  if (cfg.name == "adam") return std::make_unique<Adam>(cfg, std::move(params), false);
+  if (cfg.name == "adamw") return std::make_unique<Adam>(cfg, std::move(params), true);
+  LANCET_FAIL("unknown optimizer '" << cfg.name << "' (expected sgd, adam or adamw)");
+}
+
+}  // namespace lancet

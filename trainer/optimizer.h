@@ -1,0 +1,36 @@
+// optimizer.h — torch.optim-compatible SGD, Adam and AdamW over a model's parameters.
+// State (momentum buffers, moments) is f32 and lives on the parameters' device; it is created
+// on the first step. The update kernels are in kernels/optim.h.
+#pragma once
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "layers/module.h"
+#include "trainer/config.h"
+
+namespace lancet {
+
+class Optimizer {
+ public:
+  using Params = std::vector<std::pair<std::string, Parameter*>>;
+  virtual ~Optimizer() = default;
+  // Applies one update with the gradients currently in the parameters (it does not zero them).
+  virtual void step(const Stream& s) = 0;
+  float lr() const { return lr_; }
+  void set_lr(float lr) { lr_ = lr; }
+  int64_t steps() const { return steps_; }
+  // Named state tensors for checkpoints: "<param>.<slot>" -> tensor.
+  virtual std::vector<std::pair<std::string, Tensor*>> state() = 0;
+
+ protected:
+  Optimizer(Params params, float lr) : params_(std::move(params)), lr_(lr) {}
+  Params params_;
+  float lr_;
+  int64_t steps_ = 0;
+};
+
+std::unique_ptr<Optimizer> make_optimizer(const OptimConfig& cfg, Optimizer::Params params);
+
+}  // namespace lancet

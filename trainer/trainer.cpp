@@ -1,0 +1,326 @@
+#include "trainer/trainer.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
+#include <numeric>
+#include <random>
+#include <sstream>
+#include <iostream>
+#include <thread>
+
+#include "data/image_folder.h"
+#include "data/synth.h"
+#include "kernels/loss.h"
+#include "kernels/parallel.h"
+#include "trainer/weights.h"
+
+namespace lancet {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+Loss make_loss(const LossConfig& cfg, int num_classes, Device device) {
+  Loss l;
+  l.label_smoothing = cfg.label_smoothing;
+  if (!cfg.class_weights.empty()) {
+    LANCET_CHECK(static_cast<int>(cfg.class_weights.size()) == num_classes,
+                 "loss.class_weights has " << cfg.class_weights.size() << " values for " << num_classes << " classes");
+    Tensor w = Tensor::from_vector(cfg.class_weights, {num_classes});
+    l.class_weights = device.is_cpu() ? w : w.to(device);
+  }
+  return l;
+}
+
+namespace {
+int64_t count_correct(const Tensor& logits, const Tensor& y) {
+  const std::vector<float> l = logits.to_vector();
+  const Tensor yc = y.device().is_cpu() ? y : y.to(Device::cpu());
+  const int64_t n = logits.dim(0), k = logits.dim(1);
+  const auto pred = argmax_rows(l.data(), n, k);
+  int64_t correct = 0;
+  for (int64_t i = 0; i < n; ++i) correct += pred[static_cast<size_t>(i)] == yc.data<int64_t>()[i];
+  return correct;
+}
+}  // namespace
+
+StepStats train_step(Module& model, Optimizer& opt, Communicator& comm, const Tensor& x, const Tensor& y,
+                     const Loss& loss, const Stream& s) {
+  SavedPtr saved;
+  Tensor logits = model.forward(x, &saved, s);
+  Tensor dlogits = Tensor::empty(logits.shape(), DType::f32, logits.device());
+  Tensor no_probs;
+  const float l = softmax_cross_entropy(logits, y, loss.class_weights, loss.label_smoothing, dlogits, no_probs, s);
+  model.backward(dlogits, *saved, /*need_input_grad=*/false, s);
+  saved.reset();  // release activations before the optimizer allocates anything
+  if (comm.size() > 1)
+    for (auto& [name, p] : model.named_parameters()) comm.all_reduce(p->grad, ReduceOp::mean, s);
+  opt.step(s);
+  model.zero_grad();
+  StepStats st;
+  st.loss = l;
+  st.count = x.dim(0);
+  st.correct = count_correct(logits, y);
+  return st;
+}
+
+EvalResult evaluate(Module& model, const Dataset& ds, int batch_size, const Loss& loss, const Stream& s) {
+  const bool was_training = model.training();
+  model.eval();
+  EvalResult r;
+  r.cm = ConfusionMatrix(ds.num_classes());
+  const Shape ss = ds.sample_shape();
+  double loss_sum = 0;
+  for (int64_t start = 0; start < ds.size(); start += batch_size) {
+    const int64_t b = std::min<int64_t>(batch_size, ds.size() - start);
+    std::vector<int64_t> idx(static_cast<size_t>(b));
+    std::iota(idx.begin(), idx.end(), start);
+    Tensor x = Tensor::empty({b, ss[0], ss[1], ss[2]});
+    Tensor y = Tensor::empty({b}, DType::i64);
+    make_batch(ds, idx, x, y);
+    Tensor logits = model.forward(model.device().is_cpu() ? x : x.to(model.device()), nullptr, s);
+    Tensor none1, none2;
+    const Tensor yd = model.device().is_cpu() ? y : y.to(model.device());
+    // Unweighted per-batch mean, re-weighted by batch size: the dataset mean of the loss.
+    loss_sum += static_cast<double>(softmax_cross_entropy(logits, yd, Tensor(), loss.label_smoothing, none1, none2, s)) * b;
+    const std::vector<float> l = logits.to_vector();
+    const auto pred = argmax_rows(l.data(), b, logits.dim(1));
+    for (int64_t i = 0; i < b; ++i) r.cm.add(y.data<int64_t>()[i], pred[static_cast<size_t>(i)]);
+  }
+  r.loss = ds.size() ? loss_sum / ds.size() : 0;
+  model.train(was_training);
+  return r;
+}
+
+std::vector<int64_t> epoch_permutation(int64_t n, uint64_t seed, int epoch) {
+  std::vector<int64_t> p(static_cast<size_t>(n));
+  std::iota(p.begin(), p.end(), 0);
+  std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(epoch) + 1);
+  // Fisher-Yates with our own draw so the order is the same on every standard library.
+  for (int64_t i = n - 1; i > 0; --i) {
+    const int64_t j = static_cast<int64_t>(rng() % static_cast<uint64_t>(i + 1));
+    std::swap(p[static_cast<size_t>(i)], p[static_cast<size_t>(j)]);
+  }
+  return p;
+}
+
+DataSplits load_data(const DataConfig& cfg, std::ostream& log) {
+  ImageLoadOptions lo;
+  lo.channels = cfg.channels;
+  lo.image_size = cfg.image_size;
+  lo.mean = cfg.mean;
+  lo.std = cfg.std;
+  std::string dir = cfg.dir;
+  DataSplits d;
+  if (dir.empty()) {
+    SynthOptions so;
+    so.train = cfg.synth_train;
+    so.val = cfg.synth_val;
+    so.image_size = cfg.synth_size;
+    so.seed = cfg.synth_seed;
+    std::ostringstream name;
+    name << "synth-cxr-v2-s" << so.seed << "-n" << so.train << "-" << so.val << "-px" << so.image_size;
+    dir = cache_dir() + "/" + name.str();
+    if (!fs::exists(fs::path(dir) / "manifest.csv")) {
+      log << "generating the synthetic chest X-ray dataset (" << so.train << " train, " << so.val << " val, "
+          << so.image_size << "px) in " << dir << "\n";
+      fs::create_directories(cache_dir());
+      write_synthetic_cxr(dir, so, /*overwrite=*/true);
+    }
+    d.source = "synthetic chest X-rays in " + dir;
+  } else {
+    d.source = dir;
+  }
+  d.train = load_image_dataset(dir, cfg.train_split, lo);
+  d.val = load_image_dataset(dir, cfg.val_split, lo);
+  LANCET_CHECK(d.train->size() > 0, dir << ": no training images (split '" << cfg.train_split << "')");
+  LANCET_CHECK(d.train->class_names() == d.val->class_names(),
+               dir << ": training and validation splits have different classes");
+  return d;
+}
+
+namespace {
+
+std::string format_duration(double s) {
+  if (!std::isfinite(s) || s < 0) return "?";
+  const int t = static_cast<int>(s + 0.5);
+  std::ostringstream os;
+  if (t >= 3600) os << t / 3600 << "h";
+  os << std::setfill('0');
+  if (t >= 60) os << (t >= 3600 ? std::setw(2) : std::setw(1)) << (t / 60) % 60 << "m";
+  os << std::setw(t >= 60 ? 2 : 1) << t % 60 << "s";
+  return os.str();
+}
+
+// Progress display: rewrites one line on a terminal, prints plain lines every
+// `log_every` steps otherwise (logs, CI, Slurm output files).
+class Progress {
+ public:
+  Progress(std::ostream& os, int log_every) : os_(os), every_(log_every), tty_(isatty(STDERR_FILENO) && &os == &std::cerr) {}
+  void update(int epoch, int epochs, int64_t step_in_epoch, int64_t steps_in_epoch, double loss, double acc,
+              double img_s, double eta_s) {
+    const bool last = step_in_epoch == steps_in_epoch;
+    if (!tty_ && step_in_epoch % every_ != 0 && !last) return;
+    std::ostringstream line;
+    line << "epoch " << epoch << "/" << epochs << " step " << step_in_epoch << "/" << steps_in_epoch << std::fixed
+         << std::setprecision(4) << "  loss " << loss << std::setprecision(3) << "  acc " << acc
+         << std::setprecision(1) << "  " << img_s << " img/s  ETA " << format_duration(eta_s);
+    if (tty_)
+      os_ << "\r" << line.str() << "\033[K" << (last ? "\n" : "") << std::flush;
+    else
+      os_ << line.str() << "\n" << std::flush;
+  }
+
+ private:
+  std::ostream& os_;
+  int every_;
+  bool tty_;
+};
+
+void append_jsonl(const std::string& path, const Json& j) {
+  std::ofstream f(path, std::ios::app);
+  LANCET_CHECK(f.good(), "cannot write " << path);
+  f << j.dump() << "\n";
+  f.flush();
+  LANCET_CHECK(f.good(), "error writing " << path);
+}
+
+}  // namespace
+
+TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& log) {
+  const DataConfig dc = data_config(config);
+  const TrainConfig tc = train_config(config);
+  const OptimConfig oc = optim_config(config);
+  const LossConfig lc = loss_config(config);
+  LANCET_CHECK(tc.precision == "fp32", "train.precision '" << tc.precision
+                                                           << "': this build trains in fp32 only (fp16/bf16 arrive with mixed precision)");
+  const Device device = parse_device(tc.device);
+  LANCET_CHECK(device.is_cpu(), "train.device " << device.str()
+                                                << ": this build has no CUDA compute kernels yet; use --device cpu");
+  set_num_threads(tc.threads > 0 ? tc.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  const Stream stream{device, nullptr};
+
+  DataSplits data = load_data(dc, log);
+  const int num_classes = data.train->num_classes();
+  Json model_cfg = config.at("model");
+  if (!model_cfg.contains("in_channels")) model_cfg["in_channels"] = dc.channels;
+  if (!model_cfg.contains("num_classes")) model_cfg["num_classes"] = num_classes;
+  LANCET_CHECK(model_cfg["in_channels"].get<int>() == dc.channels,
+               "model.in_channels " << model_cfg["in_channels"] << " but data.channels " << dc.channels);
+  LANCET_CHECK(model_cfg["num_classes"].get<int>() == num_classes,
+               "model.num_classes " << model_cfg["num_classes"] << " but the data has " << num_classes << " classes");
+  auto model = make_model(model_cfg, tc.seed);
+  model_cfg = model->config().to_json();
+  model->set_dropout_seed(tc.seed ^ 0xD7u);
+  model->to(device);
+  model->train();
+  auto opt = make_optimizer(oc, model->named_parameters());
+  const Loss loss = make_loss(lc, num_classes, device);
+
+  const int64_t n = data.train->size();
+  const int64_t bs = tc.batch_size;
+  const int64_t steps_per_epoch = tc.drop_last ? n / bs : (n + bs - 1) / bs;
+  LANCET_CHECK(steps_per_epoch > 0, "train.batch_size " << bs << " exceeds the " << n << " training images with drop_last");
+  int64_t total_steps = steps_per_epoch * tc.epochs;
+  if (tc.max_steps > 0) total_steps = std::min(total_steps, tc.max_steps);
+
+  std::string metrics_path;
+  if (!tc.out.empty()) {
+    fs::create_directories(tc.out);
+    metrics_path = tc.out + "/metrics.jsonl";
+    std::ofstream(tc.out + "/config.json") << config.dump(2) << "\n";
+    fs::remove(metrics_path);  // a fresh run starts a fresh metrics file
+  }
+  log << "data: " << data.source << ": " << n << " train / " << data.val->size() << " val images, " << num_classes
+      << " classes, " << shape_str(data.train->sample_shape()) << "\n";
+  log << "model: medicalcnn " << model_cfg.dump() << ", " << model->num_parameters() << " parameters\n";
+  log << "training: " << total_steps << " steps, batch " << bs << ", " << oc.name << " lr " << oc.lr << ", "
+      << num_threads() << " thread(s) on " << device.str() << "\n";
+
+  TrainSummary summary;
+  Progress progress(log, tc.log_every);
+  const Shape ss = data.train->sample_shape();
+  const auto t_start = Clock::now();
+  double train_seconds = 0;
+  int64_t images = 0;
+  for (int epoch = 1; epoch <= tc.epochs && summary.steps < total_steps; ++epoch) {
+    const auto order = epoch_permutation(n, tc.seed, epoch);
+    double loss_sum = 0;
+    int64_t correct = 0, seen = 0;
+    const auto t_epoch = Clock::now();
+    int64_t epoch_steps = std::min(steps_per_epoch, total_steps - summary.steps);
+    for (int64_t step = 0; step < epoch_steps; ++step) {
+      const int64_t start = step * bs;
+      const int64_t b = std::min(bs, n - start);
+      std::vector<int64_t> idx(order.begin() + start, order.begin() + start + b);
+      Tensor x = Tensor::empty({b, ss[0], ss[1], ss[2]});
+      Tensor y = Tensor::empty({b}, DType::i64);
+      make_batch(*data.train, idx, x, y);
+      const StepStats st = train_step(*model, *opt, comm, device.is_cpu() ? x : x.to(device),
+                                      device.is_cpu() ? y : y.to(device), loss, stream);
+      LANCET_CHECK(std::isfinite(st.loss), "training diverged: the loss is " << st.loss << " at step "
+                                                                             << summary.steps + 1 << " (try a lower optim.lr)");
+      loss_sum += st.loss * st.count;
+      correct += st.correct;
+      seen += st.count;
+      images += st.count;
+      ++summary.steps;
+      const double elapsed = std::chrono::duration<double>(Clock::now() - t_start).count();
+      const double img_s = images / std::max(elapsed, 1e-9);
+      const double eta = (total_steps - summary.steps) * (elapsed / summary.steps);
+      progress.update(epoch, tc.epochs, step + 1, epoch_steps, loss_sum / seen, static_cast<double>(correct) / seen,
+                      img_s, eta);
+    }
+    const double epoch_s = std::chrono::duration<double>(Clock::now() - t_epoch).count();
+    train_seconds += epoch_s;
+    EvalResult ev = evaluate(*model, *data.val, std::max<int>(tc.batch_size, 64), loss, stream);
+    log << "epoch " << epoch << ": train loss " << std::fixed << std::setprecision(4) << loss_sum / seen
+        << "  val loss " << ev.loss << std::setprecision(3) << "  val acc " << ev.cm.accuracy()
+        << "  val balanced acc " << ev.cm.balanced_accuracy() << "  (" << std::setprecision(1) << epoch_s << " s, "
+        << seen / epoch_s << " img/s)\n";
+    if (!metrics_path.empty() && comm.is_root()) {
+      Json j = {{"epoch", epoch},
+                {"step", summary.steps},
+                {"train_loss", loss_sum / seen},
+                {"train_accuracy", static_cast<double>(correct) / seen},
+                {"images_per_s", seen / epoch_s},
+                {"epoch_seconds", epoch_s},
+                {"lr", opt->lr()},
+                {"val_loss", ev.loss},
+                {"val", ev.cm.to_json(data.val->class_names())}};
+      append_jsonl(metrics_path, j);
+    }
+    summary.final_eval = std::move(ev);
+  }
+  summary.seconds = train_seconds;
+  summary.images_per_s = images / std::max(train_seconds, 1e-9);
+
+  // Final validation report.
+  const auto& cm = summary.final_eval.cm;
+  const auto& names = data.val->class_names();
+  log << "\nvalidation report (" << cm.total() << " images)\n"
+      << std::fixed << std::setprecision(4) << "  accuracy           " << cm.accuracy() << "\n"
+      << "  balanced accuracy  " << cm.balanced_accuracy() << "\n";
+  for (int c = 0; c < cm.num_classes(); ++c)
+    log << "  recall " << std::left << std::setw(12) << names[static_cast<size_t>(c)] << std::right << cm.recall(c)
+        << "\n";
+  log << "  confusion matrix (rows: true, columns: predicted)\n";
+  for (int c = 0; c < cm.num_classes(); ++c) {
+    log << "    ";
+    for (int p = 0; p < cm.num_classes(); ++p) log << std::setw(7) << cm.at(c, p);
+    log << "   " << names[static_cast<size_t>(c)] << "\n";
+  }
+  if (!tc.out.empty() && comm.is_root()) {
+    model->to(Device::cpu());
+    save_weights(tc.out + "/final.h5", *model, model_cfg);
+    log << "wrote " << tc.out << "/final.h5 and " << metrics_path << "\n";
+  }
+  return summary;
+}
+
+}  // namespace lancet

@@ -1,0 +1,64 @@
+// trainer.h — the serial training loop (one process; the communicator seam is where data
+// parallelism plugs in), evaluation, and the single training step the benchmarks reuse.
+#pragma once
+#include <functional>
+#include <memory>
+#include <ostream>
+#include <string>
+
+#include "comm/communicator.h"
+#include "data/dataset.h"
+#include "layers/module.h"
+#include "trainer/config.h"
+#include "trainer/metrics.h"
+#include "trainer/optimizer.h"
+
+namespace lancet {
+
+// Loss settings resolved against the dataset: class weights as a tensor on the device.
+struct Loss {
+  float label_smoothing = 0.f;
+  Tensor class_weights;  // undefined = unweighted
+};
+Loss make_loss(const LossConfig& cfg, int num_classes, Device device);
+
+struct StepStats {
+  double loss = 0;
+  int64_t correct = 0;
+  int64_t count = 0;
+};
+
+// Forward (saving activations), loss, backward, gradient all-reduce, optimizer step, zero_grad.
+StepStats train_step(Module& model, Optimizer& opt, Communicator& comm, const Tensor& x, const Tensor& y,
+                     const Loss& loss, const Stream& s);
+
+struct EvalResult {
+  double loss = 0;
+  ConfusionMatrix cm{1};
+};
+// Eval-mode pass over a dataset in order (restores the model's mode afterwards).
+EvalResult evaluate(Module& model, const Dataset& ds, int batch_size, const Loss& loss, const Stream& s);
+
+// Seed-determined order of a dataset for one epoch (a permutation of [0, n)).
+std::vector<int64_t> epoch_permutation(int64_t n, uint64_t seed, int epoch);
+
+struct TrainSummary {
+  int64_t steps = 0;
+  double seconds = 0;
+  double images_per_s = 0;
+  EvalResult final_eval;
+};
+
+// Runs a whole training job from a resolved config: data, model, epochs, per-epoch validation,
+// DIR/metrics.jsonl and DIR/final.h5 when train.out is set. Progress goes to `log`.
+TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& log);
+
+// The datasets a config names: the folder in data.dir, or (dir empty) the default job's
+// synthetic chest X-ray set, generated once into the cache folder and reused.
+struct DataSplits {
+  std::unique_ptr<Dataset> train, val;
+  std::string source;  // for the log
+};
+DataSplits load_data(const DataConfig& cfg, std::ostream& log);
+
+}  // namespace lancet
