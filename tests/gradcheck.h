@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kernels/tensor.h"
+#include "tests/expect_error.h"
 
 namespace lancet::testing {
 
@@ -77,19 +78,6 @@ inline Tensor sin_tensor(const Shape& shape, double a, double b, double scale = 
   return t;
 }
 
-// Expects fn() to throw lancet::Error whose message contains every string in `parts`
-// (e.g. both offending shapes).
-template <typename F>
-void expect_error(F&& fn, std::initializer_list<std::string> parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an error mentioning " << *parts.begin();
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    for (const std::string& part : parts)
-      EXPECT_NE(msg.find(part), std::string::npos) << "'" << part << "' not in: " << msg;
-  }
-}
 
 // Expects every element of `t` to be within tol * max(1, |expected|) of `expected`.
 inline void expect_near_all(const Tensor& t, const std::vector<float>& expected, double tol, const std::string& what) {

@@ -13,12 +13,14 @@
 #include <vector>
 
 #include "data/dataset.h"
+#include "tests/expect_error.h"
 #include "data/image_folder.h"
 #include "data/synth.h"
 #include "kernels/parallel.h"
 
 namespace fs = std::filesystem;
 using namespace lancet;
+using lancet::testing::expect_error;
 
 namespace {
 
@@ -50,16 +52,6 @@ class DataTest : public ::testing::Test {
   fs::path dir_;
 };
 
-template <typename F>
-void expect_error(F&& fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an error mentioning '" << parts.front() << "'";
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
-  }
-}
 
 bool same_tensor(const Tensor& a, const Tensor& b) {
   return a.shape() == b.shape() && a.dtype() == b.dtype() && std::memcmp(a.raw_data(), b.raw_data(), a.nbytes()) == 0;

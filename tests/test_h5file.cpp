@@ -11,9 +11,11 @@
 #include <vector>
 
 #include "data/h5file.h"
+#include "tests/expect_error.h"
 
 namespace fs = std::filesystem;
 using namespace lancet;
+using lancet::testing::expect_error;
 
 namespace {
 
@@ -40,18 +42,6 @@ class H5FileTest : public ::testing::Test {
   fs::path dir_;
 };
 
-// Runs fn, expecting a lancet::Error whose message contains every one of `parts`.
-template <typename F>
-void expect_error(F&& fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an error mentioning '" << parts.front() << "'";
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
-    EXPECT_EQ(msg.find('\n'), std::string::npos) << "multi-line error: " << msg;
-  }
-}
 
 Tensor iota_f32(const Shape& s) {
   std::vector<float> v(static_cast<size_t>(shape_numel(s)));
