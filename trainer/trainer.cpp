@@ -89,8 +89,19 @@ EvalResult evaluate(Module& model, const Dataset& ds, int batch_size, const Loss
     // Unweighted per-batch mean, re-weighted by batch size: the dataset mean of the loss.
     loss_sum += static_cast<double>(softmax_cross_entropy(logits, yd, Tensor(), loss.label_smoothing, none1, none2, s)) * b;
     const std::vector<float> l = logits.to_vector();
-    const auto pred = argmax_rows(l.data(), b, logits.dim(1));
-    for (int64_t i = 0; i < b; ++i) r.cm.add(y.data<int64_t>()[i], pred[static_cast<size_t>(i)]);
+    const int64_t k = logits.dim(1);
+    const auto pred = argmax_rows(l.data(), b, k);
+    for (int64_t i = 0; i < b; ++i) {
+      const int64_t label = y.data<int64_t>()[i];
+      r.cm.add(label, pred[static_cast<size_t>(i)]);
+      r.labels.push_back(label);
+      // Softmax in double from the row maximum, stored as float.
+      const float* row = l.data() + i * k;
+      const double mx = row[pred[static_cast<size_t>(i)]];
+      double sum = 0;
+      for (int64_t j = 0; j < k; ++j) sum += std::exp(static_cast<double>(row[j]) - mx);
+      for (int64_t j = 0; j < k; ++j) r.probs.push_back(static_cast<float>(std::exp(row[j] - mx) / sum));
+    }
   }
   r.loss = ds.size() ? loss_sum / ds.size() : 0;
   model.train(was_training);

@@ -5,6 +5,7 @@
 #include <memory>
 #include <ostream>
 #include <string>
+#include <vector>
 
 #include "comm/communicator.h"
 #include "data/dataset.h"
@@ -34,7 +35,11 @@ StepStats train_step(Module& model, Optimizer& opt, Communicator& comm, const Te
 
 struct EvalResult {
   double loss = 0;
-  ConfusionMatrix cm{1};
+  ConfusionMatrix cm{1};  // argmax predictions
+  // Per sample, in dataset order: softmax probabilities [n * k] (row-major) and labels [n],
+  // for threshold-free metrics (AUROC) and per-sample prediction files.
+  std::vector<float> probs;
+  std::vector<int64_t> labels;
 };
 // Eval-mode pass over a dataset in order (restores the model's mode afterwards).
 EvalResult evaluate(Module& model, const Dataset& ds, int batch_size, const Loss& loss, const Stream& s);
