@@ -359,6 +359,19 @@ void H5File::write(const std::string& name, const Tensor& t) {
 
 // ---- attributes -------------------------------------------------------------------------
 
+void H5File::create_group(const std::string& name) {
+  H5Lock lock;
+  const hid_t f = id();
+  const std::string n = normalize(name);
+  LANCET_CHECK(writable(), path_ << ": cannot create group '" << n << "': the file is open read-only");
+  if (has(n)) return;
+  Handle lcpl(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
+  H5Pset_create_intermediate_group(lcpl.get(), 1);
+  H5Pset_char_encoding(lcpl.get(), H5T_CSET_UTF8);
+  Handle g(H5Gcreate2(f, n.c_str(), lcpl.get(), H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
+  LANCET_CHECK(g.ok(), path_ << ": cannot create group '" << n << "': " << h5_reason());
+}
+
 void H5File::set_attr(const std::string& object, const std::string& attr, const std::string& value) {
   H5Lock lock;
   const hid_t f = id();

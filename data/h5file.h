@@ -56,6 +56,8 @@ class H5File {
   // tensor of dtype f32, f16 (IEEE half, h5py float16), i64, i32 or u8. Fails when `name`
   // already exists.
   void write(const std::string& name, const Tensor& t);
+  // Creates the group (and missing intermediate groups) unless it exists already.
+  void create_group(const std::string& name);
 
   // A string attribute on a group or dataset, stored as h5py stores str: a scalar,
   // variable-length UTF-8 string. Replaces an existing attribute of that name.

@@ -19,7 +19,8 @@ Json default_config() {
     },
     "train": {
       "epochs": 10, "max_steps": 0, "batch_size": 32, "drop_last": false, "seed": 0,
-      "device": "cpu", "threads": 0, "precision": "fp32", "out": "", "log_every": 10
+      "device": "cpu", "threads": 0, "precision": "fp32", "out": "", "log_every": 10,
+      "checkpoint_every": 0, "keep_checkpoints": 3, "resume": ""
     },
     "optim": {
       "name": "adam", "lr": 0.001, "weight_decay": 0.0, "momentum": 0.9,
@@ -200,11 +201,19 @@ TrainConfig train_config(const Json& c) {
   t.precision = get<std::string>(c, "train", "precision");
   t.out = get<std::string>(c, "train", "out");
   t.log_every = get<int>(c, "train", "log_every");
+  t.checkpoint_every = get<int64_t>(c, "train", "checkpoint_every");
+  t.keep_checkpoints = get<int>(c, "train", "keep_checkpoints");
+  t.resume = get<std::string>(c, "train", "resume");
   LANCET_CHECK(t.epochs >= 1, "train.epochs must be at least 1, got " << t.epochs);
   LANCET_CHECK(t.max_steps >= 0, "train.max_steps must be >= 0 (0 = no limit), got " << t.max_steps);
   LANCET_CHECK(t.batch_size >= 1, "train.batch_size must be at least 1, got " << t.batch_size);
   LANCET_CHECK(t.threads >= 0, "train.threads must be >= 0 (0 = all cores), got " << t.threads);
   LANCET_CHECK(t.log_every >= 1, "train.log_every must be at least 1, got " << t.log_every);
+  LANCET_CHECK(t.checkpoint_every >= 0,
+               "train.checkpoint_every must be >= 0 (0 = at the end of each epoch only), got " << t.checkpoint_every);
+  LANCET_CHECK(t.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1, got " << t.keep_checkpoints);
+  LANCET_CHECK(t.resume.empty() || !t.out.empty() || t.resume != "auto",
+               "train.resume=auto needs a run folder (--out) to look for checkpoints in");
   return t;
 }
 

@@ -55,6 +55,11 @@ struct TrainConfig {
   std::string precision;
   std::string out;  // run folder; "" = none
   int log_every;
+  // Checkpoints go to OUT/checkpoints/ at the end of every epoch and, when checkpoint_every
+  // > 0, every that many steps; the newest keep_checkpoints are kept.
+  int64_t checkpoint_every;
+  int keep_checkpoints;
+  std::string resume;  // "" = fresh run, "auto" = newest valid checkpoint in OUT, or a path
 };
 struct OptimConfig {
   std::string name;  // sgd, adam, adamw

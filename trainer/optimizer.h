@@ -21,6 +21,7 @@ class Optimizer {
   float lr() const { return lr_; }
   void set_lr(float lr) { lr_ = lr; }
   int64_t steps() const { return steps_; }
+  void set_steps(int64_t n) { steps_ = n; }  // when restoring a checkpoint
   // Named state tensors for checkpoints: "<param>.<slot>" -> tensor.
   virtual std::vector<std::pair<std::string, Tensor*>> state() = 0;
 

@@ -18,6 +18,7 @@
 #include "data/synth.h"
 #include "kernels/loss.h"
 #include "kernels/parallel.h"
+#include "trainer/checkpoint.h"
 #include "trainer/weights.h"
 
 namespace lancet {
@@ -193,6 +194,29 @@ class Progress {
   bool tty_;
 };
 
+// Rewrites a metrics.jsonl file keeping only the lines of epochs before `epoch` (atomically:
+// temporary file and rename), so a resumed run does not repeat the epochs it redoes.
+void keep_epochs_before(const std::string& path, int epoch) {
+  if (!fs::exists(path)) return;
+  std::ifstream in(path);
+  std::ostringstream kept;
+  for (std::string line; std::getline(in, line);) {
+    if (line.empty()) continue;
+    try {
+      if (Json::parse(line).at("epoch").get<int>() < epoch) kept << line << "\n";
+    } catch (const Json::exception&) {
+      // a torn last line from a crash: dropped
+    }
+  }
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << kept.str();
+    LANCET_CHECK(out.good(), "cannot write " << tmp);
+  }
+  fs::rename(tmp, path);
+}
+
 void append_jsonl(const std::string& path, const Json& j) {
   std::ofstream f(path, std::ios::app);
   LANCET_CHECK(f.good(), "cannot write " << path);
@@ -240,12 +264,28 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   int64_t total_steps = steps_per_epoch * tc.epochs;
   if (tc.max_steps > 0) total_steps = std::min(total_steps, tc.max_steps);
 
+  // Resume: the state of the run the checkpoint was taken from.
+  TrainState state;
+  state.train_size = n;
+  std::string resume_from = tc.resume;
+  if (resume_from == "auto") {
+    resume_from = newest_valid_checkpoint(tc.out, log);
+    if (resume_from.empty()) log << "resume: no checkpoint in " << checkpoint_dir(tc.out) << "; starting a fresh run\n";
+  }
+  if (!resume_from.empty()) {
+    state = load_checkpoint(resume_from, *model, *opt, oc.name, config);
+    LANCET_CHECK(state.train_size == n, resume_from << ": cannot resume: the checkpoint's run had " << state.train_size
+                                                    << " training images, this data has " << n);
+    log << "resumed from " << resume_from << " at epoch " << state.epoch << ", step " << state.global_step << "\n";
+  }
+
   std::string metrics_path;
-  if (!tc.out.empty()) {
+  if (!tc.out.empty() && comm.is_root()) {
     fs::create_directories(tc.out);
     metrics_path = tc.out + "/metrics.jsonl";
     std::ofstream(tc.out + "/config.json") << config.dump(2) << "\n";
-    fs::remove(metrics_path);  // a fresh run starts a fresh metrics file
+    // A fresh run starts a fresh metrics file; a resumed one keeps the epochs it had finished.
+    keep_epochs_before(metrics_path, resume_from.empty() ? 1 : state.epoch);
   }
   log << "data: " << data.source << ": " << n << " train / " << data.val->size() << " val images, " << num_classes
       << " classes, " << shape_str(data.train->sample_shape()) << "\n";
@@ -253,20 +293,26 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   log << "training: " << total_steps << " steps, batch " << bs << ", " << oc.name << " lr " << oc.lr << ", "
       << num_threads() << " thread(s) on " << device.str() << "\n";
 
+  auto write_checkpoint = [&](TrainState snapshot) {
+    if (tc.out.empty() || !comm.is_root()) return;
+    for (const Dropout* d : model->dropouts()) snapshot.dropout_counters.push_back(d->counter());
+    fs::create_directories(checkpoint_dir(tc.out));
+    save_checkpoint(checkpoint_path(tc.out, snapshot.global_step), *model, model_cfg, *opt, oc.name, snapshot, config);
+    prune_checkpoints(tc.out, tc.keep_checkpoints);
+  };
+
   TrainSummary summary;
   Progress progress(log, tc.log_every);
   const Shape ss = data.train->sample_shape();
   const auto t_start = Clock::now();
-  double train_seconds = 0;
-  int64_t images = 0;
-  for (int epoch = 1; epoch <= tc.epochs && summary.steps < total_steps; ++epoch) {
-    const auto order = epoch_permutation(n, tc.seed, epoch);
-    double loss_sum = 0;
-    int64_t correct = 0, seen = 0;
+  const int64_t images_at_start = state.images, step_at_start = state.global_step;
+  for (; state.epoch <= tc.epochs && state.global_step < total_steps; ++state.epoch) {
+    const auto order = epoch_permutation(n, tc.seed, state.epoch);
     const auto t_epoch = Clock::now();
-    int64_t epoch_steps = std::min(steps_per_epoch, total_steps - summary.steps);
-    for (int64_t step = 0; step < epoch_steps; ++step) {
-      const int64_t start = step * bs;
+    const int64_t epoch_end = std::min(steps_per_epoch, state.step_in_epoch + (total_steps - state.global_step));
+    int64_t images_this_session = 0;
+    for (; state.step_in_epoch < epoch_end;) {
+      const int64_t start = state.step_in_epoch * bs;
       const int64_t b = std::min(bs, n - start);
       std::vector<int64_t> idx(order.begin() + start, order.begin() + start + b);
       Tensor x = Tensor::empty({b, ss[0], ss[1], ss[2]});
@@ -275,31 +321,42 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
       const StepStats st = train_step(*model, *opt, comm, device.is_cpu() ? x : x.to(device),
                                       device.is_cpu() ? y : y.to(device), loss, stream);
       LANCET_CHECK(std::isfinite(st.loss), "training diverged: the loss is " << st.loss << " at step "
-                                                                             << summary.steps + 1 << " (try a lower optim.lr)");
-      loss_sum += st.loss * st.count;
-      correct += st.correct;
-      seen += st.count;
-      images += st.count;
-      ++summary.steps;
+                                                                             << state.global_step + 1 << " (try a lower optim.lr)");
+      state.epoch_loss_sum += st.loss * st.count;
+      state.epoch_correct += st.correct;
+      state.epoch_seen += st.count;
+      state.images += st.count;
+      images_this_session += st.count;
+      ++state.step_in_epoch;
+      ++state.global_step;
       const double elapsed = std::chrono::duration<double>(Clock::now() - t_start).count();
-      const double img_s = images / std::max(elapsed, 1e-9);
-      const double eta = (total_steps - summary.steps) * (elapsed / summary.steps);
-      progress.update(epoch, tc.epochs, step + 1, epoch_steps, loss_sum / seen, static_cast<double>(correct) / seen,
-                      img_s, eta);
+      const double img_s = (state.images - images_at_start) / std::max(elapsed, 1e-9);
+      const double eta = (total_steps - state.global_step) * (elapsed / (state.global_step - step_at_start));
+      progress.update(state.epoch, tc.epochs, state.step_in_epoch, steps_per_epoch,
+                      state.epoch_loss_sum / state.epoch_seen,
+                      static_cast<double>(state.epoch_correct) / state.epoch_seen, img_s, eta);
+      if (tc.checkpoint_every > 0 && state.global_step % tc.checkpoint_every == 0 && state.step_in_epoch < steps_per_epoch) {
+        TrainState snapshot = state;
+        snapshot.train_seconds += std::chrono::duration<double>(Clock::now() - t_epoch).count();
+        write_checkpoint(snapshot);
+      }
     }
     const double epoch_s = std::chrono::duration<double>(Clock::now() - t_epoch).count();
-    train_seconds += epoch_s;
+    state.train_seconds += epoch_s;
+    if (state.step_in_epoch < steps_per_epoch) break;  // stopped by max_steps inside the epoch
     EvalResult ev = evaluate(*model, *data.val, std::max<int>(tc.batch_size, 64), loss, stream);
-    log << "epoch " << epoch << ": train loss " << std::fixed << std::setprecision(4) << loss_sum / seen
+    const double train_loss = state.epoch_loss_sum / state.epoch_seen;
+    const double train_acc = static_cast<double>(state.epoch_correct) / state.epoch_seen;
+    log << "epoch " << state.epoch << ": train loss " << std::fixed << std::setprecision(4) << train_loss
         << "  val loss " << ev.loss << std::setprecision(3) << "  val acc " << ev.cm.accuracy()
         << "  val balanced acc " << ev.cm.balanced_accuracy() << "  (" << std::setprecision(1) << epoch_s << " s, "
-        << seen / epoch_s << " img/s)\n";
-    if (!metrics_path.empty() && comm.is_root()) {
-      Json j = {{"epoch", epoch},
-                {"step", summary.steps},
-                {"train_loss", loss_sum / seen},
-                {"train_accuracy", static_cast<double>(correct) / seen},
-                {"images_per_s", seen / epoch_s},
+        << images_this_session / epoch_s << " img/s)\n";
+    if (!metrics_path.empty()) {
+      Json j = {{"epoch", state.epoch},
+                {"step", state.global_step},
+                {"train_loss", train_loss},
+                {"train_accuracy", train_acc},
+                {"images_per_s", images_this_session / epoch_s},
                 {"epoch_seconds", epoch_s},
                 {"lr", opt->lr()},
                 {"val_loss", ev.loss},
@@ -307,9 +364,22 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
       append_jsonl(metrics_path, j);
     }
     summary.final_eval = std::move(ev);
+    // The next epoch starts here: a checkpoint taken now resumes at its first step.
+    state.step_in_epoch = 0;
+    state.epoch_loss_sum = 0;
+    state.epoch_correct = state.epoch_seen = 0;
+    TrainState next = state;
+    ++next.epoch;
+    write_checkpoint(next);
   }
-  summary.seconds = train_seconds;
-  summary.images_per_s = images / std::max(train_seconds, 1e-9);
+  if (tc.checkpoint_every > 0 && state.step_in_epoch > 0 && state.step_in_epoch < steps_per_epoch &&
+      state.global_step % tc.checkpoint_every != 0)
+    write_checkpoint(state);  // stopped by max_steps mid-epoch: keep the exact position
+  summary.steps = state.global_step;
+  summary.seconds = state.train_seconds;
+  summary.images_per_s = state.images / std::max(state.train_seconds, 1e-9);
+  if (summary.final_eval.cm.total() == 0)  // nothing was validated in this session
+    summary.final_eval = evaluate(*model, *data.val, std::max<int>(tc.batch_size, 64), loss, stream);
 
   // Final validation report.
   const auto& cm = summary.final_eval.cm;

@@ -1,0 +1,165 @@
+// Checkpoints and resume: a run stopped after step k and resumed ends bitwise identical to an
+// uninterrupted one; incompatible, damaged and weights-only files are refused with a message
+// naming the file and the mismatch; only the newest K checkpoints are kept.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "cli_util.h"
+#include "comm/communicator.h"
+#include "data/h5file.h"
+#include "tests/expect_error.h"
+#include "trainer/checkpoint.h"
+#include "trainer/trainer.h"
+#include "trainer/weights.h"
+
+using namespace lancet;
+using namespace lancet::testing;
+namespace fs = std::filesystem;
+
+namespace {
+
+Json small_job(const std::string& out, const std::string& optimizer = "adam") {
+  Json c = default_config();
+  for (const char* s : {"model.widths=[8, 16, 32, 64]", "model.depths=[1, 1, 1, 1]", "model.head_hidden=32",
+                        "data.image_size=32", "data.synth.train=200", "data.synth.val=64", "data.synth.size=32",
+                        "train.epochs=3", "train.batch_size=32", "train.threads=2", "train.checkpoint_every=3"})
+    apply_override(c, s);
+  apply_override(c, "optim.name=" + optimizer);
+  apply_override(c, "train.out=" + out);
+  return c;
+}
+
+TrainSummary train(const Json& c) {
+  auto comm = make_single_process_communicator();
+  std::ostringstream log;
+  return run_training(c, *comm, log);
+}
+
+void expect_same_weights(const std::string& a, const std::string& b) {
+  H5File fa = H5File::open_read(a), fb = H5File::open_read(b);
+  const auto names = fa.list("/model");
+  ASSERT_EQ(names, fb.list("/model"));
+  for (const auto& n : names) EXPECT_EQ(fa.read("/model/" + n).to_vector(), fb.read("/model/" + n).to_vector()) << n;
+}
+
+// Metrics lines without the wall-clock fields.
+std::vector<std::string> metrics_lines(const std::string& path) {
+  std::vector<std::string> out;
+  std::ifstream f(path);
+  for (std::string line; std::getline(f, line);) {
+    Json j = Json::parse(line);
+    j.erase("epoch_seconds");
+    j.erase("images_per_s");
+    out.push_back(j.dump());
+  }
+  return out;
+}
+
+class Checkpoints : public ::testing::Test {
+ protected:
+  void SetUp() override { setenv("LANCET_CACHE", (tmp_ / "cache").c_str(), 1); }
+  TempDir tmp_{"ckpt"};
+};
+
+}  // namespace
+
+TEST_F(Checkpoints, ResumedRunIsBitwiseIdentical) {
+  for (const std::string opt : {"adam", "sgd"}) {
+    SCOPED_TRACE(opt);
+    const std::string full = tmp_ / ("full_" + opt), part = tmp_ / ("part_" + opt);
+    const TrainSummary want = train(small_job(full, opt));
+    for (int64_t stop : {5, 7, 11}) {  // mid-epoch (no checkpoint at 5: resumes from 3), at an epoch end, mid-epoch
+      SCOPED_TRACE("stopped after step " + std::to_string(stop));
+      fs::remove_all(part);
+      Json first = small_job(part, opt);
+      apply_override(first, "train.max_steps=" + std::to_string(stop));
+      train(first);
+      Json second = small_job(part, opt);
+      apply_override(second, "train.resume=auto");
+      const TrainSummary got = train(second);
+      EXPECT_EQ(got.steps, want.steps);
+      expect_same_weights(full + "/final.h5", part + "/final.h5");
+      EXPECT_EQ(metrics_lines(full + "/metrics.jsonl"), metrics_lines(part + "/metrics.jsonl"));
+      EXPECT_EQ(got.final_eval.loss, want.final_eval.loss);
+    }
+  }
+}
+
+TEST_F(Checkpoints, KeepsTheNewestAndLoadsAsWeights) {
+  Json c = small_job(tmp_ / "run");
+  apply_override(c, "train.keep_checkpoints=2");
+  train(c);
+  const auto files = list_checkpoints(tmp_ / "run");
+  ASSERT_EQ(files.size(), 2u);
+  EXPECT_EQ(fs::path(files.back()).filename(), "step-000000021.h5");  // 3 epochs x 7 steps
+  // A checkpoint is an interchange weights file too, equal to final.h5 at the end.
+  auto model = load_model(files.back());
+  expect_same_weights(files.back(), tmp_ / "run/final.h5");
+}
+
+TEST_F(Checkpoints, RefusesIncompatibleDamagedAndWeightsOnlyFiles) {
+  const std::string run = tmp_ / "run";
+  Json c = small_job(run);
+  apply_override(c, "train.max_steps=4");
+  train(c);
+  const std::string ckpt = run + "/checkpoints/step-000000003.h5";
+  ASSERT_TRUE(fs::exists(ckpt));
+
+  Json other = small_job(run);
+  apply_override(other, "train.batch_size=16");
+  apply_override(other, "train.resume=" + ckpt);
+  expect_error([&] { train(other); }, {ckpt, "train.batch_size", "32", "16"});
+
+  other = small_job(run);
+  apply_override(other, "model.widths=[8, 16, 32, 48]");
+  apply_override(other, "train.resume=" + ckpt);
+  expect_error([&] { train(other); }, {ckpt, "cannot resume", "model"});
+
+  other = small_job(run, "sgd");
+  apply_override(other, "train.resume=" + ckpt);
+  expect_error([&] { train(other); }, {ckpt, "optim.name"});
+
+  // A weights-only file cannot resume a run.
+  other = small_job(run);
+  apply_override(other, "train.resume=" + run + "/final.h5");
+  expect_error([&] { train(other); }, {run + "/final.h5", "not a training checkpoint"});
+
+  // A damaged newest checkpoint: an explicit resume names it; auto skips to the previous one.
+  const std::string newest = run + "/checkpoints/step-000000004.h5";
+  ASSERT_TRUE(fs::exists(newest));
+  fs::resize_file(newest, fs::file_size(newest) / 2);
+  other = small_job(run);
+  apply_override(other, "train.resume=" + newest);
+  expect_error([&] { train(other); }, {newest});
+  std::ostringstream log;
+  EXPECT_EQ(newest_valid_checkpoint(run, log), ckpt);
+  EXPECT_NE(log.str().find("skipping checkpoint " + newest), std::string::npos) << log.str();
+
+  // resume=auto with nothing to resume starts fresh; without a run folder it is an error.
+  other = small_job(tmp_ / "fresh");
+  apply_override(other, "train.resume=auto");
+  apply_override(other, "train.epochs=1");
+  EXPECT_EQ(train(other).steps, 7);
+  other = small_job("");
+  apply_override(other, "train.resume=auto");
+  expect_error([&] { train(other); }, {"train.resume=auto", "--out"});
+}
+
+TEST_F(Checkpoints, CliResumeFlag) {
+  const std::string run = tmp_ / "cli";
+  const std::string common = "--set model.widths=[8,16,32,64] --set model.depths=[1,1,1,1] --set model.head_hidden=32 "
+                             "--image-size 32 --set data.synth.train=100 --set data.synth.val=32 "
+                             "--set data.synth.size=32 --epochs 2 --threads 1 --out " + run;
+  const std::string env = "LANCET_CACHE=" + tmp_ / "cache";
+  RunResult r = run_lancet_env(env, "train " + common + " --max-steps 4");
+  ASSERT_EQ(r.status, 0) << r.output;
+  r = run_lancet_env(env, "train " + common + " --resume auto");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("resumed from " + run + "/checkpoints/step-000000004.h5 at epoch 2, step 4"),
+            std::string::npos)
+      << r.output;
+}
