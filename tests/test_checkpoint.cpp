@@ -163,3 +163,33 @@ TEST_F(Checkpoints, CliResumeFlag) {
             std::string::npos)
       << r.output;
 }
+
+// The real thing: SIGKILL the process somewhere after its first checkpoints, resume with
+// --resume auto, and end with the same weights as a run that was never interrupted.
+TEST_F(Checkpoints, KilledRunResumesToTheSameWeights) {
+  const std::string common = "--set model.widths=[8,16,32,64] --set model.depths=[1,1,1,1] --set model.head_hidden=32 "
+                             "--image-size 64 --set data.synth.train=400 --set data.synth.val=32 "
+                             "--set data.synth.size=64 --epochs 2 --threads 1 --set train.checkpoint_every=2";
+  const std::string env = "LANCET_CACHE=" + tmp_ / "cache";
+  RunResult r = run_lancet_env(env, "train " + common + " --out " + tmp_ / "full");
+  ASSERT_EQ(r.status, 0) << r.output;
+  const std::string part = tmp_ / "part";
+  const std::string script = "env " + env + " " + lancet_binary() + " train " + common + " --out " + part +
+                             " >/dev/null 2>&1 & pid=$!; "
+                             "while [ ! -e " + part + "/checkpoints/step-000000006.h5 ]; do "
+                             "  kill -0 $pid 2>/dev/null || exit 3; sleep 0.005; done; "
+                             "kill -9 $pid; wait $pid; echo status $?";
+  FILE* p = popen(("bash -c '" + script + "'").c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  char buf[256] = {0};
+  const size_t got = fread(buf, 1, sizeof(buf) - 1, p);
+  const int st = pclose(p);
+  ASSERT_EQ(WEXITSTATUS(st), 0) << "the run ended before it could be killed: " << std::string(buf, got);
+  EXPECT_NE(std::string(buf, got).find("status 137"), std::string::npos) << std::string(buf, got);
+  EXPECT_FALSE(fs::exists(part + "/final.h5"));
+  r = run_lancet_env(env, "train " + common + " --out " + part + " --resume auto");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("resumed from"), std::string::npos) << r.output;
+  expect_same_weights(tmp_ / "full/final.h5", part + "/final.h5");
+  EXPECT_EQ(metrics_lines(tmp_ / "full/metrics.jsonl"), metrics_lines(part + "/metrics.jsonl"));
+}
