@@ -7,7 +7,6 @@
 
 #include "kernels/error.h"
 #include "trainer/config.h"
-#include "trainer/metrics.h"
 
 using namespace lancet;
 
@@ -72,22 +71,4 @@ TEST(Config, YamlFileMerges) {
   EXPECT_EQ(c["model"]["depths"], Json({1, 1, 1, 1}));
   std::remove(path.c_str());
   EXPECT_NE(what_of([&] { load_yaml_file(path); }).find("cannot open config file"), std::string::npos);
-}
-
-TEST(Metrics, ConfusionMatrix) {
-  ConfusionMatrix cm(3);
-  // labels:      0 0 0 0 1 1 2
-  // predictions: 0 0 1 2 1 1 0
-  const int64_t l[] = {0, 0, 0, 0, 1, 1, 2}, p[] = {0, 0, 1, 2, 1, 1, 0};
-  for (int i = 0; i < 7; ++i) cm.add(l[i], p[i]);
-  EXPECT_DOUBLE_EQ(cm.accuracy(), 4.0 / 7);
-  EXPECT_DOUBLE_EQ(cm.recall(0), 0.5);
-  EXPECT_DOUBLE_EQ(cm.recall(1), 1.0);
-  EXPECT_DOUBLE_EQ(cm.recall(2), 0.0);
-  EXPECT_DOUBLE_EQ(cm.balanced_accuracy(), 0.5);
-  EXPECT_EQ(cm.at(0, 2), 1);
-  EXPECT_THROW(cm.add(3, 0), Error);
-  const Json j = cm.to_json({"a", "b", "c"});
-  EXPECT_EQ(j["confusion_matrix"][0], Json({2, 1, 1}));
-  EXPECT_DOUBLE_EQ(j["recall"]["b"].get<double>(), 1.0);
 }
