@@ -3,6 +3,7 @@
 #include "kernels/optim.h"
 
 #include <cmath>
+#include <utility>
 
 #include "kernels/cpu_util.h"
 
@@ -78,6 +79,83 @@ void adam_step(const AdamParams& p, int64_t step, Tensor& param, const Tensor& g
     const float denom = std::sqrt(v[i]) / bc2_sqrt + eps;
     w[i] = w[i] + (-step_size) * (m[i] / denom);
   });
+}
+
+// ---- gradient clipping --------------------------------------------------------------------
+
+namespace {
+
+constexpr int64_t kNormBlock = 1 << 15;  // elements per partial sum; fixed so sums never depend on threads
+
+// The defined tensors of `tensors`, checked (f32, on the stream's CPU device).
+std::vector<const Tensor*> checked_list(const char* op, const std::vector<const Tensor*>& tensors, const Stream& s) {
+  std::vector<const Tensor*> out;
+  for (const Tensor* t : tensors) {
+    LANCET_CHECK(t != nullptr, op << ": null tensor pointer in the list");
+    if (!t->defined()) continue;
+    cpu::require_cpu(op, s, *t);
+    cpu::require_dtype(op, "tensor", *t, DType::f32);
+    out.push_back(t);
+  }
+  return out;
+}
+
+// Calls block_fn(tensor index, begin, end) -> double for every kNormBlock-element block of
+// every tensor (in parallel) and returns the per-block results in list order.
+template <typename F>
+std::vector<double> map_blocks(const std::vector<const Tensor*>& ts, F&& block_fn) {
+  std::vector<std::pair<size_t, int64_t>> blocks;  // (tensor, first element)
+  for (size_t i = 0; i < ts.size(); ++i)
+    for (int64_t b = 0; b < ts[i]->numel(); b += kNormBlock) blocks.emplace_back(i, b);
+  std::vector<double> out(blocks.size());
+  parallel_for(static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const auto [i, b] = blocks[static_cast<size_t>(k)];
+      out[static_cast<size_t>(k)] = block_fn(ts[i]->data<float>(), b, std::min(b + kNormBlock, ts[i]->numel()));
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+double global_l2_norm(const std::vector<const Tensor*>& tensors, const Stream& s) {
+  const auto ts = checked_list("global_l2_norm", tensors, s);
+  const auto partial = map_blocks(ts, [](const float* x, int64_t begin, int64_t end) {
+    double acc = 0;
+    for (int64_t i = begin; i < end; ++i) acc += static_cast<double>(x[i]) * x[i];
+    return acc;
+  });
+  double total = 0;
+  for (double p : partial) total += p;
+  return std::sqrt(total);
+}
+
+bool all_finite(const std::vector<const Tensor*>& tensors, const Stream& s) {
+  const auto ts = checked_list("all_finite", tensors, s);
+  const auto partial = map_blocks(ts, [](const float* x, int64_t begin, int64_t end) {
+    bool ok = true;
+    for (int64_t i = begin; i < end; ++i) ok &= std::isfinite(x[i]);
+    return ok ? 1.0 : 0.0;
+  });
+  for (double p : partial)
+    if (p == 0.0) return false;
+  return true;
+}
+
+float clip_grad_norm(const std::vector<Tensor*>& grads, float max_norm, const Stream& s) {
+  LANCET_CHECK(max_norm > 0, "clip_grad_norm: max_norm must be positive, got " << max_norm);
+  const std::vector<const Tensor*> list(grads.begin(), grads.end());
+  const float total = static_cast<float>(global_l2_norm(list, s));
+  // torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1 (NaN stays NaN), in float32.
+  const float coef = max_norm / (total + 1e-6f);
+  if (coef >= 1.f) return total;
+  for (Tensor* g : grads) {
+    if (!g->defined()) continue;
+    float* x = g->data<float>();
+    for_each_index(g->numel(), [&](int64_t i) { x[i] = x[i] * coef; });
+  }
+  return total;
 }
 
 }  // namespace lancet

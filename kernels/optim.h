@@ -3,6 +3,7 @@
 // All state tensors have the parameter's shape and are f32 (master weights).
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "kernels/tensor.h"
 
@@ -24,5 +25,19 @@ struct AdamParams {
 // torch.optim.Adam / AdamW with bias correction; step is 1 on the first update.
 void adam_step(const AdamParams& p, int64_t step, Tensor& param, const Tensor& grad, Tensor& exp_avg,
                Tensor& exp_avg_sq, const Stream& s);
+
+// Gradient clipping (torch.nn.utils.clip_grad_norm_ with norm_type 2). The lists hold f32 CPU
+// tensors; undefined entries are skipped (a parameter without a gradient). Sums of squares
+// accumulate in double over fixed 32K-element blocks that are added in list order, so the
+// result is the same for any thread count.
+// The L2 norm of all elements of all tensors together, sqrt(sum over tensors of |t|^2).
+double global_l2_norm(const std::vector<const Tensor*>& tensors, const Stream& s);
+// True when no element is NaN or +-inf.
+bool all_finite(const std::vector<const Tensor*>& tensors, const Stream& s);
+// Scales every gradient in place by clip_coef = max_norm / (total_norm + 1e-6) when that is
+// below 1 (float32 arithmetic as torch, so a NaN or inf norm turns the gradients NaN / zero as
+// there) and returns total_norm, the norm before clipping (rounded to float as torch returns
+// it). max_norm must be positive.
+float clip_grad_norm(const std::vector<Tensor*>& grads, float max_norm, const Stream& s);
 
 }  // namespace lancet

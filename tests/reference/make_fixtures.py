@@ -238,6 +238,12 @@ def write_readme(out_dir, infos):
         "float32 stays about 10x inside them: its worst error is ~1e-5 x max|expected| (see the",
         "generator's output), so a correct float32 implementation should pass with margin.",
         "",
+        "## Other fixtures (their own generators)",
+        "- `metrics_cases.json`: scikit-learn's values for every clinical metric on fixed predictions,",
+        "  from `tests/reference/make_metric_fixtures.py` (checked by tests/test_metrics.cpp).",
+        "- `schedules.json`: torch.optim.lr_scheduler learning-rate sequences and clip_grad_norm_",
+        "  results, from `tests/reference/make_schedule_fixtures.py` (checked by tests/test_schedule.cpp).",
+        "",
         "## Configurations",
     ]
     for i in infos:
