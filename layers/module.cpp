@@ -1,5 +1,7 @@
 #include "layers/module.h"
 
+#include "kernels/trace.h"
+
 namespace lancet {
 
 namespace {
@@ -9,6 +11,7 @@ std::string qualify(const std::string& prefix, const std::string& name) {
 }  // namespace
 
 Tensor Module::forward(const Tensor& x, SavedPtr* saved, const Stream& s) {
+  TraceScope trace(type_name(), "forward");
   LANCET_CHECK(x.defined(), type_name() << ": forward of an undefined tensor");
   LANCET_CHECK(x.device() == device_, type_name() << ": input on " << x.device().str() << " but the module is on "
                                                   << device_.str());
@@ -22,6 +25,7 @@ Tensor Module::forward(const Tensor& x, SavedPtr* saved, const Stream& s) {
 }
 
 Tensor Module::backward(const Tensor& dy, Saved& saved, bool need_input_grad, const Stream& s) {
+  TraceScope trace(type_name(), "backward");
   LANCET_CHECK(dy.defined(), type_name() << ": backward of an undefined gradient");
   LANCET_CHECK(dy.device() == device_, type_name() << ": gradient on " << dy.device().str()
                                                    << " but the module is on " << device_.str());

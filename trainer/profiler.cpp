@@ -1,0 +1,118 @@
+#include "trainer/profiler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <iomanip>
+#include <sstream>
+
+#include "kernels/error.h"
+
+namespace lancet {
+
+const char* phase_name(Phase p) {
+  switch (p) {
+    case Phase::data_wait: return "data_wait";
+    case Phase::h2d: return "h2d";
+    case Phase::forward: return "forward";
+    case Phase::backward: return "backward";
+    case Phase::grad_sync: return "grad_sync";
+    case Phase::optimizer: return "optimizer";
+  }
+  return "?";
+}
+
+PhaseStats compute_stats(std::vector<double> samples) {
+  PhaseStats st;
+  if (samples.empty()) return st;
+  std::sort(samples.begin(), samples.end());
+  for (const double s : samples) st.total_s += s;
+  st.mean_s = st.total_s / static_cast<double>(samples.size());
+  auto quantile = [&](double q) {
+    const double pos = q * static_cast<double>(samples.size() - 1);
+    const std::size_t lo = static_cast<std::size_t>(std::floor(pos));
+    const std::size_t hi = std::min(lo + 1, samples.size() - 1);
+    return samples[lo] + (pos - static_cast<double>(lo)) * (samples[hi] - samples[lo]);
+  };
+  st.p50_s = quantile(0.50);
+  st.p95_s = quantile(0.95);
+  return st;
+}
+
+void StepProfiler::begin_step() {
+  current_.fill(0.0);
+  in_step_ = true;
+  step_start_ = Clock::now();
+  step_start_us_ = trace_enabled() ? trace_now_us() : -1;
+}
+
+void StepProfiler::end_step() {
+  LANCET_CHECK(in_step_, "StepProfiler: end_step() without begin_step()");
+  end_step(std::chrono::duration<double>(Clock::now() - step_start_).count());
+}
+
+void StepProfiler::end_step(double step_seconds) {
+  if (step_start_us_ >= 0) record_trace_event("step", "step", step_start_us_, trace_now_us() - step_start_us_);
+  for (int i = 0; i < kNumPhases; ++i) phase_s_[i].push_back(current_[i]);
+  step_s_.push_back(step_seconds);
+  current_.fill(0.0);
+  in_step_ = false;
+  step_start_us_ = -1;
+}
+
+PhaseStats StepProfiler::other_stats() const {
+  std::vector<double> other(step_s_.size());
+  for (std::size_t k = 0; k < step_s_.size(); ++k) {
+    double covered = 0;
+    for (int i = 0; i < kNumPhases; ++i) covered += phase_s_[i][k];
+    other[k] = std::max(0.0, step_s_[k] - covered);
+  }
+  return compute_stats(std::move(other));
+}
+
+namespace {
+
+Json stats_json(const PhaseStats& st, double step_total_s, bool with_share) {
+  Json j = {{"mean_ms", st.mean_s * 1e3}, {"p50_ms", st.p50_s * 1e3}, {"p95_ms", st.p95_s * 1e3},
+            {"total_s", st.total_s}};
+  if (with_share) j["share"] = step_total_s > 0 ? st.total_s / step_total_s : 0.0;
+  return j;
+}
+
+void table_row(std::ostringstream& os, const char* name, const PhaseStats& st, double step_total_s, bool share) {
+  os << std::left << std::setw(10) << name << std::right << std::fixed << std::setprecision(3) << std::setw(11)
+     << st.mean_s * 1e3 << std::setw(11) << st.p50_s * 1e3 << std::setw(11) << st.p95_s * 1e3;
+  if (share) os << std::setprecision(1) << std::setw(8) << (step_total_s > 0 ? 100 * st.total_s / step_total_s : 0.0) << "%";
+  os << "\n";
+}
+
+}  // namespace
+
+std::string StepProfiler::table() const {
+  const PhaseStats step = step_stats();
+  std::ostringstream os;
+  os << std::left << std::setw(10) << "phase" << std::right << std::setw(11) << "mean ms" << std::setw(11) << "p50 ms"
+     << std::setw(11) << "p95 ms" << std::setw(9) << "share" << "\n";
+  for (int i = 0; i < kNumPhases; ++i) table_row(os, phase_name(static_cast<Phase>(i)), stats(static_cast<Phase>(i)), step.total_s, true);
+  table_row(os, "other", other_stats(), step.total_s, true);
+  table_row(os, "step", step, step.total_s, false);
+  return os.str();
+}
+
+Json StepProfiler::to_json() const {
+  const PhaseStats step = step_stats();
+  Json phases = Json::object();
+  for (int i = 0; i < kNumPhases; ++i)
+    phases[phase_name(static_cast<Phase>(i))] = stats_json(stats(static_cast<Phase>(i)), step.total_s, true);
+  phases["other"] = stats_json(other_stats(), step.total_s, true);
+  return {{"steps", steps()}, {"step", stats_json(step, step.total_s, false)}, {"phases", phases}};
+}
+
+void StepProfiler::reset() {
+  current_.fill(0.0);
+  for (auto& v : phase_s_) v.clear();
+  step_s_.clear();
+  in_step_ = false;
+  step_start_us_ = -1;
+}
+
+}  // namespace lancet

@@ -1,0 +1,95 @@
+// profiler.h — where a training step's time goes, phase by phase.
+//
+// A StepProfiler collects, for every step of an epoch, the time spent in each phase
+// (data_wait, h2d, forward, backward, grad_sync, optimizer) and in the whole step, and
+// reports per-epoch statistics (mean, p50, p95, total) as a text table and as JSON.
+// A phase entered several times in one step (gradient accumulation) is summed for that
+// step; a phase never entered counts 0. "other" is the step time not covered by a phase.
+// Each phase scope also emits a TraceScope (category "phase"), and each step a "step"
+// event, when kernels/trace is on. Used by one thread (the training loop); not thread-safe.
+//
+//   StepProfiler prof;                          // per epoch: prof.reset() first
+//   prof.begin_step();
+//   { auto p = prof.phase(Phase::data_wait); batch = loader.next(); }
+//   { auto p = prof.phase(Phase::forward); ... }
+//   prof.end_step();
+//   log << prof.table();  metrics["phases"] = prof.to_json();
+#pragma once
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/trace.h"
+#include "trainer/config.h"
+
+namespace lancet {
+
+enum class Phase { data_wait, h2d, forward, backward, grad_sync, optimizer };
+constexpr int kNumPhases = 6;
+const char* phase_name(Phase p);
+
+struct PhaseStats {
+  double mean_s = 0, p50_s = 0, p95_s = 0, total_s = 0;
+};
+// Statistics of `samples` (seconds); percentiles interpolate linearly between order statistics
+// (numpy's default). All zero for no samples.
+PhaseStats compute_stats(std::vector<double> samples);
+
+class StepProfiler {
+ public:
+  using Clock = std::chrono::steady_clock;
+
+  class Scope {
+   public:
+    ~Scope() { prof_.add(phase_, std::chrono::duration<double>(Clock::now() - start_).count()); }
+    Scope(const Scope&) = delete;
+    Scope& operator=(const Scope&) = delete;
+
+   private:
+    friend class StepProfiler;
+    Scope(StepProfiler& prof, Phase phase)
+        : prof_(prof), phase_(phase), trace_(phase_name(phase), "phase"), start_(Clock::now()) {}
+    StepProfiler& prof_;
+    Phase phase_;
+    TraceScope trace_;
+    Clock::time_point start_;
+  };
+
+  // Times `phase` until the returned scope ends: `auto p = prof.phase(Phase::forward);`.
+  Scope phase(Phase p) { return Scope(*this, p); }
+  // Adds measured or injected time to a phase of the current step.
+  void add(Phase p, double seconds) { current_[static_cast<int>(p)] += seconds; }
+
+  void begin_step();
+  // Closes the step: its time is the wall time since begin_step(), or `step_seconds` when
+  // given (tests, or a caller with its own clock).
+  void end_step();
+  void end_step(double step_seconds);
+
+  int64_t steps() const { return static_cast<int64_t>(step_s_.size()); }
+  PhaseStats stats(Phase p) const { return compute_stats(phase_s_[static_cast<int>(p)]); }
+  PhaseStats step_stats() const { return compute_stats(step_s_); }
+  PhaseStats other_stats() const;
+
+  // Milliseconds per step; share = the phase's total over the steps' total.
+  //   phase        mean ms    p50 ms    p95 ms   share
+  //   data_wait      1.234     1.200     2.000    3.1%
+  std::string table() const;
+  // {"steps":N,"step":{"mean_ms":..,"p50_ms":..,"p95_ms":..,"total_s":..},
+  //  "phases":{"data_wait":{...,"share":..},...,"other":{...}}}
+  Json to_json() const;
+  // Drops every recorded step (call at the start of each epoch).
+  void reset();
+
+ private:
+  std::array<double, kNumPhases> current_{};
+  std::array<std::vector<double>, kNumPhases> phase_s_;
+  std::vector<double> step_s_;
+  Clock::time_point step_start_{};
+  double step_start_us_ = -1;
+  bool in_step_ = false;
+};
+
+}  // namespace lancet
