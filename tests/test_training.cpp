@@ -13,6 +13,8 @@
 #include "cli_util.h"
 #include "comm/communicator.h"
 #include "data/image_folder.h"
+#include "data/h5file.h"
+#include "trainer/schedule.h"
 #include "trainer/trainer.h"
 #include "trainer/weights.h"
 
@@ -97,4 +99,77 @@ TEST(Training, CliDefaultsAndErrors) {
   EXPECT_EQ(r.status, 0);
   for (const char* part : {"lancet ", "CUDA", "cuDNN", "NCCL", "MPI", "OpenCV", "HDF5", "BLAS", "devices:"})
     EXPECT_NE(r.output.find(part), std::string::npos) << part << " missing from: " << r.output;
+}
+
+// The glaucoma study's controls and everything a run writes to show where time goes: a cosine
+// schedule with warm-up, clipping, early stopping with the best model exported, per-step and
+// per-epoch logs, TensorBoard events and a Chrome trace of phases and layers.
+TEST(Training, ScheduleClippingEarlyStoppingLogsAndTrace) {
+  TempDir tmp("features");
+  setenv("LANCET_CACHE", (tmp / "cache").c_str(), 1);
+  const std::string out = tmp / "run";
+  Json c = small_job(out);
+  for (const std::string s : {"train.epochs=4", "schedule.name=cosine", "schedule.warmup_steps=3",
+                              "train.clip_grad_norm=1.0", "early_stopping.patience=1", "early_stopping.min_delta=100"})
+    apply_override(c, s);
+  apply_override(c, "train.profile=" + out + "/trace.json");
+  auto comm = make_single_process_communicator();
+  std::ostringstream log;
+  const TrainSummary s = run_training(c, *comm, log);
+  SCOPED_TRACE(log.str());
+  // Epoch 1 sets the best val_loss; epoch 2 cannot beat it by 100: patience 1 stops there.
+  EXPECT_TRUE(s.stopped_early);
+  EXPECT_EQ(s.steps, 2 * 7);
+  EXPECT_NE(log.str().find("early stopping: val_loss has not improved for 1 epochs (best"), std::string::npos);
+  EXPECT_NE(log.str().find("data_wait"), std::string::npos) << "no step-phase table";
+
+  // steps.jsonl: one line per step with the scheduled lr and the gradient norm before clipping.
+  const LrSchedule schedule(c["schedule"], 0.001, 4 * 7);
+  std::ifstream steps(out + "/steps.jsonl");
+  int64_t n = 0;
+  for (std::string line; std::getline(steps, line);) {
+    const Json j = Json::parse(line);
+    EXPECT_EQ(j["step"].get<int64_t>(), n + 1);
+    EXPECT_FLOAT_EQ(j["lr"].get<float>(), schedule.lr_for_step(n)) << "step " << n + 1;
+    EXPECT_GT(j["grad_norm"].get<double>(), 0.0);
+    ++n;
+  }
+  EXPECT_EQ(n, 14);
+
+  // epochs.csv: a header and one row per epoch; metrics.jsonl carries the clinical report and phases.
+  std::ifstream csv(out + "/epochs.csv");
+  std::string header, row;
+  std::getline(csv, header);
+  EXPECT_EQ(header.rfind("epoch,step,lr,train_loss", 0), 0u) << header;
+  int rows = 0;
+  while (std::getline(csv, row)) ++rows;
+  EXPECT_EQ(rows, 2);
+  std::ifstream metrics(out + "/metrics.jsonl");
+  std::string first;
+  std::getline(metrics, first);
+  const Json m = Json::parse(first);
+  EXPECT_TRUE(m["val"].contains("auroc"));
+  EXPECT_TRUE(m["val"].contains("per_class"));
+  EXPECT_TRUE(m["phases"]["phases"].contains("forward"));
+
+  // best.h5 is the epoch-1 model as a full checkpoint; TensorBoard events exist.
+  H5File best = H5File::open_read(out + "/best.h5");
+  EXPECT_EQ(Json::parse(*best.get_attr("/train", "state"))["global_step"].get<int64_t>(), 7);
+  auto best_model = load_model(out + "/best.h5");
+  int events = 0;
+  for (const auto& e : std::filesystem::directory_iterator(out + "/tensorboard"))
+    events += e.path().filename().string().rfind("events.out.tfevents.", 0) == 0;
+  EXPECT_EQ(events, 1);
+
+  // The Chrome trace holds step phases and layer events.
+  std::ifstream tf(out + "/trace.json");
+  const Json trace = Json::parse(tf);
+  bool phase_forward = false, conv_backward = false;
+  for (const Json& e : trace["traceEvents"]) {
+    EXPECT_EQ(e["ph"], "X");
+    phase_forward |= e["cat"] == "phase" && e["name"] == "forward";
+    conv_backward |= e["cat"] == "backward" && e["name"] == "Conv2d";
+  }
+  EXPECT_TRUE(phase_forward);
+  EXPECT_TRUE(conv_backward);
 }

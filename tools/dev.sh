@@ -16,7 +16,8 @@ JOBS=${JOBS:-$(nproc)}
 
 PACKAGES=(build-essential cmake ninja-build pkg-config git
           libopenblas-dev libopencv-core-dev libopencv-imgproc-dev libopencv-imgcodecs-dev
-          libhdf5-dev libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libgtest-dev)
+          libhdf5-dev libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libgtest-dev
+          python3 python3-pip)
 
 deps() {
   [[ "${SKIP_DEPS:-0}" == 1 ]] && return
@@ -31,9 +32,21 @@ deps() {
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
-  # Optional: h5py lets the interchange tests check files against an independent HDF5 reader.
-  python3 -c "import h5py" 2>/dev/null || python3 -m pip install -q h5py numpy 2>/dev/null || \
-    echo "dev.sh: h5py not available; the h5py interop tests will be skipped"
+}
+
+test_deps() {
+  [[ "${SKIP_DEPS:-0}" == 1 ]] && return
+  # Test-only Python tools: h5py (the interchange tests check files with an independent HDF5
+  # reader) and tensorboard (the event files are read back with TensorBoard's own reader).
+  # Tests that need them skip with a message when they are missing.
+  local py=()
+  python3 -c "import h5py" 2>/dev/null || py+=(h5py numpy)
+  python3 -c "import tensorboard" 2>/dev/null || py+=(tensorboard)
+  if ((${#py[@]})); then
+    python3 -m pip install -q "${py[@]}" 2>/dev/null ||
+      python3 -m pip install -q --break-system-packages "${py[@]}" 2>/dev/null ||
+      echo "dev.sh: could not pip install ${py[*]}; the tests that use them will be skipped"
+  fi
 }
 
 configure_build() {  # dir, extra cmake args...
@@ -53,6 +66,7 @@ case "${1:-}" in
     ;;
   test)
     deps
+    test_deps
     configure_build "$BUILD_DIR"
     (cd "$BUILD_DIR" && ctest --output-on-failure -j "$JOBS")
     if [[ "${SKIP_SANITIZE:-0}" != 1 ]]; then

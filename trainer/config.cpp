@@ -2,15 +2,17 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 
 #include "kernels/error.h"
+#include "trainer/schedule.h"
 
 namespace lancet {
 
 Json default_config() {
-  return Json::parse(R"({
+  Json c = Json::parse(R"({
     "model": {"name": "medicalcnn"},
     "data": {
       "dir": "", "train_split": "train", "val_split": "val",
@@ -20,7 +22,8 @@ Json default_config() {
     "train": {
       "epochs": 10, "max_steps": 0, "batch_size": 32, "drop_last": false, "seed": 0,
       "device": "cpu", "threads": 0, "precision": "fp32", "out": "", "log_every": 10,
-      "checkpoint_every": 0, "keep_checkpoints": 3, "resume": ""
+      "checkpoint_every": 0, "keep_checkpoints": 3, "resume": "", "clip_grad_norm": 0.0,
+      "profile": "", "tensorboard": true
     },
     "optim": {
       "name": "adam", "lr": 0.001, "weight_decay": 0.0, "momentum": 0.9,
@@ -28,6 +31,10 @@ Json default_config() {
     },
     "loss": {"label_smoothing": 0.0, "class_weights": []}
   })");
+  // The schedule and early-stopping sections document their own defaults.
+  c["schedule"] = default_schedule_config();
+  c["early_stopping"] = default_early_stopping_config();
+  return c;
 }
 
 Json default_job_config() {
@@ -45,6 +52,33 @@ std::string keys_of(const Json& obj) {
   std::string s;
   for (auto it = obj.begin(); it != obj.end(); ++it) s += (s.empty() ? "" : ", ") + it.key();
   return s;
+}
+
+// Edit distance (insertions, deletions, substitutions) for did-you-mean hints.
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diag = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diag = up;
+    }
+  }
+  return row[b.size()];
+}
+
+// "; did you mean 'x'?" for the closest key of obj when it is close enough, else "".
+std::string did_you_mean(const Json& obj, const std::string& key, const std::string& where) {
+  std::string best;
+  size_t best_d = std::max<size_t>(2, key.size() / 3) + 1;
+  for (auto it = obj.begin(); it != obj.end(); ++it) {
+    const size_t d = edit_distance(key, it.key());
+    if (d < best_d) best_d = d, best = it.key();
+  }
+  return best.empty() ? "" : "; did you mean '" + (where.empty() ? best : where + "." + best) + "'?";
 }
 
 bool compatible(const Json& want, const Json& got) {
@@ -106,9 +140,9 @@ void merge_config(Json& base, const Json& overlay, const std::string& where) {
       base[it.key()] = it.value();
       continue;
     }
-    LANCET_CHECK(base.contains(it.key()), "unknown setting '" << key << "'; valid keys"
-                                                              << (where.empty() ? "" : " in " + where) << ": "
-                                                              << keys_of(base));
+    LANCET_CHECK(base.contains(it.key()), "unknown setting '" << key << "'" << did_you_mean(base, it.key(), where)
+                                                              << "; valid keys" << (where.empty() ? "" : " in " + where)
+                                                              << ": " << keys_of(base));
     Json& slot = base[it.key()];
     LANCET_CHECK(compatible(slot, it.value()),
                  "setting '" << key << "' must be " << type_word(slot) << ", got " << it.value().dump());
@@ -204,6 +238,10 @@ TrainConfig train_config(const Json& c) {
   t.checkpoint_every = get<int64_t>(c, "train", "checkpoint_every");
   t.keep_checkpoints = get<int>(c, "train", "keep_checkpoints");
   t.resume = get<std::string>(c, "train", "resume");
+  t.clip_grad_norm = get<float>(c, "train", "clip_grad_norm");
+  t.profile = get<std::string>(c, "train", "profile");
+  t.tensorboard = get<bool>(c, "train", "tensorboard");
+  LANCET_CHECK(t.clip_grad_norm >= 0, "train.clip_grad_norm must be >= 0 (0 = off), got " << t.clip_grad_norm);
   LANCET_CHECK(t.epochs >= 1, "train.epochs must be at least 1, got " << t.epochs);
   LANCET_CHECK(t.max_steps >= 0, "train.max_steps must be >= 0 (0 = no limit), got " << t.max_steps);
   LANCET_CHECK(t.batch_size >= 1, "train.batch_size must be at least 1, got " << t.batch_size);

@@ -60,6 +60,9 @@ struct TrainConfig {
   int64_t checkpoint_every;
   int keep_checkpoints;
   std::string resume;  // "" = fresh run, "auto" = newest valid checkpoint in OUT, or a path
+  float clip_grad_norm;  // 0 = off
+  std::string profile;   // Chrome trace path; "" = off
+  bool tensorboard;      // event files in OUT/tensorboard
 };
 struct OptimConfig {
   std::string name;  // sgd, adam, adamw

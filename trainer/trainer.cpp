@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <iomanip>
 #include <numeric>
@@ -18,7 +19,13 @@
 #include "data/synth.h"
 #include "kernels/loss.h"
 #include "kernels/parallel.h"
+#include "kernels/optim.h"
+#include "kernels/trace.h"
 #include "trainer/checkpoint.h"
+#include "trainer/profiler.h"
+#include "trainer/run_log.h"
+#include "trainer/schedule.h"
+#include "trainer/tensorboard.h"
 #include "trainer/weights.h"
 
 namespace lancet {
@@ -51,19 +58,41 @@ int64_t count_correct(const Tensor& logits, const Tensor& y) {
 }  // namespace
 
 StepStats train_step(Module& model, Optimizer& opt, Communicator& comm, const Tensor& x, const Tensor& y,
-                     const Loss& loss, const Stream& s) {
+                     const Loss& loss, const Stream& s, const StepOptions& options, StepProfiler* prof) {
+  StepProfiler unused;  // phases are timed either way; without a caller's profiler nobody reads them
+  StepProfiler& timer = prof ? *prof : unused;
   SavedPtr saved;
-  Tensor logits = model.forward(x, &saved, s);
-  Tensor dlogits = Tensor::empty(logits.shape(), DType::f32, logits.device());
-  Tensor no_probs;
-  const float l = softmax_cross_entropy(logits, y, loss.class_weights, loss.label_smoothing, dlogits, no_probs, s);
-  model.backward(dlogits, *saved, /*need_input_grad=*/false, s);
-  saved.reset();  // release activations before the optimizer allocates anything
-  if (comm.size() > 1)
+  Tensor logits, dlogits;
+  float l;
+  {
+    auto scope = timer.phase(Phase::forward);
+    logits = model.forward(x, &saved, s);
+    dlogits = Tensor::empty(logits.shape(), DType::f32, logits.device());
+    Tensor no_probs;
+    l = softmax_cross_entropy(logits, y, loss.class_weights, loss.label_smoothing, dlogits, no_probs, s);
+  }
+  {
+    auto scope = timer.phase(Phase::backward);
+    model.backward(dlogits, *saved, /*need_input_grad=*/false, s);
+    saved.reset();  // release activations before the optimizer allocates anything
+  }
+  if (comm.size() > 1) {
+    auto scope = timer.phase(Phase::grad_sync);
     for (auto& [name, p] : model.named_parameters()) comm.all_reduce(p->grad, ReduceOp::mean, s);
-  opt.step(s);
-  model.zero_grad();
+  }
   StepStats st;
+  {
+    auto scope = timer.phase(Phase::optimizer);
+    std::vector<Tensor*> grads;
+    for (auto& [name, p] : model.named_parameters()) grads.push_back(&p->grad);
+    if (options.clip_grad_norm > 0) {
+      st.grad_norm = clip_grad_norm(grads, options.clip_grad_norm, s);
+    } else if (options.compute_grad_norm) {
+      st.grad_norm = global_l2_norm(std::vector<const Tensor*>(grads.begin(), grads.end()), s);
+    }
+    opt.step(s);
+    model.zero_grad();
+  }
   st.loss = l;
   st.count = x.dim(0);
   st.correct = count_correct(logits, y);
@@ -158,56 +187,14 @@ DataSplits load_data(const DataConfig& cfg, std::ostream& log) {
 
 namespace {
 
-std::string format_duration(double s) {
-  if (!std::isfinite(s) || s < 0) return "?";
-  const int t = static_cast<int>(s + 0.5);
-  std::ostringstream os;
-  if (t >= 3600) os << t / 3600 << "h";
-  os << std::setfill('0');
-  if (t >= 60) os << (t >= 3600 ? std::setw(2) : std::setw(1)) << (t / 60) % 60 << "m";
-  os << std::setw(t >= 60 ? 2 : 1) << t % 60 << "s";
-  return os.str();
-}
-
-// Progress display: rewrites one line on a terminal, prints plain lines every
-// `log_every` steps otherwise (logs, CI, Slurm output files).
-class Progress {
- public:
-  Progress(std::ostream& os, int log_every) : os_(os), every_(log_every), tty_(isatty(STDERR_FILENO) && &os == &std::cerr) {}
-  void update(int epoch, int epochs, int64_t step_in_epoch, int64_t steps_in_epoch, double loss, double acc,
-              double img_s, double eta_s) {
-    const bool last = step_in_epoch == steps_in_epoch;
-    if (!tty_ && step_in_epoch % every_ != 0 && !last) return;
-    std::ostringstream line;
-    line << "epoch " << epoch << "/" << epochs << " step " << step_in_epoch << "/" << steps_in_epoch << std::fixed
-         << std::setprecision(4) << "  loss " << loss << std::setprecision(3) << "  acc " << acc
-         << std::setprecision(1) << "  " << img_s << " img/s  ETA " << format_duration(eta_s);
-    if (tty_)
-      os_ << "\r" << line.str() << "\033[K" << (last ? "\n" : "") << std::flush;
-    else
-      os_ << line.str() << "\n" << std::flush;
-  }
-
- private:
-  std::ostream& os_;
-  int every_;
-  bool tty_;
-};
-
-// Rewrites a metrics.jsonl file keeping only the lines of epochs before `epoch` (atomically:
-// temporary file and rename), so a resumed run does not repeat the epochs it redoes.
-void keep_epochs_before(const std::string& path, int epoch) {
+// Replaces `path` (atomically: temporary file and rename) by the lines `keep` accepts, so a
+// resumed run does not repeat what it redoes. A torn last line from a crash is dropped.
+void keep_lines(const std::string& path, const std::function<bool(const std::string&)>& keep) {
   if (!fs::exists(path)) return;
   std::ifstream in(path);
   std::ostringstream kept;
-  for (std::string line; std::getline(in, line);) {
-    if (line.empty()) continue;
-    try {
-      if (Json::parse(line).at("epoch").get<int>() < epoch) kept << line << "\n";
-    } catch (const Json::exception&) {
-      // a torn last line from a crash: dropped
-    }
-  }
+  for (std::string line; std::getline(in, line);)
+    if (!line.empty() && keep(line)) kept << line << "\n";
   const std::string tmp = path + ".tmp";
   {
     std::ofstream out(tmp, std::ios::trunc);
@@ -217,12 +204,25 @@ void keep_epochs_before(const std::string& path, int epoch) {
   fs::rename(tmp, path);
 }
 
-void append_jsonl(const std::string& path, const Json& j) {
-  std::ofstream f(path, std::ios::app);
-  LANCET_CHECK(f.good(), "cannot write " << path);
-  f << j.dump() << "\n";
-  f.flush();
-  LANCET_CHECK(f.good(), "error writing " << path);
+// JSON-lines records whose `key` is below `limit`.
+std::function<bool(const std::string&)> json_below(const char* key, int64_t limit) {
+  return [key, limit](const std::string& line) {
+    try {
+      return Json::parse(line).at(key).get<int64_t>() < limit;
+    } catch (const Json::exception&) {
+      return false;
+    }
+  };
+}
+
+// The metric `name` (see monitorable_metrics()) of an epoch.
+double epoch_metric(const std::string& name, double train_loss, double train_acc, const EvalResult& ev) {
+  if (name == "val_loss") return ev.loss;
+  if (name == "val_accuracy") return ev.cm.accuracy();
+  if (name == "val_balanced_accuracy") return ev.cm.balanced_accuracy();
+  if (name == "train_loss") return train_loss;
+  if (name == "train_accuracy") return train_acc;
+  LANCET_FAIL("unknown metric '" << name << "' to monitor");
 }
 
 }  // namespace
@@ -279,47 +279,97 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     log << "resumed from " << resume_from << " at epoch " << state.epoch << ", step " << state.global_step << "\n";
   }
 
-  std::string metrics_path;
-  if (!tc.out.empty() && comm.is_root()) {
+  // Schedule and early stopping span the configured epochs (max_steps only cuts a run short).
+  LrSchedule schedule(config.at("schedule"), oc.lr, steps_per_epoch * tc.epochs);
+  EarlyStopping stopper(config.at("early_stopping"));
+  if (!resume_from.empty()) {
+    if (!state.schedule.empty()) schedule.load_state(state.schedule);
+    if (!state.early_stopping.empty()) stopper.load_state(state.early_stopping);
+  }
+
+  // Run folder: logs append on resume after dropping what the resumed run will redo.
+  const bool writes = !tc.out.empty() && comm.is_root();
+  std::unique_ptr<RunLog> logs;
+  std::unique_ptr<TensorBoardWriter> tb;
+  if (writes) {
     fs::create_directories(tc.out);
-    metrics_path = tc.out + "/metrics.jsonl";
     std::ofstream(tc.out + "/config.json") << config.dump(2) << "\n";
-    // A fresh run starts a fresh metrics file; a resumed one keeps the epochs it had finished.
-    keep_epochs_before(metrics_path, resume_from.empty() ? 1 : state.epoch);
+    const bool resuming = !resume_from.empty();
+    if (resuming) {
+      keep_lines(tc.out + "/metrics.jsonl", json_below("epoch", state.epoch));
+      keep_lines(tc.out + "/steps.jsonl", json_below("step", state.global_step + 1));
+      bool header = true;
+      keep_lines(tc.out + "/epochs.csv", [&](const std::string& line) {
+        if (header) return !(header = false);
+        try {
+          return std::stoi(line) < state.epoch;  // the first column is the epoch
+        } catch (const std::exception&) {
+          return false;
+        }
+      });
+    }
+    logs = std::make_unique<RunLog>(tc.out, resuming);
+    if (tc.tensorboard) tb = std::make_unique<TensorBoardWriter>(tc.out + "/tensorboard");
+  }
+  if (!tc.profile.empty()) {
+    clear_trace();
+    set_trace_enabled(true);
   }
   log << "data: " << data.source << ": " << n << " train / " << data.val->size() << " val images, " << num_classes
       << " classes, " << shape_str(data.train->sample_shape()) << "\n";
   log << "model: medicalcnn " << model_cfg.dump() << ", " << model->num_parameters() << " parameters\n";
-  log << "training: " << total_steps << " steps, batch " << bs << ", " << oc.name << " lr " << oc.lr << ", "
-      << num_threads() << " thread(s) on " << device.str() << "\n";
+  log << "training: " << total_steps << " steps, batch " << bs << ", " << oc.name << " lr " << oc.lr << " ("
+      << schedule.name() << " schedule), " << num_threads() << " thread(s) on " << device.str() << "\n";
 
-  auto write_checkpoint = [&](TrainState snapshot) {
-    if (tc.out.empty() || !comm.is_root()) return;
+  auto write_checkpoint = [&](TrainState snapshot, const std::string& path) {
+    if (!writes) return;
     for (const Dropout* d : model->dropouts()) snapshot.dropout_counters.push_back(d->counter());
-    fs::create_directories(checkpoint_dir(tc.out));
-    save_checkpoint(checkpoint_path(tc.out, snapshot.global_step), *model, model_cfg, *opt, oc.name, snapshot, config);
-    prune_checkpoints(tc.out, tc.keep_checkpoints);
+    snapshot.schedule = schedule.state();
+    snapshot.early_stopping = stopper.state();
+    fs::create_directories(fs::path(path).parent_path());
+    save_checkpoint(path, *model, model_cfg, *opt, oc.name, snapshot, config);
+    if (path != tc.out + "/best.h5") prune_checkpoints(tc.out, tc.keep_checkpoints);
+  };
+  auto step_checkpoint = [&](const TrainState& snapshot) {
+    if (writes) write_checkpoint(snapshot, checkpoint_path(tc.out, snapshot.global_step));
   };
 
   TrainSummary summary;
-  Progress progress(log, tc.log_every);
+  ProgressDisplay progress(log, tc.log_every);
+  StepProfiler prof;
+  StepOptions step_options;
+  step_options.clip_grad_norm = tc.clip_grad_norm;
+  step_options.compute_grad_norm = writes;  // logged per step
   const Shape ss = data.train->sample_shape();
   const auto t_start = Clock::now();
   const int64_t images_at_start = state.images, step_at_start = state.global_step;
-  for (; state.epoch <= tc.epochs && state.global_step < total_steps; ++state.epoch) {
+  bool stop_early = false;
+  for (; state.epoch <= tc.epochs && state.global_step < total_steps && !stop_early; ++state.epoch) {
     const auto order = epoch_permutation(n, tc.seed, state.epoch);
     const auto t_epoch = Clock::now();
     const int64_t epoch_end = std::min(steps_per_epoch, state.step_in_epoch + (total_steps - state.global_step));
     int64_t images_this_session = 0;
-    for (; state.step_in_epoch < epoch_end;) {
+    prof.reset();
+    while (state.step_in_epoch < epoch_end) {
+      prof.begin_step();
       const int64_t start = state.step_in_epoch * bs;
       const int64_t b = std::min(bs, n - start);
-      std::vector<int64_t> idx(order.begin() + start, order.begin() + start + b);
       Tensor x = Tensor::empty({b, ss[0], ss[1], ss[2]});
       Tensor y = Tensor::empty({b}, DType::i64);
-      make_batch(*data.train, idx, x, y);
-      const StepStats st = train_step(*model, *opt, comm, device.is_cpu() ? x : x.to(device),
-                                      device.is_cpu() ? y : y.to(device), loss, stream);
+      {
+        auto scope = prof.phase(Phase::data_wait);
+        const std::vector<int64_t> idx(order.begin() + start, order.begin() + start + b);
+        make_batch(*data.train, idx, x, y);
+      }
+      if (!device.is_cpu()) {
+        auto scope = prof.phase(Phase::h2d);
+        x = x.to(device);
+        y = y.to(device);
+      }
+      const float lr = schedule.lr_for_step(state.global_step);
+      opt->set_lr(lr);
+      const StepStats st = train_step(*model, *opt, comm, x, y, loss, stream, step_options, &prof);
+      prof.end_step();
       LANCET_CHECK(std::isfinite(st.loss), "training diverged: the loss is " << st.loss << " at step "
                                                                              << state.global_step + 1 << " (try a lower optim.lr)");
       state.epoch_loss_sum += st.loss * st.count;
@@ -332,36 +382,77 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
       const double elapsed = std::chrono::duration<double>(Clock::now() - t_start).count();
       const double img_s = (state.images - images_at_start) / std::max(elapsed, 1e-9);
       const double eta = (total_steps - state.global_step) * (elapsed / (state.global_step - step_at_start));
-      progress.update(state.epoch, tc.epochs, state.step_in_epoch, steps_per_epoch,
-                      state.epoch_loss_sum / state.epoch_seen,
-                      static_cast<double>(state.epoch_correct) / state.epoch_seen, img_s, eta);
+      progress.update({state.epoch, tc.epochs, state.step_in_epoch, steps_per_epoch,
+                       state.epoch_loss_sum / state.epoch_seen,
+                       static_cast<double>(state.epoch_correct) / state.epoch_seen, lr, img_s, eta});
+      if (logs) {
+        Json j = {{"step", state.global_step}, {"epoch", state.epoch}, {"loss", st.loss}, {"lr", lr},
+                  {"batch_accuracy", static_cast<double>(st.correct) / st.count}, {"images_per_s", img_s}};
+        if (std::isfinite(st.grad_norm)) j["grad_norm"] = st.grad_norm;
+        logs->steps.write(j);
+      }
+      if (tb) {
+        tb->add_scalar("train/loss", st.loss, state.global_step);
+        tb->add_scalar("train/lr", lr, state.global_step);
+        if (std::isfinite(st.grad_norm)) tb->add_scalar("train/grad_norm", st.grad_norm, state.global_step);
+      }
       if (tc.checkpoint_every > 0 && state.global_step % tc.checkpoint_every == 0 && state.step_in_epoch < steps_per_epoch) {
         TrainState snapshot = state;
         snapshot.train_seconds += std::chrono::duration<double>(Clock::now() - t_epoch).count();
-        write_checkpoint(snapshot);
+        step_checkpoint(snapshot);
       }
     }
+    progress.end_line();
     const double epoch_s = std::chrono::duration<double>(Clock::now() - t_epoch).count();
     state.train_seconds += epoch_s;
     if (state.step_in_epoch < steps_per_epoch) break;  // stopped by max_steps inside the epoch
     EvalResult ev = evaluate(*model, *data.val, std::max<int>(tc.batch_size, 64), loss, stream);
     const double train_loss = state.epoch_loss_sum / state.epoch_seen;
     const double train_acc = static_cast<double>(state.epoch_correct) / state.epoch_seen;
+    const ClassificationReport report =
+        classification_report(ev.probs, ev.labels, num_classes, data.val->class_names());
+    const double lr_used = opt->lr();
+    schedule.on_epoch_end(state.epoch, epoch_metric(schedule.monitor(), train_loss, train_acc, ev));
+    stop_early = stopper.update(state.epoch, epoch_metric(stopper.monitor(), train_loss, train_acc, ev));
     log << "epoch " << state.epoch << ": train loss " << std::fixed << std::setprecision(4) << train_loss
         << "  val loss " << ev.loss << std::setprecision(3) << "  val acc " << ev.cm.accuracy()
-        << "  val balanced acc " << ev.cm.balanced_accuracy() << "  (" << std::setprecision(1) << epoch_s << " s, "
-        << images_this_session / epoch_s << " img/s)\n";
-    if (!metrics_path.empty()) {
-      Json j = {{"epoch", state.epoch},
-                {"step", state.global_step},
-                {"train_loss", train_loss},
-                {"train_accuracy", train_acc},
-                {"images_per_s", images_this_session / epoch_s},
-                {"epoch_seconds", epoch_s},
-                {"lr", opt->lr()},
-                {"val_loss", ev.loss},
-                {"val", ev.cm.to_json(data.val->class_names())}};
-      append_jsonl(metrics_path, j);
+        << "  val balanced acc " << ev.cm.balanced_accuracy();
+    if (std::isfinite(report.auroc)) log << "  val AUROC " << report.auroc;
+    log << "  (" << std::setprecision(1) << epoch_s << " s, " << images_this_session / epoch_s << " img/s)\n";
+    if (prof.steps() > 0) log << prof.table();
+    if (logs) {
+      logs->metrics.write({{"epoch", state.epoch},
+                           {"step", state.global_step},
+                           {"train_loss", train_loss},
+                           {"train_accuracy", train_acc},
+                           {"images_per_s", images_this_session / epoch_s},
+                           {"epoch_seconds", epoch_s},
+                           {"lr", lr_used},
+                           {"val_loss", ev.loss},
+                           {"val", report.to_json()},
+                           {"phases", prof.to_json()}});
+      logs->epochs.write_row({{"epoch", state.epoch},
+                              {"step", static_cast<double>(state.global_step)},
+                              {"lr", lr_used},
+                              {"train_loss", train_loss},
+                              {"train_accuracy", train_acc},
+                              {"val_loss", ev.loss},
+                              {"val_accuracy", ev.cm.accuracy()},
+                              {"val_balanced_accuracy", ev.cm.balanced_accuracy()},
+                              {"val_auroc", report.auroc},
+                              {"epoch_seconds", epoch_s},
+                              {"images_per_s", images_this_session / epoch_s},
+                              {"step_ms_mean", prof.step_stats().mean_s * 1e3},
+                              {"data_wait_ms_mean", prof.stats(Phase::data_wait).mean_s * 1e3}});
+    }
+    if (tb) {
+      tb->add_scalar("epoch/train_loss", train_loss, state.epoch);
+      tb->add_scalar("epoch/train_accuracy", train_acc, state.epoch);
+      tb->add_scalar("epoch/val_loss", ev.loss, state.epoch);
+      tb->add_scalar("epoch/val_accuracy", ev.cm.accuracy(), state.epoch);
+      tb->add_scalar("epoch/val_balanced_accuracy", ev.cm.balanced_accuracy(), state.epoch);
+      if (std::isfinite(report.auroc)) tb->add_scalar("epoch/val_auroc", report.auroc, state.epoch);
+      tb->add_scalar("epoch/lr", lr_used, state.epoch);
     }
     summary.final_eval = std::move(ev);
     // The next epoch starts here: a checkpoint taken now resumes at its first step.
@@ -370,36 +461,41 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     state.epoch_correct = state.epoch_seen = 0;
     TrainState next = state;
     ++next.epoch;
-    write_checkpoint(next);
+    if (stopper.is_best()) {
+      write_checkpoint(next, tc.out + "/best.h5");
+      if (writes) log << "new best " << stopper.monitor() << " " << stopper.best() << ": wrote " << tc.out << "/best.h5\n";
+    }
+    step_checkpoint(next);
+    if (stop_early)
+      log << "early stopping: " << stopper.monitor() << " has not improved for " << stopper.bad_epochs()
+          << " epochs (best " << stopper.best() << " at epoch " << stopper.best_epoch() << ")\n";
   }
   if (tc.checkpoint_every > 0 && state.step_in_epoch > 0 && state.step_in_epoch < steps_per_epoch &&
       state.global_step % tc.checkpoint_every != 0)
-    write_checkpoint(state);  // stopped by max_steps mid-epoch: keep the exact position
+    step_checkpoint(state);  // stopped by max_steps mid-epoch: keep the exact position
   summary.steps = state.global_step;
   summary.seconds = state.train_seconds;
   summary.images_per_s = state.images / std::max(state.train_seconds, 1e-9);
+  summary.stopped_early = stop_early;
   if (summary.final_eval.cm.total() == 0)  // nothing was validated in this session
     summary.final_eval = evaluate(*model, *data.val, std::max<int>(tc.batch_size, 64), loss, stream);
 
-  // Final validation report.
-  const auto& cm = summary.final_eval.cm;
-  const auto& names = data.val->class_names();
-  log << "\nvalidation report (" << cm.total() << " images)\n"
-      << std::fixed << std::setprecision(4) << "  accuracy           " << cm.accuracy() << "\n"
-      << "  balanced accuracy  " << cm.balanced_accuracy() << "\n";
-  for (int c = 0; c < cm.num_classes(); ++c)
-    log << "  recall " << std::left << std::setw(12) << names[static_cast<size_t>(c)] << std::right << cm.recall(c)
-        << "\n";
-  log << "  confusion matrix (rows: true, columns: predicted)\n";
-  for (int c = 0; c < cm.num_classes(); ++c) {
-    log << "    ";
-    for (int p = 0; p < cm.num_classes(); ++p) log << std::setw(7) << cm.at(c, p);
-    log << "   " << names[static_cast<size_t>(c)] << "\n";
-  }
-  if (!tc.out.empty() && comm.is_root()) {
+  // Final validation report, indented under its title.
+  const ClassificationReport report = classification_report(summary.final_eval.probs, summary.final_eval.labels,
+                                                            num_classes, data.val->class_names());
+  log << "\nvalidation report\n";
+  std::istringstream lines(report.to_text());
+  for (std::string line; std::getline(lines, line);) log << (line.empty() ? "" : "  ") << line << "\n";
+  if (writes) {
     model->to(Device::cpu());
     save_weights(tc.out + "/final.h5", *model, model_cfg);
-    log << "wrote " << tc.out << "/final.h5 and " << metrics_path << "\n";
+    log << "wrote " << tc.out << "/final.h5, metrics.jsonl, steps.jsonl, epochs.csv"
+        << (tb ? ", " + fs::path(tb->path()).lexically_relative(tc.out).string() : std::string()) << "\n";
+  }
+  if (!tc.profile.empty()) {
+    set_trace_enabled(false);
+    write_chrome_trace(tc.profile);
+    log << "wrote the trace of phases and layers to " << tc.profile << " (chrome://tracing or ui.perfetto.dev)\n";
   }
   return summary;
 }

@@ -1,6 +1,7 @@
 // trainer.h — the serial training loop (one process; the communicator seam is where data
 // parallelism plugs in), evaluation, and the single training step the benchmarks reuse.
 #pragma once
+#include <cmath>
 #include <functional>
 #include <memory>
 #include <ostream>
@@ -13,6 +14,7 @@
 #include "trainer/config.h"
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
+#include "trainer/profiler.h"
 
 namespace lancet {
 
@@ -27,11 +29,19 @@ struct StepStats {
   double loss = 0;
   int64_t correct = 0;
   int64_t count = 0;
+  double grad_norm = std::nan("");  // global L2 norm before clipping, when computed
 };
 
-// Forward (saving activations), loss, backward, gradient all-reduce, optimizer step, zero_grad.
+struct StepOptions {
+  float clip_grad_norm = 0;        // > 0: clip to this global L2 norm (torch's clip_grad_norm_)
+  bool compute_grad_norm = false;  // report the norm even without clipping
+};
+
+// Forward (saving activations), loss, backward, gradient all-reduce, clipping, optimizer step,
+// zero_grad. With a profiler, each phase is timed (and traced when tracing is on).
 StepStats train_step(Module& model, Optimizer& opt, Communicator& comm, const Tensor& x, const Tensor& y,
-                     const Loss& loss, const Stream& s);
+                     const Loss& loss, const Stream& s, const StepOptions& options = {},
+                     StepProfiler* prof = nullptr);
 
 struct EvalResult {
   double loss = 0;
@@ -51,6 +61,7 @@ struct TrainSummary {
   int64_t steps = 0;
   double seconds = 0;
   double images_per_s = 0;
+  bool stopped_early = false;
   EvalResult final_eval;
 };
 

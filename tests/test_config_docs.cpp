@@ -1,0 +1,90 @@
+// docs/config.md is the configuration reference: every setting the code has must be there
+// with its default, and nothing there may be missing from the code. Also: unknown keys get a
+// did-you-mean hint.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <fstream>
+#include <map>
+#include <regex>
+#include <string>
+
+#include "layers/medicalcnn.h"
+#include "tests/expect_error.h"
+#include "trainer/config.h"
+
+using namespace lancet;
+using lancet::testing::expect_error;
+
+namespace {
+
+void flatten(const Json& j, const std::string& prefix, std::map<std::string, Json>& out) {
+  if (j.is_object()) {
+    for (auto it = j.begin(); it != j.end(); ++it) flatten(it.value(), prefix.empty() ? it.key() : prefix + "." + it.key(), out);
+  } else {
+    out[prefix] = j;
+  }
+}
+
+// Equal as JSON, numbers compared to float precision (the model stores floats).
+bool same_value(const Json& a, const Json& b) {
+  if (a.is_number() && b.is_number()) {
+    const double x = a.get<double>(), y = b.get<double>();
+    return std::fabs(x - y) <= 1e-6 * std::max(1.0, std::fabs(y));
+  }
+  if (a.is_array() && b.is_array()) {
+    if (a.size() != b.size()) return false;
+    for (size_t i = 0; i < a.size(); ++i)
+      if (!same_value(a[i], b[i])) return false;
+    return true;
+  }
+  return a == b;
+}
+
+}  // namespace
+
+TEST(ConfigDocs, EverySettingDocumentedWithItsDefault) {
+  std::ifstream f(std::string(LANCET_SOURCE_DIR) + "/docs/config.md");
+  ASSERT_TRUE(f.good()) << "docs/config.md missing";
+  // Rows: | `section.key` | `default` | meaning |
+  const std::regex row(R"(^\| `([a-z0-9_]+(?:\.[a-z0-9_]+)+)` \| `([^`]*)` \|)");
+  std::map<std::string, Json> documented;
+  for (std::string line; std::getline(f, line);) {
+    std::smatch m;
+    if (!std::regex_search(line, m, row)) continue;
+    EXPECT_EQ(documented.count(m[1]), 0u) << m[1] << " documented twice";
+    try {
+      documented[m[1]] = Json::parse(m[2].str());
+    } catch (const Json::exception& e) {
+      ADD_FAILURE() << m[1] << ": default `" << m[2] << "` is not JSON: " << e.what();
+    }
+  }
+
+  std::map<std::string, Json> code;
+  Json defaults = default_config();
+  defaults.erase("model");
+  flatten(defaults, "", code);
+  const MedicalCNNConfig model_defaults;
+  Json model = model_defaults.to_json();
+  model["context_width"] = model_defaults.context_width;  // to_json resolves 0 to its value
+  for (auto it = model.begin(); it != model.end(); ++it) code["model." + it.key()] = it.value();
+
+  for (const auto& [key, value] : code) {
+    const auto it = documented.find(key);
+    if (it == documented.end()) {
+      ADD_FAILURE() << key << " (default " << value.dump() << ") is not in docs/config.md";
+      continue;
+    }
+    EXPECT_TRUE(same_value(it->second, value))
+        << key << ": docs/config.md says " << it->second.dump() << ", the code " << value.dump();
+  }
+  for (const auto& [key, value] : documented) EXPECT_EQ(code.count(key), 1u) << key << " is documented but not a setting";
+}
+
+TEST(ConfigDocs, UnknownKeysGetADidYouMeanHint) {
+  Json c = default_config();
+  expect_error([&] { apply_override(c, "train.batchsize=8"); },
+               {"unknown setting 'train.batchsize'", "did you mean 'train.batch_size'?", "valid keys in train"});
+  expect_error([&] { apply_override(c, "optim.learning_rate=0.1"); }, {"unknown setting 'optim.learning_rate'"});
+  expect_error([&] { apply_override(c, "trian.epochs=3"); }, {"did you mean 'train'?"});
+}
