@@ -88,3 +88,19 @@ TEST(ConfigDocs, UnknownKeysGetADidYouMeanHint) {
   expect_error([&] { apply_override(c, "optim.learning_rate=0.1"); }, {"unknown setting 'optim.learning_rate'"});
   expect_error([&] { apply_override(c, "trian.epochs=3"); }, {"did you mean 'train'?"});
 }
+
+TEST(ConfigDocs, NsysStepsAreARange) {
+  Json c = default_config();
+  apply_override(c, "train.nsys_steps=20");
+  expect_error([&] { train_config(c); }, {"train.nsys_steps must be FIRST:LAST", "'20'"});
+  apply_override(c, "train.nsys_steps=5:3");
+  expect_error([&] { train_config(c); }, {"train.nsys_steps 5:3", "FIRST <= LAST"});
+  apply_override(c, "train.nsys_steps=20:30");
+#ifdef LANCET_WITH_CUDA
+  const TrainConfig t = train_config(c);
+  EXPECT_EQ(t.nsys_first, 20);
+  EXPECT_EQ(t.nsys_last, 30);
+#else
+  expect_error([&] { train_config(c); }, {"train.nsys_steps 20:30", "no CUDA"});
+#endif
+}

@@ -21,6 +21,8 @@ const Flag kFlags[] = {
     {"--precision", "train.precision", "fp32 | fp16 | bf16", false},
     {"--seed", "train.seed", "seed for initialisation, shuffling and dropout", false},
     {"--out", "train.out", "run folder: final.h5, metrics.jsonl, config.json, checkpoints/", true},
+    {"--profile", "train.profile", "write a Chrome trace of step phases and layers to this file", true},
+    {"--nsys-steps", "train.nsys_steps", "FIRST:LAST: cudaProfilerStart/Stop around these steps (nsys --capture-range=cudaProfilerApi)", true},
     {"--resume", "train.resume", "continue from a checkpoint: auto (newest valid one in --out) or a path", true},
     {"--epochs", "train.epochs", "training epochs", true},
     {"--max-steps", "train.max_steps", "stop after this many steps (0 = no limit)", true},

@@ -23,7 +23,7 @@ Json default_config() {
       "epochs": 10, "max_steps": 0, "batch_size": 32, "drop_last": false, "seed": 0,
       "device": "cpu", "threads": 0, "precision": "fp32", "out": "", "log_every": 10,
       "checkpoint_every": 0, "keep_checkpoints": 3, "resume": "", "clip_grad_norm": 0.0,
-      "profile": "", "tensorboard": true
+      "profile": "", "nsys_steps": "", "tensorboard": true
     },
     "optim": {
       "name": "adam", "lr": 0.001, "weight_decay": 0.0, "momentum": 0.9,
@@ -144,6 +144,10 @@ void merge_config(Json& base, const Json& overlay, const std::string& where) {
                                                               << "; valid keys" << (where.empty() ? "" : " in " + where)
                                                               << ": " << keys_of(base));
     Json& slot = base[it.key()];
+    if (slot.is_string() && it.value().is_number_integer()) {  // a folder named 2024, nsys_steps=20...
+      slot = it.value().dump();
+      continue;
+    }
     LANCET_CHECK(compatible(slot, it.value()),
                  "setting '" << key << "' must be " << type_word(slot) << ", got " << it.value().dump());
     if (slot.is_object())
@@ -241,6 +245,25 @@ TrainConfig train_config(const Json& c) {
   t.clip_grad_norm = get<float>(c, "train", "clip_grad_norm");
   t.profile = get<std::string>(c, "train", "profile");
   t.tensorboard = get<bool>(c, "train", "tensorboard");
+  const std::string nsys = get<std::string>(c, "train", "nsys_steps");
+  if (!nsys.empty()) {
+    const auto colon = nsys.find(':');
+    try {
+      LANCET_CHECK(colon != std::string::npos, "");
+      size_t used = 0;
+      t.nsys_first = std::stoll(nsys.substr(0, colon), &used);
+      LANCET_CHECK(used == colon, "");
+      t.nsys_last = std::stoll(nsys.substr(colon + 1), &used);
+      LANCET_CHECK(used == nsys.size() - colon - 1, "");
+    } catch (const std::exception&) {
+      LANCET_FAIL("train.nsys_steps must be FIRST:LAST (1-based steps, e.g. 20:30), got '" << nsys << "'");
+    }
+    LANCET_CHECK(t.nsys_first >= 1 && t.nsys_last >= t.nsys_first,
+                 "train.nsys_steps " << nsys << ": need 1 <= FIRST <= LAST");
+#ifndef LANCET_WITH_CUDA
+    LANCET_FAIL("train.nsys_steps " << nsys << ": this build has no CUDA (the capture range is cudaProfilerStart/Stop)");
+#endif
+  }
   LANCET_CHECK(t.clip_grad_norm >= 0, "train.clip_grad_norm must be >= 0 (0 = off), got " << t.clip_grad_norm);
   LANCET_CHECK(t.epochs >= 1, "train.epochs must be at least 1, got " << t.epochs);
   LANCET_CHECK(t.max_steps >= 0, "train.max_steps must be >= 0 (0 = no limit), got " << t.max_steps);

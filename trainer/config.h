@@ -62,6 +62,7 @@ struct TrainConfig {
   std::string resume;  // "" = fresh run, "auto" = newest valid checkpoint in OUT, or a path
   float clip_grad_norm;  // 0 = off
   std::string profile;   // Chrome trace path; "" = off
+  int64_t nsys_first = 0, nsys_last = 0;  // Nsight capture range in steps (1-based); 0 = off
   bool tensorboard;      // event files in OUT/tensorboard
 };
 struct OptimConfig {

@@ -20,6 +20,9 @@
 #include "kernels/loss.h"
 #include "kernels/parallel.h"
 #include "kernels/optim.h"
+#ifdef LANCET_WITH_CUDA
+#include "kernels/cuda/runtime.h"
+#endif
 #include "kernels/trace.h"
 #include "trainer/checkpoint.h"
 #include "trainer/profiler.h"
@@ -366,10 +369,16 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
         x = x.to(device);
         y = y.to(device);
       }
+#ifdef LANCET_WITH_CUDA
+      if (state.global_step + 1 == tc.nsys_first) cuda_profiler_start();
+#endif
       const float lr = schedule.lr_for_step(state.global_step);
       opt->set_lr(lr);
       const StepStats st = train_step(*model, *opt, comm, x, y, loss, stream, step_options, &prof);
       prof.end_step();
+#ifdef LANCET_WITH_CUDA
+      if (state.global_step + 1 == tc.nsys_last) cuda_profiler_stop();
+#endif
       LANCET_CHECK(std::isfinite(st.loss), "training diverged: the loss is " << st.loss << " at step "
                                                                              << state.global_step + 1 << " (try a lower optim.lr)");
       state.epoch_loss_sum += st.loss * st.count;

@@ -1,3 +1,4 @@
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <mutex>
@@ -27,6 +28,9 @@ std::string cuda_runtime_version() {
   cudaRuntimeGetVersion(&v);
   return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
 }
+
+void cuda_profiler_start() { LANCET_CUDA_CHECK(cudaProfilerStart()); }
+void cuda_profiler_stop() { LANCET_CUDA_CHECK(cudaProfilerStop()); }
 
 namespace {
 

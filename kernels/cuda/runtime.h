@@ -28,4 +28,9 @@ struct CudaDeviceInfo {
 std::vector<CudaDeviceInfo> cuda_devices();
 std::string cuda_runtime_version();  // e.g. "13.0"; "no driver" when none
 
+// The capture range of `nsys profile --capture-range=cudaProfilerApi` (and ncu's): the steps
+// between start and stop are recorded. Throws naming the call when the driver refuses.
+void cuda_profiler_start();
+void cuda_profiler_stop();
+
 }  // namespace lancet
