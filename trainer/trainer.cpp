@@ -472,12 +472,12 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     ++next.epoch;
     if (stopper.is_best()) {
       write_checkpoint(next, tc.out + "/best.h5");
-      if (writes) log << "new best " << stopper.monitor() << " " << stopper.best() << ": wrote " << tc.out << "/best.h5\n";
+      if (writes) log << "new best " << stopper.monitor() << " " << std::setprecision(4) << stopper.best() << ": wrote " << tc.out << "/best.h5\n";
     }
     step_checkpoint(next);
     if (stop_early)
       log << "early stopping: " << stopper.monitor() << " has not improved for " << stopper.bad_epochs()
-          << " epochs (best " << stopper.best() << " at epoch " << stopper.best_epoch() << ")\n";
+          << " epochs (best " << std::setprecision(4) << stopper.best() << " at epoch " << stopper.best_epoch() << ")\n";
   }
   if (tc.checkpoint_every > 0 && state.step_in_epoch > 0 && state.step_in_epoch < steps_per_epoch &&
       state.global_step % tc.checkpoint_every != 0)
