@@ -72,18 +72,21 @@ void register_eval(CLI::App& app) {
     LANCET_CHECK(data.val->num_classes() == k,
                  a->weights << " has " << k << " classes, the data has " << data.val->num_classes());
     const Loss loss = make_loss(loss_config(config), data.val->num_classes(), Device::cpu());
-    const EvalResult r = evaluate(*model, *data.val, tc.batch_size, loss, Stream::cpu());
+    StepProfiler prof;
+    const EvalResult r = evaluate(*model, *data.val, tc.batch_size, loss, Stream::cpu(), &prof);
     ReportOptions options;
     options.threshold = a->threshold;
     options.target_sensitivity = a->target_sensitivity;
     const ClassificationReport report = classification_report(r.probs, r.labels, k, data.val->class_names(), options);
     std::cout << std::fixed << std::setprecision(4) << "loss              " << r.loss << "\n" << report.to_text();
+    std::cerr << "inference profile (" << prof.steps() << " batches of " << tc.batch_size << ")\n" << prof.table();
     if (!a->report.empty()) {
       Json j = report.to_json();
       j["loss"] = r.loss;
       j["weights"] = a->weights;
       j["data"] = data.source;
       j["split"] = a->split;
+      j["inference_profile"] = prof.to_json();
       write_atomically(a->report, [&](std::ostream& os) { os << j.dump(2) << "\n"; });
     }
     if (!a->predictions.empty())

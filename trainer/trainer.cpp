@@ -102,7 +102,10 @@ StepStats train_step(Module& model, Optimizer& opt, Communicator& comm, const Te
   return st;
 }
 
-EvalResult evaluate(Module& model, const Dataset& ds, int batch_size, const Loss& loss, const Stream& s) {
+EvalResult evaluate(Module& model, const Dataset& ds, int batch_size, const Loss& loss, const Stream& s,
+                    StepProfiler* prof) {
+  StepProfiler unused;
+  StepProfiler& timer = prof ? *prof : unused;
   const bool was_training = model.training();
   model.eval();
   EvalResult r;
@@ -115,8 +118,21 @@ EvalResult evaluate(Module& model, const Dataset& ds, int batch_size, const Loss
     std::iota(idx.begin(), idx.end(), start);
     Tensor x = Tensor::empty({b, ss[0], ss[1], ss[2]});
     Tensor y = Tensor::empty({b}, DType::i64);
-    make_batch(ds, idx, x, y);
-    Tensor logits = model.forward(model.device().is_cpu() ? x : x.to(model.device()), nullptr, s);
+    timer.begin_step();
+    {
+      auto scope = timer.phase(Phase::data_wait);
+      make_batch(ds, idx, x, y);
+    }
+    if (!model.device().is_cpu()) {
+      auto scope = timer.phase(Phase::h2d);
+      x = x.to(model.device());
+    }
+    Tensor logits;
+    {
+      auto scope = timer.phase(Phase::forward);
+      logits = model.forward(x, nullptr, s);
+    }
+    timer.end_step();
     Tensor none1, none2;
     const Tensor yd = model.device().is_cpu() ? y : y.to(model.device());
     // Unweighted per-batch mean, re-weighted by batch size: the dataset mean of the loss.

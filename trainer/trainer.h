@@ -51,8 +51,10 @@ struct EvalResult {
   std::vector<float> probs;
   std::vector<int64_t> labels;
 };
-// Eval-mode pass over a dataset in order (restores the model's mode afterwards).
-EvalResult evaluate(Module& model, const Dataset& ds, int batch_size, const Loss& loss, const Stream& s);
+// Eval-mode pass over a dataset in order (restores the model's mode afterwards). With a
+// profiler, each batch is a step with data_wait, h2d and forward phases: the inference profile.
+EvalResult evaluate(Module& model, const Dataset& ds, int batch_size, const Loss& loss, const Stream& s,
+                    StepProfiler* prof = nullptr);
 
 // Seed-determined order of a dataset for one epoch (a permutation of [0, n)).
 std::vector<int64_t> epoch_permutation(int64_t n, uint64_t seed, int epoch);
