@@ -1,8 +1,11 @@
 // communicator.h — the seam through which the trainer talks to other processes.
 //
-// Collectives operate in place on tensors of any device the backend supports. The
-// single-process communicator (rank 0 of 1) makes every collective the identity, so the
-// trainer is written once: the MPI (CPU) and NCCL (GPU) backends drop in behind this interface.
+// Collectives operate in place on contiguous tensors of any device the backend supports (MPI:
+// CPU tensors of f32, i32, i64, u8; NCCL: CUDA tensors). The single-process communicator
+// (rank 0 of 1) makes every collective the identity, so the trainer is written once: the MPI
+// (CPU) and NCCL (GPU) backends drop in behind this interface. Every rank must call the same
+// collectives in the same order with the same shapes. Errors throw lancet::Error naming the
+// call and the backend's reason.
 #pragma once
 #include <memory>
 #include <string>
@@ -13,15 +16,35 @@ namespace lancet {
 
 enum class ReduceOp { sum, mean, max, min };
 
+// A collective in flight. wait() blocks until it has completed (and, for a mean, until the
+// result is divided); destroying an unfinished Work waits for it.
+class Work {
+ public:
+  virtual ~Work() = default;
+  virtual void wait() = 0;
+  virtual bool done() = 0;  // true once wait() would not block
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
   virtual int rank() const = 0;
   virtual int size() const = 0;
+  // Rank among the processes on this node and their number (GPU choice, thread pinning).
+  virtual int local_rank() const = 0;
+  virtual int local_size() const = 0;
   virtual std::string backend() const = 0;  // "single", "mpi", "nccl"
 
   virtual void all_reduce(Tensor& t, ReduceOp op, const Stream& s) = 0;
+  // Starts an all-reduce of t and returns at once; t must not be touched until wait().
+  virtual std::unique_ptr<Work> all_reduce_async(Tensor& t, ReduceOp op, const Stream& s) = 0;
   virtual void broadcast(Tensor& t, int root, const Stream& s) = 0;
+  // out = the ranks' `in` tensors concatenated in rank order (out.numel() == size * in.numel()).
+  virtual void all_gather(const Tensor& in, Tensor& out, const Stream& s) = 0;
+  // Reduces `in` (size * out.numel() elements) over ranks; rank r gets block r in `out`.
+  virtual void reduce_scatter(const Tensor& in, Tensor& out, ReduceOp op, const Stream& s) = 0;
+  virtual void send(const Tensor& t, int dst, int tag) = 0;
+  virtual void recv(Tensor& t, int src, int tag) = 0;
   virtual void barrier() = 0;
   // Reduces a host scalar (metrics, losses); every rank gets the result.
   virtual double all_reduce_scalar(double v, ReduceOp op) = 0;
@@ -31,5 +54,22 @@ class Communicator {
 
 // One process: rank 0 of 1.
 std::unique_ptr<Communicator> make_single_process_communicator();
+
+// The launcher's view of this process, from the environment: Open MPI's mpirun
+// (OMPI_COMM_WORLD_*), Slurm's srun (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID), or PMI/PMIx.
+// size 1 with no launcher.
+struct LaunchInfo {
+  int rank = 0, size = 1, local_rank = 0, local_size = 1;
+  std::string launcher = "none";  // "mpirun", "srun", "pmi", "none"
+};
+LaunchInfo detect_launch();
+
+// The communicator for CPU training: MPI when the process was started by a launcher with more
+// than one task (or `backend` is "mpi"), else the single-process one. backend: "auto", "mpi",
+// "single". Throws when MPI is asked for (or the launcher says size > 1) and the build has no MPI.
+std::unique_ptr<Communicator> make_cpu_communicator(const std::string& backend = "auto");
+
+// True when this build has the MPI backend.
+bool mpi_available();
 
 }  // namespace lancet

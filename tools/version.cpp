@@ -8,6 +8,9 @@
 #ifdef LANCET_WITH_CUDA
 #include "kernels/cuda/runtime.h"
 #endif
+#ifdef LANCET_WITH_MPI
+#include <mpi.h>
+#endif
 
 namespace lancet::cli {
 
@@ -20,9 +23,18 @@ std::string version_report() {
   os << "  CUDA     off\n";
 #endif
   os << "  cuDNN    off\n"
-     << "  NCCL     off\n"
-     << "  MPI      off\n"
-     << "  OpenCV   " << LANCET_OPENCV_VERSION << "\n"
+     << "  NCCL     off\n";
+#ifdef LANCET_WITH_MPI
+  char lib[MPI_MAX_LIBRARY_VERSION_STRING];
+  int len = 0;
+  MPI_Get_library_version(lib, &len);  // callable before MPI_Init
+  std::string mpi(lib, static_cast<size_t>(len));
+  mpi = mpi.substr(0, mpi.find(','));
+  os << "  MPI      " << mpi << " (MPI " << MPI_VERSION << "." << MPI_SUBVERSION << ")\n";
+#else
+  os << "  MPI      off\n";
+#endif
+  os << "  OpenCV   " << LANCET_OPENCV_VERSION << "\n"
      << "  HDF5     " << LANCET_HDF5_VERSION << "\n"
      << "  BLAS     " << blas_info() << "\n"
      << "devices:\n"

@@ -1,0 +1,223 @@
+// The MPI backend for CPU tensors (the role Gloo played in the glaucoma study): Open MPI or
+// any MPI-3 library. MPI is initialised on first use (MPI_THREAD_FUNNELED: the training thread
+// makes every MPI call) and finalised at exit when lancet initialised it. MPI errors return
+// to us (MPI_ERRORS_RETURN) and become one-line lancet::Error messages naming the call.
+#include <mpi.h>
+
+#include <cstdlib>
+#include <mutex>
+
+#include "comm/communicator.h"
+
+namespace lancet {
+namespace {
+
+std::string mpi_reason(int code) {
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  if (MPI_Error_string(code, text, &len) != MPI_SUCCESS) return "MPI error " + std::to_string(code);
+  return std::string(text, static_cast<size_t>(len));
+}
+
+#define LANCET_MPI_CHECK(call)                                                         \
+  do {                                                                                 \
+    const int lancet_mpi_rc_ = (call);                                                 \
+    if (lancet_mpi_rc_ != MPI_SUCCESS) LANCET_FAIL(#call << " failed: " << mpi_reason(lancet_mpi_rc_)); \
+  } while (0)
+
+// Initialises MPI once per process and finalises it at exit if we initialised it.
+class MpiRuntime {
+ public:
+  static void ensure() {
+    static MpiRuntime runtime;
+    (void)runtime;
+  }
+
+ private:
+  MpiRuntime() {
+    int initialized = 0;
+    MPI_Initialized(&initialized);
+    if (initialized) return;
+    int provided = 0;
+    LANCET_MPI_CHECK(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided));
+    owned_ = true;
+  }
+  ~MpiRuntime() {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (owned_ && !finalized) MPI_Finalize();
+  }
+  bool owned_ = false;
+};
+
+MPI_Datatype mpi_type(const Tensor& t, const char* what) {
+  LANCET_CHECK(t.defined(), what << ": undefined tensor");
+  LANCET_CHECK(t.device().is_cpu(), what << ": the MPI backend takes CPU tensors, got one on " << t.device().str()
+                                         << " (GPU tensors go through NCCL)");
+  switch (t.dtype()) {
+    case DType::f32: return MPI_FLOAT;
+    case DType::i32: return MPI_INT32_T;
+    case DType::i64: return MPI_INT64_T;
+    case DType::u8: return MPI_UINT8_T;
+    default: LANCET_FAIL(what << ": the MPI backend does not reduce " << dtype_name(t.dtype()) << " tensors");
+  }
+}
+
+MPI_Op mpi_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::sum:
+    case ReduceOp::mean: return MPI_SUM;
+    case ReduceOp::max: return MPI_MAX;
+    case ReduceOp::min: return MPI_MIN;
+  }
+  return MPI_SUM;
+}
+
+int count_of(const Tensor& t, const char* what) {
+  LANCET_CHECK(t.numel() <= static_cast<int64_t>(INT32_MAX),
+               what << ": " << t.numel() << " elements exceed one MPI call's count; split the tensor");
+  return static_cast<int>(t.numel());
+}
+
+// Divides by the number of ranks after a sum (mean); integer tensors are not averaged.
+void finish_mean(Tensor& t, ReduceOp op, int size) {
+  if (op != ReduceOp::mean || size == 1) return;
+  LANCET_CHECK(t.dtype() == DType::f32, "all_reduce mean needs an f32 tensor, got " << dtype_name(t.dtype()));
+  float* p = t.data<float>();
+  const float inv = 1.0f / static_cast<float>(size);
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] *= inv;
+}
+
+class MpiWork final : public Work {
+ public:
+  MpiWork(MPI_Request req, Tensor t, ReduceOp op, int size) : req_(req), t_(std::move(t)), op_(op), size_(size) {}
+  ~MpiWork() override {
+    if (!finished_) {
+      MPI_Wait(&req_, MPI_STATUS_IGNORE);  // a destructor must not throw
+      finished_ = true;
+    }
+  }
+  void wait() override {
+    if (finished_) return;
+    finished_ = true;
+    LANCET_MPI_CHECK(MPI_Wait(&req_, MPI_STATUS_IGNORE));
+    finish_mean(t_, op_, size_);
+  }
+  bool done() override {
+    if (finished_) return true;
+    int flag = 0;
+    LANCET_MPI_CHECK(MPI_Test(&req_, &flag, MPI_STATUS_IGNORE));
+    if (flag) {
+      finished_ = true;
+      finish_mean(t_, op_, size_);
+    }
+    return finished_;
+  }
+
+ private:
+  MPI_Request req_;
+  Tensor t_;  // keeps the buffer alive while MPI writes it
+  ReduceOp op_;
+  int size_;
+  bool finished_ = false;
+};
+
+class MpiCommunicator final : public Communicator {
+ public:
+  MpiCommunicator() {
+    MpiRuntime::ensure();
+    LANCET_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &comm_));
+    LANCET_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
+    LANCET_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
+    LANCET_MPI_CHECK(MPI_Comm_size(comm_, &size_));
+    MPI_Comm node;
+    LANCET_MPI_CHECK(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node));
+    MPI_Comm_rank(node, &local_rank_);
+    MPI_Comm_size(node, &local_size_);
+    MPI_Comm_free(&node);
+  }
+  ~MpiCommunicator() override {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized) MPI_Comm_free(&comm_);
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  int local_rank() const override { return local_rank_; }
+  int local_size() const override { return local_size_; }
+  std::string backend() const override { return "mpi"; }
+
+  void all_reduce(Tensor& t, ReduceOp op, const Stream&) override {
+    const MPI_Datatype type = mpi_type(t, "all_reduce");
+    LANCET_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, t.raw_data(), count_of(t, "all_reduce"), type, mpi_op(op), comm_));
+    finish_mean(t, op, size_);
+  }
+
+  std::unique_ptr<Work> all_reduce_async(Tensor& t, ReduceOp op, const Stream&) override {
+    const MPI_Datatype type = mpi_type(t, "all_reduce_async");
+    MPI_Request req;
+    LANCET_MPI_CHECK(
+        MPI_Iallreduce(MPI_IN_PLACE, t.raw_data(), count_of(t, "all_reduce_async"), type, mpi_op(op), comm_, &req));
+    return std::make_unique<MpiWork>(req, t, op, size_);
+  }
+
+  void broadcast(Tensor& t, int root, const Stream&) override {
+    LANCET_CHECK(root >= 0 && root < size_, "broadcast from rank " << root << " in a " << size_ << "-rank job");
+    LANCET_MPI_CHECK(MPI_Bcast(t.raw_data(), count_of(t, "broadcast"), mpi_type(t, "broadcast"), root, comm_));
+  }
+
+  void all_gather(const Tensor& in, Tensor& out, const Stream&) override {
+    const MPI_Datatype type = mpi_type(in, "all_gather");
+    mpi_type(out, "all_gather");
+    LANCET_CHECK(out.dtype() == in.dtype() && out.numel() == in.numel() * size_,
+                 "all_gather: out " << out.shape_str() << " " << dtype_name(out.dtype()) << " must hold " << size_
+                                    << " x in " << in.shape_str() << " " << dtype_name(in.dtype()));
+    LANCET_MPI_CHECK(MPI_Allgather(in.raw_data(), count_of(in, "all_gather"), type, out.raw_data(),
+                                   count_of(in, "all_gather"), type, comm_));
+  }
+
+  void reduce_scatter(const Tensor& in, Tensor& out, ReduceOp op, const Stream&) override {
+    const MPI_Datatype type = mpi_type(in, "reduce_scatter");
+    mpi_type(out, "reduce_scatter");
+    LANCET_CHECK(out.dtype() == in.dtype() && in.numel() == out.numel() * size_,
+                 "reduce_scatter: in " << in.shape_str() << " must hold " << size_ << " x out " << out.shape_str());
+    LANCET_MPI_CHECK(MPI_Reduce_scatter_block(in.raw_data(), out.raw_data(), count_of(out, "reduce_scatter"), type,
+                                              mpi_op(op), comm_));
+    finish_mean(out, op, size_);
+  }
+
+  void send(const Tensor& t, int dst, int tag) override {
+    LANCET_CHECK(dst >= 0 && dst < size_ && dst != rank_, "send to rank " << dst << " from rank " << rank_ << " of " << size_);
+    LANCET_MPI_CHECK(MPI_Send(t.raw_data(), count_of(t, "send"), mpi_type(t, "send"), dst, tag, comm_));
+  }
+
+  void recv(Tensor& t, int src, int tag) override {
+    LANCET_CHECK(src >= 0 && src < size_ && src != rank_, "recv from rank " << src << " on rank " << rank_ << " of " << size_);
+    MPI_Status status;
+    LANCET_MPI_CHECK(MPI_Recv(t.raw_data(), count_of(t, "recv"), mpi_type(t, "recv"), src, tag, comm_, &status));
+    int got = 0;
+    MPI_Get_count(&status, mpi_type(t, "recv"), &got);
+    LANCET_CHECK(got == t.numel(), "recv from rank " << src << ": got " << got << " elements, expected " << t.numel());
+  }
+
+  void barrier() override { LANCET_MPI_CHECK(MPI_Barrier(comm_)); }
+
+  double all_reduce_scalar(double v, ReduceOp op) override {
+    double out = 0;
+    LANCET_MPI_CHECK(MPI_Allreduce(&v, &out, 1, MPI_DOUBLE, mpi_op(op), comm_));
+    return op == ReduceOp::mean ? out / size_ : out;
+  }
+
+ private:
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  int rank_ = 0, size_ = 1, local_rank_ = 0, local_size_ = 1;
+};
+
+}  // namespace
+
+bool mpi_available() { return true; }
+
+std::unique_ptr<Communicator> make_mpi_communicator() { return std::make_unique<MpiCommunicator>(); }
+
+}  // namespace lancet

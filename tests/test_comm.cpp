@@ -1,0 +1,131 @@
+// Communicators. Run as a plain process (the single-process communicator: every collective
+// is the identity) and, where the build has MPI, under `mpirun -np 2` and `-np 3` (the CTest
+// entries comm.mpi.np2 / np3): the same assertions then check the MPI backend's results for
+// every rank count.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <numeric>
+
+#include "comm/communicator.h"
+#include "tests/expect_error.h"
+
+using namespace lancet;
+using lancet::testing::expect_error;
+
+namespace {
+
+Communicator& comm() {
+  static std::unique_ptr<Communicator> c = make_cpu_communicator("auto");
+  return *c;
+}
+
+const Stream kCpu = Stream::cpu();
+
+// A value only rank r and element i give.
+float value(int r, int64_t i) { return static_cast<float>(r * 1000 + i) * 0.5f; }
+
+Tensor rank_tensor(int64_t n) {
+  Tensor t = Tensor::empty({n});
+  for (int64_t i = 0; i < n; ++i) t.data<float>()[i] = value(comm().rank(), i);
+  return t;
+}
+
+}  // namespace
+
+TEST(Comm, LauncherAndBackend) {
+  const LaunchInfo li = detect_launch();
+  EXPECT_EQ(comm().size(), li.size);
+  EXPECT_EQ(comm().rank(), li.rank);
+  EXPECT_EQ(comm().backend(), li.size > 1 ? "mpi" : "single");
+  EXPECT_GE(comm().local_size(), 1);
+  EXPECT_LT(comm().local_rank(), comm().local_size());
+  if (li.launcher == "mpirun") {
+    EXPECT_EQ(std::to_string(li.size), std::getenv("OMPI_COMM_WORLD_SIZE"));
+  }
+  expect_error([] { make_cpu_communicator("gloo"); }, {"communicator backend 'gloo'", "auto, mpi or single"});
+}
+
+TEST(Comm, AllReduceSumMeanMaxMin) {
+  const int p = comm().size();
+  const int64_t n = 1001;  // odd
+  for (ReduceOp op : {ReduceOp::sum, ReduceOp::mean, ReduceOp::max, ReduceOp::min}) {
+    Tensor t = rank_tensor(n);
+    comm().all_reduce(t, op, kCpu);
+    for (int64_t i = 0; i < n; ++i) {
+      double sum = 0, mx = -1e30, mn = 1e30;
+      for (int r = 0; r < p; ++r) sum += value(r, i), mx = std::max<double>(mx, value(r, i)), mn = std::min<double>(mn, value(r, i));
+      const double want = op == ReduceOp::sum ? sum : op == ReduceOp::mean ? sum / p : op == ReduceOp::max ? mx : mn;
+      ASSERT_NEAR(t.data<float>()[i], want, 1e-6 * std::abs(want) + 1e-6) << "op " << static_cast<int>(op) << " i " << i;
+    }
+  }
+  // Integers sum exactly.
+  Tensor k = Tensor::empty({3}, DType::i64);
+  for (int i = 0; i < 3; ++i) k.data<int64_t>()[i] = (comm().rank() + 1) * (i + 1);
+  comm().all_reduce(k, ReduceOp::sum, kCpu);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(k.data<int64_t>()[i], int64_t(p * (p + 1) / 2) * (i + 1));
+  EXPECT_DOUBLE_EQ(comm().all_reduce_scalar(comm().rank() + 1.0, ReduceOp::sum), p * (p + 1) / 2.0);
+  EXPECT_DOUBLE_EQ(comm().all_reduce_scalar(comm().rank(), ReduceOp::max), p - 1);
+}
+
+TEST(Comm, AsyncAllReducesCompleteInAnyWaitOrder) {
+  const int p = comm().size();
+  Tensor a = rank_tensor(5000), b = rank_tensor(7);
+  auto wa = comm().all_reduce_async(a, ReduceOp::mean, kCpu);
+  auto wb = comm().all_reduce_async(b, ReduceOp::sum, kCpu);
+  wb->wait();
+  wa->wait();
+  EXPECT_TRUE(wa->done());
+  for (int64_t i : {int64_t(0), int64_t(4999)}) {
+    double sum = 0;
+    for (int r = 0; r < p; ++r) sum += value(r, i);
+    EXPECT_NEAR(a.data<float>()[i], sum / p, 1e-3);
+  }
+  double sum6 = 0;
+  for (int r = 0; r < p; ++r) sum6 += value(r, 6);
+  EXPECT_NEAR(b.data<float>()[6], sum6, 1e-3);
+}
+
+TEST(Comm, BroadcastGatherScatterSendRecv) {
+  const int p = comm().size(), me = comm().rank();
+  Tensor t = rank_tensor(10);
+  comm().broadcast(t, p - 1, kCpu);
+  for (int64_t i = 0; i < 10; ++i) EXPECT_EQ(t.data<float>()[i], value(p - 1, i));
+
+  Tensor in = rank_tensor(4), all = Tensor::empty({p * 4});
+  comm().all_gather(in, all, kCpu);
+  for (int r = 0; r < p; ++r)
+    for (int64_t i = 0; i < 4; ++i) EXPECT_EQ(all.data<float>()[r * 4 + i], value(r, i));
+
+  Tensor big = rank_tensor(p * 3), mine = Tensor::empty({3});
+  comm().reduce_scatter(big, mine, ReduceOp::sum, kCpu);
+  for (int64_t i = 0; i < 3; ++i) {
+    double sum = 0;
+    for (int r = 0; r < p; ++r) sum += value(r, me * 3 + i);
+    EXPECT_NEAR(mine.data<float>()[i], sum, 1e-3);
+  }
+
+  if (p > 1) {  // a ring: send to the right, receive from the left
+    Tensor out = rank_tensor(6), got = Tensor::empty({6});
+    const int right = (me + 1) % p, left = (me + p - 1) % p;
+    if (me % 2 == 0) {
+      comm().send(out, right, 7);
+      comm().recv(got, left, 7);
+    } else {
+      comm().recv(got, left, 7);
+      comm().send(out, right, 7);
+    }
+    for (int64_t i = 0; i < 6; ++i) EXPECT_EQ(got.data<float>()[i], value(left, i));
+  } else {
+    expect_error([&] { comm().send(t, 1, 0); }, {"send to rank 1"});
+  }
+  comm().barrier();
+}
+
+TEST(Comm, BadArgumentsAreOneLineErrors) {
+  const int p = comm().size();
+  Tensor t = rank_tensor(4);
+  expect_error([&] { comm().broadcast(t, p, kCpu); }, {"broadcast from rank " + std::to_string(p)});
+  Tensor wrong = Tensor::empty({p * 4 + 1});
+  expect_error([&] { comm().all_gather(t, wrong, kCpu); }, {"all_gather"});
+}
