@@ -157,18 +157,6 @@ EvalResult evaluate(Module& model, const Dataset& ds, int batch_size, const Loss
   return r;
 }
 
-std::vector<int64_t> epoch_permutation(int64_t n, uint64_t seed, int epoch) {
-  std::vector<int64_t> p(static_cast<size_t>(n));
-  std::iota(p.begin(), p.end(), 0);
-  std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(epoch) + 1);
-  // Fisher-Yates with our own draw so the order is the same on every standard library.
-  for (int64_t i = n - 1; i > 0; --i) {
-    const int64_t j = static_cast<int64_t>(rng() % static_cast<uint64_t>(i + 1));
-    std::swap(p[static_cast<size_t>(i)], p[static_cast<size_t>(j)]);
-  }
-  return p;
-}
-
 DataSplits load_data(const DataConfig& cfg, std::ostream& log) {
   ImageLoadOptions lo;
   lo.channels = cfg.channels;

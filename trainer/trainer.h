@@ -10,6 +10,7 @@
 
 #include "comm/communicator.h"
 #include "data/dataset.h"
+#include "data/sampler.h"
 #include "layers/module.h"
 #include "trainer/config.h"
 #include "trainer/metrics.h"
@@ -56,8 +57,6 @@ struct EvalResult {
 EvalResult evaluate(Module& model, const Dataset& ds, int batch_size, const Loss& loss, const Stream& s,
                     StepProfiler* prof = nullptr);
 
-// Seed-determined order of a dataset for one epoch (a permutation of [0, n)).
-std::vector<int64_t> epoch_permutation(int64_t n, uint64_t seed, int epoch);
 
 struct TrainSummary {
   int64_t steps = 0;
