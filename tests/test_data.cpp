@@ -305,7 +305,7 @@ TEST(MakeBatch, GathersSamplesAndLabels) {
 // ---- real images ------------------------------------------------------------------------
 
 TEST_F(DataTest, RealChestXraysAndFundusPhoto) {
-  const fs::path real = "/work/shared/data/real/png_jpeg";
+  const fs::path real = std::string(LANCET_SOURCE_DIR) + "/tests/data/real/png_jpeg";
   const fs::path x1 = real / "txv__nih_00000001_000.png", x2 = real / "txv__nih_00027426_000.png",
                  fundus = real / "napari__fundus_normal_right_eye_600px.jpg";
   if (!fs::exists(x1) || !fs::exists(x2) || !fs::exists(fundus))
