@@ -1,0 +1,393 @@
+#include "data/preprocess.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <opencv2/core.hpp>
+#include <opencv2/imgproc.hpp>
+
+#include "kernels/error.h"
+
+namespace lancet {
+
+using Kind = PreprocessOp::Kind;
+
+namespace {
+
+// Bump when any op's output changes for the same parameters: caches keyed by fingerprint()
+// then go stale.
+constexpr int kRecipeVersion = 1;
+
+constexpr Kind kKinds[] = {Kind::resize,        Kind::clahe,
+                           Kind::gamma,         Kind::median_blur,
+                           Kind::gaussian_blur, Kind::contrast_normalize,
+                           Kind::to_gray,       Kind::to_rgb};
+
+// The keys each op accepts besides "op", in the order to_json writes them.
+std::vector<std::string> op_keys(Kind k) {
+  switch (k) {
+    case Kind::resize: return {"size", "keep_aspect", "pad_value"};
+    case Kind::clahe: return {"clip_limit", "tile_grid"};
+    case Kind::gamma: return {"gamma"};
+    case Kind::median_blur: return {"ksize"};
+    case Kind::gaussian_blur: return {"ksize", "sigma"};
+    case Kind::contrast_normalize: return {"percentiles"};
+    case Kind::to_gray:
+    case Kind::to_rgb: return {};
+  }
+  return {};
+}
+
+std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
+  return s;
+}
+
+// Typed reads of one op object's parameters; errors name `where.key`.
+class OpFields {
+ public:
+  OpFields(const Json& obj, std::string where) : obj_(obj), where_(std::move(where)) {}
+
+  int integer(const char* key, int def, int lo, int hi, bool required = false) const {
+    const Json* v = find(key);
+    if (!v) {
+      LANCET_CHECK(!required, where_ << "." << key << ": required (an integer in [" << lo << ", " << hi << "])");
+      return def;
+    }
+    bool ok = false;
+    int64_t x = 0;
+    if (v->is_number_unsigned()) {
+      const uint64_t u = v->get<uint64_t>();
+      ok = u <= static_cast<uint64_t>(hi);
+      x = static_cast<int64_t>(ok ? u : 0);
+    } else if (v->is_number_integer()) {
+      x = v->get<int64_t>();
+      ok = true;
+    }
+    LANCET_CHECK(ok && x >= lo && x <= hi,
+                 where_ << "." << key << ": expected an integer in [" << lo << ", " << hi << "], got " << v->dump());
+    return static_cast<int>(x);
+  }
+
+  int odd_ksize(const char* key, int def) const {
+    const int k = integer(key, def, 3, 255);
+    LANCET_CHECK(k % 2 == 1, where_ << "." << key << ": expected an odd integer in [3, 255], got " << k);
+    return k;
+  }
+
+  // A finite number > lo (lo_open) or >= lo.
+  double number(const char* key, double def, double lo, bool lo_open) const {
+    const Json* v = find(key);
+    if (!v) return def;
+    const bool ok = v->is_number() && std::isfinite(v->get<double>()) &&
+                    (lo_open ? v->get<double>() > lo : v->get<double>() >= lo);
+    LANCET_CHECK(ok, where_ << "." << key << ": expected a number " << (lo_open ? "> " : ">= ") << lo << ", got "
+                            << v->dump());
+    return v->get<double>();
+  }
+
+  bool boolean(const char* key, bool def) const {
+    const Json* v = find(key);
+    if (!v) return def;
+    LANCET_CHECK(v->is_boolean(), where_ << "." << key << ": expected true or false, got " << v->dump());
+    return v->get<bool>();
+  }
+
+  // [low, high] with 0 <= low < high <= 100.
+  void percentiles(const char* key, double* low, double* high) const {
+    const Json* v = find(key);
+    if (!v) return;
+    const bool ok = v->is_array() && v->size() == 2 && (*v)[0].is_number() && (*v)[1].is_number() &&
+                    (*v)[0].get<double>() >= 0 && (*v)[0].get<double>() < (*v)[1].get<double>() &&
+                    (*v)[1].get<double>() <= 100;
+    LANCET_CHECK(ok, where_ << "." << key << ": expected [low, high] with 0 <= low < high <= 100, got " << v->dump());
+    *low = (*v)[0].get<double>();
+    *high = (*v)[1].get<double>();
+  }
+
+ private:
+  const Json* find(const char* key) const {
+    const auto it = obj_.find(key);
+    return it == obj_.end() ? nullptr : &*it;
+  }
+  const Json& obj_;
+  std::string where_;
+};
+
+PreprocessOp parse_op(const Json& obj, const std::string& where) {
+  LANCET_CHECK(obj.is_object(), where << ": expected an object with an \"op\" key, got " << obj.dump());
+  const auto op_it = obj.find("op");
+  LANCET_CHECK(op_it != obj.end(), where << ".op: missing (each op is an object like {\"op\": \"resize\", ...})");
+  std::vector<std::string> names;
+  for (Kind k : kKinds) names.emplace_back(preprocess_op_name(k));
+  const std::string name = op_it->is_string() ? op_it->get<std::string>() : op_it->dump();
+  const auto name_it = std::find(names.begin(), names.end(), name);
+  LANCET_CHECK(op_it->is_string() && name_it != names.end(),
+               where << ".op: unknown op '" << name << "' (valid: " << join(names) << ")");
+
+  PreprocessOp op;
+  op.kind = kKinds[name_it - names.begin()];
+  const std::vector<std::string> keys = op_keys(op.kind);
+  for (auto it = obj.begin(); it != obj.end(); ++it) {
+    if (it.key() == "op") continue;
+    LANCET_CHECK(std::find(keys.begin(), keys.end(), it.key()) != keys.end(),
+                 where << "." << it.key() << ": unknown key for " << name
+                       << (keys.empty() ? " (it takes no parameters)" : " (valid: " + join(keys) + ")"));
+  }
+
+  const OpFields f(obj, where);
+  switch (op.kind) {
+    case Kind::resize:
+      op.size = f.integer("size", 0, 1, 65536, /*required=*/true);
+      op.keep_aspect = f.boolean("keep_aspect", false);
+      op.pad_value = f.integer("pad_value", 0, 0, 65535);
+      break;
+    case Kind::clahe:
+      op.clip_limit = f.number("clip_limit", 2.0, 0.0, /*lo_open=*/true);
+      op.tile_grid = f.integer("tile_grid", 8, 1, 256);
+      break;
+    case Kind::gamma: op.gamma = f.number("gamma", 1.0, 0.0, /*lo_open=*/true); break;
+    case Kind::median_blur: op.ksize = f.odd_ksize("ksize", 3); break;
+    case Kind::gaussian_blur:
+      op.ksize = f.odd_ksize("ksize", 5);
+      op.sigma = f.number("sigma", 0.0, 0.0, /*lo_open=*/false);
+      break;
+    case Kind::contrast_normalize: f.percentiles("percentiles", &op.low_percentile, &op.high_percentile); break;
+    case Kind::to_gray:
+    case Kind::to_rgb: break;
+  }
+  return op;
+}
+
+Json op_to_json(const PreprocessOp& op) {
+  Json j = {{"op", preprocess_op_name(op.kind)}};
+  switch (op.kind) {
+    case Kind::resize:
+      j["size"] = op.size;
+      j["keep_aspect"] = op.keep_aspect;
+      j["pad_value"] = op.pad_value;
+      break;
+    case Kind::clahe:
+      j["clip_limit"] = op.clip_limit;
+      j["tile_grid"] = op.tile_grid;
+      break;
+    case Kind::gamma: j["gamma"] = op.gamma; break;
+    case Kind::median_blur: j["ksize"] = op.ksize; break;
+    case Kind::gaussian_blur:
+      j["ksize"] = op.ksize;
+      j["sigma"] = op.sigma;
+      break;
+    case Kind::contrast_normalize: j["percentiles"] = {op.low_percentile, op.high_percentile}; break;
+    case Kind::to_gray:
+    case Kind::to_rgb: break;
+  }
+  return j;
+}
+
+// ---- the ops: each reads `in` and writes a new `out` (or shares `in` when there is nothing
+// to do) ----
+
+void resize_op(const PreprocessOp& op, const cv::Mat& in, cv::Mat& out, const std::string& at) {
+  const int s = op.size, w = in.cols, h = in.rows;
+  LANCET_CHECK(op.pad_value <= (in.depth() == CV_8U ? 255 : 65535),
+               at << ": pad_value " << op.pad_value << " does not fit an 8-bit image (0..255)");
+  int nw = s, nh = s;
+  if (op.keep_aspect) {
+    if (w >= h) nh = std::max(1, static_cast<int>(std::lround(static_cast<double>(h) * s / w)));
+    else nw = std::max(1, static_cast<int>(std::lround(static_cast<double>(w) * s / h)));
+  }
+  cv::Mat scaled;
+  if (nw == w && nh == h) {
+    scaled = in;
+  } else {
+    const int interp = nw <= w && nh <= h ? cv::INTER_AREA : cv::INTER_LINEAR;
+    cv::resize(in, scaled, cv::Size(nw, nh), 0, 0, interp);
+  }
+  if (nw == s && nh == s) {
+    out = scaled;
+    return;
+  }
+  const int top = (s - nh) / 2, left = (s - nw) / 2;
+  cv::copyMakeBorder(scaled, out, top, s - nh - top, left, s - nw - left, cv::BORDER_CONSTANT,
+                     cv::Scalar::all(op.pad_value));
+}
+
+void clahe_op(const PreprocessOp& op, const cv::Mat& in, cv::Mat& out, const std::string& at) {
+  // A CLAHE object keeps scratch buffers between apply() calls: one per call keeps
+  // concurrent applications independent.
+  const cv::Ptr<cv::CLAHE> clahe = cv::createCLAHE(op.clip_limit, cv::Size(op.tile_grid, op.tile_grid));
+  if (in.channels() == 1) {
+    clahe->apply(in, out);
+    return;
+  }
+  LANCET_CHECK(in.depth() == CV_8U, at << ": 16-bit RGB images are not supported (convert to_gray first)");
+  cv::Mat lab, l;
+  cv::cvtColor(in, lab, cv::COLOR_RGB2Lab);
+  std::vector<cv::Mat> planes;
+  cv::split(lab, planes);
+  clahe->apply(planes[0], l);
+  planes[0] = l;
+  cv::merge(planes, lab);
+  cv::cvtColor(lab, out, cv::COLOR_Lab2RGB);
+}
+
+void gamma_op(const std::vector<uint8_t>& lut8, const std::vector<uint16_t>& lut16, const cv::Mat& in,
+              cv::Mat& out) {
+  if (in.depth() == CV_8U) {
+    const cv::Mat lut(1, 256, CV_8U, const_cast<uint8_t*>(lut8.data()));  // read only
+    cv::LUT(in, lut, out);
+    return;
+  }
+  out.create(in.size(), in.type());
+  const int n = in.cols * in.channels();
+  for (int r = 0; r < in.rows; ++r) {
+    const uint16_t* src = in.ptr<uint16_t>(r);
+    uint16_t* dst = out.ptr<uint16_t>(r);
+    for (int c = 0; c < n; ++c) dst[c] = lut16[src[c]];
+  }
+}
+
+// The values at ranks round(p / 100 * (N - 1)) of the image's N channel values.
+template <typename T>
+void percentile_values(const cv::Mat& in, double low_p, double high_p, double* low, double* high) {
+  std::vector<int64_t> hist(size_t{1} << (8 * sizeof(T)), 0);
+  const int n = in.cols * in.channels();
+  for (int r = 0; r < in.rows; ++r) {
+    const T* p = in.ptr<T>(r);
+    for (int c = 0; c < n; ++c) ++hist[p[c]];
+  }
+  const int64_t count = static_cast<int64_t>(in.total()) * in.channels();
+  const int64_t rank_low = std::llround(low_p / 100.0 * static_cast<double>(count - 1));
+  const int64_t rank_high = std::llround(high_p / 100.0 * static_cast<double>(count - 1));
+  int64_t seen = 0;
+  bool have_low = false;
+  for (size_t v = 0; v < hist.size(); ++v) {
+    seen += hist[v];
+    if (!have_low && seen > rank_low) {
+      *low = static_cast<double>(v);
+      have_low = true;
+    }
+    if (seen > rank_high) {
+      *high = static_cast<double>(v);
+      return;
+    }
+  }
+}
+
+void contrast_op(const PreprocessOp& op, const cv::Mat& in, cv::Mat& out) {
+  double lo = 0, hi = 0;
+  if (in.depth() == CV_8U) percentile_values<uint8_t>(in, op.low_percentile, op.high_percentile, &lo, &hi);
+  else percentile_values<uint16_t>(in, op.low_percentile, op.high_percentile, &lo, &hi);
+  if (hi <= lo) {
+    out = in;
+    return;
+  }
+  // The same arithmetic as cv::normalize(NORM_MINMAX), so [0, 100] matches it bit for bit.
+  const double max_value = in.depth() == CV_8U ? 255.0 : 65535.0;
+  const double scale = max_value * (1.0 / (hi - lo));
+  const double shift = 0.0 - lo * scale;
+  in.convertTo(out, -1, scale, shift);
+}
+
+void run_op(const PreprocessOp& op, const std::vector<uint8_t>& lut8, const std::vector<uint16_t>& lut16,
+            const cv::Mat& in, cv::Mat& out, const std::string& at) {
+  switch (op.kind) {
+    case Kind::resize: resize_op(op, in, out, at); break;
+    case Kind::clahe: clahe_op(op, in, out, at); break;
+    case Kind::gamma: gamma_op(lut8, lut16, in, out); break;
+    case Kind::median_blur:
+      LANCET_CHECK(in.depth() == CV_8U || op.ksize <= 5,
+                   at << ": ksize " << op.ksize << " is not supported on 16-bit images (3 or 5)");
+      cv::medianBlur(in, out, op.ksize);
+      break;
+    case Kind::gaussian_blur:
+      cv::GaussianBlur(in, out, cv::Size(op.ksize, op.ksize), op.sigma, op.sigma, cv::BORDER_DEFAULT);
+      break;
+    case Kind::contrast_normalize: contrast_op(op, in, out); break;
+    case Kind::to_gray:
+      if (in.channels() == 3) cv::cvtColor(in, out, cv::COLOR_RGB2GRAY);
+      else out = in;
+      break;
+    case Kind::to_rgb:
+      if (in.channels() == 1) cv::cvtColor(in, out, cv::COLOR_GRAY2RGB);
+      else out = in;
+      break;
+  }
+}
+
+}  // namespace
+
+const char* preprocess_op_name(Kind kind) {
+  switch (kind) {
+    case Kind::resize: return "resize";
+    case Kind::clahe: return "clahe";
+    case Kind::gamma: return "gamma";
+    case Kind::median_blur: return "median_blur";
+    case Kind::gaussian_blur: return "gaussian_blur";
+    case Kind::contrast_normalize: return "contrast_normalize";
+    case Kind::to_gray: return "to_gray";
+    case Kind::to_rgb: return "to_rgb";
+  }
+  return "?";
+}
+
+PreprocessRecipe PreprocessRecipe::from_json(const Json& ops, const std::string& where) {
+  LANCET_CHECK(ops.is_array(), where << ": expected a list of ops like [{\"op\": \"clahe\"}], got " << ops.dump());
+  PreprocessRecipe r;
+  r.where_ = where;
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const PreprocessOp op = parse_op(ops[i], where + "[" + std::to_string(i) + "]");
+    std::vector<uint8_t> lut8;
+    std::vector<uint16_t> lut16;
+    if (op.kind == Kind::gamma) {
+      lut8.resize(256);
+      for (int v = 0; v < 256; ++v) lut8[v] = cv::saturate_cast<uint8_t>(std::pow(v / 255.0, op.gamma) * 255.0);
+      lut16.resize(65536);
+      for (int v = 0; v < 65536; ++v)
+        lut16[v] = cv::saturate_cast<uint16_t>(std::pow(v / 65535.0, op.gamma) * 65535.0);
+    }
+    r.ops_.push_back(op);
+    r.lut8_.push_back(std::move(lut8));
+    r.lut16_.push_back(std::move(lut16));
+  }
+  return r;
+}
+
+Json PreprocessRecipe::to_json() const {
+  Json j = Json::array();
+  for (const auto& op : ops_) j.push_back(op_to_json(op));
+  return j;
+}
+
+std::string PreprocessRecipe::fingerprint() const {
+  // FNV-1a 64: stable across platforms and library versions (unlike std::hash).
+  const std::string text = "lancet-preprocess-v" + std::to_string(kRecipeVersion) + ":" + to_json().dump();
+  uint64_t h = 14695981039346656037ull;
+  for (unsigned char c : text) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  char buf[24];
+  std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h));
+  return "pp" + std::to_string(kRecipeVersion) + "-" + buf;
+}
+
+void PreprocessRecipe::apply(cv::Mat& image) const {
+  for (size_t i = 0; i < ops_.size(); ++i) {
+    const std::string at = where_ + "[" + std::to_string(i) + "] (" + preprocess_op_name(ops_[i].kind) + ")";
+    const int depth = image.depth(), channels = image.channels();
+    LANCET_CHECK(!image.empty() && (depth == CV_8U || depth == CV_16U) && (channels == 1 || channels == 3),
+                 at << ": unsupported image " << (image.empty() ? "(empty)" : cv::typeToString(image.type()))
+                    << " (need 8-bit gray or RGB, or 16-bit gray)");
+    cv::Mat out;
+    try {
+      run_op(ops_[i], lut8_[i], lut16_[i], image, out, at);
+    } catch (const cv::Exception& e) {
+      LANCET_FAIL(at << ": OpenCV: " << e.err);
+    }
+    image = out;
+  }
+}
+
+}  // namespace lancet
