@@ -72,8 +72,9 @@ case "${1:-}" in
     if [[ "${SKIP_SANITIZE:-0}" != 1 ]]; then
       echo "dev.sh: AddressSanitizer + UndefinedBehaviorSanitizer build of the CPU tests"
       # Without MPI: Open MPI's own allocations at init/finalize read as leaks to LeakSanitizer.
+      # -O1 -g1 (line tables), as the sanitizer docs advise: a third of -O2 -g's compile time.
       configure_build "$BUILD_DIR-asan" -DLANCET_SANITIZE=ON -DLANCET_CUDA=OFF -DLANCET_MPI=OFF \
-        -DCMAKE_BUILD_TYPE=RelWithDebInfo
+        -DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1"
       (cd "$BUILD_DIR-asan" && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
         ctest --output-on-failure -j "$JOBS" -L cpu -LE slow)
     fi
