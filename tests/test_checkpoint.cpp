@@ -151,6 +151,11 @@ TEST_F(Checkpoints, RefusesIncompatibleDamagedAndWeightsOnlyFiles) {
   EXPECT_EQ(newest_valid_checkpoint(run, log), ckpt);
   EXPECT_NE(log.str().find("skipping checkpoint " + newest), std::string::npos) << log.str();
 
+  // A fresh run into a folder holding another run's checkpoints is refused (nothing deleted).
+  other = small_job(run);
+  expect_error([&] { train(other); }, {run + "/checkpoints holds", "--resume auto"});
+  EXPECT_TRUE(fs::exists(ckpt));
+
   // resume=auto with nothing to resume starts fresh; without a run folder it is an error.
   other = small_job(tmp_ / "fresh");
   apply_override(other, "train.resume=auto");

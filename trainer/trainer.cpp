@@ -286,6 +286,15 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     log << "resumed from " << resume_from << " at epoch " << state.epoch << ", step " << state.global_step << "\n";
   }
 
+  // A fresh run never mixes its checkpoints with an earlier run's (pruning keeps the highest
+  // steps, and --resume auto would pick the other run's): refuse rather than delete them.
+  if (resume_from.empty() && !tc.out.empty() && comm.is_root()) {
+    const auto old = list_checkpoints(tc.out);
+    LANCET_CHECK(old.empty(), checkpoint_dir(tc.out) << " holds " << old.size() << " checkpoint(s) of an earlier run (newest "
+                                                     << fs::path(old.empty() ? "" : old.back()).filename().string()
+                                                     << "): continue it with --resume auto, or train into another --out");
+  }
+
   // Schedule and early stopping span the configured epochs (max_steps only cuts a run short).
   LrSchedule schedule(config.at("schedule"), oc.lr, steps_per_epoch * tc.epochs);
   EarlyStopping stopper(config.at("early_stopping"));
