@@ -46,10 +46,27 @@ class Communicator {
   virtual void send(const Tensor& t, int dst, int tag) = 0;
   virtual void recv(Tensor& t, int src, int tag) = 0;
   virtual void barrier() = 0;
-  // Reduces a host scalar (metrics, losses); every rank gets the result.
-  virtual double all_reduce_scalar(double v, ReduceOp op) = 0;
+  // Reduces n host doubles in place (metrics, losses, SyncBatchNorm statistics); every rank
+  // gets the result.
+  virtual void all_reduce_doubles(double* v, int n, ReduceOp op) = 0;
+  double all_reduce_scalar(double v, ReduceOp op) {
+    all_reduce_doubles(&v, 1, op);
+    return v;
+  }
+
+  // A rank that waits longer than this for the others (one died, hung, or took another code
+  // path) gets an error naming the call instead of hanging forever. Default 300 s; <= 0 = never.
+  void set_timeout(double seconds) { timeout_s_ = seconds; }
+  double timeout() const { return timeout_s_; }
+  // Ends every process of the job at once (MPI_Abort): what a rank does after an error that
+  // the others cannot know about, so they do not wait for it until their timeout. Returns
+  // (does nothing) in a 1-process job.
+  virtual void abort(int code) noexcept = 0;
 
   bool is_root() const { return rank() == 0; }
+
+ protected:
+  double timeout_s_ = 300;
 };
 
 // One process: rank 0 of 1.

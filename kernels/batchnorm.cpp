@@ -180,4 +180,93 @@ void batchnorm2d_backward(bool batch_stats, const Tensor& x, const Tensor& dy, c
   });
 }
 
+void batchnorm2d_channel_sums(const Tensor& x, std::vector<double>& out, const Stream& s) {
+  const char* op = "batchnorm2d_channel_sums";
+  const Dims d = check_common(op, x, Tensor(), Tensor(), Tensor(), s);
+  out.assign(static_cast<size_t>(2 * d.C + 1), 0.0);
+  const float* xp = x.data<float>();
+  parallel_for(d.C, channel_grain(d), [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double sum = 0, sq = 0;
+      for (int64_t n = 0; n < d.N; ++n) {
+        const float* q = xp + (n * d.C + c) * d.HW;
+        for (int64_t i = 0; i < d.HW; ++i) {
+          sum += q[i];
+          sq += static_cast<double>(q[i]) * q[i];
+        }
+      }
+      out[static_cast<size_t>(c)] = sum;
+      out[static_cast<size_t>(d.C + c)] = sq;
+    }
+  });
+  out[static_cast<size_t>(2 * d.C)] = static_cast<double>(d.N * d.HW);
+}
+
+void batchnorm2d_backward_sums(const Tensor& x, const Tensor& dy, const Tensor& mean, const Tensor& invstd,
+                               std::vector<double>& out, const Stream& s) {
+  const char* op = "batchnorm2d_backward_sums";
+  const Dims d = check_common(op, x, Tensor(), Tensor(), Tensor(), s);
+  cpu::require_cpu(op, s, x, {&dy, &mean, &invstd});
+  cpu::require_like(op, "dy", dy, x, "input");
+  require_channel_vec(op, "mean", mean, d.C, x);
+  require_channel_vec(op, "invstd", invstd, d.C, x);
+  out.assign(static_cast<size_t>(2 * d.C), 0.0);
+  const float* xp = x.data<float>();
+  const float* dyp = dy.data<float>();
+  const float* mp = mean.data<float>();
+  const float* ip = invstd.data<float>();
+  parallel_for(d.C, channel_grain(d), [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double sum_dy = 0, sum_dy_xmu = 0;
+      const double mu = mp[c];
+      for (int64_t n = 0; n < d.N; ++n) {
+        const float* xq = xp + (n * d.C + c) * d.HW;
+        const float* dq = dyp + (n * d.C + c) * d.HW;
+        for (int64_t i = 0; i < d.HW; ++i) {
+          sum_dy += dq[i];
+          sum_dy_xmu += dq[i] * (xq[i] - mu);
+        }
+      }
+      out[static_cast<size_t>(c)] = sum_dy;
+      out[static_cast<size_t>(d.C + c)] = sum_dy_xmu * ip[c];
+    }
+  });
+}
+
+void batchnorm2d_backward_dx(const Tensor& x, const Tensor& dy, const Tensor& gamma, const Tensor& mean,
+                             const Tensor& invstd, const std::vector<double>& global_sums, double count, Tensor& dx,
+                             const Stream& s) {
+  const char* op = "batchnorm2d_backward_dx";
+  const Dims d = check_common(op, x, gamma, Tensor(), dx, s);
+  cpu::require_cpu(op, s, x, {&dy, &mean, &invstd});
+  cpu::require_defined(op, "dx", dx);
+  cpu::require_like(op, "dy", dy, x, "input");
+  require_channel_vec(op, "mean", mean, d.C, x);
+  require_channel_vec(op, "invstd", invstd, d.C, x);
+  LANCET_CHECK(static_cast<int64_t>(global_sums.size()) == 2 * d.C,
+               op << ": global_sums has " << global_sums.size() << " values, expected 2 x " << d.C << " channels");
+  LANCET_CHECK(count > 1, op << ": count must exceed 1, got " << count);
+  const float* xp = x.data<float>();
+  const float* dyp = dy.data<float>();
+  const float* gp = gamma.defined() ? gamma.data<float>() : nullptr;
+  const float* mp = mean.data<float>();
+  const float* ip = invstd.data<float>();
+  float* dxp = dx.data<float>();
+  parallel_for(d.C, channel_grain(d), [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const double inv = ip[c];
+      const float k = static_cast<float>((gp ? gp[c] : 1.0) * inv);
+      const float mdy = static_cast<float>(global_sums[static_cast<size_t>(c)] / count);
+      const float proj = static_cast<float>(global_sums[static_cast<size_t>(d.C + c)] / count * inv);
+      const float muf = mp[c];
+      for (int64_t n = 0; n < d.N; ++n) {
+        const float* xq = xp + (n * d.C + c) * d.HW;
+        const float* dq = dyp + (n * d.C + c) * d.HW;
+        float* o = dxp + (n * d.C + c) * d.HW;
+        for (int64_t i = 0; i < d.HW; ++i) o[i] = k * (dq[i] - mdy - (xq[i] - muf) * proj);
+      }
+    }
+  });
+}
+
 }  // namespace lancet

@@ -7,6 +7,8 @@
 // saved_mean / saved_invstd are written by the forward (training: batch statistics;
 // eval: running_mean and 1/sqrt(running_var + eps)) and read by the backward.
 #pragma once
+#include <vector>
+
 #include "kernels/tensor.h"
 
 namespace lancet {
@@ -30,5 +32,26 @@ void batchnorm2d_forward_eval(const BatchNormParams& p, const Tensor& x, const T
 void batchnorm2d_backward(bool batch_stats, const Tensor& x, const Tensor& dy, const Tensor& gamma,
                           const Tensor& saved_mean, const Tensor& saved_invstd, Tensor& dx, Tensor& dgamma,
                           Tensor& dbeta, const Stream& s);
+
+// ---- the pieces SyncBatchNorm assembles around a cross-replica sum -------------------------
+// Training-mode statistics over several replicas' batches: each replica computes its local
+// per-channel sums, the sums are added over replicas, and every replica normalises with the
+// global statistics (batchnorm2d_forward_eval with the global mean and biased variance does
+// the normalisation). Sums are in double; the vectors are host memory.
+
+// out (2C + 1 values): out[c] = sum of x over N, H, W; out[C + c] = sum of x^2; out[2C] = the
+// count N * H * W.
+void batchnorm2d_channel_sums(const Tensor& x, std::vector<double>& out, const Stream& s);
+
+// out (2C values): out[c] = sum dy; out[C + c] = sum dy * (x - mean) * invstd — the local
+// dbeta and dgamma.
+void batchnorm2d_backward_sums(const Tensor& x, const Tensor& dy, const Tensor& mean, const Tensor& invstd,
+                               std::vector<double>& out, const Stream& s);
+
+// dx = gamma * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count) with the sums (as
+// batchnorm2d_backward_sums lays them out) and count taken over every replica. dx overwritten.
+void batchnorm2d_backward_dx(const Tensor& x, const Tensor& dy, const Tensor& gamma, const Tensor& mean,
+                             const Tensor& invstd, const std::vector<double>& global_sums, double count, Tensor& dx,
+                             const Stream& s);
 
 }  // namespace lancet

@@ -1,5 +1,6 @@
 #include "layers/layers.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/activation.h"
@@ -83,6 +84,7 @@ namespace {
 struct BatchNormSaved : Saved {
   Tensor x, mean, invstd;
   bool batch_stats = true;
+  double sync_count = 0;  // > 0: synchronised statistics over this many values per channel
 };
 }  // namespace
 
@@ -107,16 +109,55 @@ Tensor BatchNorm2d::forward_impl(const Tensor& x, SavedPtr* saved, const Stream&
   Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
   Tensor mean = Tensor::empty({c_}, DType::f32, x.device());
   Tensor invstd = Tensor::empty({c_}, DType::f32, x.device());
-  if (training())
+  double sync_count = 0;
+  if (training() && replica_sum_) {
+    // Global statistics: per-channel sums added over replicas, then the eval-mode kernel
+    // normalises with the global mean and biased variance.
+    std::vector<double> sums;
+    batchnorm2d_channel_sums(x, sums, s);
+    replica_sum_(sums);
+    sync_count = sums[static_cast<size_t>(2 * c_)];
+    LANCET_CHECK(sync_count > 1, "SyncBatchNorm: expected more than 1 value per channel over all replicas, got "
+                                     << sync_count);
+    std::vector<float> gmean(static_cast<size_t>(c_)), gvar(static_cast<size_t>(c_));
+    for (int c = 0; c < c_; ++c) {
+      const double m = sums[static_cast<size_t>(c)] / sync_count;
+      gmean[static_cast<size_t>(c)] = static_cast<float>(m);
+      gvar[static_cast<size_t>(c)] = static_cast<float>(std::max(0.0, sums[static_cast<size_t>(c_ + c)] / sync_count - m * m));
+    }
+    Tensor tm = Tensor::from_vector(gmean, {c_}), tv = Tensor::from_vector(gvar, {c_});
+    if (!x.device().is_cpu()) {
+      tm = tm.to(x.device());
+      tv = tv.to(x.device());
+    }
+    batchnorm2d_forward_eval(p_, x, weight_->value, bias_->value, tm, tv, y, mean, invstd, s);
+    if (update_running_) {
+      // Running statistics as torch: the unbiased variance of the global batch.
+      Tensor rm = running_mean_->device().is_cpu() ? *running_mean_ : running_mean_->to(Device::cpu());
+      Tensor rv = running_var_->device().is_cpu() ? *running_var_ : running_var_->to(Device::cpu());
+      const double unbias = sync_count / (sync_count - 1);
+      for (int c = 0; c < c_; ++c) {
+        float& a = rm.data<float>()[c];
+        float& b = rv.data<float>()[c];
+        a = static_cast<float>((1.0 - p_.momentum) * a + p_.momentum * gmean[static_cast<size_t>(c)]);
+        b = static_cast<float>((1.0 - p_.momentum) * b + p_.momentum * gvar[static_cast<size_t>(c)] * unbias);
+      }
+      if (!running_mean_->device().is_cpu()) {
+        running_mean_->copy_from(rm);
+        running_var_->copy_from(rv);
+      }
+    }
+  } else if (training()) {
     batchnorm2d_forward_train(p_, x, weight_->value, bias_->value, *running_mean_, *running_var_, update_running_, y,
                               mean, invstd, s);
-  else
+  } else
     batchnorm2d_forward_eval(p_, x, weight_->value, bias_->value, *running_mean_, *running_var_, y, mean, invstd, s);
   if (auto c = make_saved<BatchNormSaved>(saved)) {
     c->x = x;
     c->mean = mean;
     c->invstd = invstd;
     c->batch_stats = training();
+    c->sync_count = sync_count;
     *saved = std::move(c);
   }
   return y;
@@ -126,6 +167,28 @@ Tensor BatchNorm2d::backward_impl(const Tensor& dy, Saved& saved, bool need_inpu
   auto& c = saved_as<BatchNormSaved>(saved, "BatchNorm2d");
   dy.check_same_shape(c.x, "BatchNorm2d backward: dy");
   Tensor dx = need_input_grad ? Tensor::empty(c.x.shape(), c.x.dtype(), c.x.device()) : Tensor();
+  if (c.sync_count > 0) {
+    LANCET_CHECK(replica_sum_, "SyncBatchNorm: the cross-replica sum was removed between forward and backward");
+    std::vector<double> sums;
+    batchnorm2d_backward_sums(c.x, dy, c.mean, c.invstd, sums, s);
+    {  // the parameter gradients are local (averaged later with every other gradient)
+      Tensor dg = weight_->grad.device().is_cpu() ? weight_->grad : weight_->grad.to(Device::cpu());
+      Tensor db = bias_->grad.device().is_cpu() ? bias_->grad : bias_->grad.to(Device::cpu());
+      for (int ch = 0; ch < c_; ++ch) {
+        db.data<float>()[ch] += static_cast<float>(sums[static_cast<size_t>(ch)]);
+        dg.data<float>()[ch] += static_cast<float>(sums[static_cast<size_t>(c_ + ch)]);
+      }
+      if (!weight_->grad.device().is_cpu()) {
+        weight_->grad.copy_from(dg);
+        bias_->grad.copy_from(db);
+      }
+    }
+    if (need_input_grad) {
+      replica_sum_(sums);
+      batchnorm2d_backward_dx(c.x, dy, weight_->value, c.mean, c.invstd, sums, c.sync_count, dx, s);
+    }
+    return dx;
+  }
   batchnorm2d_backward(c.batch_stats, c.x, dy, weight_->value, c.mean, c.invstd, dx, weight_->grad, bias_->grad, s);
   return dx;
 }

@@ -6,6 +6,7 @@
 // bit-identical on every machine.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <random>
 #include <string>
@@ -81,6 +82,14 @@ class BatchNorm2d : public Module {
   // untouched (`lancet forward --mode train`).
   void set_update_running_stats(bool on) { update_running_ = on; }
   bool update_running_stats() const { return update_running_; }
+  // SyncBatchNorm: with a cross-replica sum set (it adds a host vector elementwise over every
+  // data-parallel replica, in place), training-mode forwards normalise with the statistics of
+  // all replicas' batches together and the backward reduces its two per-channel sums the same
+  // way (torch.nn.SyncBatchNorm). Every replica must run the same forwards and backwards.
+  // Parameter gradients stay local, for the data-parallel gradient average. Empty = per-replica.
+  using ReplicaSum = std::function<void(std::vector<double>&)>;
+  void set_replica_sum(ReplicaSum sum) { replica_sum_ = std::move(sum); }
+  bool synchronized() const { return static_cast<bool>(replica_sum_); }
 
  protected:
   Tensor forward_impl(const Tensor& x, SavedPtr* saved, const Stream& s) override;
@@ -91,6 +100,7 @@ class BatchNorm2d : public Module {
   int c_;
   BatchNormParams p_;
   bool update_running_ = true;
+  ReplicaSum replica_sum_;
   Parameter* weight_ = nullptr;
   Parameter* bias_ = nullptr;
   Tensor* running_mean_ = nullptr;

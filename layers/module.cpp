@@ -31,6 +31,8 @@ Tensor Module::backward(const Tensor& dy, Saved& saved, bool need_input_grad, co
                                                    << " but the module is on " << device_.str());
   Tensor dx = backward_impl(dy, saved, need_input_grad, s);
   LANCET_CHECK(!need_input_grad || dx.defined(), type_name() << ": backward_impl returned no input gradient");
+  if (grad_ready_hook_)
+    for (auto& p : params_) (*grad_ready_hook_)(*p.second);
   return need_input_grad ? dx : Tensor();
 }
 
@@ -97,6 +99,11 @@ void Module::to(Device device) {
     for (auto& b : m.buffers_) *b.second = b.second->to(device);
     m.device_ = device;
   });
+}
+
+void Module::set_grad_ready_hook(GradReadyHook hook) {
+  auto shared = hook ? std::make_shared<const GradReadyHook>(std::move(hook)) : nullptr;
+  apply([&shared](const std::string&, Module& m) { m.grad_ready_hook_ = shared; });
 }
 
 Module* Module::child(const std::string& name) const {

@@ -11,6 +11,12 @@
 // the returned input gradient is a fresh tensor. backward(..., need_input_grad = false)
 // returns an undefined tensor and skips that work (the first layer of a model).
 //
+// Gradient-ready hook (what DDP's autograd hooks are for): when set, backward() calls it for
+// each of a module's own parameters right after that module's backward_impl returns — the
+// moment its gradient for this backward pass is complete (every module runs once per forward;
+// a module used twice would fire twice). Parameters fire in reverse order of use, so gradient
+// buckets can be all-reduced while the rest of the backward runs.
+//
 // Names: children and parameters are registered with PyTorch's state_dict names, so
 // state_dict() yields "stages.0.0.conv1.weight" etc. exactly as medicalcnn.md specifies.
 #pragma once
@@ -69,6 +75,11 @@ class Module {
   void to(Device device);
   Device device() const { return device_; }
 
+  // Sets (or, with an empty function, clears) the gradient-ready hook of this module and every
+  // descendant.
+  using GradReadyHook = std::function<void(Parameter&)>;
+  void set_grad_ready_hook(GradReadyHook hook);
+
   // Children, by registered name.
   Module* child(const std::string& name) const;
   const std::vector<std::pair<std::string, std::unique_ptr<Module>>>& children() const { return children_; }
@@ -97,6 +108,7 @@ class Module {
   std::vector<std::pair<std::string, std::unique_ptr<Module>>> children_;
   bool training_ = true;
   Device device_ = Device::cpu();
+  std::shared_ptr<const GradReadyHook> grad_ready_hook_;
 };
 
 }  // namespace lancet

@@ -1,4 +1,5 @@
-// lancet train — the serial training loop; with no arguments, the embedded default job.
+// lancet train — training; with no arguments, the embedded default job. Started by mpirun or
+// srun with several tasks, every task is a data-parallel rank (dist.* settings).
 #include <iostream>
 
 #include "comm/communicator.h"
@@ -8,14 +9,26 @@
 namespace lancet::cli {
 
 void register_train(CLI::App& app) {
-  auto* sub = app.add_subcommand("train", "train a model (without --config: the default job, a compact MedicalCNN on synthetic chest X-rays)");
+  auto* sub = app.add_subcommand("train", "train a model (without --config: the default job, a compact MedicalCNN on synthetic chest X-rays); under mpirun/srun with several tasks, data-parallel");
   auto args = std::make_shared<ConfigArgs>();
   add_config_options(*sub, *args, /*with_training_flags=*/true);
   sub->callback([args]() {
     const Json config = resolve_config(*args, default_job_config());
-    print_config(config, std::cerr);
-    auto comm = make_single_process_communicator();
-    run_training(config, *comm, std::cerr);
+    auto comm = make_cpu_communicator(dist_config(config).backend);
+    // Only rank 0 talks; every rank reports its own errors.
+    std::ostream quiet(nullptr);
+    std::ostream& log = comm->is_root() ? std::cerr : quiet;
+    if (comm->is_root()) print_config(config, std::cerr);
+    try {
+      run_training(config, *comm, log);
+    } catch (const std::exception& e) {
+      if (comm->size() == 1) throw;
+      // The other ranks cannot know: end the whole job now rather than let them wait.
+      std::cerr << "lancet train: error: rank " << comm->rank() << " of " << comm->size() << ": " << e.what()
+                << "\n" << std::flush;
+      comm->abort(1);
+      throw;
+    }
   });
 }
 

@@ -23,7 +23,11 @@ Json default_config() {
       "epochs": 10, "max_steps": 0, "batch_size": 32, "drop_last": false, "seed": 0,
       "device": "cpu", "threads": 0, "precision": "fp32", "out": "", "log_every": 10,
       "checkpoint_every": 0, "keep_checkpoints": 3, "resume": "", "clip_grad_norm": 0.0,
-      "profile": "", "nsys_steps": "", "tensorboard": true
+      "profile": "", "nsys_steps": "", "tensorboard": true, "grad_accum_steps": 1
+    },
+    "dist": {
+      "backend": "auto", "bucket_mb": 25.0, "overlap": true, "sync_bn": false,
+      "timeout_s": 300.0, "bind": "auto"
     },
     "optim": {
       "name": "adam", "lr": 0.001, "weight_decay": 0.0, "momentum": 0.9,
@@ -245,6 +249,8 @@ TrainConfig train_config(const Json& c) {
   t.clip_grad_norm = get<float>(c, "train", "clip_grad_norm");
   t.profile = get<std::string>(c, "train", "profile");
   t.tensorboard = get<bool>(c, "train", "tensorboard");
+  t.grad_accum_steps = get<int>(c, "train", "grad_accum_steps");
+  LANCET_CHECK(t.grad_accum_steps >= 1, "train.grad_accum_steps must be at least 1, got " << t.grad_accum_steps);
   const std::string nsys = get<std::string>(c, "train", "nsys_steps");
   if (!nsys.empty()) {
     const auto colon = nsys.find(':');
@@ -276,6 +282,22 @@ TrainConfig train_config(const Json& c) {
   LANCET_CHECK(t.resume.empty() || !t.out.empty() || t.resume != "auto",
                "train.resume=auto needs a run folder (--out) to look for checkpoints in");
   return t;
+}
+
+DistConfig dist_config(const Json& c) {
+  DistConfig d;
+  d.backend = get<std::string>(c, "dist", "backend");
+  d.bucket_mb = get<double>(c, "dist", "bucket_mb");
+  d.overlap = get<bool>(c, "dist", "overlap");
+  d.sync_bn = get<bool>(c, "dist", "sync_bn");
+  d.timeout_s = get<double>(c, "dist", "timeout_s");
+  d.bind = get<std::string>(c, "dist", "bind");
+  LANCET_CHECK(d.backend == "auto" || d.backend == "mpi" || d.backend == "single",
+               "dist.backend must be auto, mpi or single, got '" << d.backend << "'");
+  LANCET_CHECK(d.bucket_mb > 0, "dist.bucket_mb must be positive, got " << d.bucket_mb);
+  LANCET_CHECK(d.bind == "auto" || d.bind == "cores" || d.bind == "none",
+               "dist.bind must be auto, cores or none, got '" << d.bind << "'");
+  return d;
 }
 
 OptimConfig optim_config(const Json& c) {

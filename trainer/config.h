@@ -64,6 +64,20 @@ struct TrainConfig {
   std::string profile;   // Chrome trace path; "" = off
   int64_t nsys_first = 0, nsys_last = 0;  // Nsight capture range in steps (1-based); 0 = off
   bool tensorboard;      // event files in OUT/tensorboard
+  // Micro-batches per optimizer step: each rank's share of batch_size is split this many ways
+  // and the gradients accumulate (synchronised across ranks only after the last).
+  int grad_accum_steps = 1;
+};
+// Data parallelism (mpirun / srun with several tasks). train.batch_size is the GLOBAL batch:
+// each of R ranks takes batch_size / R samples per step, so a run's optimisation does not
+// change with the rank count.
+struct DistConfig {
+  std::string backend;  // auto (MPI when launched with several tasks), mpi, single
+  double bucket_mb;     // gradient bucket size
+  bool overlap;         // all-reduce buckets during the backward
+  bool sync_bn;         // SyncBatchNorm: batch statistics over all ranks
+  double timeout_s;     // a collective waiting longer fails the job; <= 0 = never
+  std::string bind;     // auto, cores, none: pinning of each rank's threads
 };
 struct OptimConfig {
   std::string name;  // sgd, adam, adamw
@@ -77,6 +91,7 @@ struct LossConfig {
 
 DataConfig data_config(const Json& c);
 TrainConfig train_config(const Json& c);
+DistConfig dist_config(const Json& c);
 OptimConfig optim_config(const Json& c);
 LossConfig loss_config(const Json& c);
 

@@ -17,6 +17,7 @@
 
 #include "data/image_folder.h"
 #include "data/synth.h"
+#include "kernels/elementwise.h"
 #include "kernels/loss.h"
 #include "kernels/parallel.h"
 #include "kernels/optim.h"
@@ -25,6 +26,7 @@
 #endif
 #include "kernels/trace.h"
 #include "trainer/checkpoint.h"
+#include "trainer/ddp.h"
 #include "trainer/profiler.h"
 #include "trainer/run_log.h"
 #include "trainer/schedule.h"
@@ -62,28 +64,50 @@ int64_t count_correct(const Tensor& logits, const Tensor& y) {
 
 StepStats train_step(Module& model, Optimizer& opt, Communicator& comm, const Tensor& x, const Tensor& y,
                      const Loss& loss, const Stream& s, const StepOptions& options, StepProfiler* prof) {
+  return train_step_micro(model, opt, comm, {x}, {y}, loss, s, options, prof);
+}
+
+StepStats train_step_micro(Module& model, Optimizer& opt, Communicator& comm, const std::vector<Tensor>& xs,
+                           const std::vector<Tensor>& ys, const Loss& loss, const Stream& s,
+                           const StepOptions& options, StepProfiler* prof) {
   StepProfiler unused;  // phases are timed either way; without a caller's profiler nobody reads them
   StepProfiler& timer = prof ? *prof : unused;
-  SavedPtr saved;
-  Tensor logits, dlogits;
-  float l;
-  {
-    auto scope = timer.phase(Phase::forward);
-    logits = model.forward(x, &saved, s);
-    dlogits = Tensor::empty(logits.shape(), DType::f32, logits.device());
-    Tensor no_probs;
-    l = softmax_cross_entropy(logits, y, loss.class_weights, loss.label_smoothing, dlogits, no_probs, s);
+  LANCET_CHECK(!xs.empty() && xs.size() == ys.size(), "train_step: " << xs.size() << " input and " << ys.size()
+                                                                     << " label micro-batches");
+  int64_t total = 0;
+  for (const Tensor& x : xs) total += x.dim(0);
+  StepStats st;
+  double loss_sum = 0;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const bool last = i + 1 == xs.size();
+    const double weight = static_cast<double>(xs[i].dim(0)) / static_cast<double>(total);
+    SavedPtr saved;
+    Tensor logits, dlogits;
+    float l;
+    {
+      auto scope = timer.phase(Phase::forward);
+      logits = model.forward(xs[i], &saved, s);
+      dlogits = Tensor::empty(logits.shape(), DType::f32, logits.device());
+      Tensor no_probs;
+      l = softmax_cross_entropy(logits, ys[i], loss.class_weights, loss.label_smoothing, dlogits, no_probs, s);
+      if (xs.size() > 1) scale_inplace(dlogits, static_cast<float>(weight), s);
+    }
+    {
+      auto scope = timer.phase(Phase::backward);
+      if (options.grad_sync) options.grad_sync->begin_backward(/*sync=*/last);
+      model.backward(dlogits, *saved, /*need_input_grad=*/false, s);
+      saved.reset();  // release activations before the optimizer allocates anything
+    }
+    loss_sum += l * weight;
+    st.correct += count_correct(logits, ys[i]);
   }
-  {
-    auto scope = timer.phase(Phase::backward);
-    model.backward(dlogits, *saved, /*need_input_grad=*/false, s);
-    saved.reset();  // release activations before the optimizer allocates anything
-  }
-  if (comm.size() > 1) {
+  if (options.grad_sync) {
+    auto scope = timer.phase(Phase::grad_sync);
+    options.grad_sync->finish(s);
+  } else if (comm.size() > 1) {
     auto scope = timer.phase(Phase::grad_sync);
     for (auto& [name, p] : model.named_parameters()) comm.all_reduce(p->grad, ReduceOp::mean, s);
   }
-  StepStats st;
   {
     auto scope = timer.phase(Phase::optimizer);
     std::vector<Tensor*> grads;
@@ -96,9 +120,8 @@ StepStats train_step(Module& model, Optimizer& opt, Communicator& comm, const Te
     opt.step(s);
     model.zero_grad();
   }
-  st.loss = l;
-  st.count = x.dim(0);
-  st.correct = count_correct(logits, y);
+  st.loss = loss_sum;
+  st.count = total;
   return st;
 }
 
@@ -194,6 +217,59 @@ DataSplits load_data(const DataConfig& cfg, std::ostream& log) {
 
 namespace {
 
+// Samples [begin, end) of another dataset.
+class RangeDataset final : public Dataset {
+ public:
+  RangeDataset(const Dataset& base, int64_t begin, int64_t end) : base_(base), begin_(begin), end_(end) {}
+  int64_t size() const override { return end_ - begin_; }
+  Shape sample_shape() const override { return base_.sample_shape(); }
+  const std::vector<std::string>& class_names() const override { return base_.class_names(); }
+  int64_t label(int64_t i) const override { return base_.label(begin_ + i); }
+  void get(int64_t i, float* out) const override { base_.get(begin_ + i, out); }
+
+ private:
+  const Dataset& base_;
+  int64_t begin_, end_;
+};
+
+}  // namespace
+
+EvalResult evaluate_sharded(Module& model, const Dataset& ds, int batch_size, const Loss& loss, const Stream& s,
+                            Communicator& comm) {
+  const int R = comm.size();
+  if (R == 1) return evaluate(model, ds, batch_size, loss, s);
+  // Rank r evaluates the contiguous shard [n r / R, n (r + 1) / R); the shards are gathered
+  // (padded to the largest) and joined in rank order, i.e. dataset order.
+  const int64_t n = ds.size(), k = ds.num_classes();
+  auto lo = [&](int r) { return n * r / R; };
+  const RangeDataset shard(ds, lo(comm.rank()), lo(comm.rank() + 1));
+  EvalResult mine = evaluate(model, shard, batch_size, loss, s);
+  const int64_t most = (n + R - 1) / R;
+  const Stream cpu{Device::cpu(), nullptr};
+  Tensor probs = Tensor::zeros({most * k}), all_probs = Tensor::empty({R * most * k});
+  Tensor labels = Tensor::zeros({most}, DType::i64), all_labels = Tensor::empty({R * most}, DType::i64);
+  std::copy(mine.probs.begin(), mine.probs.end(), probs.data<float>());
+  std::copy(mine.labels.begin(), mine.labels.end(), labels.data<int64_t>());
+  comm.all_gather(probs, all_probs, cpu);
+  comm.all_gather(labels, all_labels, cpu);
+  const double loss_sum = comm.all_reduce_scalar(mine.loss * static_cast<double>(shard.size()), ReduceOp::sum);
+  EvalResult r;
+  r.cm = ConfusionMatrix(static_cast<int>(k));
+  for (int q = 0; q < R; ++q) {
+    const int64_t count = lo(q + 1) - lo(q);
+    const float* p = all_probs.data<float>() + q * most * k;
+    const int64_t* l = all_labels.data<int64_t>() + q * most;
+    r.probs.insert(r.probs.end(), p, p + count * k);
+    r.labels.insert(r.labels.end(), l, l + count);
+    const auto pred = argmax_rows(p, count, k);
+    for (int64_t i = 0; i < count; ++i) r.cm.add(l[i], pred[static_cast<size_t>(i)]);
+  }
+  r.loss = n ? loss_sum / static_cast<double>(n) : 0;
+  return r;
+}
+
+namespace {
+
 // Replaces `path` (atomically: temporary file and rename) by the lines `keep` accepts, so a
 // resumed run does not repeat what it redoes. A torn last line from a crash is dropped.
 void keep_lines(const std::string& path, const std::function<bool(const std::string&)>& keep) {
@@ -239,15 +315,26 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   const TrainConfig tc = train_config(config);
   const OptimConfig oc = optim_config(config);
   const LossConfig lc = loss_config(config);
+  const DistConfig dist = dist_config(config);
+  comm.set_timeout(dist.timeout_s);
+  const int ranks = comm.size();
   LANCET_CHECK(tc.precision == "fp32", "train.precision '" << tc.precision
                                                            << "': this build trains in fp32 only (fp16/bf16 arrive with mixed precision)");
   const Device device = parse_device(tc.device);
   LANCET_CHECK(device.is_cpu(), "train.device " << device.str()
                                                 << ": this build has no CUDA compute kernels yet; use --device cpu");
-  set_num_threads(tc.threads > 0 ? tc.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  // Threads: all cores for one process; 1 per rank when several ranks share a node.
+  const int threads = tc.threads > 0 ? tc.threads
+                      : comm.local_size() > 1 ? 1
+                                              : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const std::string binding = bind_rank_threads(dist.bind, comm, threads);
+  set_num_threads(threads);
   const Stream stream{device, nullptr};
 
+  // Rank 0 first: it may generate the synthetic dataset's cache, which the others then read.
+  if (!comm.is_root()) comm.barrier();
   DataSplits data = load_data(dc, log);
+  if (comm.is_root() && ranks > 1) comm.barrier();
   const int num_classes = data.train->num_classes();
   Json model_cfg = config.at("model");
   if (!model_cfg.contains("in_channels")) model_cfg["in_channels"] = dc.channels;
@@ -258,16 +345,27 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
                "model.num_classes " << model_cfg["num_classes"] << " but the data has " << num_classes << " classes");
   auto model = make_model(model_cfg, tc.seed);
   model_cfg = model->config().to_json();
-  model->set_dropout_seed(tc.seed ^ 0xD7u);
+  // Every rank draws its own dropout masks (rank 0's are the single-process ones).
+  model->set_dropout_seed((tc.seed ^ 0xD7u) + static_cast<uint64_t>(comm.rank()) * 0x9E3779B97F4A7C15ull);
   model->to(device);
   model->train();
   auto opt = make_optimizer(oc, model->named_parameters());
   const Loss loss = make_loss(lc, num_classes, device);
 
+  // Data parallelism: train.batch_size is the global batch; rank r takes every R-th sample of
+  // the epoch order (DistributedSampler), bs / R per step, so the ranks' step-k batches
+  // together are the single-process step-k batch.
   const int64_t n = data.train->size();
-  const int64_t bs = tc.batch_size;
-  const int64_t steps_per_epoch = tc.drop_last ? n / bs : (n + bs - 1) / bs;
-  LANCET_CHECK(steps_per_epoch > 0, "train.batch_size " << bs << " exceeds the " << n << " training images with drop_last");
+  const int64_t global_bs = tc.batch_size;
+  LANCET_CHECK(global_bs % ranks == 0, "train.batch_size " << global_bs << " is the global batch and must be a multiple of the "
+                                                           << ranks << " ranks (each takes batch_size / ranks)");
+  const int64_t bs = global_bs / ranks;  // per rank
+  LANCET_CHECK(tc.grad_accum_steps <= bs, "train.grad_accum_steps " << tc.grad_accum_steps << " exceeds the " << bs
+                                                                    << " samples each rank takes per step");
+  const DistributedSampler sampler(n, comm.rank(), ranks, tc.seed, /*drop_last=*/false);
+  const int64_t per_rank = sampler.num_samples();
+  const int64_t steps_per_epoch = tc.drop_last ? per_rank / bs : (per_rank + bs - 1) / bs;
+  LANCET_CHECK(steps_per_epoch > 0, "train.batch_size " << global_bs << " exceeds the " << n << " training images with drop_last");
   int64_t total_steps = steps_per_epoch * tc.epochs;
   if (tc.max_steps > 0) total_steps = std::min(total_steps, tc.max_steps);
 
@@ -303,6 +401,41 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     if (!state.early_stopping.empty()) stopper.load_state(state.early_stopping);
   }
 
+  // Every rank must run the same job; then all start from rank 0's weights.
+  std::unique_ptr<GradSync> grad_sync;
+  if (ranks > 1) {
+    check_same_on_all_ranks(comm, {{"the model", model_cfg.dump()},
+                                   {"the training data", std::to_string(n) + " images, " + shape_str(data.train->sample_shape()) +
+                                                             ", classes " + Json(data.train->class_names()).dump()},
+                                   {"the validation data", std::to_string(data.val->size()) + " images"},
+                                   {"train.batch_size", std::to_string(global_bs)},
+                                   {"train.grad_accum_steps", std::to_string(tc.grad_accum_steps)},
+                                   {"train.precision", tc.precision},
+                                   {"train.device", device.is_cpu() ? "cpu" : "cuda"},
+                                   {"train.epochs / max_steps", std::to_string(tc.epochs) + " / " + std::to_string(tc.max_steps)},
+                                   {"train.seed", std::to_string(tc.seed)},
+                                   {"optim", config.at("optim").dump()},
+                                   {"loss", config.at("loss").dump()},
+                                   {"schedule", config.at("schedule").dump()},
+                                   {"dist", config.at("dist").dump()},
+                                   {"the resumed step", std::to_string(state.global_step)}});
+    GradSyncOptions gso;
+    gso.bucket_mb = dist.bucket_mb;
+    gso.overlap = dist.overlap;
+    grad_sync = std::make_unique<GradSync>(*model, comm, gso);
+    grad_sync->broadcast_parameters(stream);
+    if (dist.sync_bn)
+      model->apply([&comm](const std::string&, Module& m) {
+        if (auto* bn = dynamic_cast<BatchNorm2d*>(&m))
+          bn->set_replica_sum([&comm](std::vector<double>& v) {
+            comm.all_reduce_doubles(v.data(), static_cast<int>(v.size()), ReduceOp::sum);
+          });
+      });
+  }
+  auto sync_buffers = [&]() {  // rank 0's BatchNorm statistics everywhere (validation, checkpoints)
+    if (grad_sync) grad_sync->broadcast_buffers(stream);
+  };
+
   // Run folder: logs append on resume after dropping what the resumed run will redo.
   const bool writes = !tc.out.empty() && comm.is_root();
   std::unique_ptr<RunLog> logs;
@@ -334,8 +467,18 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   log << "data: " << data.source << ": " << n << " train / " << data.val->size() << " val images, " << num_classes
       << " classes, " << shape_str(data.train->sample_shape()) << "\n";
   log << "model: medicalcnn " << model_cfg.dump() << ", " << model->num_parameters() << " parameters\n";
-  log << "training: " << total_steps << " steps, batch " << bs << ", " << oc.name << " lr " << oc.lr << " ("
-      << schedule.name() << " schedule), " << num_threads() << " thread(s) on " << device.str() << "\n";
+  log << "training: " << total_steps << " steps, batch " << global_bs;
+  if (ranks > 1) log << " (" << ranks << " ranks x " << bs << ")";
+  if (tc.grad_accum_steps > 1) log << " in " << tc.grad_accum_steps << " micro-batches";
+  log << ", " << oc.name << " lr " << oc.lr << " (" << schedule.name() << " schedule), " << num_threads()
+      << " thread(s) " << (ranks > 1 ? "per rank " : "") << "on " << device.str() << "\n";
+  if (ranks > 1) {
+    const auto sizes = grad_sync->bucket_elements();
+    log << "data parallel: " << ranks << " ranks (" << comm.backend() << ", " << comm.local_size()
+        << " on this node), gradients in " << sizes.size() << " bucket(s) of <= " << dist.bucket_mb << " MB"
+        << (dist.overlap ? " all-reduced during the backward" : " all-reduced after the backward")
+        << (dist.sync_bn ? ", SyncBatchNorm" : ", per-rank BatchNorm statistics") << "; threads " << binding << "\n";
+  }
 
   auto write_checkpoint = [&](TrainState snapshot, const std::string& path) {
     if (!writes) return;
@@ -356,12 +499,14 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   StepOptions step_options;
   step_options.clip_grad_norm = tc.clip_grad_norm;
   step_options.compute_grad_norm = writes;  // logged per step
+  step_options.grad_sync = grad_sync.get();
+  const FaultInjection fault = fault_injection_from_env(comm.rank());
   const Shape ss = data.train->sample_shape();
   const auto t_start = Clock::now();
   const int64_t images_at_start = state.images, step_at_start = state.global_step;
   bool stop_early = false;
   for (; state.epoch <= tc.epochs && state.global_step < total_steps && !stop_early; ++state.epoch) {
-    const auto order = epoch_permutation(n, tc.seed, state.epoch);
+    const auto order = sampler.indices(state.epoch);
     const auto t_epoch = Clock::now();
     const int64_t epoch_end = std::min(steps_per_epoch, state.step_in_epoch + (total_steps - state.global_step));
     int64_t images_this_session = 0;
@@ -369,26 +514,43 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     while (state.step_in_epoch < epoch_end) {
       prof.begin_step();
       const int64_t start = state.step_in_epoch * bs;
-      const int64_t b = std::min(bs, n - start);
-      Tensor x = Tensor::empty({b, ss[0], ss[1], ss[2]});
-      Tensor y = Tensor::empty({b}, DType::i64);
-      {
-        auto scope = prof.phase(Phase::data_wait);
-        const std::vector<int64_t> idx(order.begin() + start, order.begin() + start + b);
-        make_batch(*data.train, idx, x, y);
-      }
-      if (!device.is_cpu()) {
-        auto scope = prof.phase(Phase::h2d);
-        x = x.to(device);
-        y = y.to(device);
+      const int64_t b = std::min(bs, per_rank - start);
+      // Micro-batches of ceil(b / accum) rows (the last ones smaller or absent).
+      const int64_t mb = (b + tc.grad_accum_steps - 1) / tc.grad_accum_steps;
+      std::vector<Tensor> xs, ys;
+      for (int64_t m0 = 0; m0 < b; m0 += mb) {
+        const int64_t m = std::min(mb, b - m0);
+        Tensor x = Tensor::empty({m, ss[0], ss[1], ss[2]});
+        Tensor y = Tensor::empty({m}, DType::i64);
+        {
+          auto scope = prof.phase(Phase::data_wait);
+          const std::vector<int64_t> idx(order.begin() + start + m0, order.begin() + start + m0 + m);
+          make_batch(*data.train, idx, x, y);
+        }
+        if (!device.is_cpu()) {
+          auto scope = prof.phase(Phase::h2d);
+          x = x.to(device);
+          y = y.to(device);
+        }
+        xs.push_back(x);
+        ys.push_back(y);
       }
 #ifdef LANCET_WITH_CUDA
       if (state.global_step + 1 == tc.nsys_first) cuda_profiler_start();
 #endif
       const float lr = schedule.lr_for_step(state.global_step);
       opt->set_lr(lr);
-      const StepStats st = train_step(*model, *opt, comm, x, y, loss, stream, step_options, &prof);
+      StepStats st = train_step_micro(*model, *opt, comm, xs, ys, loss, stream, step_options, &prof);
+      if (ranks > 1) {  // the global batch's loss, accuracy and size
+        double v[3] = {st.loss * static_cast<double>(st.count), static_cast<double>(st.correct),
+                       static_cast<double>(st.count)};
+        comm.all_reduce_doubles(v, 3, ReduceOp::sum);
+        st.loss = v[0] / v[2];
+        st.correct = static_cast<int64_t>(v[1]);
+        st.count = static_cast<int64_t>(v[2]);
+      }
       prof.end_step();
+      fault.maybe_fail(state.global_step + 1);
 #ifdef LANCET_WITH_CUDA
       if (state.global_step + 1 == tc.nsys_last) cuda_profiler_stop();
 #endif
@@ -428,7 +590,8 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     const double epoch_s = std::chrono::duration<double>(Clock::now() - t_epoch).count();
     state.train_seconds += epoch_s;
     if (state.step_in_epoch < steps_per_epoch) break;  // stopped by max_steps inside the epoch
-    EvalResult ev = evaluate(*model, *data.val, std::max<int>(tc.batch_size, 64), loss, stream);
+    sync_buffers();
+    EvalResult ev = evaluate_sharded(*model, *data.val, std::max<int>(tc.batch_size, 64), loss, stream, comm);
     const double train_loss = state.epoch_loss_sum / state.epoch_seen;
     const double train_acc = static_cast<double>(state.epoch_correct) / state.epoch_seen;
     const ClassificationReport report =
@@ -499,8 +662,10 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   summary.seconds = state.train_seconds;
   summary.images_per_s = state.images / std::max(state.train_seconds, 1e-9);
   summary.stopped_early = stop_early;
-  if (summary.final_eval.cm.total() == 0)  // nothing was validated in this session
-    summary.final_eval = evaluate(*model, *data.val, std::max<int>(tc.batch_size, 64), loss, stream);
+  if (summary.final_eval.cm.total() == 0) {  // nothing was validated in this session
+    sync_buffers();
+    summary.final_eval = evaluate_sharded(*model, *data.val, std::max<int>(tc.batch_size, 64), loss, stream, comm);
+  }
 
   // Final validation report, indented under its title.
   const ClassificationReport report = classification_report(summary.final_eval.probs, summary.final_eval.labels,

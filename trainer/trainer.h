@@ -33,9 +33,14 @@ struct StepStats {
   double grad_norm = std::nan("");  // global L2 norm before clipping, when computed
 };
 
+class GradSync;
+
 struct StepOptions {
   float clip_grad_norm = 0;        // > 0: clip to this global L2 norm (torch's clip_grad_norm_)
   bool compute_grad_norm = false;  // report the norm even without clipping
+  // Data parallelism: bucketed all-reduce overlapped with the backward (trainer/ddp.h). Without
+  // it, a communicator of several ranks all-reduces every gradient after the backward.
+  GradSync* grad_sync = nullptr;
 };
 
 // Forward (saving activations), loss, backward, gradient all-reduce, clipping, optimizer step,
@@ -43,6 +48,14 @@ struct StepOptions {
 StepStats train_step(Module& model, Optimizer& opt, Communicator& comm, const Tensor& x, const Tensor& y,
                      const Loss& loss, const Stream& s, const StepOptions& options = {},
                      StepProfiler* prof = nullptr);
+
+// One optimizer step over micro-batches (gradient accumulation): micro-batch i's loss counts
+// with weight xs[i].dim(0) / (total rows), so the step equals one over the concatenated batch
+// (up to BatchNorm seeing the micro-batches separately). Gradients are synchronised only after
+// the last micro-batch's backward. The returned loss is the weighted mean.
+StepStats train_step_micro(Module& model, Optimizer& opt, Communicator& comm, const std::vector<Tensor>& xs,
+                           const std::vector<Tensor>& ys, const Loss& loss, const Stream& s,
+                           const StepOptions& options = {}, StepProfiler* prof = nullptr);
 
 struct EvalResult {
   double loss = 0;
@@ -56,6 +69,10 @@ struct EvalResult {
 // profiler, each batch is a step with data_wait, h2d and forward phases: the inference profile.
 EvalResult evaluate(Module& model, const Dataset& ds, int batch_size, const Loss& loss, const Stream& s,
                     StepProfiler* prof = nullptr);
+// The same over the ranks of a data-parallel job: each rank evaluates its contiguous share and
+// every rank gets the whole result, in dataset order. Every rank must call it.
+EvalResult evaluate_sharded(Module& model, const Dataset& ds, int batch_size, const Loss& loss, const Stream& s,
+                            Communicator& comm);
 
 
 struct TrainSummary {

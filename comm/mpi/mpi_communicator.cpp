@@ -4,8 +4,10 @@
 // to us (MPI_ERRORS_RETURN) and become one-line lancet::Error messages naming the call.
 #include <mpi.h>
 
+#include <chrono>
 #include <cstdlib>
-#include <mutex>
+#include <exception>
+#include <thread>
 
 #include "comm/communicator.h"
 
@@ -79,6 +81,30 @@ int count_of(const Tensor& t, const char* what) {
   return static_cast<int>(t.numel());
 }
 
+// Waits for `req` with a deadline. Open MPI progresses nonblocking collectives inside MPI calls,
+// so this polls MPI_Test: spinning for the first millisecond (a step's collectives usually
+// finish within it), then sleeping with a growing back-off up to 1 ms between tests. After
+// `timeout_s` (<= 0: never) it throws, naming the call: the other ranks did not join it.
+void timed_wait(MPI_Request& req, const char* what, double timeout_s, int rank, int size) {
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  int flag = 0;
+  auto pause = std::chrono::microseconds(1);
+  while (true) {
+    LANCET_MPI_CHECK(MPI_Test(&req, &flag, MPI_STATUS_IGNORE));
+    if (flag) return;
+    const double waited = std::chrono::duration<double>(Clock::now() - start).count();
+    if (timeout_s > 0 && waited > timeout_s)
+      LANCET_FAIL(what << " on rank " << rank << " of " << size << ": no answer from the other ranks for " << waited
+                       << " s (dist.timeout_s " << timeout_s
+                       << "): a rank died, hangs, or took another code path; aborting the job");
+    if (waited > 1e-3) {
+      std::this_thread::sleep_for(pause);
+      pause = std::min(pause * 2, std::chrono::microseconds(1000));
+    }
+  }
+}
+
 // Divides by the number of ranks after a sum (mean); integer tensors are not averaged.
 void finish_mean(Tensor& t, ReduceOp op, int size) {
   if (op != ReduceOp::mean || size == 1) return;
@@ -90,17 +116,28 @@ void finish_mean(Tensor& t, ReduceOp op, int size) {
 
 class MpiWork final : public Work {
  public:
-  MpiWork(MPI_Request req, Tensor t, ReduceOp op, int size) : req_(req), t_(std::move(t)), op_(op), size_(size) {}
+  MpiWork(MPI_Request req, Tensor t, ReduceOp op, int rank, int size, double timeout_s)
+      : req_(req), t_(std::move(t)), op_(op), rank_(rank), size_(size), timeout_s_(timeout_s) {}
   ~MpiWork() override {
     if (!finished_) {
-      MPI_Wait(&req_, MPI_STATUS_IGNORE);  // a destructor must not throw
       finished_ = true;
+      if (std::uncaught_exceptions() > 0) {
+        // Unwinding an error that ends the job (the caller aborts it): do not wait for ranks
+        // that may never come, and keep the buffer alive in case MPI still writes it.
+        new Tensor(t_);  // NOLINT: deliberately leaked
+        return;
+      }
+      try {  // a destructor must not throw: on a timeout, leave the request as above
+        timed_wait(req_, "all_reduce_async", timeout_s_, rank_, size_);
+      } catch (...) {
+        new Tensor(t_);  // NOLINT: deliberately leaked
+      }
     }
   }
   void wait() override {
     if (finished_) return;
+    timed_wait(req_, "all_reduce_async", timeout_s_, rank_, size_);
     finished_ = true;
-    LANCET_MPI_CHECK(MPI_Wait(&req_, MPI_STATUS_IGNORE));
     finish_mean(t_, op_, size_);
   }
   bool done() override {
@@ -118,7 +155,8 @@ class MpiWork final : public Work {
   MPI_Request req_;
   Tensor t_;  // keeps the buffer alive while MPI writes it
   ReduceOp op_;
-  int size_;
+  int rank_, size_;
+  double timeout_s_;
   bool finished_ = false;
 };
 
@@ -150,7 +188,9 @@ class MpiCommunicator final : public Communicator {
 
   void all_reduce(Tensor& t, ReduceOp op, const Stream&) override {
     const MPI_Datatype type = mpi_type(t, "all_reduce");
-    LANCET_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, t.raw_data(), count_of(t, "all_reduce"), type, mpi_op(op), comm_));
+    MPI_Request req;
+    LANCET_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, t.raw_data(), count_of(t, "all_reduce"), type, mpi_op(op), comm_, &req));
+    wait(req, "all_reduce");
     finish_mean(t, op, size_);
   }
 
@@ -159,12 +199,14 @@ class MpiCommunicator final : public Communicator {
     MPI_Request req;
     LANCET_MPI_CHECK(
         MPI_Iallreduce(MPI_IN_PLACE, t.raw_data(), count_of(t, "all_reduce_async"), type, mpi_op(op), comm_, &req));
-    return std::make_unique<MpiWork>(req, t, op, size_);
+    return std::make_unique<MpiWork>(req, t, op, rank_, size_, timeout_s_);
   }
 
   void broadcast(Tensor& t, int root, const Stream&) override {
     LANCET_CHECK(root >= 0 && root < size_, "broadcast from rank " << root << " in a " << size_ << "-rank job");
-    LANCET_MPI_CHECK(MPI_Bcast(t.raw_data(), count_of(t, "broadcast"), mpi_type(t, "broadcast"), root, comm_));
+    MPI_Request req;
+    LANCET_MPI_CHECK(MPI_Ibcast(t.raw_data(), count_of(t, "broadcast"), mpi_type(t, "broadcast"), root, comm_, &req));
+    wait(req, "broadcast");
   }
 
   void all_gather(const Tensor& in, Tensor& out, const Stream&) override {
@@ -173,8 +215,10 @@ class MpiCommunicator final : public Communicator {
     LANCET_CHECK(out.dtype() == in.dtype() && out.numel() == in.numel() * size_,
                  "all_gather: out " << out.shape_str() << " " << dtype_name(out.dtype()) << " must hold " << size_
                                     << " x in " << in.shape_str() << " " << dtype_name(in.dtype()));
-    LANCET_MPI_CHECK(MPI_Allgather(in.raw_data(), count_of(in, "all_gather"), type, out.raw_data(),
-                                   count_of(in, "all_gather"), type, comm_));
+    MPI_Request req;
+    LANCET_MPI_CHECK(MPI_Iallgather(in.raw_data(), count_of(in, "all_gather"), type, out.raw_data(),
+                                    count_of(in, "all_gather"), type, comm_, &req));
+    wait(req, "all_gather");
   }
 
   void reduce_scatter(const Tensor& in, Tensor& out, ReduceOp op, const Stream&) override {
@@ -182,34 +226,65 @@ class MpiCommunicator final : public Communicator {
     mpi_type(out, "reduce_scatter");
     LANCET_CHECK(out.dtype() == in.dtype() && in.numel() == out.numel() * size_,
                  "reduce_scatter: in " << in.shape_str() << " must hold " << size_ << " x out " << out.shape_str());
-    LANCET_MPI_CHECK(MPI_Reduce_scatter_block(in.raw_data(), out.raw_data(), count_of(out, "reduce_scatter"), type,
-                                              mpi_op(op), comm_));
+    MPI_Request req;
+    LANCET_MPI_CHECK(MPI_Ireduce_scatter_block(in.raw_data(), out.raw_data(), count_of(out, "reduce_scatter"), type,
+                                               mpi_op(op), comm_, &req));
+    wait(req, "reduce_scatter");
     finish_mean(out, op, size_);
   }
 
   void send(const Tensor& t, int dst, int tag) override {
     LANCET_CHECK(dst >= 0 && dst < size_ && dst != rank_, "send to rank " << dst << " from rank " << rank_ << " of " << size_);
-    LANCET_MPI_CHECK(MPI_Send(t.raw_data(), count_of(t, "send"), mpi_type(t, "send"), dst, tag, comm_));
+    MPI_Request req;
+    LANCET_MPI_CHECK(MPI_Isend(t.raw_data(), count_of(t, "send"), mpi_type(t, "send"), dst, tag, comm_, &req));
+    wait(req, "send");
   }
 
   void recv(Tensor& t, int src, int tag) override {
     LANCET_CHECK(src >= 0 && src < size_ && src != rank_, "recv from rank " << src << " on rank " << rank_ << " of " << size_);
+    MPI_Request req;
+    LANCET_MPI_CHECK(MPI_Irecv(t.raw_data(), count_of(t, "recv"), mpi_type(t, "recv"), src, tag, comm_, &req));
     MPI_Status status;
-    LANCET_MPI_CHECK(MPI_Recv(t.raw_data(), count_of(t, "recv"), mpi_type(t, "recv"), src, tag, comm_, &status));
+    // The status is needed for the count: poll with MPI_Test's status form.
+    {
+      using Clock = std::chrono::steady_clock;
+      const auto start = Clock::now();
+      int flag = 0;
+      while (true) {
+        LANCET_MPI_CHECK(MPI_Test(&req, &flag, &status));
+        if (flag) break;
+        const double waited = std::chrono::duration<double>(Clock::now() - start).count();
+        LANCET_CHECK(timeout_s_ <= 0 || waited <= timeout_s_,
+                     "recv from rank " << src << " on rank " << rank_ << ": nothing for " << waited
+                                       << " s (dist.timeout_s " << timeout_s_ << "): did rank " << src << " die or hang?");
+        if (waited > 1e-3) std::this_thread::sleep_for(std::chrono::microseconds(200));
+      }
+    }
     int got = 0;
     MPI_Get_count(&status, mpi_type(t, "recv"), &got);
     LANCET_CHECK(got == t.numel(), "recv from rank " << src << ": got " << got << " elements, expected " << t.numel());
   }
 
-  void barrier() override { LANCET_MPI_CHECK(MPI_Barrier(comm_)); }
-
-  double all_reduce_scalar(double v, ReduceOp op) override {
-    double out = 0;
-    LANCET_MPI_CHECK(MPI_Allreduce(&v, &out, 1, MPI_DOUBLE, mpi_op(op), comm_));
-    return op == ReduceOp::mean ? out / size_ : out;
+  void barrier() override {
+    MPI_Request req;
+    LANCET_MPI_CHECK(MPI_Ibarrier(comm_, &req));
+    wait(req, "barrier");
   }
 
+  void all_reduce_doubles(double* v, int n, ReduceOp op) override {
+    LANCET_CHECK(n >= 0, "all_reduce_doubles: negative count " << n);
+    MPI_Request req;
+    LANCET_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, v, n, MPI_DOUBLE, mpi_op(op), comm_, &req));
+    wait(req, "all_reduce");
+    if (op == ReduceOp::mean)
+      for (int i = 0; i < n; ++i) v[i] /= size_;
+  }
+
+  void abort(int code) noexcept override { MPI_Abort(comm_, code); }
+
  private:
+  void wait(MPI_Request& req, const char* what) { timed_wait(req, what, timeout_s_, rank_, size_); }
+
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0, size_ = 1, local_rank_ = 0, local_size_ = 1;
 };

@@ -1,0 +1,162 @@
+// Data-parallel training end to end: `mpirun -np 2 lancet train` against single-process runs
+// (same global batch), resuming with another rank count, and the failure handling (a rank
+// killed, hung or failing; mismatched configurations). Skips where the build has no MPI.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "tests/cli_util.h"
+#include "trainer/weights.h"
+
+using namespace lancet;
+using namespace lancet::testing;
+namespace fs = std::filesystem;
+
+namespace {
+
+const std::string kMpiexec = LANCET_MPIEXEC;
+
+struct Timed {
+  RunResult r;
+  double seconds = 0;
+};
+
+// `mpirun -np N lancet ARGS` (or, with ranks 0, plain `lancet ARGS`), environment `env`.
+Timed run(int ranks, const std::string& env, const std::string& args) {
+  const auto t0 = std::chrono::steady_clock::now();
+  Timed t;
+  if (ranks == 0) {
+    t.r = run_lancet_env(env, args);
+  } else {
+    // mpirun passes its environment on to the ranks it starts on this node.
+    const std::string mpi = kMpiexec + " --allow-run-as-root --oversubscribe -np " + std::to_string(ranks) + " ";
+    RunResult r;
+    const std::string cmd = (env.empty() ? "" : "env " + env + " ") + mpi + lancet_binary() + " " + args + " 2>&1";
+    FILE* p = popen(cmd.c_str(), "r");
+    std::array<char, 4096> buf;
+    size_t n;
+    while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.output.append(buf.data(), n);
+    const int st = pclose(p);
+    r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    t.r = r;
+  }
+  t.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return t;
+}
+
+int count(const std::string& text, const std::string& what) {
+  int n = 0;
+  for (size_t pos = 0; (pos = text.find(what, pos)) != std::string::npos; pos += what.size()) ++n;
+  return n;
+}
+
+// Largest |a - b| over every parameter and buffer of two weight files.
+double max_difference(const std::string& a, const std::string& b) {
+  auto ma = load_model(a), mb = load_model(b);
+  auto sa = ma->state_dict(), sb = mb->state_dict();
+  double worst = 0;
+  for (size_t i = 0; i < sa.size(); ++i) {
+    const auto va = sa[i].second->to_vector(), vb = sb[i].second->to_vector();
+    for (size_t j = 0; j < va.size(); ++j) worst = std::max(worst, std::fabs(static_cast<double>(va[j]) - vb[j]));
+  }
+  return worst;
+}
+
+class Ddp : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (kMpiexec.empty()) GTEST_SKIP() << "this build has no MPI (libopenmpi-dev) or no mpirun";
+  }
+  TempDir dir{"ddp"};
+  // A small MedicalCNN, 8 steps of SGD (256 images, global batch 32), no dropout.
+  std::string args(const std::string& out, const std::string& extra = "") const {
+    return "train --set model.widths=[8,16,16,16] --set model.depths=[1,1,1,1] --set model.head_hidden=16 "
+           "--set model.dropout=[0.0,0.0] --set data.image_size=32 --set data.synth.size=32 "
+           "--set data.synth.train=256 --set data.synth.val=64 --set train.epochs=1 --set train.batch_size=32 "
+           "--set optim.name=sgd --set optim.lr=0.05 --set train.tensorboard=false --set train.threads=1 --out " +
+           out + " " + extra;
+  }
+  std::string env() const { return "LANCET_CACHE=" + dir / "cache"; }
+};
+
+}  // namespace
+
+TEST_F(Ddp, TwoRanksWithSyncBatchNormTrainLikeOneProcess) {
+  const Timed one = run(0, env(), args(dir / "one"));
+  ASSERT_EQ(one.r.status, 0) << one.r.output;
+  const Timed two = run(2, env(), args(dir / "two", "--set dist.sync_bn=true --set dist.bucket_mb=0.01"));
+  ASSERT_EQ(two.r.status, 0) << two.r.output;
+  // Only rank 0 talks and writes.
+  EXPECT_EQ(count(two.r.output, "config:"), 1) << two.r.output;
+  EXPECT_NE(two.r.output.find("batch 32 (2 ranks x 16)"), std::string::npos) << two.r.output;
+  EXPECT_NE(two.r.output.find("all-reduced during the backward, SyncBatchNorm"), std::string::npos) << two.r.output;
+  ASSERT_TRUE(fs::exists(dir / "two/final.h5"));
+  // Same samples per step, global BatchNorm statistics, averaged gradients: the same weights
+  // up to float summation order.
+  EXPECT_LT(max_difference(dir / "one/final.h5", dir / "two/final.h5"), 2e-5);
+
+  // Gradient accumulation: 2 ranks x 2 micro-batches equal 1 process x 2 micro-batches (each
+  // micro-batch's SyncBatchNorm statistics span the same samples).
+  const Timed one_acc = run(0, env(), args(dir / "one_acc", "--set train.grad_accum_steps=2"));
+  ASSERT_EQ(one_acc.r.status, 0) << one_acc.r.output;
+  const Timed two_acc = run(2, env(), args(dir / "two_acc", "--set dist.sync_bn=true --set train.grad_accum_steps=2"));
+  ASSERT_EQ(two_acc.r.status, 0) << two_acc.r.output;
+  EXPECT_LT(max_difference(dir / "one_acc/final.h5", dir / "two_acc/final.h5"), 2e-5);
+  EXPECT_GT(max_difference(dir / "one/final.h5", dir / "one_acc/final.h5"), 1e-6);  // BatchNorm saw other batches
+
+  // Per-rank BatchNorm (the default) trains too, and differs.
+  const Timed plain = run(2, env(), args(dir / "plain"));
+  ASSERT_EQ(plain.r.status, 0) << plain.r.output;
+  EXPECT_NE(plain.r.output.find("per-rank BatchNorm statistics"), std::string::npos);
+  EXPECT_GT(max_difference(dir / "one/final.h5", dir / "plain/final.h5"), 1e-5);
+
+  // A checkpoint of the 2-rank run resumes in one process and ends where the 1-process run did.
+  const Timed part = run(2, env(), args(dir / "resume", "--set dist.sync_bn=true --set train.max_steps=4 --set train.checkpoint_every=2"));
+  ASSERT_EQ(part.r.status, 0) << part.r.output;
+  const Timed rest = run(0, env(), args(dir / "resume", "--resume auto"));
+  ASSERT_EQ(rest.r.status, 0) << rest.r.output;
+  EXPECT_NE(rest.r.output.find("at epoch 1, step 4"), std::string::npos) << rest.r.output;
+  EXPECT_LT(max_difference(dir / "one/final.h5", dir / "resume/final.h5"), 2e-5);
+}
+
+TEST_F(Ddp, ABadBatchOrAMismatchedRankIsReportedWithBothValues) {
+  const Timed odd = run(2, env(), args(dir / "odd", "--set train.batch_size=33"));
+  EXPECT_NE(odd.r.status, 0);
+  EXPECT_NE(odd.r.output.find("train.batch_size 33 is the global batch and must be a multiple of the 2 ranks"),
+            std::string::npos)
+      << odd.r.output;
+  // MPMD: rank 1 is started with another batch size.
+  const std::string mpmd = "--set train.max_steps=1 --set train.batch_size=32 : --allow-run-as-root --oversubscribe -np 1 " +
+                           lancet_binary() + " " + args(dir / "mismatch", "--set train.max_steps=1 --set train.batch_size=64");
+  const Timed mismatch = run(1, env(), args(dir / "mismatch", mpmd));
+  EXPECT_NE(mismatch.r.status, 0);
+  EXPECT_NE(mismatch.r.output.find("the ranks disagree on train.batch_size: rank 0 has 32, rank 1 has 64"),
+            std::string::npos)
+      << mismatch.r.output;
+  EXPECT_LT(mismatch.seconds, 60);
+}
+
+TEST_F(Ddp, ARankThatDiesHangsOrFailsEndsTheJobWithAMessage) {
+  // Killed (SIGKILL, as the OOM killer would): the launcher ends the job.
+  const Timed killed = run(2, env() + " LANCET_FAULT=1:2:kill", args(dir / "killed"));
+  EXPECT_NE(killed.r.status, 0) << killed.r.output;
+  EXPECT_LT(killed.seconds, 60) << killed.r.output;
+  // Hung: rank 0 gives up after dist.timeout_s and aborts the job.
+  const Timed hung = run(2, env() + " LANCET_FAULT=1:2:hang", args(dir / "hung", "--set dist.timeout_s=2"));
+  EXPECT_NE(hung.r.status, 0) << hung.r.output;
+  EXPECT_NE(hung.r.output.find("no answer from the other ranks for 2"), std::string::npos)
+      << hung.r.output;
+  EXPECT_LT(hung.seconds, 60) << hung.r.output;
+  // Failing with an error: that rank reports it and aborts the job at once.
+  const Timed failed = run(2, env() + " LANCET_FAULT=1:2:error", args(dir / "failed"));
+  EXPECT_NE(failed.r.status, 0) << failed.r.output;
+  EXPECT_NE(failed.r.output.find("lancet train: error: rank 1 of 2: LANCET_FAULT: injected error after step 2"),
+            std::string::npos)
+      << failed.r.output;
+  EXPECT_LT(failed.seconds, 60) << failed.r.output;
+  // Nothing half-written: rank 0 wrote no final weights in any of them.
+  for (const char* d : {"killed", "hung", "failed"}) EXPECT_FALSE(fs::exists(dir / (std::string(d) + "/final.h5"))) << d;
+}

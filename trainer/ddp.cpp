@@ -1,0 +1,271 @@
+#include "trainer/ddp.h"
+
+#include <sched.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <thread>
+
+#include "kernels/trace.h"
+
+namespace lancet {
+
+GradSync::GradSync(Module& model, Communicator& comm, const GradSyncOptions& options)
+    : model_(model), comm_(comm), options_(options), stream_{model.device(), nullptr} {
+  LANCET_CHECK(options.bucket_mb > 0, "dist.bucket_mb must be positive, got " << options.bucket_mb);
+  auto params = model.named_parameters();
+  const int64_t cap = std::max<int64_t>(1, static_cast<int64_t>(options.bucket_mb * 1024 * 1024 / sizeof(float)));
+  // Reverse registration order: the last layers' gradients are ready first.
+  std::vector<std::vector<Parameter*>> groups;
+  int64_t filled = 0;
+  for (auto it = params.rbegin(); it != params.rend(); ++it) {
+    Parameter* p = it->second;
+    LANCET_CHECK(p->grad.dtype() == DType::f32, "data parallelism: gradient of " << it->first << " is "
+                                                                              << dtype_name(p->grad.dtype()) << ", expected f32");
+    if (groups.empty() || filled + p->grad.numel() > cap) {
+      if (groups.empty() || filled > 0) groups.emplace_back();
+      filled = 0;
+    }
+    groups.back().push_back(p);
+    filled += p->grad.numel();
+  }
+  for (auto& g : groups) {
+    Bucket b;
+    int64_t n = 0;
+    for (Parameter* p : g) n += p->grad.numel();
+    b.flat = Tensor::zeros({n}, DType::f32, model.device());
+    int64_t off = 0;
+    for (Parameter* p : g) {
+      // The gradient becomes a view of the bucket; keep what it held (accumulated gradients).
+      Tensor view = b.flat.narrow(off, p->grad.numel()).view(p->grad.shape());
+      view.copy_from(p->grad);
+      p->grad = view;
+      off += p->grad.numel();
+    }
+    b.params = std::move(g);
+    buckets_.push_back(std::move(b));
+  }
+  for (size_t i = 0; i < buckets_.size(); ++i)
+    for (Parameter* p : buckets_[i].params) bucket_of_.emplace_back(p, i);
+  std::sort(bucket_of_.begin(), bucket_of_.end());
+  model_.set_grad_ready_hook([this](Parameter& p) { on_ready(p); });
+}
+
+GradSync::~GradSync() {
+  model_.set_grad_ready_hook(nullptr);
+  for (auto& b : buckets_) b.work.reset();  // waits for anything still in flight
+}
+
+std::vector<int64_t> GradSync::bucket_elements() const {
+  std::vector<int64_t> out;
+  for (const auto& b : buckets_) out.push_back(b.flat.numel());
+  return out;
+}
+
+void GradSync::broadcast_parameters(const Stream& s) {
+  // One flat buffer for everything: a single collective however many tensors.
+  auto state = model_.state_dict();
+  int64_t n = 0;
+  for (auto& [name, t] : state) {
+    LANCET_CHECK(t->dtype() == DType::f32, "broadcast: " << name << " is " << dtype_name(t->dtype()));
+    n += t->numel();
+  }
+  Tensor flat = Tensor::empty({n}, DType::f32, model_.device());
+  int64_t off = 0;
+  for (auto& [name, t] : state) {
+    flat.narrow(off, t->numel()).copy_from(t->view({t->numel()}));
+    off += t->numel();
+  }
+  comm_.broadcast(flat, 0, s);
+  off = 0;
+  for (auto& [name, t] : state) {
+    t->copy_from(flat.narrow(off, t->numel()).view(t->shape()));
+    off += t->numel();
+  }
+}
+
+void GradSync::broadcast_buffers(const Stream& s) {
+  auto buffers = model_.named_buffers();
+  int64_t n = 0;
+  for (auto& [name, t] : buffers) n += t->numel();
+  if (n == 0 || comm_.size() == 1) return;
+  Tensor flat = Tensor::empty({n}, DType::f32, model_.device());
+  int64_t off = 0;
+  for (auto& [name, t] : buffers) {
+    flat.narrow(off, t->numel()).copy_from(t->view({t->numel()}));
+    off += t->numel();
+  }
+  comm_.broadcast(flat, 0, s);
+  off = 0;
+  for (auto& [name, t] : buffers) {
+    t->copy_from(flat.narrow(off, t->numel()).view(t->shape()));
+    off += t->numel();
+  }
+}
+
+void GradSync::begin_backward(bool sync) {
+  sync_ = sync && comm_.size() > 1;
+  next_to_start_ = 0;
+  started_in_backward_ = 0;
+  for (auto& b : buckets_) {
+    LANCET_CHECK(!b.work, "GradSync: begin_backward while a reduction is still in flight (finish() was not called)");
+    b.pending = static_cast<int>(b.params.size());
+  }
+}
+
+void GradSync::start(size_t b, const Stream& s) {
+  TraceScope trace("all_reduce", "comm");
+  buckets_[b].work = comm_.all_reduce_async(buckets_[b].flat, ReduceOp::mean, s);
+}
+
+void GradSync::on_ready(Parameter& p) {
+  if (!sync_ || !options_.overlap) return;
+  auto it = std::lower_bound(bucket_of_.begin(), bucket_of_.end(), std::make_pair(&p, size_t{0}));
+  if (it == bucket_of_.end() || it->first != &p) return;  // not a bucketed parameter (frozen)
+  Bucket& b = buckets_[it->second];
+  if (--b.pending > 0) return;
+  // Start complete buckets in bucket order only, so every rank issues the same sequence.
+  while (next_to_start_ < buckets_.size() && buckets_[next_to_start_].pending <= 0) {
+    start(next_to_start_++, stream_);
+    ++started_in_backward_;
+  }
+  // Open MPI moves nonblocking collectives along inside MPI calls: test what is in flight.
+  for (size_t i = 0; i < next_to_start_; ++i)
+    if (buckets_[i].work) buckets_[i].work->done();
+}
+
+double GradSync::finish(const Stream& s) {
+  if (!sync_) return 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  while (next_to_start_ < buckets_.size()) start(next_to_start_++, s);
+  for (auto& b : buckets_) {
+    b.work->wait();
+    b.work.reset();
+  }
+  sync_ = false;
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+namespace {
+
+void broadcast_string(Communicator& comm, std::string& text, int root) {
+  const Stream cpu{Device::cpu(), nullptr};
+  Tensor len = Tensor::from_labels({static_cast<int64_t>(text.size())});
+  comm.broadcast(len, root, cpu);
+  const int64_t n = len.data<int64_t>()[0];
+  Tensor bytes = Tensor::zeros({std::max<int64_t>(n, 1)}, DType::u8);
+  if (comm.rank() == root && n > 0) std::memcpy(bytes.raw_data(), text.data(), static_cast<size_t>(n));
+  comm.broadcast(bytes, root, cpu);
+  text.assign(static_cast<const char*>(bytes.raw_data()), static_cast<size_t>(n));
+}
+
+}  // namespace
+
+void check_same_on_all_ranks(Communicator& comm, const std::vector<std::pair<std::string, std::string>>& fields) {
+  if (comm.size() == 1) return;
+  // Rank 0's values, one per line (values never hold newlines: they are JSON dumps or numbers).
+  std::string mine;
+  for (const auto& [name, value] : fields) mine += value + "\n";
+  std::string root = mine;
+  broadcast_string(comm, root, 0);
+  std::vector<std::string> root_values;
+  for (size_t start = 0, end; (end = root.find('\n', start)) != std::string::npos; start = end + 1)
+    root_values.push_back(root.substr(start, end - start));
+  int first = -1;
+  if (root_values.size() != fields.size()) {
+    first = 0;
+  } else {
+    for (size_t i = 0; i < fields.size() && first < 0; ++i)
+      if (fields[i].second != root_values[i]) first = static_cast<int>(i);
+  }
+  // The lowest (field, rank) that differs, known to all.
+  const double none = std::numeric_limits<double>::max();
+  const double code = first < 0 ? none : static_cast<double>(first) * comm.size() + comm.rank();
+  const double lowest = comm.all_reduce_scalar(code, ReduceOp::min);
+  if (lowest == none) return;
+  const int field = static_cast<int>(lowest) / comm.size();
+  const int rank = static_cast<int>(lowest) % comm.size();
+  std::string theirs = comm.rank() == rank ? fields[static_cast<size_t>(field)].second : std::string();
+  broadcast_string(comm, theirs, rank);
+  const std::string ours = static_cast<size_t>(field) < root_values.size() ? root_values[static_cast<size_t>(field)] : "?";
+  LANCET_FAIL("the ranks disagree on " << fields[static_cast<size_t>(field)].first << ": rank 0 has " << ours << ", rank "
+                                       << rank << " has " << theirs
+                                       << " (every rank must run the same configuration on the same data)");
+}
+
+std::string bind_rank_threads(const std::string& mode, const Communicator& comm, int threads) {
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return "not pinned (sched_getaffinity failed)";
+  std::vector<int> cpus;
+  for (int c = 0; c < CPU_SETSIZE; ++c)
+    if (CPU_ISSET(c, &allowed)) cpus.push_back(c);
+  const int online = static_cast<int>(std::max(1L, sysconf(_SC_NPROCESSORS_ONLN)));
+  std::ostringstream out;
+  const bool launcher_bound = static_cast<int>(cpus.size()) < online;
+  if (mode == "none" || (mode == "auto" && (comm.local_size() == 1 || launcher_bound))) {
+    out << "not pinned by lancet (" << cpus.size() << " CPU(s) allowed" << (launcher_bound ? " by the launcher" : "") << ")";
+    if (launcher_bound && static_cast<int>(cpus.size()) < threads)
+      out << "; WARNING: " << threads << " threads share " << cpus.size()
+          << " CPU(s): give each rank more cores (mpirun --map-by slot:PE=" << threads
+          << " or --bind-to none; srun --cpus-per-task=" << threads << ") or lower train.threads";
+    return out.str();
+  }
+  cpu_set_t mine;
+  CPU_ZERO(&mine);
+  std::vector<int> chosen;
+  for (int t = 0; t < threads; ++t) {
+    const int c = cpus[static_cast<size_t>((comm.local_rank() * threads + t) % static_cast<int>(cpus.size()))];
+    if (!CPU_ISSET(c, &mine)) chosen.push_back(c);
+    CPU_SET(c, &mine);
+  }
+  if (sched_setaffinity(0, sizeof(mine), &mine) != 0) return "not pinned (sched_setaffinity failed)";
+  out << "pinned to CPU(s)";
+  for (int c : chosen) out << " " << c;
+  if (comm.local_size() * threads > static_cast<int>(cpus.size()))
+    out << " (" << comm.local_size() << " ranks x " << threads << " threads oversubscribe " << cpus.size() << " CPUs)";
+  return out.str();
+}
+
+void FaultInjection::maybe_fail(int64_t step) const {
+  if (what_ == What::none || step != step_) return;
+  switch (what_) {
+    case What::kill:
+      std::fflush(nullptr);
+      raise(SIGKILL);
+      break;
+    case What::hang:
+      for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
+    case What::error:
+      LANCET_FAIL("LANCET_FAULT: injected error after step " << step);
+    case What::none:
+      break;
+  }
+}
+
+FaultInjection fault_injection_from_env(int rank) {
+  const char* v = std::getenv("LANCET_FAULT");
+  if (!v || !*v) return {};
+  const std::string spec = v;
+  int r = -1;
+  long long step = -1;
+  char what[16] = {0};
+  LANCET_CHECK(std::sscanf(spec.c_str(), "%d:%lld:%15s", &r, &step, what) == 3 && step >= 1,
+               "LANCET_FAULT '" << spec << "': expected RANK:STEP:kill|hang|error");
+  const std::string w = what;
+  FaultInjection::What kind = w == "kill" ? FaultInjection::What::kill
+                              : w == "hang" ? FaultInjection::What::hang
+                              : w == "error" ? FaultInjection::What::error
+                                             : FaultInjection::What::none;
+  LANCET_CHECK(kind != FaultInjection::What::none, "LANCET_FAULT '" << spec << "': expected kill, hang or error, got '" << w << "'");
+  if (r != rank) return {};
+  return {kind, step};
+}
+
+}  // namespace lancet

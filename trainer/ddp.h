@@ -1,0 +1,108 @@
+// ddp.h — data-parallel gradient synchronisation, as torch's DistributedDataParallel does it.
+//
+// GradSync takes a model whose replicas live in every rank of a communicator and
+//   * broadcasts parameters and buffers from rank 0 (start, resume; buffers again before
+//     validation and checkpoints, so every rank evaluates and saves rank 0's statistics —
+//     what DDP's broadcast_buffers gives);
+//   * packs the parameter gradients into buckets of about `bucket_mb` MB, filled in reverse
+//     order of registration (= reverse order of use in a feed-forward model, so the first
+//     bucket is ready first). Gradients become views into their bucket's flat buffer
+//     (DDP's gradient_as_bucket_view): no copies;
+//   * during backward, as soon as every gradient of a bucket is final (the module's
+//     gradient-ready hook), starts its all-reduce (mean) without waiting — buckets start in
+//     bucket order on every rank, so the collectives match — and drives the transfers in
+//     flight at every later hook, so communication overlaps the rest of the backward;
+//   * finish() starts what is left and waits for everything: afterwards every rank holds the
+//     average gradient.
+// Gradient accumulation: backward passes with sync off (begin_backward(false)) only
+// accumulate locally; the final micro-step's backward (sync on) reduces the sum.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "layers/module.h"
+
+namespace lancet {
+
+struct GradSyncOptions {
+  double bucket_mb = 25;  // bucket capacity; a larger parameter gets a bucket of its own
+  bool overlap = true;    // false: every bucket is reduced in finish(), after the backward
+};
+
+class GradSync {
+ public:
+  // Installs the gradient-ready hook and rebinds the gradients as bucket views: construct it
+  // after the model is on its device and before the optimizer step runs. The model's
+  // parameters must not be re-created (Module::to) while it exists.
+  GradSync(Module& model, Communicator& comm, const GradSyncOptions& options);
+  ~GradSync();
+  GradSync(const GradSync&) = delete;
+  GradSync& operator=(const GradSync&) = delete;
+
+  void broadcast_parameters(const Stream& s);  // parameters and buffers from rank 0
+  void broadcast_buffers(const Stream& s);
+
+  // Before each backward: sync = false on non-final accumulation micro-steps.
+  void begin_backward(bool sync);
+  // After the backward of a sync step: reduces what the hooks did not start, waits for all.
+  // Returns the seconds spent waiting here (the part of communication not hidden).
+  double finish(const Stream& s);
+
+  int num_buckets() const { return static_cast<int>(buckets_.size()); }
+  std::vector<int64_t> bucket_elements() const;  // per bucket, in reduction order
+  int64_t buckets_started_in_backward() const { return started_in_backward_; }  // last sync step
+
+ private:
+  struct Bucket {
+    Tensor flat;
+    std::vector<Parameter*> params;
+    int pending = 0;  // gradients not yet ready in this backward
+    std::unique_ptr<Work> work;
+  };
+  void on_ready(Parameter& p);
+  void start(size_t b, const Stream& s);
+
+  Module& model_;
+  Communicator& comm_;
+  GradSyncOptions options_;
+  std::vector<Bucket> buckets_;
+  std::vector<std::pair<Parameter*, size_t>> bucket_of_;  // sorted by parameter address
+  size_t next_to_start_ = 0;
+  bool sync_ = false;
+  int64_t started_in_backward_ = 0;
+  Stream stream_;
+};
+
+// Checks that every rank runs the same job: `fields` (name -> value, e.g. "train.batch_size"
+// -> 64) are compared with rank 0's. On a difference every rank throws the same one-line error
+// naming the field, rank 0's value and the first differing rank's value.
+void check_same_on_all_ranks(Communicator& comm, const std::vector<std::pair<std::string, std::string>>& fields);
+
+// Pins this rank's threads (dist.bind): "auto" pins only when several ranks share the node
+// and the launcher left each one the whole machine; "cores" always; "none" never. A rank
+// takes `threads` consecutive cores of the CPUs it may run on, offset by its local rank
+// (wrapping when the node has fewer). Returns a description for the log, with a warning when
+// the launcher bound the rank to fewer cores than it has threads.
+std::string bind_rank_threads(const std::string& mode, const Communicator& comm, int threads);
+
+// Failure injection for testing the failure handling: LANCET_FAULT="RANK:STEP:WHAT" makes rank
+// RANK, right after optimizer step STEP (1-based), die (WHAT = kill: SIGKILL, as an OOM kill or
+// a lost node would), hang (sleep forever) or throw (error). Unset: nothing happens.
+class FaultInjection {
+ public:
+  enum class What { none, kill, hang, error };
+  FaultInjection() = default;
+  FaultInjection(What what, int64_t step) : what_(what), step_(step) {}
+  void maybe_fail(int64_t step) const;
+
+ private:
+  What what_ = What::none;
+  int64_t step_ = 0;
+};
+// Reads LANCET_FAULT for this rank; throws on a malformed value.
+FaultInjection fault_injection_from_env(int rank);
+
+}  // namespace lancet
