@@ -42,6 +42,14 @@ class Handle {
   }
   Handle(const Handle&) = delete;
   Handle& operator=(const Handle&) = delete;
+  Handle(Handle&& o) noexcept : id_(o.id_), close_(o.close_) { o.id_ = -1; }
+  Handle& operator=(Handle&& o) noexcept {
+    if (this != &o) {
+      if (id_ >= 0) close_(id_);
+      id_ = o.id_, close_ = o.close_, o.id_ = -1;
+    }
+    return *this;
+  }
   hid_t get() const { return id_; }
   bool ok() const { return id_ >= 0; }
 
@@ -355,6 +363,118 @@ void H5File::write(const std::string& name, const Tensor& t) {
     LANCET_CHECK(H5Dwrite(d.get(), mtype.get(), H5S_ALL, H5S_ALL, H5P_DEFAULT, t.raw_data()) >= 0,
                  path_ << ": cannot write dataset '" << n << "': " << h5_reason());
   }
+}
+
+// ---- chunked datasets ------------------------------------------------------------------
+
+namespace {
+
+hid_t elem_memory_type(H5File::Elem e) { return e == H5File::Elem::u8 ? H5T_NATIVE_UINT8 : H5T_NATIVE_UINT16; }
+
+// The dataspace selection rows [first, first + count) of dataset d (shape `shape`), and the
+// matching memory space; throws when out of range.
+void select_rows(const std::string& path, const std::string& n, hid_t d, int64_t first, int64_t count, Handle* file_space,
+                 Handle* mem_space) {
+  const Shape shape = dataset_shape(path, n, d);
+  LANCET_CHECK(!shape.empty() && first >= 0 && count >= 0 && first + count <= shape[0],
+               path << ": rows [" << first << ", " << first + count << ") are outside dataset '" << n << "' of "
+                    << (shape.empty() ? 0 : shape[0]) << " rows");
+  std::vector<hsize_t> start(shape.size(), 0), dims(shape.begin(), shape.end());
+  start[0] = static_cast<hsize_t>(first);
+  dims[0] = static_cast<hsize_t>(count);
+  *file_space = Handle(H5Dget_space(d), H5Sclose);
+  H5Sselect_hyperslab(file_space->get(), H5S_SELECT_SET, start.data(), nullptr, dims.data(), nullptr);
+  *mem_space = Handle(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), H5Sclose);
+}
+
+}  // namespace
+
+void H5File::create_chunked(const std::string& name, Elem elem, const Shape& dims, const Shape& chunk, int gzip) {
+  H5Lock lock;
+  const hid_t f = id();
+  const std::string n = normalize(name);
+  LANCET_CHECK(writable(), path_ << ": cannot write '" << n << "': the file is open read-only");
+  LANCET_CHECK(!dims.empty() && chunk.size() == dims.size(), path_ << ": cannot create '" << n << "': chunk rank "
+                                                                    << chunk.size() << " for " << dims.size() << " dims");
+  for (size_t i = 0; i < dims.size(); ++i)
+    LANCET_CHECK(chunk[i] >= 1 && chunk[i] <= std::max<int64_t>(dims[i], 1),
+                 path_ << ": cannot create '" << n << "': chunk dimension " << i << " is " << chunk[i]);
+  LANCET_CHECK(gzip >= 0 && gzip <= 9, path_ << ": gzip level must be 0-9, got " << gzip);
+  LANCET_CHECK(gzip == 0 || H5Zfilter_avail(H5Z_FILTER_DEFLATE) > 0,
+               path_ << ": this HDF5 library has no gzip (deflate) filter");
+  LANCET_CHECK(!has(n), path_ << ": cannot write '" << n << "': it already exists");
+  const std::vector<hsize_t> d(dims.begin(), dims.end()), c(chunk.begin(), chunk.end());
+  Handle space(H5Screate_simple(static_cast<int>(d.size()), d.data(), nullptr), H5Sclose);
+  Handle dcpl(H5Pcreate(H5P_DATASET_CREATE), H5Pclose);
+  H5Pset_chunk(dcpl.get(), static_cast<int>(c.size()), c.data());
+  if (gzip > 0) H5Pset_deflate(dcpl.get(), static_cast<unsigned>(gzip));
+  Handle lcpl(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
+  H5Pset_create_intermediate_group(lcpl.get(), 1);
+  H5Pset_char_encoding(lcpl.get(), H5T_CSET_UTF8);
+  Handle ds(H5Dcreate2(f, n.c_str(), elem == Elem::u8 ? H5T_STD_U8LE : H5T_STD_U16LE, space.get(), lcpl.get(),
+                       dcpl.get(), H5P_DEFAULT),
+            H5Dclose);
+  LANCET_CHECK(ds.ok(), path_ << ": cannot create dataset '" << n << "': " << h5_reason());
+}
+
+void H5File::write_rows(const std::string& name, int64_t first, int64_t count, Elem elem, const void* data) {
+  H5Lock lock;
+  const std::string n = normalize(name);
+  LANCET_CHECK(writable(), path_ << ": cannot write '" << n << "': the file is open read-only");
+  Handle d(open_dataset(*this, id(), n), H5Dclose);
+  Handle fs_(-1, H5Sclose), ms(-1, H5Sclose);
+  select_rows(path_, n, d.get(), first, count, &fs_, &ms);
+  if (count == 0) return;
+  LANCET_CHECK(H5Dwrite(d.get(), elem_memory_type(elem), ms.get(), fs_.get(), H5P_DEFAULT, data) >= 0,
+               path_ << ": cannot write rows of '" << n << "': " << h5_reason());
+}
+
+void H5File::read_rows(const std::string& name, int64_t first, int64_t count, Elem elem, void* data) const {
+  H5Lock lock;
+  const std::string n = normalize(name);
+  Handle d(open_dataset(*this, id(), n), H5Dclose);
+  Handle fs_(-1, H5Sclose), ms(-1, H5Sclose);
+  select_rows(path_, n, d.get(), first, count, &fs_, &ms);
+  if (count == 0) return;
+  LANCET_CHECK(H5Dread(d.get(), elem_memory_type(elem), ms.get(), fs_.get(), H5P_DEFAULT, data) >= 0,
+               path_ << ": cannot read rows of '" << n << "' (corrupt file?): " << h5_reason());
+}
+
+Shape H5File::chunk_of(const std::string& name) const {
+  H5Lock lock;
+  const std::string n = normalize(name);
+  Handle d(open_dataset(*this, id(), n), H5Dclose);
+  Handle dcpl(H5Dget_create_plist(d.get()), H5Pclose);
+  if (H5Pget_layout(dcpl.get()) != H5D_CHUNKED) return {};
+  hsize_t c[32];
+  const int rank = H5Pget_chunk(dcpl.get(), 32, c);
+  LANCET_CHECK(rank > 0, path_ << ": cannot read the chunking of '" << n << "': " << h5_reason());
+  return Shape(c, c + rank);
+}
+
+int H5File::gzip_of(const std::string& name) const {
+  H5Lock lock;
+  const std::string n = normalize(name);
+  Handle d(open_dataset(*this, id(), n), H5Dclose);
+  Handle dcpl(H5Dget_create_plist(d.get()), H5Pclose);
+  const int nf = H5Pget_nfilters(dcpl.get());
+  for (int i = 0; i < nf; ++i) {
+    unsigned flags = 0, values[8];
+    size_t nv = 8;
+    if (H5Pget_filter2(dcpl.get(), static_cast<unsigned>(i), &flags, &nv, values, 0, nullptr, nullptr) ==
+            H5Z_FILTER_DEFLATE)
+      return nv > 0 ? static_cast<int>(values[0]) : 1;
+  }
+  return 0;
+}
+
+int H5File::element_size_of(const std::string& name) const {
+  H5Lock lock;
+  const std::string n = normalize(name);
+  Handle d(open_dataset(*this, id(), n), H5Dclose);
+  Handle t(H5Dget_type(d.get()), H5Tclose);
+  LANCET_CHECK(t.ok() && H5Tget_class(t.get()) == H5T_INTEGER, path_ << ": '" << n << "' is not an integer dataset");
+  return static_cast<int>(H5Tget_size(t.get()));
 }
 
 // ---- attributes -------------------------------------------------------------------------

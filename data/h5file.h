@@ -8,8 +8,9 @@
 //   attribute); HDF5's own error-stack printing is switched off.
 // - HDF5 handles never leak, on any path; the HDF5 build is serial, so every call here holds
 //   one process-wide lock (files may be used from any thread, one call at a time).
-// - Datasets are contiguous, uncompressed, in C (row-major) order: a tensor of shape
-//   [a, b, c] is a dataset of dims (a, b, c); a 0-d tensor (shape {}) is a scalar dataset.
+// - Datasets are in C (row-major) order: a tensor of shape [a, b, c] is a dataset of dims
+//   (a, b, c); a 0-d tensor (shape {}) is a scalar dataset. write() makes contiguous,
+//   uncompressed datasets; create_chunked() chunked, optionally gzip-compressed ones.
 #pragma once
 #include <cstdint>
 #include <optional>
@@ -56,6 +57,23 @@ class H5File {
   // tensor of dtype f32, f16 (IEEE half, h5py float16), i64, i32 or u8. Fails when `name`
   // already exists.
   void write(const std::string& name, const Tensor& t);
+  // Chunked datasets, for packs of images that are read a sample at a time (lancet prep):
+  // unsigned little-endian integers of 1 or 2 bytes, shape `dims`, chunks of `chunk` (same
+  // rank, each in [1, dims[i]]), gzip-compressed at `gzip` 1-9 (0: uncompressed). Fails when
+  // `name` exists. Written and read a block of rows (along dimension 0) at a time.
+  enum class Elem { u8, u16 };
+  void create_chunked(const std::string& name, Elem elem, const Shape& dims, const Shape& chunk, int gzip);
+  // Rows [first, first + count) of dataset `name`: `data` holds count x (elements per row)
+  // values of `elem` (HDF5 converts to and from the stored integer type). Throws when the rows
+  // are outside the dataset.
+  void write_rows(const std::string& name, int64_t first, int64_t count, Elem elem, const void* data);
+  void read_rows(const std::string& name, int64_t first, int64_t count, Elem elem, void* data) const;
+  // The chunk shape of a dataset (empty when contiguous) and its gzip level (0: none).
+  Shape chunk_of(const std::string& name) const;
+  int gzip_of(const std::string& name) const;
+  // Bytes per element of an integer dataset as stored (1 for uint8, 2 for uint16).
+  int element_size_of(const std::string& name) const;
+
   // Creates the group (and missing intermediate groups) unless it exists already.
   void create_group(const std::string& name);
 

@@ -13,6 +13,7 @@
 #include <opencv2/imgproc.hpp>
 #include <set>
 
+#include "data/dicom.h"
 #include "kernels/parallel.h"
 
 namespace fs = std::filesystem;
@@ -28,6 +29,9 @@ void check_load_options(const ImageLoadOptions& opt) {
   LANCET_CHECK(opt.std.size() == 1 || opt.std.size() == c,
                "normalisation std needs 1 or " << c << " values, got " << opt.std.size());
   for (float s : opt.std) LANCET_CHECK(s > 0, "normalisation std must be positive, got " << s);
+  LANCET_CHECK(opt.dicom_window.empty() || (opt.dicom_window.size() == 2 && opt.dicom_window[1] >= 1),
+               "the DICOM window must be [centre, width] with width >= 1, got " << opt.dicom_window.size() << " values"
+                   << (opt.dicom_window.size() == 2 ? ", width " + std::to_string(opt.dicom_window[1]) : ""));
 }
 
 void preprocess_image(const uint8_t* pixels, int height, int width, int in_channels, const ImageLoadOptions& opt,
@@ -54,11 +58,6 @@ void preprocess_image(const uint8_t* pixels, int height, int width, int in_chann
 }
 
 namespace {
-
-struct Item {
-  std::string file;
-  int64_t label;
-};
 
 std::string trim(const std::string& s) {
   size_t b = 0, e = s.size();
@@ -93,7 +92,7 @@ bool is_index(const std::string& s) {
   return !s.empty() && s.size() < 10 && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
 }
 
-std::vector<Item> read_manifest(const fs::path& dir, const std::string& split, std::vector<std::string>* classes) {
+std::vector<ImageItem> read_manifest(const fs::path& dir, const std::string& split, std::vector<std::string>* classes) {
   const std::string mpath = (dir / "manifest.csv").string();
   std::ifstream in(mpath);
   LANCET_CHECK(in, mpath << ": cannot read: " << std::strerror(errno));
@@ -139,7 +138,7 @@ std::vector<Item> read_manifest(const fs::path& dir, const std::string& split, s
     }();
     classes->assign(names.begin(), names.end());
   }
-  std::vector<Item> items;
+  std::vector<ImageItem> items;
   for (const Row& r : rows) {
     if (!r.selected) continue;
     const int64_t label = numeric ? std::stoll(r.label)
@@ -154,10 +153,11 @@ std::vector<Item> read_manifest(const fs::path& dir, const std::string& split, s
 bool is_image_file(const fs::path& p) {
   std::string ext = p.extension().string();
   std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-  return ext == ".png" || ext == ".jpg" || ext == ".jpeg" || ext == ".bmp" || ext == ".tif" || ext == ".tiff";
+  return ext == ".png" || ext == ".jpg" || ext == ".jpeg" || ext == ".bmp" || ext == ".tif" || ext == ".tiff" ||
+         is_dicom_path(p.string());
 }
 
-std::vector<Item> read_folders(const fs::path& dir, const std::string& split, std::vector<std::string>* classes) {
+std::vector<ImageItem> read_folders(const fs::path& dir, const std::string& split, std::vector<std::string>* classes) {
   const fs::path root = split.empty() ? dir : dir / split;
   LANCET_CHECK(fs::is_directory(root), dir.string() << ": no manifest.csv and no '" << split << "' folder");
   classes->clear();
@@ -167,21 +167,41 @@ std::vector<Item> read_folders(const fs::path& dir, const std::string& split, st
   }
   std::sort(classes->begin(), classes->end());
   LANCET_CHECK(!classes->empty(), root.string() << ": no manifest.csv and no class sub-folders");
-  std::vector<Item> items;
+  std::vector<ImageItem> items;
   for (size_t k = 0; k < classes->size(); ++k) {
     const fs::path cdir = root / (*classes)[k];
     std::vector<std::string> files;
     for (const auto& e : fs::directory_iterator(cdir))
       if (e.is_regular_file() && is_image_file(e.path())) files.push_back(e.path().string());
-    LANCET_CHECK(!files.empty(), cdir.string() << ": empty class folder (no .png/.jpg/.jpeg/.bmp/.tif/.tiff images)");
+    LANCET_CHECK(!files.empty(), cdir.string() << ": empty class folder (no .png/.jpg/.jpeg/.bmp/.tif/.tiff/.dcm/.dicom images)");
     std::sort(files.begin(), files.end());
     for (auto& f : files) items.push_back({std::move(f), static_cast<int64_t>(k)});
   }
   return items;
 }
 
-// Decodes `file` and preprocesses it into `out`; throws "<file>: <reason>".
-void load_one(const std::string& file, const ImageLoadOptions& opt, float* out) {
+}  // namespace
+
+Image8 decode_image_file(const std::string& file, const ImageLoadOptions& opt) {
+  Image8 out;
+  if (is_dicom_path(file)) {
+    DicomOptions dopt;
+    if (!opt.dicom_window.empty()) dopt.window = DicomWindow{opt.dicom_window[0], opt.dicom_window[1]};
+    DicomPixels px = read_dicom(file, dopt);
+    out.rows = px.rows, out.cols = px.cols, out.channels = px.channels, out.pixels = std::move(px.u8);
+    if (opt.recipe && !opt.recipe->empty()) {
+      cv::Mat img(out.rows, out.cols, CV_8UC(out.channels), out.pixels.data());
+      try {
+        opt.recipe->apply(img);
+      } catch (const Error& e) {
+        LANCET_FAIL(file << ": " << e.what());
+      }
+      if (!img.isContinuous()) img = img.clone();
+      out.rows = img.rows, out.cols = img.cols, out.channels = img.channels();
+      out.pixels.assign(img.ptr<uint8_t>(), img.ptr<uint8_t>() + img.total() * img.elemSize());
+    }
+    return out;
+  }
   std::ifstream in(file, std::ios::binary);
   LANCET_CHECK(in, file << ": cannot read: " << std::strerror(errno));
   const std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -193,8 +213,8 @@ void load_one(const std::string& file, const ImageLoadOptions& opt, float* out) 
     LANCET_FAIL(file << ": cannot decode image: " << e.err);
   }
   LANCET_CHECK(!img.empty(), file << ": cannot decode image (corrupt or unsupported format)");
-  if (img.depth() == CV_16U) img.convertTo(img, CV_8U, 1.0 / 257.0);
-  LANCET_CHECK(img.depth() == CV_8U, file << ": unsupported pixel depth (expected 8- or 16-bit integers)");
+  LANCET_CHECK(img.depth() == CV_8U || img.depth() == CV_16U,
+               file << ": unsupported pixel depth (expected 8- or 16-bit integers)");
   switch (img.channels()) {  // OpenCV decodes colour as BGR(A); preprocess_image wants RGB
     case 1: break;
     case 2: cv::extractChannel(img, img, 0); break;
@@ -202,19 +222,45 @@ void load_one(const std::string& file, const ImageLoadOptions& opt, float* out) 
     case 4: cv::cvtColor(img, img, cv::COLOR_BGRA2RGB); break;
     default: LANCET_FAIL(file << ": unsupported channel count " << img.channels());
   }
+  // The recipe sees the stored depth (16-bit ops use the full range); then 16 bits -> 8.
+  if (opt.recipe && !opt.recipe->empty()) {
+    try {
+      opt.recipe->apply(img);
+    } catch (const Error& e) {
+      LANCET_FAIL(file << ": " << e.what());
+    }
+  }
+  if (img.depth() == CV_16U) img.convertTo(img, CV_8U, 1.0 / 257.0);
   if (!img.isContinuous()) img = img.clone();
-  preprocess_image(img.ptr<uint8_t>(), img.rows, img.cols, img.channels(), opt, out);
+  out.rows = img.rows, out.cols = img.cols, out.channels = img.channels();
+  out.pixels.assign(img.ptr<uint8_t>(), img.ptr<uint8_t>() + img.total() * img.elemSize());
+  return out;
 }
 
-}  // namespace
+std::vector<ImageItem> list_images(const std::string& dir, const std::string& split, std::vector<std::string>* classes) {
+  LANCET_CHECK(fs::is_directory(dir), dir << ": no such directory");
+  return fs::exists(fs::path(dir) / "manifest.csv") ? read_manifest(dir, split, classes)
+                                                    : read_folders(dir, split, classes);
+}
+
+std::vector<uint8_t> resize_image(const uint8_t* pixels, int height, int width, int in_channels, int channels,
+                                  int size) {
+  LANCET_CHECK((in_channels == 1 || in_channels == 3) && (channels == 1 || channels == 3),
+               "resize_image: channels must be 1 or 3");
+  // The same steps, in the same order, as preprocess_image.
+  cv::Mat m(height, width, CV_8UC(in_channels), const_cast<uint8_t*>(pixels));
+  if (channels == 1 && in_channels == 3) cv::cvtColor(m, m, cv::COLOR_RGB2GRAY);
+  if (m.rows != size || m.cols != size) cv::resize(m, m, cv::Size(size, size), 0, 0, cv::INTER_AREA);
+  if (channels == 3 && m.channels() == 1) cv::cvtColor(m, m, cv::COLOR_GRAY2RGB);
+  if (!m.isContinuous()) m = m.clone();
+  return std::vector<uint8_t>(m.ptr<uint8_t>(), m.ptr<uint8_t>() + m.total() * m.elemSize());
+}
 
 std::unique_ptr<InMemoryDataset> load_image_dataset(const std::string& dir, const std::string& split,
                                                     const ImageLoadOptions& opt) {
   check_load_options(opt);
-  LANCET_CHECK(fs::is_directory(dir), dir << ": no such directory");
   std::vector<std::string> classes;
-  const std::vector<Item> items = fs::exists(fs::path(dir) / "manifest.csv") ? read_manifest(dir, split, &classes)
-                                                                             : read_folders(dir, split, &classes);
+  const std::vector<ImageItem> items = list_images(dir, split, &classes);
   const int64_t n = static_cast<int64_t>(items.size());
   const int64_t s = opt.image_size;
   Tensor images = Tensor::empty({n, opt.channels, s, s});
@@ -229,7 +275,8 @@ std::unique_ptr<InMemoryDataset> load_image_dataset(const std::string& dir, cons
   parallel_for(n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       try {
-        load_one(items[static_cast<size_t>(i)].file, opt, base + i * per);
+        const Image8 img = decode_image_file(items[static_cast<size_t>(i)].file, opt);
+        preprocess_image(img.pixels.data(), img.rows, img.cols, img.channels, opt, base + i * per);
       } catch (const std::exception& e) {  // exceptions must not escape an OpenMP region
         std::lock_guard<std::mutex> lock(mu);
         if (i < first_bad) first_bad = i, first_error = e.what();
@@ -239,7 +286,7 @@ std::unique_ptr<InMemoryDataset> load_image_dataset(const std::string& dir, cons
   if (first_bad < n) throw Error(first_error);  // the same error whatever the thread count
   std::vector<int64_t> labels;
   labels.reserve(items.size());
-  for (const Item& it : items) labels.push_back(it.label);
+  for (const ImageItem& it : items) labels.push_back(it.label);
   return std::make_unique<InMemoryDataset>(std::move(images), std::move(labels), std::move(classes));
 }
 

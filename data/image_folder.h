@@ -6,12 +6,15 @@
 //      name — the class list is the sorted unique names over ALL rows of the manifest, so
 //      every split agrees on the indices — or, when every label is a non-negative integer,
 //      the class index itself (class names "0".."max").
-//   2. Class sub-folders: <dir>/<class>/*.{png,jpg,jpeg,bmp,tif,tiff} (case-insensitive), or
-//      <dir>/<split>/<class>/... when split is non-empty. Classes are the sorted folder names;
-//      files are taken in sorted name order.
+//   2. Class sub-folders: <dir>/<class>/*.{png,jpg,jpeg,bmp,tif,tiff,dcm,dicom}
+//      (case-insensitive), or <dir>/<split>/<class>/... when split is non-empty. Classes are
+//      the sorted folder names; files are taken in sorted name order.
 // Every image is decoded, converted to `channels` (1 = grayscale, 3 = RGB; a gray image is
 // replicated), resized to image_size x image_size with INTER_AREA, and normalised per
 // channel: (pixel / 255 - mean[c]) / std[c]. 16-bit images are scaled to 8 bits first.
+// DICOM files (*.dcm, *.dicom; data/dicom.h) are decoded through DCMTK to 8 bits with the
+// modality LUT, the window (dicom_window, else the file's, else min-max) and MONOCHROME1
+// inversion, then take the same steps.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -19,6 +22,7 @@
 #include <vector>
 
 #include "data/dataset.h"
+#include "data/preprocess.h"
 
 namespace lancet {
 
@@ -27,6 +31,10 @@ struct ImageLoadOptions {
   int image_size = 64;             // output H = W
   std::vector<float> mean{0.5f};   // per channel; a single value broadcasts
   std::vector<float> std{0.25f};   // per channel; a single value broadcasts; > 0
+  std::vector<double> dicom_window;  // DICOM files: [centre, width]; empty: the file's window
+  // Applied to every decoded image (RGB order, at its stored depth; DICOM: after windowing to
+  // 8 bits) before the steps above; null or empty: none. Shared read-only by the workers.
+  std::shared_ptr<const PreprocessRecipe> recipe;
 };
 
 // Loads the whole split into memory (decoding in parallel). split "" = all rows / the
@@ -37,6 +45,13 @@ struct ImageLoadOptions {
 std::unique_ptr<InMemoryDataset> load_image_dataset(const std::string& dir, const std::string& split,
                                                     const ImageLoadOptions& opt);
 
+// Any source by what its path names: a folder (load_image_dataset), a MedMNIST .npz
+// (data/npz.h, load_npz_dataset) or a pack .h5 written by lancet prep (data/pack.h,
+// load_pack_dataset: `note` receives a line saying which recipe and hash were verified).
+// Defined in data/source.cpp.
+std::unique_ptr<InMemoryDataset> load_dataset(const std::string& source, const std::string& split,
+                                              const ImageLoadOptions& opt, std::string* note = nullptr);
+
 // The per-image step of load_image_dataset, shared with in-memory generators so that they
 // produce bit-identical tensors: `pixels` is height x width x in_channels uint8, row-major,
 // channel-interleaved (in_channels 1 = gray, 3 = RGB). Writes opt.channels x S x S floats
@@ -44,7 +59,35 @@ std::unique_ptr<InMemoryDataset> load_image_dataset(const std::string& dir, cons
 void preprocess_image(const uint8_t* pixels, int height, int width, int in_channels, const ImageLoadOptions& opt,
                       float* out);
 
-// Throws when opt is invalid (channels not 1 or 3, image_size < 1, mean/std sizes, std <= 0).
+// One image of a folder or manifest, with its class index.
+struct ImageItem {
+  std::string file;
+  int64_t label;
+};
+// The files and labels load_image_dataset would load, in its order, without decoding them;
+// `classes` receives the class names. Same errors as load_image_dataset for the layout.
+std::vector<ImageItem> list_images(const std::string& dir, const std::string& split, std::vector<std::string>* classes);
+
+// A decoded 8-bit image: rows x cols x channels (1 gray, 3 RGB), row-major, interleaved.
+struct Image8 {
+  int rows = 0, cols = 0, channels = 1;
+  std::vector<uint8_t> pixels;
+};
+// The per-file step of load_image_dataset before preprocess_image: decodes any supported file
+// (DICOM through data/dicom.h with opt.dicom_window), converts to gray or RGB, applies
+// opt.recipe, and scales 16-bit images to 8 bits. Throws "<file>: <reason>".
+Image8 decode_image_file(const std::string& file, const ImageLoadOptions& opt);
+
+// The geometric part of preprocess_image: the pixels converted to `channels` (RGB -> gray
+// before the resize; gray is replicated to RGB after it) and resized to size x size with
+// INTER_AREA, as size x size x channels uint8. preprocess_image on the result (with
+// opt.channels == channels, opt.image_size == size) gives bit for bit what it gives on the
+// original pixels.
+std::vector<uint8_t> resize_image(const uint8_t* pixels, int height, int width, int in_channels, int channels,
+                                  int size);
+
+// Throws when opt is invalid (channels not 1 or 3, image_size < 1, mean/std sizes, std <= 0,
+// dicom_window not empty or [centre, width >= 1]).
 void check_load_options(const ImageLoadOptions& opt);
 
 }  // namespace lancet

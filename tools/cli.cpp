@@ -12,7 +12,7 @@ struct Flag {
   bool training;  // only for subcommands that train
 };
 const Flag kFlags[] = {
-    {"--data", "data.dir", "dataset folder (class sub-folders or manifest.csv); empty = synthetic default", false},
+    {"--data", "data.dir", "dataset: a folder (class sub-folders or manifest.csv), a .npz or a pack .h5; empty = synthetic default", false},
     {"--image-size", "data.image_size", "input resolution (square)", false},
     {"--channels", "data.channels", "input channels (1 grayscale, 3 RGB)", false},
     {"--batch-size", "train.batch_size", "images per step", false},

@@ -27,6 +27,7 @@ void register_eval(CLI::App& app);
 void register_forward(CLI::App& app);
 void register_synth(CLI::App& app);
 void register_bench(CLI::App& app);
+void register_prep(CLI::App& app);
 std::string version_report();
 
 }  // namespace lancet::cli

@@ -16,7 +16,7 @@ JOBS=${JOBS:-$(nproc)}
 
 PACKAGES=(build-essential cmake ninja-build pkg-config git
           libopenblas-dev libopencv-core-dev libopencv-imgproc-dev libopencv-imgcodecs-dev
-          libhdf5-dev libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libgtest-dev
+          libhdf5-dev libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libgtest-dev libdcmtk-dev zlib1g-dev
           openmpi-bin libopenmpi-dev python3 python3-pip)
 
 deps() {

@@ -2,6 +2,7 @@
 #include <sstream>
 #include <thread>
 
+#include "data/dicom.h"
 #include "kernels/blas.h"
 #include "kernels/parallel.h"
 #include "tools/cli.h"
@@ -36,6 +37,7 @@ std::string version_report() {
 #endif
   os << "  OpenCV   " << LANCET_OPENCV_VERSION << "\n"
      << "  HDF5     " << LANCET_HDF5_VERSION << "\n"
+     << "  DICOM    " << dicom_backend() << "\n"
      << "  BLAS     " << blas_info() << "\n"
      << "devices:\n"
      << "  cpu      " << std::thread::hardware_concurrency() << " hardware threads\n";

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <fstream>
 
+#include "data/preprocess.h"
 #include "kernels/error.h"
 #include "trainer/schedule.h"
 
@@ -17,7 +18,9 @@ Json default_config() {
     "data": {
       "dir": "", "train_split": "train", "val_split": "val",
       "image_size": 64, "channels": 1, "mean": [0.5], "std": [0.25],
-      "synth": {"train": 2000, "val": 500, "size": 128, "seed": 1234}
+      "synth": {"train": 2000, "val": 500, "size": 128, "seed": 1234},
+      "dicom": {"window": null},
+      "preprocess": []
     },
     "train": {
       "epochs": 10, "max_steps": 0, "batch_size": 32, "drop_last": false, "seed": 0,
@@ -224,6 +227,14 @@ DataConfig data_config(const Json& c) {
   d.synth_val = s.at("val").get<int64_t>();
   d.synth_size = s.at("size").get<int>();
   d.synth_seed = s.at("seed").get<uint64_t>();
+  const Json& w = c.at("data").at("dicom").at("window");
+  const bool window_ok = w.is_null() || (w.is_array() && w.size() == 2 && w[0].is_number() && w[1].is_number() &&
+                                         w[1].get<double>() >= 1);
+  LANCET_CHECK(window_ok, "data.dicom.window must be null (the file's window, else min-max) or [centre, width] with "
+                          "width >= 1, got " << w.dump());
+  if (!w.is_null()) d.dicom_window = w.get<std::vector<double>>();
+  d.preprocess = c.at("data").at("preprocess");
+  PreprocessRecipe::from_json(d.preprocess);  // fails here, naming data.preprocess[i], when invalid
   LANCET_CHECK(d.image_size >= 8, "data.image_size must be at least 8, got " << d.image_size);
   LANCET_CHECK(d.channels == 1 || d.channels == 3, "data.channels must be 1 or 3, got " << d.channels);
   LANCET_CHECK(!d.mean.empty() && !d.std.empty(), "data.mean and data.std need at least one value");

@@ -43,6 +43,8 @@ struct DataConfig {
   int64_t synth_train, synth_val;
   int synth_size;
   uint64_t synth_seed;
+  std::vector<double> dicom_window;  // [centre, width] for DICOM files; empty: the file's window, else min-max
+  Json preprocess;                   // the preprocessing recipe (data/preprocess.h), a JSON list of ops
 };
 struct TrainConfig {
   int epochs;

@@ -186,6 +186,9 @@ DataSplits load_data(const DataConfig& cfg, std::ostream& log) {
   lo.image_size = cfg.image_size;
   lo.mean = cfg.mean;
   lo.std = cfg.std;
+  lo.dicom_window = cfg.dicom_window;
+  if (!cfg.preprocess.is_null() && !cfg.preprocess.empty())
+    lo.recipe = std::make_shared<const PreprocessRecipe>(PreprocessRecipe::from_json(cfg.preprocess));
   std::string dir = cfg.dir;
   DataSplits d;
   if (dir.empty()) {
@@ -207,8 +210,13 @@ DataSplits load_data(const DataConfig& cfg, std::ostream& log) {
   } else {
     d.source = dir;
   }
-  d.train = load_image_dataset(dir, cfg.train_split, lo);
-  d.val = load_image_dataset(dir, cfg.val_split, lo);
+  // A folder, a MedMNIST .npz or a pack from lancet prep (whose recipe and hash are checked).
+  std::string note;
+  d.train = load_dataset(dir, cfg.train_split, lo, &note);
+  if (!note.empty()) log << note << "\n";
+  note.clear();
+  d.val = load_dataset(dir, cfg.val_split, lo, &note);
+  if (!note.empty()) log << note << "\n";
   LANCET_CHECK(d.train->size() > 0, dir << ": no training images (split '" << cfg.train_split << "')");
   LANCET_CHECK(d.train->class_names() == d.val->class_names(),
                dir << ": training and validation splits have different classes");

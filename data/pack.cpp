@@ -1,0 +1,378 @@
+#include "data/pack.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <ostream>
+
+#include "data/h5file.h"
+#include "data/npz.h"
+#include "kernels/error.h"
+#include "kernels/parallel.h"
+
+namespace fs = std::filesystem;
+
+namespace lancet {
+
+uint64_t fnv1a64(const uint8_t* bytes, size_t n, uint64_t h) {
+  for (size_t i = 0; i < n; ++i) h = (h ^ bytes[i]) * 1099511628211ull;
+  return h;
+}
+
+namespace {
+
+constexpr const char* kFormat = "lancet-pack";
+constexpr const char* kVersion = "1";
+
+std::string hex16(uint64_t v) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+uint64_t hash_labels(const std::vector<int64_t>& labels, uint64_t h) {
+  for (int64_t l : labels) {
+    uint8_t b[8];
+    for (int k = 0; k < 8; ++k) b[k] = static_cast<uint8_t>(static_cast<uint64_t>(l) >> (8 * k));
+    h = fnv1a64(b, 8, h);
+  }
+  return h;
+}
+
+std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
+  return s;
+}
+
+// One split of a source: its labels and a thread-safe decoder of image i (to 8-bit gray/RGB
+// with the recipe applied; errors name the file or array element).
+struct SplitSource {
+  std::vector<int64_t> labels;
+  std::function<Image8(int64_t)> decode;
+};
+
+class Source {
+ public:
+  Source(const std::string& path, const ImageLoadOptions& opt) : path_(path), opt_(opt) {
+    std::error_code ec;
+    if (fs::is_regular_file(path, ec)) {
+      npz_ = std::make_shared<NpzFile>(NpzFile::open(path));
+    } else {
+      LANCET_CHECK(fs::is_directory(path, ec), path << ": no such directory or .npz file");
+    }
+  }
+
+  std::vector<std::string> available(const std::vector<std::string>& wanted) const {
+    std::vector<std::string> out;
+    for (const auto& s : wanted)
+      if (has(s)) out.push_back(s);
+    return out;
+  }
+
+  bool has(const std::string& split) const {
+    if (npz_) {
+      const auto s = npz_splits(*npz_);
+      return std::find(s.begin(), s.end(), split) != s.end();
+    }
+    if (!fs::exists(fs::path(path_) / "manifest.csv")) return fs::is_directory(fs::path(path_) / split);
+    try {
+      std::vector<std::string> classes;
+      list_images(path_, split, &classes);
+      return true;
+    } catch (const Error&) {
+      return false;
+    }
+  }
+
+  // The split's items; `classes` receives the class names.
+  SplitSource open(const std::string& split, std::vector<std::string>* classes) const {
+    SplitSource s;
+    if (npz_) {
+      int64_t k = 0;
+      s.labels = read_npz_labels(*npz_, split, &k);
+      classes->clear();
+      for (int64_t i = 0; i < k; ++i) classes->push_back(std::to_string(i));
+      auto images = std::make_shared<NpyArray>(read_npz_images(*npz_, split));
+      LANCET_CHECK(images->shape[0] == static_cast<int64_t>(s.labels.size()),
+                   path_ << ": " << images->shape[0] << " images but " << s.labels.size() << " labels in split '"
+                         << split << "'");
+      const std::string where = path_ + ":" + split + "_images";
+      const ImageLoadOptions opt = opt_;
+      s.decode = [images, where, opt](int64_t i) {
+        try {
+          return npz_image(*images, i, opt);
+        } catch (const Error& e) {
+          LANCET_FAIL(where << "[" << i << "]: " << e.what());
+        }
+      };
+      return s;
+    }
+    auto items = std::make_shared<std::vector<ImageItem>>(list_images(path_, split, classes));
+    for (const auto& it : *items) s.labels.push_back(it.label);
+    const ImageLoadOptions opt = opt_;
+    s.decode = [items, opt](int64_t i) { return decode_image_file((*items)[static_cast<size_t>(i)].file, opt); };
+    return s;
+  }
+
+ private:
+  std::string path_;
+  ImageLoadOptions opt_;
+  std::shared_ptr<NpzFile> npz_;
+};
+
+std::string recipe_fingerprint(const ImageLoadOptions& opt) {
+  return opt.recipe ? opt.recipe->fingerprint() : PreprocessRecipe().fingerprint();
+}
+std::string recipe_json(const ImageLoadOptions& opt) {
+  return (opt.recipe ? opt.recipe->to_json() : PreprocessRecipe().to_json()).dump();
+}
+
+int attr_int(const H5File& f, const char* name) {
+  const auto v = f.get_attr("/", name);
+  LANCET_CHECK(v, f.path() << ": pack attribute '" << name << "' missing");
+  try {
+    return std::stoi(*v);
+  } catch (const std::exception&) {
+    LANCET_FAIL(f.path() << ": pack attribute '" << name << "' is not an integer: '" << *v << "'");
+  }
+}
+
+PackInfo read_info(const H5File& f) {
+  const std::string& path = f.path();
+  const auto format = f.get_attr("/", "format");
+  LANCET_CHECK(format && *format == kFormat, path << ": not a lancet pack (no format=\"" << kFormat
+                                                  << "\" attribute; packs are written by lancet prep)");
+  const auto version = f.get_attr("/", "version");
+  LANCET_CHECK(version && *version == kVersion,
+               path << ": pack version " << version.value_or("?") << " is not supported (this lancet reads version "
+                    << kVersion << "; run lancet prep again)");
+  PackInfo info;
+  info.image_size = attr_int(f, "image_size");
+  info.channels = attr_int(f, "channels");
+  info.recipe = f.get_attr("/", "recipe").value_or("[]");
+  info.recipe_fingerprint = f.get_attr("/", "recipe_fingerprint").value_or("");
+  info.source = f.get_attr("/", "source").value_or("");
+  LANCET_CHECK(f.get_attr("/", "dtype").value_or("") == "uint8", path << ": pack pixel type "
+                                                                      << f.get_attr("/", "dtype").value_or("?")
+                                                                      << " is not supported (uint8)");
+  try {
+    info.classes = Json::parse(f.get_attr("/", "classes").value_or("")).get<std::vector<std::string>>();
+  } catch (const std::exception&) {
+    LANCET_FAIL(path << ": pack attribute 'classes' is missing or not a JSON list of names");
+  }
+  // Stale: the recipe's ops produce other pixels in this lancet than when the pack was made.
+  std::string now;
+  try {
+    now = PreprocessRecipe::from_json(Json::parse(info.recipe), "pack recipe").fingerprint();
+  } catch (const std::exception& e) {
+    LANCET_FAIL(path << ": the pack's preprocessing recipe is not valid here (stale pack; run lancet prep again): "
+                     << e.what());
+  }
+  LANCET_CHECK(now == info.recipe_fingerprint,
+               path << ": stale pack: made with recipe fingerprint " << info.recipe_fingerprint
+                    << ", which this lancet computes as " << now << " (its ops changed; run lancet prep again)");
+  for (const auto& name : f.list("/"))
+    if (f.has(name + "/images") && f.has(name + "/labels")) info.splits.push_back(name);
+  return info;
+}
+
+}  // namespace
+
+bool is_pack_path(const std::string& path) {
+  const std::string ext = fs::path(path).extension().string();
+  return ext == ".h5" || ext == ".hdf5";
+}
+
+std::vector<PackSplitSummary> write_pack(const std::string& source, const std::string& out, const PackOptions& opt) {
+  check_load_options(opt.load);
+  LANCET_CHECK(opt.gzip >= 0 && opt.gzip <= 9, "--compress must be a gzip level 0-9, got " << opt.gzip);
+  LANCET_CHECK(opt.block >= 1, "pack block size must be positive");
+  LANCET_CHECK(fs::absolute(source) != fs::absolute(out), out << ": the pack cannot replace its source");
+  const Source src(source, opt.load);
+  std::vector<std::string> splits = opt.splits;
+  if (splits.empty()) {
+    splits = src.available({"train", "val", "test"});
+    LANCET_CHECK(!splits.empty(), source << ": no train, val or test split (sub-folders, a manifest split column or "
+                                            "<split>_images arrays); name the splits to pack with --splits");
+  }
+  for (const auto& s : splits) {
+    LANCET_CHECK(!s.empty() && s.find('/') == std::string::npos, "bad split name '" << s << "'");
+    LANCET_CHECK(src.has(s), source << ": no split '" << s << "'");
+  }
+
+  const int S = opt.load.image_size, C = opt.load.channels;
+  const int64_t per = static_cast<int64_t>(S) * S * C;
+  H5File f = H5File::create_atomic(out);  // discarded (temporary file deleted) unless committed
+  std::vector<std::string> classes;
+  std::vector<PackSplitSummary> summary;
+  for (const auto& split : splits) {
+    std::vector<std::string> split_classes;
+    const SplitSource s = src.open(split, &split_classes);
+    if (classes.empty()) classes = split_classes;
+    LANCET_CHECK(split_classes == classes, source << ": split '" << split << "' has classes [" << join(split_classes)
+                                                  << "] but '" << splits.front() << "' has [" << join(classes) << "]");
+    const int64_t n = static_cast<int64_t>(s.labels.size());
+    LANCET_CHECK(n > 0, source << ": split '" << split << "' has no images");
+    if (opt.log) *opt.log << "prep: " << split << ": " << n << " images from " << source << "\n" << std::flush;
+    const std::string images = split + "/images";
+    const Shape dims = C == 1 ? Shape{n, S, S} : Shape{n, S, S, C};
+    Shape chunk = dims;
+    chunk[0] = 1;
+    f.create_chunked(images, H5File::Elem::u8, dims, chunk, opt.gzip);
+    uint64_t h = kFnvOffset;
+    std::vector<uint8_t> block;
+    for (int64_t b0 = 0; b0 < n; b0 += opt.block) {
+      const int64_t bn = std::min(opt.block, n - b0);
+      block.assign(static_cast<size_t>(bn * per), 0);
+      std::mutex mu;
+      int64_t first_bad = bn;
+      std::string first_error;
+      parallel_for(bn, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j) {
+          try {
+            const Image8 img = s.decode(b0 + j);
+            const std::vector<uint8_t> px = resize_image(img.pixels.data(), img.rows, img.cols, img.channels, C, S);
+            std::memcpy(block.data() + j * per, px.data(), px.size());
+          } catch (const std::exception& e) {  // exceptions must not escape an OpenMP region
+            std::lock_guard<std::mutex> lock(mu);
+            if (j < first_bad) first_bad = j, first_error = e.what();
+          }
+        }
+      });
+      if (first_bad < bn) throw Error(first_error);  // the first bad image in order, whatever the threads
+      f.write_rows(images, b0, bn, H5File::Elem::u8, block.data());
+      h = fnv1a64(block.data(), block.size(), h);
+    }
+    h = hash_labels(s.labels, h);
+    Tensor labels = Tensor::empty({n}, DType::i64);
+    std::copy(s.labels.begin(), s.labels.end(), labels.data<int64_t>());
+    f.write(split + "/labels", labels);
+    PackSplitSummary sum;
+    sum.name = split, sum.count = n, sum.hash = hex16(h);
+    sum.per_class.assign(classes.size(), 0);
+    for (int64_t l : s.labels)
+      if (l >= 0 && l < static_cast<int64_t>(classes.size())) ++sum.per_class[static_cast<size_t>(l)];
+    f.set_attr(split, "hash", sum.hash);
+    summary.push_back(sum);
+  }
+  f.set_attr("/", "format", kFormat);
+  f.set_attr("/", "version", kVersion);
+  f.set_attr("/", "classes", Json(classes).dump());
+  f.set_attr("/", "image_size", std::to_string(S));
+  f.set_attr("/", "channels", std::to_string(C));
+  f.set_attr("/", "dtype", "uint8");
+  f.set_attr("/", "recipe", recipe_json(opt.load));
+  f.set_attr("/", "recipe_fingerprint", recipe_fingerprint(opt.load));
+  f.set_attr("/", "source", source);
+  f.set_attr("/", "hash_algorithm", "fnv1a64");
+  f.commit();
+  if (opt.log) {
+    *opt.log << "prep: wrote " << out << " (" << fs::file_size(out) / 1024 << " KiB; " << S << "x" << S << "x" << C
+             << " uint8, recipe " << recipe_fingerprint(opt.load) << (opt.gzip ? ", gzip " + std::to_string(opt.gzip) : "")
+             << ")\n";
+    for (const auto& s : summary) {
+      *opt.log << "  " << s.name << ": " << s.count << " images (";
+      for (size_t k = 0; k < classes.size(); ++k) *opt.log << (k ? ", " : "") << classes[k] << " " << s.per_class[k];
+      *opt.log << "), hash " << s.hash << "\n";
+    }
+  }
+  return summary;
+}
+
+PackInfo read_pack_info(const std::string& path) { return read_info(H5File::open_read(path)); }
+
+std::unique_ptr<InMemoryDataset> load_pack_dataset(const std::string& path, const std::string& split,
+                                                   const ImageLoadOptions& opt, std::string* note) {
+  check_load_options(opt);
+  const H5File f = H5File::open_read(path);
+  const PackInfo info = read_info(f);
+  LANCET_CHECK(std::find(info.splits.begin(), info.splits.end(), split) != info.splits.end(),
+               path << ": the pack has no split '" << split << "' (it has: " << join(info.splits) << ")");
+  const std::string want = recipe_fingerprint(opt);
+  LANCET_CHECK(want == info.recipe_fingerprint,
+               path << ": the pack was made with preprocessing recipe " << info.recipe << " (" << info.recipe_fingerprint
+                    << ") but data.preprocess is " << recipe_json(opt) << " (" << want
+                    << "): run lancet prep again, or set data.preprocess to the pack's recipe");
+  const std::string images = split + "/images";
+  const Shape shape = f.shape_of(images);
+  const int S = info.image_size, C = info.channels;
+  const Shape expect = C == 1 ? Shape{shape.empty() ? 0 : shape[0], S, S} : Shape{shape.empty() ? 0 : shape[0], S, S, C};
+  LANCET_CHECK(shape == expect && f.element_size_of(images) == 1,
+               path << ": dataset '" << images << "' does not match the pack's image_size " << S << " and channels " << C);
+  const int64_t n = shape[0];
+  const int64_t per = static_cast<int64_t>(S) * S * C;
+  std::vector<uint8_t> pixels(static_cast<size_t>(n * per));
+  f.read_rows(images, 0, n, H5File::Elem::u8, pixels.data());
+  const Tensor lt = f.read(split + "/labels");
+  LANCET_CHECK(lt.dtype() == DType::i64 && lt.ndim() == 1 && lt.dim(0) == n,
+               path << ": '" << split << "/labels' must be int64 [" << n << "]");
+  std::vector<int64_t> labels(lt.data<int64_t>(), lt.data<int64_t>() + n);
+  const std::string hash = hex16(hash_labels(labels, fnv1a64(pixels.data(), pixels.size())));
+  const std::string stored = f.get_attr(split, "hash").value_or("(none)");
+  LANCET_CHECK(hash == stored, path << ": split '" << split << "' is damaged or was modified: content hash " << hash
+                                    << ", the pack says " << stored << " (run lancet prep again)");
+  const int64_t k = static_cast<int64_t>(info.classes.size());
+  for (int64_t i = 0; i < n; ++i)
+    LANCET_CHECK(labels[static_cast<size_t>(i)] >= 0 && labels[static_cast<size_t>(i)] < k,
+                 path << ": label " << labels[static_cast<size_t>(i)] << " of " << split << " sample " << i
+                      << " is outside the " << k << " classes");
+  const int64_t s = opt.image_size;
+  const int64_t out_per = opt.channels * s * s;
+  Tensor t = Tensor::empty({n, opt.channels, s, s});
+  float* base = t.data<float>();
+  parallel_for(n, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) preprocess_image(pixels.data() + i * per, S, S, C, opt, base + i * out_per);
+  });
+  if (note)
+    *note = "pack " + path + ": split " + split + ", " + std::to_string(n) + " images " + std::to_string(S) + "x" +
+            std::to_string(S) + "x" + std::to_string(C) + (S != s || C != opt.channels ? " (converted to the configured size)" : "") +
+            ", recipe " + info.recipe_fingerprint + ", content hash " + hash + " verified";
+  return std::make_unique<InMemoryDataset>(std::move(t), std::move(labels), info.classes);
+}
+
+// ---- random access ----------------------------------------------------------------------
+
+struct PackReader::Impl {
+  H5File file;
+  std::map<std::string, std::vector<int64_t>> labels;
+};
+
+PackReader::PackReader(const std::string& path) : impl_(new Impl{H5File::open_read(path), {}}) {
+  info_ = read_info(impl_->file);
+  for (const auto& s : info_.splits) {
+    const Tensor t = impl_->file.read(s + "/labels");
+    LANCET_CHECK(t.dtype() == DType::i64 && t.ndim() == 1, path << ": '" << s << "/labels' must be int64 [N]");
+    impl_->labels[s].assign(t.data<int64_t>(), t.data<int64_t>() + t.dim(0));
+  }
+}
+
+PackReader::~PackReader() = default;
+
+int64_t PackReader::size(const std::string& split) const {
+  const auto it = impl_->labels.find(split);
+  LANCET_CHECK(it != impl_->labels.end(), impl_->file.path() << ": the pack has no split '" << split << "'");
+  return static_cast<int64_t>(it->second.size());
+}
+
+int64_t PackReader::label(const std::string& split, int64_t i) const {
+  const int64_t n = size(split);
+  LANCET_CHECK(i >= 0 && i < n, impl_->file.path() << ": index " << i << " outside split '" << split << "' of " << n);
+  return impl_->labels.at(split)[static_cast<size_t>(i)];
+}
+
+Image8 PackReader::image(const std::string& split, int64_t i) const {
+  label(split, i);  // checks the split and the index
+  Image8 img;
+  img.rows = img.cols = info_.image_size;
+  img.channels = info_.channels;
+  img.pixels.resize(static_cast<size_t>(img.rows) * img.cols * img.channels);
+  impl_->file.read_rows(split + "/images", i, 1, H5File::Elem::u8, img.pixels.data());
+  return img;
+}
+
+}  // namespace lancet

@@ -1,0 +1,23 @@
+// load_dataset (declared in image_folder.h): one entry point for every kind of source.
+#include <filesystem>
+
+#include "data/image_folder.h"
+#include "data/npz.h"
+#include "data/pack.h"
+#include "kernels/error.h"
+
+namespace lancet {
+
+std::unique_ptr<InMemoryDataset> load_dataset(const std::string& source, const std::string& split,
+                                              const ImageLoadOptions& opt, std::string* note) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::is_directory(source, ec)) return load_image_dataset(source, split, opt);
+  LANCET_CHECK(fs::exists(source, ec), source << ": no such dataset (a folder, an .npz or a pack .h5)");
+  if (is_pack_path(source)) return load_pack_dataset(source, split, opt, note);
+  LANCET_CHECK(fs::path(source).extension() == ".npz",
+               source << ": not a dataset (expected a folder, a MedMNIST-style .npz or a pack .h5 from lancet prep)");
+  return load_npz_dataset(source, split, opt);
+}
+
+}  // namespace lancet

@@ -1,0 +1,259 @@
+// data/pack and `lancet prep`: folder / manifest / DICOM / .npz -> pack -> dataset is bit-identical
+// to loading the source directly (gray, RGB, with a preprocessing recipe); the content hash
+// changes with one pixel and a damaged pack is refused; stale and mismatched recipes; a
+// corrupt source image fails prep naming the file and leaves nothing behind; one image per
+// chunk (random access reads one chunk), gzip; load_dataset dispatch; the CLI.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <opencv2/core.hpp>
+#include <opencv2/imgcodecs.hpp>
+#include <string>
+#include <vector>
+
+#include "data/dicom.h"
+#include "data/h5file.h"
+#include "data/npz.h"
+#include "data/pack.h"
+#include "data/synth.h"
+#include "tests/cli_util.h"
+#include "tests/expect_error.h"
+
+namespace fs = std::filesystem;
+using namespace lancet;
+using lancet::testing::expect_error;
+
+namespace {
+
+const std::string kReal = std::string(LANCET_SOURCE_DIR) + "/tests/data/real/";
+
+bool same_dataset(const InMemoryDataset& a, const InMemoryDataset& b) {
+  return a.images().shape() == b.images().shape() && a.labels() == b.labels() && a.class_names() == b.class_names() &&
+         std::memcmp(a.images().raw_data(), b.images().raw_data(), a.images().nbytes()) == 0;
+}
+
+std::vector<uint8_t> read_bytes(const std::string& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::vector<uint8_t>((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+class PackTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir_ = fs::temp_directory_path() / ("lancet_pack_" + std::to_string(::getpid()) + "_" + info->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  std::string path(const std::string& rel) const {
+    fs::create_directories((dir_ / rel).parent_path());
+    return (dir_ / rel).string();
+  }
+  // A small synthetic chest X-ray folder: train/val class folders of 40x40 PNGs.
+  std::string synth(const std::string& name = "cxr", int64_t train = 8, int64_t val = 4) {
+    SynthOptions o;
+    o.train = train, o.val = val, o.image_size = 40, o.seed = 5;
+    write_synthetic_cxr(path(name), o);
+    return path(name);
+  }
+  // Adds a file to the synthetic folder's manifest (which lists its images).
+  void add_row(const std::string& folder, const std::string& rel, const std::string& label, const std::string& split) {
+    std::ofstream(path(folder + "/manifest.csv"), std::ios::app) << rel << "," << label << "," << split << "\n";
+  }
+  // Files in the test folder whose names start with `prefix` (a pack or its temporary files).
+  std::vector<std::string> leftovers(const std::string& prefix) const {
+    std::vector<std::string> out;
+    for (const auto& e : fs::directory_iterator(dir_))
+      if (e.path().filename().string().rfind(prefix, 0) == 0) out.push_back(e.path().filename().string());
+    return out;
+  }
+  fs::path dir_;
+};
+
+PackOptions pack_options(int size, int channels) {
+  PackOptions po;
+  po.load.image_size = size, po.load.channels = channels;
+  po.block = 3;  // several blocks even for small sets
+  return po;
+}
+
+}  // namespace
+
+TEST_F(PackTest, FolderPackLoadsBitIdenticalToTheFolder) {
+  const std::string src = synth();
+  // A DICOM class member too (the RSNA layout): CT_small into train/opacity.
+  if (dicom_supported()) {
+    fs::copy_file(kReal + "dicom/pydicom__CT_small.dcm", path("cxr/train/opacity/ct.dcm"));
+    add_row("cxr", "train/opacity/ct.dcm", "opacity", "train");
+  }
+  for (int channels : {1, 3}) {
+    PackOptions po = pack_options(24, channels);
+    const std::string pack = path("p" + std::to_string(channels) + ".h5");
+    const auto summary = write_pack(src, pack, po);
+    ASSERT_EQ(summary.size(), 2u);
+    EXPECT_EQ(summary[0].name, "train");
+    EXPECT_EQ(summary[0].count, dicom_supported() ? 9 : 8);
+    ImageLoadOptions lo = po.load;
+    lo.mean = {0.3f, 0.4f, 0.5f}, lo.std = {0.2f, 0.25f, 0.3f};
+    if (channels == 1) lo.mean = {0.3f}, lo.std = {0.2f};
+    for (const char* split : {"train", "val"}) {
+      std::string note;
+      auto from_pack = load_pack_dataset(pack, split, lo, &note);
+      auto from_folder = load_image_dataset(src, split, lo);
+      EXPECT_TRUE(same_dataset(*from_pack, *from_folder)) << split << " channels " << channels;
+      EXPECT_NE(note.find("verified"), std::string::npos) << note;
+      // load_dataset dispatches on what the path names.
+      EXPECT_TRUE(same_dataset(*load_dataset(pack, split, lo), *from_folder));
+      EXPECT_TRUE(same_dataset(*load_dataset(src, split, lo), *from_folder));
+    }
+  }
+}
+
+TEST_F(PackTest, RgbManifestAndRecipeAndNpz) {
+  // A manifest of real images: the fundus photo (RGB JPEG) and a chest X-ray (gray PNG).
+  fs::copy_file(kReal + "png_jpeg/napari__fundus_normal_right_eye_600px.jpg", path("m/a.jpg"));
+  fs::copy_file(kReal + "png_jpeg/txv__nih_00000001_000.png", path("m/b.png"));
+  std::ofstream(path("m/manifest.csv")) << "path,label,split\na.jpg,eye,train\nb.png,cxr,train\na.jpg,eye,val\n";
+  PackOptions po = pack_options(20, 3);
+  po.load.recipe = std::make_shared<const PreprocessRecipe>(
+      PreprocessRecipe::from_json(Json::parse(R"([{"op":"clahe","clip_limit":3.0},{"op":"gamma","gamma":0.8}])")));
+  po.gzip = 5;
+  const std::string pack = path("rgb.h5");
+  write_pack(path("m"), pack, po);
+  ImageLoadOptions lo = po.load;
+  EXPECT_TRUE(same_dataset(*load_pack_dataset(pack, "train", lo), *load_image_dataset(path("m"), "train", lo)));
+  const PackInfo info = read_pack_info(pack);
+  EXPECT_EQ(info.classes, (std::vector<std::string>{"cxr", "eye"}));
+  EXPECT_EQ(info.recipe_fingerprint, po.load.recipe->fingerprint());
+  EXPECT_EQ(info.splits, (std::vector<std::string>{"train", "val"}));
+  // One image per chunk, compressed as asked.
+  const H5File f = H5File::open_read(pack);
+  EXPECT_EQ(f.chunk_of("train/images"), (Shape{1, 20, 20, 3}));
+  EXPECT_EQ(f.gzip_of("train/images"), 5);
+  // A pack made with one recipe is refused under another (and under none).
+  ImageLoadOptions other = lo;
+  other.recipe.reset();
+  expect_error([&] { load_pack_dataset(pack, "train", other); }, {"rgb.h5", "clahe", "data.preprocess", "lancet prep"});
+
+  // .npz -> pack -> dataset equals the .npz loaded directly.
+  const std::string npz = kReal + "npz/medmnist__pneumoniamnist.npz";
+  PackOptions pn = pack_options(16, 1);
+  pn.splits = {"val"};
+  pn.block = 64;
+  write_pack(npz, path("pn.h5"), pn);
+  EXPECT_TRUE(same_dataset(*load_pack_dataset(path("pn.h5"), "val", pn.load), *load_npz_dataset(npz, "val", pn.load)));
+  EXPECT_EQ(read_pack_info(path("pn.h5")).classes, (std::vector<std::string>{"0", "1"}));
+  expect_error([&] { load_pack_dataset(path("pn.h5"), "train", pn.load); }, {"pn.h5", "no split 'train'", "val"});
+}
+
+TEST_F(PackTest, HashChangesWithOnePixelAndDamageIsDetected) {
+  const std::string a = synth("a", 4, 2);
+  fs::copy(a, path("b"), fs::copy_options::recursive);
+  // Change one pixel of one image in the copy, by one grey level.
+  const std::string victim = path("b/train/normal/" + fs::directory_iterator(path("b/train/normal"))->path().filename().string());
+  cv::Mat m = cv::imread(victim, cv::IMREAD_UNCHANGED);
+  m.at<uint8_t>(20, 20) = static_cast<uint8_t>(m.at<uint8_t>(20, 20) ^ 1);
+  cv::imwrite(victim, m);
+  const PackOptions po = pack_options(40, 1);  // no resize: the pixel survives as it is
+  const auto sa = write_pack(a, path("a.h5"), po);
+  const auto sb = write_pack(path("b"), path("b.h5"), po);
+  EXPECT_NE(sa[0].hash, sb[0].hash);
+  EXPECT_EQ(sa[1].hash, sb[1].hash);  // val untouched
+
+  // Damage one stored pixel of the pack on disk (uncompressed chunks hold the raw pixels).
+  PackReader reader(path("a.h5"));
+  const Image8 first = reader.image("train", 1);
+  std::vector<uint8_t> bytes = read_bytes(path("a.h5"));
+  const auto at = std::search(bytes.begin(), bytes.end(), first.pixels.begin(), first.pixels.end());
+  ASSERT_NE(at, bytes.end());
+  *(at + 700) ^= 0x10;
+  std::ofstream(path("a.h5"), std::ios::binary | std::ios::trunc)
+      .write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  expect_error([&] { load_pack_dataset(path("a.h5"), "train", po.load); },
+               {"a.h5", "split 'train' is damaged or was modified", "content hash"});
+  EXPECT_NO_THROW(load_pack_dataset(path("a.h5"), "val", po.load));
+}
+
+TEST_F(PackTest, RandomAccessReadsOneChunk) {
+  const std::string src = synth("s", 10, 2);
+  const PackOptions po = pack_options(24, 1);
+  write_pack(src, path("r.h5"), po);
+  const H5File f = H5File::open_read(path("r.h5"));
+  EXPECT_EQ(f.chunk_of("train/images"), (Shape{1, 24, 24}));  // one sample = one chunk
+  EXPECT_EQ(f.gzip_of("train/images"), 0);
+  EXPECT_EQ(f.shape_of("train/images"), (Shape{10, 24, 24}));
+  EXPECT_EQ(f.dtype_of("train/images"), DType::u8);
+  PackReader reader(path("r.h5"));
+  EXPECT_EQ(reader.size("train"), 10);
+  std::vector<std::string> classes;
+  const auto items = list_images(src, "train", &classes);
+  for (int64_t i : {7, 0, 9}) {
+    const Image8 img = decode_image_file(items[static_cast<size_t>(i)].file, po.load);
+    EXPECT_EQ(reader.image("train", i).pixels, resize_image(img.pixels.data(), img.rows, img.cols, 1, 1, 24)) << i;
+    EXPECT_EQ(reader.label("train", i), items[static_cast<size_t>(i)].label);
+  }
+  expect_error([&] { reader.image("train", 10); }, {"r.h5", "index 10", "train"});
+  expect_error([&] { reader.image("test", 0); }, {"r.h5", "no split 'test'"});
+}
+
+TEST_F(PackTest, CorruptSourceFailsNamingTheFileAndLeavesNoPack) {
+  const std::string src = synth("c", 6, 2);
+  std::ofstream(path("c/train/opacity/zz_broken.png"), std::ios::binary) << "\x89PNG\r\n\x1a\n not really a png";
+  add_row("c", "train/opacity/zz_broken.png", "opacity", "train");
+  expect_error([&] { write_pack(src, path("out.h5"), pack_options(16, 1)); }, {"zz_broken.png", "cannot decode"});
+  EXPECT_TRUE(leftovers("out.h5").empty()) << "left behind: " << leftovers("out.h5").front();
+  // An existing pack is replaced only by a complete one: a failure in the last split keeps it.
+  write_pack(synth("ok", 2, 2), path("out.h5"), pack_options(16, 1));
+  const auto before = read_bytes(path("out.h5"));
+  std::ofstream(path("ok/val/opacity/zz.png"), std::ios::binary) << "junk";
+  add_row("ok", "val/opacity/zz.png", "opacity", "val");
+  expect_error([&] { write_pack(path("ok"), path("out.h5"), pack_options(16, 1)); }, {"zz.png"});
+  EXPECT_EQ(read_bytes(path("out.h5")), before);
+  EXPECT_EQ(leftovers("out.h5"), (std::vector<std::string>{"out.h5"}));
+  PackOptions po = pack_options(16, 1);
+  po.splits = {"train", "test"};
+  expect_error([&] { write_pack(path("ok"), path("out.h5"), po); }, {"ok", "no split 'test'"});
+}
+
+TEST_F(PackTest, NotAPackAndStalePacks) {
+  {  // an HDF5 file that is not a pack
+    H5File f = H5File::create_atomic(path("w.h5"));
+    f.write("/model/x", Tensor::zeros({2}));
+    f.commit();
+  }
+  expect_error([&] { read_pack_info(path("w.h5")); }, {"w.h5", "not a lancet pack"});
+  {  // a pack whose recipe fingerprint was computed by another version of the ops
+    H5File f = H5File::create_atomic(path("stale.h5"));
+    for (const auto& [k, v] : std::vector<std::pair<std::string, std::string>>{
+             {"format", "lancet-pack"}, {"version", "1"}, {"classes", "[\"a\"]"}, {"image_size", "8"},
+             {"channels", "1"}, {"dtype", "uint8"}, {"recipe", "[]"}, {"recipe_fingerprint", "pp0-0123456789abcdef"}})
+      f.set_attr("/", k, v);
+    f.commit();
+  }
+  expect_error([&] { read_pack_info(path("stale.h5")); }, {"stale.h5", "stale pack", "pp0-0123456789abcdef"});
+  std::ofstream(path("x.txt")) << "hello";
+  expect_error([&] { load_dataset(path("x.txt"), "train", ImageLoadOptions{}); }, {"x.txt", "not a dataset"});
+  expect_error([&] { load_dataset(path("nothing"), "train", ImageLoadOptions{}); }, {"nothing", "no such dataset"});
+}
+
+TEST_F(PackTest, PrepCommandLine) {
+  const std::string src = synth("cli", 4, 2);
+  const auto ok = lancet::testing::run_lancet("prep --data " + src + " --out " + path("cli.h5") +
+                                              " --image-size 16 --compress 3 --threads 1");
+  ASSERT_EQ(ok.status, 0) << ok.output;
+  EXPECT_NE(ok.output.find("train: 4 images (normal 2, opacity 2), hash"), std::string::npos) << ok.output;
+  EXPECT_EQ(H5File::open_read(path("cli.h5")).gzip_of("val/images"), 3);
+  std::ofstream(path("cli/val/normal/bad.png")) << "junk";
+  add_row("cli", "val/normal/bad.png", "normal", "val");
+  const auto bad = lancet::testing::run_lancet("prep --data " + src + " --out " + path("bad.h5") + " --image-size 16");
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_NE(bad.output.find("lancet prep: error: "), std::string::npos) << bad.output;
+  EXPECT_NE(bad.output.find("bad.png"), std::string::npos) << bad.output;
+  EXPECT_TRUE(leftovers("bad.h5").empty());
+}
