@@ -286,8 +286,8 @@ std::vector<PackSplitSummary> write_pack(const std::string& source, const std::s
 
 PackInfo read_pack_info(const std::string& path) { return read_info(H5File::open_read(path)); }
 
-std::unique_ptr<InMemoryDataset> load_pack_dataset(const std::string& path, const std::string& split,
-                                                   const ImageLoadOptions& opt, std::string* note) {
+PackSplit read_pack_split(const std::string& path, const std::string& split, const ImageLoadOptions& opt,
+                          std::string* note) {
   check_load_options(opt);
   const H5File f = H5File::open_read(path);
   const PackInfo info = read_info(f);
@@ -304,35 +304,47 @@ std::unique_ptr<InMemoryDataset> load_pack_dataset(const std::string& path, cons
   const Shape expect = C == 1 ? Shape{shape.empty() ? 0 : shape[0], S, S} : Shape{shape.empty() ? 0 : shape[0], S, S, C};
   LANCET_CHECK(shape == expect && f.element_size_of(images) == 1,
                path << ": dataset '" << images << "' does not match the pack's image_size " << S << " and channels " << C);
-  const int64_t n = shape[0];
-  const int64_t per = static_cast<int64_t>(S) * S * C;
-  std::vector<uint8_t> pixels(static_cast<size_t>(n * per));
-  f.read_rows(images, 0, n, H5File::Elem::u8, pixels.data());
+  PackSplit out;
+  out.n = shape[0];
+  out.size = S;
+  out.channels = C;
+  out.classes = info.classes;
+  out.pixels.resize(static_cast<size_t>(out.n * S * S * C));
+  f.read_rows(images, 0, out.n, H5File::Elem::u8, out.pixels.data());
   const Tensor lt = f.read(split + "/labels");
-  LANCET_CHECK(lt.dtype() == DType::i64 && lt.ndim() == 1 && lt.dim(0) == n,
-               path << ": '" << split << "/labels' must be int64 [" << n << "]");
-  std::vector<int64_t> labels(lt.data<int64_t>(), lt.data<int64_t>() + n);
-  const std::string hash = hex16(hash_labels(labels, fnv1a64(pixels.data(), pixels.size())));
+  LANCET_CHECK(lt.dtype() == DType::i64 && lt.ndim() == 1 && lt.dim(0) == out.n,
+               path << ": '" << split << "/labels' must be int64 [" << out.n << "]");
+  out.labels.assign(lt.data<int64_t>(), lt.data<int64_t>() + out.n);
+  const std::string hash = hex16(hash_labels(out.labels, fnv1a64(out.pixels.data(), out.pixels.size())));
   const std::string stored = f.get_attr(split, "hash").value_or("(none)");
   LANCET_CHECK(hash == stored, path << ": split '" << split << "' is damaged or was modified: content hash " << hash
                                     << ", the pack says " << stored << " (run lancet prep again)");
   const int64_t k = static_cast<int64_t>(info.classes.size());
-  for (int64_t i = 0; i < n; ++i)
-    LANCET_CHECK(labels[static_cast<size_t>(i)] >= 0 && labels[static_cast<size_t>(i)] < k,
-                 path << ": label " << labels[static_cast<size_t>(i)] << " of " << split << " sample " << i
+  for (int64_t i = 0; i < out.n; ++i)
+    LANCET_CHECK(out.labels[static_cast<size_t>(i)] >= 0 && out.labels[static_cast<size_t>(i)] < k,
+                 path << ": label " << out.labels[static_cast<size_t>(i)] << " of " << split << " sample " << i
                       << " is outside the " << k << " classes");
+  if (note)
+    *note = "pack " + path + ": split " + split + ", " + std::to_string(out.n) + " images " + std::to_string(S) + "x" +
+            std::to_string(S) + "x" + std::to_string(C) +
+            (S != opt.image_size || C != opt.channels ? " (converted to the configured size)" : "") + ", recipe " +
+            info.recipe_fingerprint + ", content hash " + hash + " verified";
+  return out;
+}
+
+std::unique_ptr<InMemoryDataset> load_pack_dataset(const std::string& path, const std::string& split,
+                                                   const ImageLoadOptions& opt, std::string* note) {
+  PackSplit p = read_pack_split(path, split, opt, note);
+  const int64_t n = p.n, per = static_cast<int64_t>(p.size) * p.size * p.channels;
   const int64_t s = opt.image_size;
   const int64_t out_per = opt.channels * s * s;
   Tensor t = Tensor::empty({n, opt.channels, s, s});
   float* base = t.data<float>();
   parallel_for(n, 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) preprocess_image(pixels.data() + i * per, S, S, C, opt, base + i * out_per);
+    for (int64_t i = b; i < e; ++i)
+      preprocess_image(p.pixels.data() + i * per, p.size, p.size, p.channels, opt, base + i * out_per);
   });
-  if (note)
-    *note = "pack " + path + ": split " + split + ", " + std::to_string(n) + " images " + std::to_string(S) + "x" +
-            std::to_string(S) + "x" + std::to_string(C) + (S != s || C != opt.channels ? " (converted to the configured size)" : "") +
-            ", recipe " + info.recipe_fingerprint + ", content hash " + hash + " verified";
-  return std::make_unique<InMemoryDataset>(std::move(t), std::move(labels), info.classes);
+  return std::make_unique<InMemoryDataset>(std::move(t), std::move(p.labels), std::move(p.classes));
 }
 
 // ---- random access ----------------------------------------------------------------------

@@ -72,6 +72,19 @@ PackInfo read_pack_info(const std::string& path);
 std::unique_ptr<InMemoryDataset> load_pack_dataset(const std::string& path, const std::string& split,
                                                    const ImageLoadOptions& opt, std::string* note = nullptr);
 
+// The checked pixels of one split as stored (the part of load_pack_dataset before
+// preprocess_image): n images of size x size x channels uint8, HWC, C order. Same checks and
+// errors as load_pack_dataset.
+struct PackSplit {
+  std::vector<uint8_t> pixels;
+  int64_t n = 0;
+  int size = 0, channels = 0;
+  std::vector<int64_t> labels;
+  std::vector<std::string> classes;
+};
+PackSplit read_pack_split(const std::string& path, const std::string& split, const ImageLoadOptions& opt,
+                          std::string* note = nullptr);
+
 // Random access: image i of a split, one chunk read (no hash check).
 class PackReader {
  public:

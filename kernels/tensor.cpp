@@ -27,6 +27,10 @@ Storage::Storage(size_t bytes, Device device) : bytes_(bytes), device_(device) {
   ptr_ = allocator_->allocate(bytes);
 }
 
+Storage::Storage(size_t bytes, Allocator& a) : bytes_(bytes), device_(a.device()), allocator_(&a) {
+  ptr_ = allocator_->allocate(bytes);
+}
+
 Storage::~Storage() {
   if (ptr_) allocator_->deallocate(ptr_, bytes_);
 }
@@ -41,6 +45,16 @@ Tensor Tensor::empty(const Shape& shape, DType dtype, Device device, MemoryForma
   t.device_ = device;
   t.format_ = format;
   t.storage_ = std::make_shared<Storage>(t.nbytes(), device);
+  return t;
+}
+
+Tensor Tensor::empty(const Shape& shape, DType dtype, Allocator& a) {
+  Tensor t;
+  t.shape_ = shape;
+  t.numel_ = shape_numel(shape);
+  t.dtype_ = dtype;
+  t.device_ = a.device();
+  t.storage_ = std::make_shared<Storage>(t.nbytes(), a);
   return t;
 }
 

@@ -31,6 +31,9 @@ enum class MemoryFormat : uint8_t { nchw, channels_last };
 class Storage {
  public:
   Storage(size_t bytes, Device device);
+  // From a specific allocator (e.g. pinned host memory for a data loader's batches); the
+  // storage's device is the allocator's, and it is freed through it. `a` must outlive it.
+  Storage(size_t bytes, Allocator& a);
   ~Storage();
   Storage(const Storage&) = delete;
   Storage& operator=(const Storage&) = delete;
@@ -51,6 +54,8 @@ class Tensor {
 
   static Tensor empty(const Shape& shape, DType dtype = DType::f32, Device device = Device::cpu(),
                       MemoryFormat format = MemoryFormat::nchw);
+  // An nchw tensor whose memory comes from `a` (on a.device()); `a` must outlive the storage.
+  static Tensor empty(const Shape& shape, DType dtype, Allocator& a);
   static Tensor zeros(const Shape& shape, DType dtype = DType::f32, Device device = Device::cpu());
   static Tensor full(const Shape& shape, float value, Device device = Device::cpu());
   // A CPU f32 tensor holding a copy of `values` (numel must match).

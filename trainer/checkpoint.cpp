@@ -76,12 +76,13 @@ void flatten(const Json& j, const std::string& prefix, std::map<std::string, Jso
 }
 
 // What a resumed run may set differently: how long, where, how verbosely — and how the work is
-// spread (any rank count resumes any checkpoint: the dist section and the accumulation split).
+// spread (any rank count resumes any checkpoint: the dist section and the accumulation split;
+// any loader thread count: batches do not depend on it).
 bool may_change_on_resume(const std::string& key) {
   static const std::set<std::string> keys{
       "train.epochs",     "train.max_steps", "train.out",         "train.threads",    "train.log_every",
       "train.checkpoint_every", "train.keep_checkpoints", "train.resume", "train.profile", "train.nsys_steps",
-      "train.tensorboard", "train.grad_accum_steps"};
+      "train.tensorboard", "train.grad_accum_steps", "data.workers", "data.prefetch"};
   return keys.count(key) > 0 || key.rfind("dist.", 0) == 0;
 }
 
@@ -102,12 +103,17 @@ TrainState load_checkpoint(const std::string& path, MedicalCNN& model, Optimizer
                            const std::string& optimizer_name, const Json& config) {
   H5File f = H5File::open_read(path);
   const Json saved_config = read_json_attr(f, "/train", "config");
-  std::map<std::string, Json> was, now;
+  std::map<std::string, Json> was, now, defaults;
   flatten(saved_config, "", was);
   flatten(config, "", now);
+  flatten(default_config(), "", defaults);
   for (const auto& [key, value] : now) {
     if (may_change_on_resume(key)) continue;
     const auto it = was.find(key);
+    // A setting newer than the checkpoint: fine while this run keeps its default (what the
+    // older lancet did).
+    const auto def = defaults.find(key);
+    if (it == was.end() && def != defaults.end() && def->second == value) continue;
     const std::string there = it == was.end() ? "absent" : it->second.dump();
     LANCET_CHECK(it != was.end() && it->second == value,
                  path << ": cannot resume: " << key << " is " << there << " in the checkpoint but " << value.dump()

@@ -6,6 +6,9 @@
 #include <cstdlib>
 #include <fstream>
 
+#include "data/augment.h"
+#include "data/image_dataset.h"
+#include "data/loader.h"
 #include "data/preprocess.h"
 #include "kernels/error.h"
 #include "trainer/schedule.h"
@@ -20,7 +23,8 @@ Json default_config() {
       "image_size": 64, "channels": 1, "mean": [0.5], "std": [0.25],
       "synth": {"train": 2000, "val": 500, "size": 128, "seed": 1234},
       "dicom": {"window": null},
-      "preprocess": []
+      "preprocess": [],
+      "workers": 2, "prefetch": 2, "sampler": "shuffle", "on_bad_sample": "error"
     },
     "train": {
       "epochs": 10, "max_steps": 0, "batch_size": 32, "drop_last": false, "seed": 0,
@@ -38,7 +42,8 @@ Json default_config() {
     },
     "loss": {"label_smoothing": 0.0, "class_weights": []}
   })");
-  // The schedule and early-stopping sections document their own defaults.
+  // The schedule, early-stopping and augmentation settings document their own defaults.
+  c["data"]["augment"] = AugmentConfig{}.to_json();
   c["schedule"] = default_schedule_config();
   c["early_stopping"] = default_early_stopping_config();
   return c;
@@ -235,6 +240,16 @@ DataConfig data_config(const Json& c) {
   if (!w.is_null()) d.dicom_window = w.get<std::vector<double>>();
   d.preprocess = c.at("data").at("preprocess");
   PreprocessRecipe::from_json(d.preprocess);  // fails here, naming data.preprocess[i], when invalid
+  d.augment = c.at("data").at("augment");
+  AugmentConfig::from_json(d.augment);  // likewise, naming data.augment.<key>
+  d.workers = get<int>(c, "data", "workers");
+  d.prefetch = get<int>(c, "data", "prefetch");
+  d.sampler = get<std::string>(c, "data", "sampler");
+  parse_sampler(d.sampler);
+  d.on_bad_sample = get<std::string>(c, "data", "on_bad_sample");
+  parse_bad_sample(d.on_bad_sample);
+  LANCET_CHECK(d.workers >= 0, "data.workers must be >= 0 (0: batches built in the training thread), got " << d.workers);
+  LANCET_CHECK(d.prefetch >= 1, "data.prefetch must be >= 1, got " << d.prefetch);
   LANCET_CHECK(d.image_size >= 8, "data.image_size must be at least 8, got " << d.image_size);
   LANCET_CHECK(d.channels == 1 || d.channels == 3, "data.channels must be 1 or 3, got " << d.channels);
   LANCET_CHECK(!d.mean.empty() && !d.std.empty(), "data.mean and data.std need at least one value");

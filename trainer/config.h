@@ -45,6 +45,11 @@ struct DataConfig {
   uint64_t synth_seed;
   std::vector<double> dicom_window;  // [centre, width] for DICOM files; empty: the file's window, else min-max
   Json preprocess;                   // the preprocessing recipe (data/preprocess.h), a JSON list of ops
+  Json augment;                      // training augmentation (AugmentConfig JSON, data/augment.h)
+  int workers = 2;                   // loader threads (data/loader.h); 0 = in the training thread
+  int prefetch = 2;                  // batches prepared ahead per worker
+  std::string sampler = "shuffle";   // shuffle | balanced | oversample
+  std::string on_bad_sample = "error";  // error | skip (data/image_dataset.h)
 };
 struct TrainConfig {
   int epochs;

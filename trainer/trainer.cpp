@@ -15,7 +15,9 @@
 #include <iostream>
 #include <thread>
 
+#include "data/image_dataset.h"
 #include "data/image_folder.h"
+#include "data/loader.h"
 #include "data/synth.h"
 #include "kernels/elementwise.h"
 #include "kernels/loss.h"
@@ -180,6 +182,15 @@ EvalResult evaluate(Module& model, const Dataset& ds, int batch_size, const Loss
   return r;
 }
 
+std::string skipped_report(const Dataset& ds, const std::string& split) {
+  const auto* cached = dynamic_cast<const CachedImageDataset*>(&ds);
+  if (!cached || cached->skipped().empty()) return "";
+  std::string s = "data.on_bad_sample skip: " + std::to_string(cached->skipped().size()) + " bad " + split +
+                  " file(s) skipped (not used):";
+  for (const auto& e : cached->skipped()) s += "\n  " + e;
+  return s;
+}
+
 DataSplits load_data(const DataConfig& cfg, std::ostream& log) {
   ImageLoadOptions lo;
   lo.channels = cfg.channels;
@@ -210,13 +221,18 @@ DataSplits load_data(const DataConfig& cfg, std::ostream& log) {
   } else {
     d.source = dir;
   }
-  // A folder, a MedMNIST .npz or a pack from lancet prep (whose recipe and hash are checked).
-  std::string note;
-  d.train = load_dataset(dir, cfg.train_split, lo, &note);
-  if (!note.empty()) log << note << "\n";
-  note.clear();
-  d.val = load_dataset(dir, cfg.val_split, lo, &note);
-  if (!note.empty()) log << note << "\n";
+  // A folder, a MedMNIST .npz or a pack from lancet prep (whose recipe and hash are checked),
+  // cached as 8-bit images (data/image_dataset.h) that the loader augments and normalises.
+  const BadSample on_bad = parse_bad_sample(cfg.on_bad_sample);
+  auto load = [&](const std::string& split) {
+    std::string note;
+    auto ds = load_cached_dataset(dir, split, lo, on_bad, &note);
+    if (!note.empty()) log << note << "\n";
+    if (!ds->skipped().empty()) log << skipped_report(*ds, split) << "\n";
+    return ds;
+  };
+  d.train = load(cfg.train_split);
+  d.val = load(cfg.val_split);
   LANCET_CHECK(d.train->size() > 0, dir << ": no training images (split '" << cfg.train_split << "')");
   LANCET_CHECK(d.train->class_names() == d.val->class_names(),
                dir << ": training and validation splits have different classes");
@@ -370,7 +386,10 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   const int64_t bs = global_bs / ranks;  // per rank
   LANCET_CHECK(tc.grad_accum_steps <= bs, "train.grad_accum_steps " << tc.grad_accum_steps << " exceeds the " << bs
                                                                     << " samples each rank takes per step");
-  const DistributedSampler sampler(n, comm.rank(), ranks, tc.seed, /*drop_last=*/false);
+  // data.sampler's epoch order (shuffle: DistributedSampler's), split over the ranks likewise.
+  std::vector<int64_t> train_labels(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) train_labels[static_cast<size_t>(i)] = data.train->label(i);
+  const EpochSampler sampler(parse_sampler(dc.sampler), train_labels, num_classes, comm.rank(), ranks, tc.seed);
   const int64_t per_rank = sampler.num_samples();
   const int64_t steps_per_epoch = tc.drop_last ? per_rank / bs : (per_rank + bs - 1) / bs;
   LANCET_CHECK(steps_per_epoch > 0, "train.batch_size " << global_bs << " exceeds the " << n << " training images with drop_last");
@@ -416,6 +435,10 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
                                    {"the training data", std::to_string(n) + " images, " + shape_str(data.train->sample_shape()) +
                                                              ", classes " + Json(data.train->class_names()).dump()},
                                    {"the validation data", std::to_string(data.val->size()) + " images"},
+                                   {"data.sampler / augment / preprocess",
+                                    config.at("data").value("sampler", Json()).dump() + " / " +
+                                        config.at("data").value("augment", Json()).dump() + " / " +
+                                        config.at("data").value("preprocess", Json()).dump()},
                                    {"train.batch_size", std::to_string(global_bs)},
                                    {"train.grad_accum_steps", std::to_string(tc.grad_accum_steps)},
                                    {"train.precision", tc.precision},
@@ -509,7 +532,20 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   step_options.compute_grad_norm = writes;  // logged per step
   step_options.grad_sync = grad_sync.get();
   const FaultInjection fault = fault_injection_from_env(comm.rank());
-  const Shape ss = data.train->sample_shape();
+  // Worker threads build the (micro-)batches ahead of the step, augmented when configured;
+  // minority classes (under half the largest class) get augment.minority_strength.
+  LoaderOptions loader_options;
+  loader_options.workers = dc.workers;
+  loader_options.prefetch = dc.prefetch;
+  loader_options.seed = tc.seed;
+  loader_options.augment = AugmentConfig::from_json(dc.augment);
+  if (loader_options.augment.enabled()) loader_options.minority = minority_classes(train_labels, num_classes);
+#ifdef LANCET_WITH_CUDA
+  if (!device.is_cpu()) loader_options.allocator = &pinned_host_allocator();
+#endif
+  DataLoader loader(*data.train, loader_options);
+  log << "data loader: " << dc.workers << " worker(s), prefetch " << dc.prefetch << ", sampler " << dc.sampler
+      << ", augmentation " << (loader_options.augment.enabled() ? loader_options.augment.to_json().dump() : "off") << "\n";
   const auto t_start = Clock::now();
   const int64_t images_at_start = state.images, step_at_start = state.global_step;
   bool stop_early = false;
@@ -517,6 +553,16 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     const auto order = sampler.indices(state.epoch);
     const auto t_epoch = Clock::now();
     const int64_t epoch_end = std::min(steps_per_epoch, state.step_in_epoch + (total_steps - state.global_step));
+    {  // the epoch's micro-batches, in the order the steps below take them
+      std::vector<std::vector<int64_t>> batches;
+      for (int64_t step = state.step_in_epoch; step < epoch_end; ++step) {
+        const int64_t start = step * bs, b = std::min(bs, per_rank - start);
+        const int64_t mb = (b + tc.grad_accum_steps - 1) / tc.grad_accum_steps;
+        for (int64_t m0 = 0; m0 < b; m0 += mb)
+          batches.emplace_back(order.begin() + start + m0, order.begin() + start + m0 + std::min(mb, b - m0));
+      }
+      loader.start_epoch(state.epoch, std::move(batches));
+    }
     int64_t images_this_session = 0;
     prof.reset();
     while (state.step_in_epoch < epoch_end) {
@@ -527,13 +573,13 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
       const int64_t mb = (b + tc.grad_accum_steps - 1) / tc.grad_accum_steps;
       std::vector<Tensor> xs, ys;
       for (int64_t m0 = 0; m0 < b; m0 += mb) {
-        const int64_t m = std::min(mb, b - m0);
-        Tensor x = Tensor::empty({m, ss[0], ss[1], ss[2]});
-        Tensor y = Tensor::empty({m}, DType::i64);
+        Tensor x, y;
         {
           auto scope = prof.phase(Phase::data_wait);
-          const std::vector<int64_t> idx(order.begin() + start + m0, order.begin() + start + m0 + m);
-          make_batch(*data.train, idx, x, y);
+          Batch batch;
+          LANCET_CHECK(loader.next(batch) && batch.x.dim(0) == std::min(mb, b - m0), "data loader out of step");
+          x = batch.x;
+          y = batch.y;
         }
         if (!device.is_cpu()) {
           auto scope = prof.phase(Phase::h2d);
@@ -613,6 +659,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     if (std::isfinite(report.auroc)) log << "  val AUROC " << report.auroc;
     log << "  (" << std::setprecision(1) << epoch_s << " s, " << images_this_session / epoch_s << " img/s)\n";
     if (prof.steps() > 0) log << prof.table();
+    if (const std::string skipped = skipped_report(*data.train, dc.train_split); !skipped.empty()) log << skipped << "\n";
     if (logs) {
       logs->metrics.write({{"epoch", state.epoch},
                            {"step", state.global_step},

@@ -93,6 +93,11 @@ struct DataSplits {
   std::unique_ptr<Dataset> train, val;
   std::string source;  // for the log
 };
+// Both splits are CachedImageDataset (data/image_dataset.h): 8-bit images, normalised on read.
+// With data.on_bad_sample skip, the files dropped are listed in the log (skipped_report).
 DataSplits load_data(const DataConfig& cfg, std::ostream& log);
+// "data.on_bad_sample skip: N bad <split> file(s) skipped (not used):" and one indented line
+// "<file>: <reason>" per file; "" when ds skipped nothing (or is not a CachedImageDataset).
+std::string skipped_report(const Dataset& ds, const std::string& split);
 
 }  // namespace lancet

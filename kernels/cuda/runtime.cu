@@ -1,7 +1,9 @@
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
+#include <map>
 #include <mutex>
+#include <vector>
 
 #include "kernels/allocator.h"
 #include "kernels/cuda/runtime.h"
@@ -83,6 +85,46 @@ Allocator* cuda_allocator_create(int index) {
   static std::mutex mu;
   std::lock_guard<std::mutex> lock(mu);
   return new CudaAllocator(index);  // lives for the process, like the devices themselves
+}
+
+namespace {
+
+// Page-locked host memory (cudaHostAlloc) for the data loader's batches, so host->device
+// copies can be asynchronous. cudaHostAlloc is slow (it pins pages), and the loader allocates
+// every batch afresh, so freed blocks are kept by size and handed out again.
+class PinnedHostAllocator final : public Allocator {
+ public:
+  void* allocate(size_t bytes) override {
+    const size_t n = bytes == 0 ? 1 : bytes;
+    std::lock_guard<std::mutex> lock(mu_);
+    auto& list = free_[n];
+    void* p = nullptr;
+    if (!list.empty()) {
+      p = list.back();
+      list.pop_back();
+    } else {
+      LANCET_CUDA_CHECK(cudaHostAlloc(&p, n, cudaHostAllocPortable));
+    }
+    count_alloc(bytes);
+    return p;
+  }
+  void deallocate(void* p, size_t bytes) noexcept override {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_[bytes == 0 ? 1 : bytes].push_back(p);  // kept for the process (blocks are batch-sized)
+    count_free(bytes);
+  }
+  Device device() const override { return Device::cpu(); }
+
+ private:
+  std::mutex mu_;
+  std::map<size_t, std::vector<void*>> free_;
+};
+
+}  // namespace
+
+Allocator& pinned_host_allocator() {
+  static PinnedHostAllocator* a = new PinnedHostAllocator;  // never destroyed: may outlive the CUDA context
+  return *a;
 }
 
 void cuda_copy(void* dst, Device dst_dev, const void* src, Device src_dev, size_t bytes) {

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/allocator.h"
 #include "kernels/error.h"
 
 #define LANCET_CUDA_CHECK(call)                                                                  \
@@ -32,5 +33,10 @@ std::string cuda_runtime_version();  // e.g. "13.0"; "no driver" when none
 // between start and stop are recorded. Throws naming the call when the driver refuses.
 void cuda_profiler_start();
 void cuda_profiler_stop();
+
+// Page-locked (pinned) host memory through cudaHostAlloc, caching freed blocks by size: the
+// allocator for the data loader's batches (data/loader.h) when training on a GPU. Its tensors
+// are CPU tensors. Allocation throws naming the call when CUDA refuses.
+Allocator& pinned_host_allocator();
 
 }  // namespace lancet

@@ -1,0 +1,193 @@
+#include "data/image_dataset.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <functional>
+#include <mutex>
+#include <opencv2/core.hpp>
+
+#include "data/npz.h"
+#include "data/pack.h"
+#include "kernels/parallel.h"
+
+namespace lancet {
+
+BadSample parse_bad_sample(const std::string& s) {
+  if (s == "error") return BadSample::error;
+  if (s == "skip") return BadSample::skip;
+  LANCET_FAIL("data.on_bad_sample must be 'error' or 'skip', got '" << s << "'");
+}
+
+CachedImageDataset::CachedImageDataset(std::vector<uint8_t> pixels, std::vector<int64_t> labels,
+                                       std::vector<std::string> class_names, std::vector<std::string> names,
+                                       const ImageLoadOptions& opt, std::vector<std::string> skipped)
+    : pixels_(std::move(pixels)),
+      labels_(std::move(labels)),
+      class_names_(std::move(class_names)),
+      names_(std::move(names)),
+      skipped_(std::move(skipped)),
+      opt_(opt) {
+  check_load_options(opt_);
+  per_ = static_cast<size_t>(opt_.image_size) * static_cast<size_t>(opt_.image_size) * static_cast<size_t>(opt_.channels);
+  LANCET_CHECK(pixels_.size() == labels_.size() * per_ && names_.size() == labels_.size(),
+               "CachedImageDataset: " << pixels_.size() << " bytes of pixels and " << names_.size() << " names for "
+                                      << labels_.size() << " labels of " << per_ << "-byte images");
+  const int64_t k = static_cast<int64_t>(class_names_.size());
+  for (size_t i = 0; i < labels_.size(); ++i)
+    LANCET_CHECK(labels_[i] >= 0 && labels_[i] < k,
+                 names_[i] << ": label " << labels_[i] << " is outside the " << k << " classes");
+}
+
+void CachedImageDataset::get(int64_t i, float* out) const {
+  // At the stored size and channels preprocess_image only normalises.
+  preprocess_image(pixels(i), opt_.image_size, opt_.image_size, opt_.channels, opt_, out);
+}
+
+void CachedImageDataset::get_augmented(int64_t i, const AugmentConfig& cfg, uint64_t seed, int epoch, bool minority,
+                                       float* out) const {
+  const int s = opt_.image_size;
+  try {
+    cv::Mat img = cv::Mat(s, s, CV_8UC(opt_.channels), const_cast<uint8_t*>(pixels(i))).clone();
+    augment(img, cfg, seed, epoch, i, minority, s);
+    if (!img.isContinuous()) img = img.clone();
+    preprocess_image(img.ptr<uint8_t>(), s, s, opt_.channels, opt_, out);
+  } catch (const std::exception& e) {
+    LANCET_FAIL(name(i) << ": " << e.what());
+  }
+}
+
+namespace {
+
+// Decodes n samples in parallel (decode(i) returns sample i's 8-bit image, or throws
+// "<name>: <reason>"), resizes them into the cache and drops or refuses the bad ones.
+std::unique_ptr<CachedImageDataset> build(int64_t n, const std::function<Image8(int64_t)>& decode,
+                                          std::vector<int64_t> labels, std::vector<std::string> classes,
+                                          std::vector<std::string> names, const ImageLoadOptions& opt, BadSample on_bad) {
+  const size_t per = static_cast<size_t>(opt.image_size) * static_cast<size_t>(opt.image_size) *
+                     static_cast<size_t>(opt.channels);
+  std::vector<uint8_t> pixels(static_cast<size_t>(n) * per);
+  std::vector<std::string> errors(static_cast<size_t>(n));
+  std::vector<char> bad(static_cast<size_t>(n), 0);
+  // One decode per task across lancet's worker threads; OpenCV's own threads would
+  // oversubscribe the cores, so it runs single-threaded inside each task.
+  cv::setNumThreads(0);
+  parallel_for(n, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const size_t u = static_cast<size_t>(i);
+      try {  // exceptions must not escape an OpenMP region
+        const Image8 img = decode(i);
+        const std::vector<uint8_t> r =
+            resize_image(img.pixels.data(), img.rows, img.cols, img.channels, opt.channels, opt.image_size);
+        std::copy(r.begin(), r.end(), pixels.begin() + static_cast<std::ptrdiff_t>(u * per));
+      } catch (const std::exception& ex) {
+        bad[u] = 1;
+        errors[u] = ex.what();
+      }
+    }
+  });
+  std::vector<std::string> skipped;
+  size_t kept = 0;
+  for (size_t i = 0; i < static_cast<size_t>(n); ++i) {
+    if (bad[i]) {
+      if (on_bad == BadSample::error) throw Error(errors[i]);  // the first in source order, whatever the threads
+      skipped.push_back(std::move(errors[i]));
+      continue;
+    }
+    if (kept != i) {
+      std::copy_n(pixels.begin() + static_cast<std::ptrdiff_t>(i * per), per,
+                  pixels.begin() + static_cast<std::ptrdiff_t>(kept * per));
+      labels[kept] = labels[i];
+      names[kept] = std::move(names[i]);
+    }
+    ++kept;
+  }
+  pixels.resize(kept * per);
+  labels.resize(kept);
+  names.resize(kept);
+  return std::make_unique<CachedImageDataset>(std::move(pixels), std::move(labels), std::move(classes), std::move(names),
+                                              opt, std::move(skipped));
+}
+
+std::unique_ptr<CachedImageDataset> load_folder(const std::string& dir, const std::string& split,
+                                                const ImageLoadOptions& opt, BadSample on_bad) {
+  std::vector<std::string> classes;
+  const std::vector<ImageItem> items = list_images(dir, split, &classes);
+  std::vector<int64_t> labels;
+  std::vector<std::string> names;
+  for (const ImageItem& it : items) labels.push_back(it.label), names.push_back(it.file);
+  return build(static_cast<int64_t>(items.size()),
+               [&](int64_t i) { return decode_image_file(items[static_cast<size_t>(i)].file, opt); },
+               std::move(labels), std::move(classes), std::move(names), opt, on_bad);
+}
+
+std::unique_ptr<CachedImageDataset> load_npz(const std::string& path, const std::string& split,
+                                             const ImageLoadOptions& opt, BadSample on_bad) {
+  const NpzFile npz = NpzFile::open(path);
+  const std::vector<std::string> splits = npz_splits(npz);
+  if (std::find(splits.begin(), splits.end(), split) == splits.end()) {
+    std::string present;
+    for (const auto& x : splits) present += (present.empty() ? "" : ", ") + x;
+    LANCET_FAIL(path << ": no split '" << split << "' (needs members " << split << "_images and " << split
+                     << "_labels; splits present: " << (present.empty() ? "none" : present) << ")");
+  }
+  int64_t num_classes = 0;
+  std::vector<int64_t> labels = read_npz_labels(npz, split, &num_classes);
+  const NpyArray images = read_npz_images(npz, split);
+  const int64_t n = images.shape[0];
+  LANCET_CHECK(n == static_cast<int64_t>(labels.size()),
+               path << ": " << n << " images but " << labels.size() << " labels in split '" << split << "'");
+  std::vector<std::string> classes, names;
+  for (int64_t k = 0; k < num_classes; ++k) classes.push_back(std::to_string(k));
+  const std::string where = path + ":" + split + "_images";
+  for (int64_t i = 0; i < n; ++i) names.push_back(where + "[" + std::to_string(i) + "]");
+  return build(
+      n,
+      [&](int64_t i) {
+        try {
+          return npz_image(images, i, opt);
+        } catch (const std::exception& e) {
+          LANCET_FAIL(names[static_cast<size_t>(i)] << ": " << e.what());
+        }
+      },
+      std::move(labels), std::move(classes), names, opt, on_bad);
+}
+
+std::unique_ptr<CachedImageDataset> load_pack(const std::string& path, const std::string& split,
+                                              const ImageLoadOptions& opt, BadSample on_bad, std::string* note) {
+  PackSplit p = read_pack_split(path, split, opt, note);
+  std::vector<std::string> names;
+  for (int64_t i = 0; i < p.n; ++i) names.push_back(path + ":" + split + "[" + std::to_string(i) + "]");
+  const size_t per = static_cast<size_t>(p.size) * static_cast<size_t>(p.size) * static_cast<size_t>(p.channels);
+  if (p.size == opt.image_size && p.channels == opt.channels)  // as stored: nothing to convert
+    return std::make_unique<CachedImageDataset>(std::move(p.pixels), std::move(p.labels), std::move(p.classes),
+                                                std::move(names), opt);
+  return build(
+      p.n,
+      [&](int64_t i) {
+        Image8 img;
+        img.rows = img.cols = p.size;
+        img.channels = p.channels;
+        const auto first = p.pixels.begin() + static_cast<std::ptrdiff_t>(static_cast<size_t>(i) * per);
+        img.pixels.assign(first, first + static_cast<std::ptrdiff_t>(per));
+        return img;
+      },
+      std::move(p.labels), std::move(p.classes), std::move(names), opt, on_bad);
+}
+
+}  // namespace
+
+std::unique_ptr<CachedImageDataset> load_cached_dataset(const std::string& source, const std::string& split,
+                                                        const ImageLoadOptions& opt, BadSample on_bad,
+                                                        std::string* note) {
+  namespace fs = std::filesystem;
+  check_load_options(opt);
+  std::error_code ec;
+  if (fs::is_directory(source, ec)) return load_folder(source, split, opt, on_bad);
+  LANCET_CHECK(fs::exists(source, ec), source << ": no such dataset (a folder, an .npz or a pack .h5)");
+  if (is_pack_path(source)) return load_pack(source, split, opt, on_bad, note);
+  LANCET_CHECK(fs::path(source).extension() == ".npz",
+               source << ": not a dataset (expected a folder, a MedMNIST-style .npz or a pack .h5 from lancet prep)");
+  return load_npz(source, split, opt, on_bad);
+}
+
+}  // namespace lancet
