@@ -1,6 +1,7 @@
 // cli.h — pieces shared by the lancet subcommands.
 #pragma once
 #include <CLI/CLI.hpp>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -28,6 +29,10 @@ void register_forward(CLI::App& app);
 void register_synth(CLI::App& app);
 void register_bench(CLI::App& app);
 void register_prep(CLI::App& app);
+void register_sweep(CLI::App& app);
+// `lancet bench data` (tools/cmd_bench_data.cpp): adds its options (--workers-list, --batches)
+// to the bench subcommand and returns what runs it, given the config options and --json.
+std::function<void(const ConfigArgs&, bool json)> add_bench_data(CLI::App& bench);
 std::string version_report();
 
 }  // namespace lancet::cli

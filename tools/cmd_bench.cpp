@@ -11,6 +11,9 @@
 #include "kernels/blas.h"
 #include "kernels/parallel.h"
 #include "tools/cli.h"
+#include "trainer/ddp.h"
+#include "trainer/profiler.h"
+#include "trainer/scaling.h"
 #include "trainer/trainer.h"
 #include "trainer/weights.h"
 
@@ -34,103 +37,225 @@ double percentile(std::vector<double> v, double q) {
   return v[lo] + (v[hi] - v[lo]) * (pos - lo);
 }
 
-void run_bench(const BenchArgs& a) {
+// Data parallel when launched with several tasks (mpirun, srun): train.batch_size is the
+// global batch, split over the ranks as `lancet train` splits it; rank 0 prints the figures.
+void run_bench(const BenchArgs& a, Communicator& comm) {
   Json defaults = default_config();
   defaults["data"]["channels"] = 3;  // the benchmark of record: 3-channel MedicalCNN
   const Json config = resolve_config(a.config, defaults);
   const DataConfig dc = data_config(config);
   const TrainConfig tc = train_config(config);
   const OptimConfig oc = optim_config(config);
+  const DistConfig dist = dist_config(config);
+  comm.set_timeout(dist.timeout_s);
   LANCET_CHECK(tc.precision == "fp32", "bench: --precision " << tc.precision << ": this build computes in fp32 only");
   const Device device = parse_device(tc.device);
   LANCET_CHECK(device.is_cpu(), "bench: device " << device.str() << ": this build has no CUDA compute kernels yet");
-  const int threads = tc.threads > 0 ? tc.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int ranks = comm.size();
+  const int threads = tc.threads > 0 ? tc.threads
+                      : comm.local_size() > 1 ? 1
+                                              : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const std::string binding = bind_rank_threads(dist.bind, comm, threads);
   set_num_threads(threads);
   const Stream s{device, nullptr};
+  const bool train = a.what == "train";
+  LANCET_CHECK(train || ranks == 1, "bench infer runs in one process (launched with " << ranks << " tasks)");
+  LANCET_CHECK(tc.batch_size % ranks == 0, "bench: train.batch_size " << tc.batch_size << " (the global batch) is not a multiple of the "
+                                                                      << ranks << " ranks");
+  check_same_on_all_ranks(comm, {{"model", config.at("model").dump()},
+                                 {"train.batch_size", std::to_string(tc.batch_size)},
+                                 {"data.image_size", std::to_string(dc.image_size)},
+                                 {"train.threads", std::to_string(threads)},
+                                 {"steps", std::to_string(a.warmup) + "+" + std::to_string(a.steps)}});
 
   Json model_cfg = config.at("model");
   if (!model_cfg.contains("in_channels")) model_cfg["in_channels"] = dc.channels;
   if (!model_cfg.contains("num_classes")) model_cfg["num_classes"] = 2;
   auto model = make_model(model_cfg, tc.seed);
   const int k = model->config().num_classes;
-  const int64_t b = tc.batch_size;
+  const int64_t b = tc.batch_size / ranks;
   Tensor x = Tensor::empty({b, dc.channels, dc.image_size, dc.image_size});
   Tensor y = Tensor::empty({b}, DType::i64);
-  std::mt19937 rng(static_cast<uint32_t>(tc.seed));
+  std::mt19937 rng(static_cast<uint32_t>(tc.seed + 7919u * static_cast<uint32_t>(comm.rank())));
   std::normal_distribution<float> nd;
   for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = nd(rng);
   for (int64_t i = 0; i < b; ++i) y.data<int64_t>()[i] = static_cast<int64_t>(rng() % k);
 
-  auto comm = make_single_process_communicator();
   std::unique_ptr<Optimizer> opt;
-  const bool train = a.what == "train";
+  std::unique_ptr<GradSync> sync;
   if (train) {
     model->train();
+    // Always through GradSync, one rank too: its hooks time when each bucket is ready, which
+    // the scaling prediction (lancet sweep --predict) starts from.
+    sync = std::make_unique<GradSync>(*model, comm, GradSyncOptions{dist.bucket_mb, dist.overlap});
+    sync->broadcast_parameters(s);
     opt = make_optimizer(oc, model->named_parameters());
   } else {
     model->eval();
   }
   const Loss loss = make_loss(loss_config(config), k, device);
-  auto step = [&]() {
-    if (train)
-      train_step(*model, *opt, *comm, x, y, loss, s);
-    else
+  StepProfiler prof;
+  std::vector<GradSync::BucketTiming> bucket_sum(train ? static_cast<size_t>(sync->num_buckets()) : 0,
+                                                 GradSync::BucketTiming{0, 0, 0, 0});
+  auto step = [&](bool timed) {
+    if (train) {
+      StepOptions so;
+      so.grad_sync = sync.get();
+      if (timed) prof.begin_step();
+      train_step(*model, *opt, comm, x, y, loss, s, so, timed ? &prof : nullptr);
+      if (timed) {
+        prof.end_step();
+        const auto& t = sync->timings();
+        for (size_t i = 0; i < t.size(); ++i) {
+          bucket_sum[i].bytes = t[i].bytes;
+          bucket_sum[i].ready_s += t[i].ready_s;
+          bucket_sum[i].start_s += t[i].start_s;
+          bucket_sum[i].done_s += t[i].done_s;
+        }
+      }
+    } else {
       model->forward(x, nullptr, s);
+    }
   };
-  for (int i = 0; i < a.warmup; ++i) step();
+  for (int i = 0; i < a.warmup; ++i) step(false);
   Allocator& alloc = allocator_for(device);
   alloc.reset_peak();
+  comm.barrier();
   std::vector<double> ms;
   const auto t0 = Clock::now();
   for (int i = 0; i < a.steps; ++i) {
     const auto t = Clock::now();
-    step();
+    step(true);
     ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t).count());
   }
   const double total_s = std::chrono::duration<double>(Clock::now() - t0).count();
   double mean = 0;
   for (double v : ms) mean += v;
   mean /= ms.size();
+  // The job's figures: the slowest rank's wall time and the largest peak.
+  const double job_s = comm.all_reduce_scalar(total_s, ReduceOp::max);
+  const double peak = comm.all_reduce_scalar(static_cast<double>(alloc.peak_bytes()), ReduceOp::max);
+  Json buckets = Json::array();
+  for (const auto& t : bucket_sum)
+    buckets.push_back({{"bytes", t.bytes},
+                       {"ready_ms", t.ready_s / a.steps * 1e3},
+                       {"start_ms", ranks > 1 ? t.start_s / a.steps * 1e3 : -1.0},
+                       {"done_ms", ranks > 1 ? t.done_s / a.steps * 1e3 : -1.0}});
   Json j = {{"benchmark", std::string(train ? "train" : "infer")},
-            {"images_per_s", b * a.steps / total_s},
+            {"images_per_s", static_cast<double>(tc.batch_size) * a.steps / job_s},
             {"step_ms_mean", mean},
             {"step_ms_p50", percentile(ms, 0.5)},
             {"step_ms_p95", percentile(ms, 0.95)},
             {"step_ms_min", *std::min_element(ms.begin(), ms.end())},
-            {"peak_bytes", alloc.peak_bytes()},
+            {"peak_bytes", static_cast<int64_t>(peak)},
+            {"ranks", ranks},
+            {"per_rank_batch", b},
             {"config",
              {{"model", model->config().to_json()},
               {"parameters", model->num_parameters()},
-              {"batch_size", b},
+              {"batch_size", tc.batch_size},
               {"image_size", dc.image_size},
               {"channels", dc.channels},
               {"device", device.str()},
               {"threads", threads},
+              {"ranks", ranks},
+              {"binding", binding},
               {"precision", tc.precision},
               {"optimizer", train ? oc.name : std::string("none")},
+              {"bucket_mb", dist.bucket_mb},
+              {"overlap", dist.overlap},
               {"warmup", a.warmup},
               {"steps", a.steps},
               {"blas", blas_info()}}}};
+  if (train) {
+    j["profile"] = prof.to_json();
+    j["buckets"] = buckets;
+  }
+  if (!comm.is_root()) return;
   if (a.json) {
     std::cout << j.dump() << std::endl;
   } else {
     std::cout << std::fixed << std::setprecision(1) << "bench " << a.what << ": " << j["images_per_s"].get<double>()
               << " img/s, step " << mean << " ms mean, " << j["step_ms_p50"].get<double>() << " p50, "
-              << j["step_ms_p95"].get<double>() << " p95, peak " << std::setprecision(1)
-              << alloc.peak_bytes() / 1048576.0 << " MiB (" << j["config"].dump() << ")\n";
+              << j["step_ms_p95"].get<double>() << " p95, peak " << std::setprecision(1) << peak / 1048576.0
+              << " MiB (" << j["config"].dump() << ")\n";
+    if (train) std::cout << prof.table();
+  }
+}
+
+// bench comm: all-reduce time against message size over the launched ranks, and the fitted
+// latency/bandwidth of a ring all-reduce (the link figures lancet sweep --predict uses).
+void run_bench_comm(const BenchArgs& a, Communicator& comm) {
+  const Json config = resolve_config(a.config);
+  comm.set_timeout(dist_config(config).timeout_s);
+  LANCET_CHECK(comm.size() >= 2, "bench comm needs at least 2 ranks: launch it with mpirun -np N or srun -n N");
+  const Stream s{Device::cpu(), nullptr};
+  Json sizes = Json::array();
+  std::vector<std::pair<double, double>> fit;
+  for (int64_t bytes = 4096; bytes <= (int64_t{64} << 20); bytes *= 4) {
+    Tensor t = Tensor::zeros({bytes / 4});
+    for (int i = 0; i < a.warmup; ++i) comm.all_reduce(t, ReduceOp::sum, s);
+    std::vector<double> sec;
+    for (int i = 0; i < a.steps; ++i) {
+      comm.barrier();
+      const auto t0 = Clock::now();
+      comm.all_reduce(t, ReduceOp::sum, s);
+      sec.push_back(comm.all_reduce_scalar(std::chrono::duration<double>(Clock::now() - t0).count(), ReduceOp::max));
+    }
+    const double med = percentile(sec, 0.5);
+    fit.emplace_back(static_cast<double>(bytes), med);
+    sizes.push_back({{"bytes", bytes}, {"ms_p50", med * 1e3}, {"ms_min", *std::min_element(sec.begin(), sec.end()) * 1e3},
+                     {"bus_GBps", 2.0 * (comm.size() - 1) / comm.size() * bytes / med / 1e9}});
+  }
+  const Link l = fit_ring_link("measured", fit, comm.size());
+  Json j = {{"benchmark", "comm"},
+            {"ranks", comm.size()},
+            {"sizes", sizes},
+            {"fit", {{"alpha_us", l.alpha_s * 1e6}, {"beta_GBps", l.beta_Bps / 1e9}}}};
+  if (!comm.is_root()) return;
+  if (a.json) {
+    std::cout << j.dump() << std::endl;
+    return;
+  }
+  std::cout << "all-reduce (sum, f32) over " << comm.size() << " ranks\n      bytes    p50 ms   bus GB/s\n";
+  for (const auto& r : sizes)
+    std::cout << std::setw(11) << r["bytes"].get<int64_t>() << std::fixed << std::setprecision(3) << std::setw(10)
+              << r["ms_p50"].get<double>() << std::setprecision(2) << std::setw(11) << r["bus_GBps"].get<double>() << "\n";
+  std::cout << "ring fit: alpha " << std::setprecision(1) << l.alpha_s * 1e6 << " us, beta " << std::setprecision(2)
+            << l.beta_Bps / 1e9 << " GB/s\n";
+}
+
+void run_bench_any(const BenchArgs& a) {
+  auto comm = make_cpu_communicator(dist_config(resolve_config(a.config)).backend);
+  try {
+    if (a.what == "comm")
+      run_bench_comm(a, *comm);
+    else
+      run_bench(a, *comm);
+  } catch (const std::exception& e) {
+    if (comm->size() == 1) throw;
+    std::cerr << "lancet bench: error: rank " << comm->rank() << " of " << comm->size() << ": " << e.what() << "\n"
+              << std::flush;
+    comm->abort(1);
+    throw;
   }
 }
 }  // namespace
 
 void register_bench(CLI::App& app) {
-  auto* sub = app.add_subcommand("bench", "benchmarks: `bench train` (training step) or `bench infer` (forward)");
+  auto* sub = app.add_subcommand(
+      "bench", "benchmarks: `bench train` (training step; data-parallel under mpirun/srun), `bench infer` (forward), "
+               "`bench comm` (all-reduce latency and bandwidth between ranks)");
   auto a = std::make_shared<BenchArgs>();
-  sub->add_option("what", a->what, "train | infer")->required()->check(CLI::IsMember({"train", "infer"}));
+  sub->add_option("what", a->what, "train | infer | comm | data")
+      ->required()
+      ->check(CLI::IsMember({"train", "infer", "comm", "data"}));
+  auto bench_data = add_bench_data(*sub);  // tools/cmd_bench_data.cpp
   sub->add_option("--warmup", a->warmup, "untimed steps first")->capture_default_str();
   sub->add_option("--steps", a->steps, "timed steps")->capture_default_str()->check(CLI::PositiveNumber);
   sub->add_flag("--json", a->json, "print one JSON object (images_per_s, step_ms_*, peak_bytes, config)");
   add_config_options(*sub, a->config, /*with_training_flags=*/true);
-  sub->callback([a]() { run_bench(*a); });
+  sub->callback([a, bench_data]() { a->what == "data" ? bench_data(a->config, a->json) : run_bench_any(*a); });
 }
 
 }  // namespace lancet::cli

@@ -40,6 +40,7 @@ int main(int argc, char** argv) {
   lancet::cli::register_synth(app);
   lancet::cli::register_bench(app);
   lancet::cli::register_prep(app);
+  lancet::cli::register_sweep(app);
   const std::string sub = argc > 1 ? argv[1] : "";
   try {
     app.parse(argc, argv);

@@ -53,6 +53,9 @@ GradSync::GradSync(Module& model, Communicator& comm, const GradSyncOptions& opt
   }
   for (size_t i = 0; i < buckets_.size(); ++i)
     for (Parameter* p : buckets_[i].params) bucket_of_.emplace_back(p, i);
+  timings_.resize(buckets_.size());
+  for (size_t i = 0; i < buckets_.size(); ++i)
+    timings_[i].bytes = buckets_[i].flat.numel() * static_cast<int64_t>(sizeof(float));
   std::sort(bucket_of_.begin(), bucket_of_.end());
   model_.set_grad_ready_hook([this](Parameter& p) { on_ready(p); });
 }
@@ -109,10 +112,16 @@ void GradSync::broadcast_buffers(const Stream& s) {
   }
 }
 
+double GradSync::since_t0() const {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+}
+
 void GradSync::begin_backward(bool sync) {
   sync_ = sync && comm_.size() > 1;
   next_to_start_ = 0;
   started_in_backward_ = 0;
+  t0_ = std::chrono::steady_clock::now();
+  for (auto& t : timings_) t.ready_s = t.start_s = t.done_s = -1;
   for (auto& b : buckets_) {
     LANCET_CHECK(!b.work, "GradSync: begin_backward while a reduction is still in flight (finish() was not called)");
     b.pending = static_cast<int>(b.params.size());
@@ -121,15 +130,17 @@ void GradSync::begin_backward(bool sync) {
 
 void GradSync::start(size_t b, const Stream& s) {
   TraceScope trace("all_reduce", "comm");
+  timings_[b].start_s = since_t0();
   buckets_[b].work = comm_.all_reduce_async(buckets_[b].flat, ReduceOp::mean, s);
 }
 
 void GradSync::on_ready(Parameter& p) {
-  if (!sync_ || !options_.overlap) return;
   auto it = std::lower_bound(bucket_of_.begin(), bucket_of_.end(), std::make_pair(&p, size_t{0}));
   if (it == bucket_of_.end() || it->first != &p) return;  // not a bucketed parameter (frozen)
   Bucket& b = buckets_[it->second];
   if (--b.pending > 0) return;
+  timings_[it->second].ready_s = since_t0();
+  if (!sync_ || !options_.overlap) return;
   // Start complete buckets in bucket order only, so every rank issues the same sequence.
   while (next_to_start_ < buckets_.size() && buckets_[next_to_start_].pending <= 0) {
     start(next_to_start_++, stream_);
@@ -137,16 +148,17 @@ void GradSync::on_ready(Parameter& p) {
   }
   // Open MPI moves nonblocking collectives along inside MPI calls: test what is in flight.
   for (size_t i = 0; i < next_to_start_; ++i)
-    if (buckets_[i].work) buckets_[i].work->done();
+    if (buckets_[i].work && timings_[i].done_s < 0 && buckets_[i].work->done()) timings_[i].done_s = since_t0();
 }
 
 double GradSync::finish(const Stream& s) {
   if (!sync_) return 0;
   const auto t0 = std::chrono::steady_clock::now();
   while (next_to_start_ < buckets_.size()) start(next_to_start_++, s);
-  for (auto& b : buckets_) {
-    b.work->wait();
-    b.work.reset();
+  for (size_t i = 0; i < buckets_.size(); ++i) {
+    buckets_[i].work->wait();
+    buckets_[i].work.reset();
+    if (timings_[i].done_s < 0) timings_[i].done_s = since_t0();
   }
   sync_ = false;
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -17,6 +17,7 @@
 // Gradient accumulation: backward passes with sync off (begin_backward(false)) only
 // accumulate locally; the final micro-step's backward (sync on) reduces the sum.
 #pragma once
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -55,6 +56,16 @@ class GradSync {
   std::vector<int64_t> bucket_elements() const;  // per bucket, in reduction order
   int64_t buckets_started_in_backward() const { return started_in_backward_; }  // last sync step
 
+  // When each bucket's work happened in the last backward, in seconds since begin_backward:
+  // ready = its last gradient became final (recorded with one rank too, so a single-process
+  // run measures what a scaling prediction needs); start = its all-reduce was started, done =
+  // the all-reduce was seen complete (-1 when there was none: one rank or sync off).
+  struct BucketTiming {
+    int64_t bytes = 0;
+    double ready_s = -1, start_s = -1, done_s = -1;
+  };
+  const std::vector<BucketTiming>& timings() const { return timings_; }
+
  private:
   struct Bucket {
     Tensor flat;
@@ -74,6 +85,9 @@ class GradSync {
   bool sync_ = false;
   int64_t started_in_backward_ = 0;
   Stream stream_;
+  std::vector<BucketTiming> timings_;
+  std::chrono::steady_clock::time_point t0_;
+  double since_t0() const;
 };
 
 // Checks that every rank runs the same job: `fields` (name -> value, e.g. "train.batch_size"

@@ -1,0 +1,243 @@
+// The scaling model (trainer/scaling.h), GradSync's bucket timings, `lancet bench` under
+// mpirun and `lancet sweep` end to end.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <fstream>
+#include <sstream>
+
+#include "cli_util.h"
+#include "comm/communicator.h"
+#include "layers/medicalcnn.h"
+#include "trainer/ddp.h"
+#include "trainer/scaling.h"
+#include "trainer/trainer.h"
+#include "trainer/weights.h"
+
+namespace lancet {
+namespace {
+
+using testing::run_lancet;
+using testing::TempDir;
+
+TEST(ScalingModel, RingAndTreeCosts) {
+  const Link l{"x", 2e-6, 1e9};
+  EXPECT_EQ(ring_allreduce_s(1e6, 1, l), 0);
+  // 2 (p-1) alpha + 2 (p-1)/p n / beta
+  EXPECT_NEAR(ring_allreduce_s(1e6, 4, l), 6 * 2e-6 + 1.5 * 1e-3, 1e-12);
+  EXPECT_NEAR(tree_allreduce_s(1e6, 4, l), 4 * 2e-6 + 2e-3, 1e-12);
+  EXPECT_NEAR(tree_allreduce_s(1e6, 5, l), 6 * 2e-6 + 2e-3, 1e-12);  // ceil(log2 5) = 3
+  Cluster c;
+  c.ranks_per_node = 4;
+  c.intra = l;
+  c.inter = Link{"y", 10e-6, 1e8};
+  // One node: the cheaper of ring and tree (small message: tree's fewer latency terms win
+  // at large p, ring's bandwidth term at large n).
+  EXPECT_NEAR(allreduce_s(1e6, 4, c), std::min(ring_allreduce_s(1e6, 4, l), tree_allreduce_s(1e6, 4, l)), 1e-15);
+  // Two nodes of 4: reduce-scatter + all-gather inside (2 x (3 alpha + 3/4 n/beta)) and a
+  // 2-rank all-reduce of n/4 across.
+  const double inter = std::min(ring_allreduce_s(2.5e5, 2, c.inter), tree_allreduce_s(2.5e5, 2, c.inter));
+  EXPECT_NEAR(allreduce_s(1e6, 8, c), 2 * (3 * 2e-6 + 0.75 * 1e-3) + inter, 1e-12);
+  EXPECT_GT(allreduce_s(1e6, 8, c), allreduce_s(1e6, 4, c));
+}
+
+TEST(ScalingModel, OverlapHidesEarlyBucketsAndExposesLateOnes) {
+  MeasuredStep m;
+  m.per_rank_batch = 10;
+  m.forward_s = 0.1;
+  m.backward_s = 0.2;
+  m.optimizer_s = 0.05;
+  m.buckets = {{int64_t(1e6), 0.05}, {int64_t(1e6), 0.2}};
+  Cluster c;
+  c.ranks_per_node = 2;
+  c.intra = Link{"x", 0, 1e8};  // 1e6 bytes over 2 ranks: ring 2*(1/2)*1e6/1e8 = 10 ms; tree 20 ms
+  const Prediction one = predict_step(m, 1, c);
+  EXPECT_NEAR(one.step_s, 0.35, 1e-12);
+  EXPECT_NEAR(one.efficiency, 1, 1e-12);
+  const Prediction two = predict_step(m, 2, c);
+  // The first bucket (ready at 50 ms) is done long before the backward ends; the last one,
+  // ready at the end, is fully exposed.
+  EXPECT_NEAR(two.comm_s, 0.02, 1e-12);
+  EXPECT_NEAR(two.exposed_s, 0.01, 1e-12);
+  EXPECT_NEAR(two.step_s, 0.36, 1e-12);
+  EXPECT_NEAR(two.images_per_s, 20 / 0.36, 1e-9);
+  EXPECT_NEAR(two.efficiency, 0.35 / 0.36, 1e-12);
+  // Without overlap everything waits for the backward's end.
+  EXPECT_NEAR(predict_step(m, 2, c, 1, /*overlap=*/false).exposed_s, 0.02, 1e-12);
+  // Contention stretches compute (and the ready times with it).
+  EXPECT_NEAR(predict_step(m, 2, c, 2).step_s, 2 * 0.3 + 0.01 + 0.05, 1e-12);
+  // Buckets queue on one channel: two buckets ready together finish one after the other.
+  m.buckets = {{int64_t(1e6), 0.2}, {int64_t(1e6), 0.2}};
+  EXPECT_NEAR(predict_step(m, 2, c).exposed_s, 0.02, 1e-12);
+}
+
+TEST(ScalingModel, FitRecoversAlphaAndBeta) {
+  const Link truth{"t", 7e-6, 3e9};
+  std::vector<std::pair<double, double>> pts;
+  for (double n : {4e3, 64e3, 1e6, 16e6}) pts.emplace_back(n, ring_allreduce_s(n, 3, truth));
+  const Link fit = fit_ring_link("fit", pts, 3);
+  EXPECT_NEAR(fit.alpha_s, 7e-6, 1e-9);
+  EXPECT_NEAR(fit.beta_Bps / 3e9, 1, 1e-6);
+  EXPECT_THROW(fit_ring_link("f", {{1e3, 1e-3}}, 2), Error);
+  EXPECT_THROW(fit_ring_link("f", pts, 1), Error);
+}
+
+TEST(ScalingModel, ParseLinkAndBenchJson) {
+  const Link l = parse_link("--net-intra", "2.5:100");
+  EXPECT_NEAR(l.alpha_s, 2.5e-6, 1e-15);
+  EXPECT_NEAR(l.beta_Bps, 100e9, 1);
+  for (const char* bad : {"", "3", "a:1", "1:0", "1:2x", "-1:5"}) {
+    try {
+      parse_link("--net-inter", bad);
+      ADD_FAILURE() << bad;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("--net-inter"), std::string::npos) << e.what();
+    }
+  }
+  const Json j = Json::parse(R"({"ranks":1,"per_rank_batch":8,
+    "profile":{"phases":{"forward":{"mean_ms":10},"backward":{"mean_ms":20},"optimizer":{"mean_ms":5},
+                         "other":{"mean_ms":1},"data_wait":{"mean_ms":0},"h2d":{"mean_ms":0},"grad_sync":{"mean_ms":0}}},
+    "buckets":[{"bytes":400,"ready_ms":3,"start_ms":-1,"done_ms":-1}]})");
+  const MeasuredStep m = MeasuredStep::from_bench_json(j);
+  EXPECT_EQ(m.per_rank_batch, 8);
+  EXPECT_NEAR(m.forward_s, 0.01, 1e-12);
+  EXPECT_NEAR(m.backward_s, 0.02, 1e-12);
+  EXPECT_NEAR(m.optimizer_s, 0.005, 1e-12);
+  EXPECT_NEAR(m.other_s, 0.001, 1e-12);
+  ASSERT_EQ(m.buckets.size(), 1u);
+  EXPECT_EQ(m.buckets[0].bytes, 400);
+  EXPECT_NEAR(m.buckets[0].ready_s, 0.003, 1e-12);
+  EXPECT_THROW(MeasuredStep::from_bench_json(Json::object()), Error);
+}
+
+TEST(GradSyncTimings, EveryBucketGetsAReadyTimeWithinTheBackwardInOrder) {
+  MedicalCNNConfig cfg;
+  cfg.in_channels = 1;
+  cfg.num_classes = 2;
+  cfg.widths = {8, 16, 16, 16};
+  cfg.depths = {1, 1, 1, 1};
+  cfg.head_hidden = 16;
+  cfg.dropout = {0, 0};
+  auto model = make_model(cfg.to_json(), 1);
+  model->train();
+  auto comm = make_single_process_communicator();
+  GradSync sync(*model, *comm, GradSyncOptions{0.002, true});  // small buckets: several of them
+  ASSERT_GT(sync.num_buckets(), 2);
+  const Stream s{Device::cpu(), nullptr};
+  Tensor x = Tensor::zeros({2, 1, 32, 32});
+  Tensor y = Tensor::from_labels({0, 1});
+  auto opt = make_optimizer(OptimConfig{"sgd", 0.1f, 0, 0, 0.9f, 0.999f, 1e-8f, false}, model->named_parameters());
+  const Loss loss = make_loss(LossConfig{}, 2, Device::cpu());
+  StepProfiler prof;
+  StepOptions so;
+  so.grad_sync = &sync;
+  prof.begin_step();
+  train_step(*model, *opt, *comm, x, y, loss, s, so, &prof);
+  prof.end_step();
+  const double backward_s = prof.stats(Phase::backward).total_s;
+  const auto& t = sync.timings();
+  ASSERT_EQ(static_cast<int>(t.size()), sync.num_buckets());
+  int64_t bytes = 0;
+  for (size_t i = 0; i < t.size(); ++i) {
+    EXPECT_GE(t[i].ready_s, 0) << i;
+    EXPECT_LE(t[i].ready_s, backward_s + 1e-3) << i;
+    EXPECT_EQ(t[i].start_s, -1) << "one rank: nothing to reduce";
+    bytes += t[i].bytes;
+  }
+  EXPECT_EQ(bytes, model->num_parameters() * 4);
+  // Buckets follow reverse registration order: the head's gradients are ready first and the
+  // stem's last. (Not strictly in between: a residual block's shortcut and SE branches finish
+  // out of registration order, which is why DDP rebuilds its buckets after the first step.)
+  EXPECT_LT(t.front().ready_s, t.back().ready_s);
+}
+
+std::string read(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+const char* kTiny =
+    "--image-size 16 --set model.widths=[8,8,8,8] --set model.depths=[1,1,1,1] --set model.head_hidden=8 "
+    "--set model.context_width=8";
+
+TEST(Sweep, OneAndTwoRanksGiveTablesCsvPlotsAndPredictions) {
+  if (std::string(LANCET_MPIEXEC).empty()) GTEST_SKIP() << "no MPI in this build: the sweep needs mpirun for 2 ranks";
+  TempDir dir("sweep");
+  const auto r = run_lancet("sweep --ranks 1,2 --threads 1 --batch-size 4 --steps 2 --warmup 1 --predict --project 8,16 " +
+                            std::string(kTiny) + " --out " + dir / "s");
+  ASSERT_EQ(r.status, 0) << r.output;
+  const std::string md = read(dir / "s/sweep.md");
+  EXPECT_NE(md.find("## Data-parallel scaling"), std::string::npos) << md;
+  EXPECT_NE(md.find("## Serial vs parallel"), std::string::npos);
+  EXPECT_NE(md.find("## Step phases"), std::string::npos);
+  EXPECT_NE(md.find("Model error over the 1 multi-rank rows"), std::string::npos) << md;
+  EXPECT_NE(md.find("## Projected"), std::string::npos);
+  EXPECT_NE(md.find("| 2 | 2 | 8 |"), std::string::npos) << "2 ranks, 2 workers, global batch 8\n" << md;
+  // CSV: header + 2 rows, both ok, speedup 1 for the 1-rank row.
+  std::istringstream csv(read(dir / "s/sweep.csv"));
+  std::vector<std::string> lines;
+  for (std::string l; std::getline(csv, l);) lines.push_back(l);
+  ASSERT_EQ(lines.size(), 3u) << read(dir / "s/sweep.csv");
+  EXPECT_EQ(lines[1].rfind("cpu,fp32,1,1,1,4,4,\"ok\",", 0), 0u) << lines[1];
+  EXPECT_EQ(lines[2].rfind("cpu,fp32,2,1,2,8,4,\"ok\",", 0), 0u) << lines[2];
+  for (const char* f : {"scaling.svg", "scaling.png", "phases.svg", "phases.png", "sweep.json"})
+    EXPECT_GT(std::filesystem::file_size(dir / (std::string("s/") + f)), 500u) << f;
+  EXPECT_NE(read(dir / "s/scaling.svg").find("ideal"), std::string::npos);
+  const Json rec = Json::parse(read(dir / "s/sweep.json"));
+  ASSERT_EQ(rec.size(), 2u);
+  EXPECT_EQ(rec[1]["bench"]["ranks"], 2);
+  EXPECT_TRUE(rec[1].contains("predicted_images_per_s"));
+  // The 2-rank run reduced every bucket: start and done times recorded.
+  for (const auto& b : rec[1]["bench"]["buckets"]) EXPECT_GE(b["done_ms"].get<double>(), b["start_ms"].get<double>());
+
+  // Prediction only, from the saved 1-rank result.
+  const auto p = run_lancet("sweep --from " + dir / "s/runs/cpu_fp32_r1_t1_b4.json" +
+                            " --project 8,64 --ranks-per-node 4 --net-inter 10:12.5 --out " + dir / "p");
+  ASSERT_EQ(p.status, 0) << p.output;
+  EXPECT_NE(p.output.find("| 64 | 16 |"), std::string::npos) << "64 ranks on 16 nodes of 4\n" << p.output;
+  EXPECT_NE(p.output.find("12.5 GB/s"), std::string::npos) << p.output;
+}
+
+TEST(Sweep, AFailedConfigurationIsAReportedRowAndTheSweepGoesOn) {
+  TempDir dir("sweep_fail");
+  // Strong scaling of batch 3 over 2 ranks is impossible; the 1-rank row still runs.
+  const auto r = run_lancet("sweep --ranks 1,2 --threads 1 --batch-size 3 --scaling strong --steps 1 --warmup 0 " +
+                            std::string(kTiny) + " --out " + dir / "s");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("failed: batch 3 not divisible by 2 ranks"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("1 of 2 configurations failed"), std::string::npos) << r.output;
+  // Everything failing (a setting the runs reject) is an error naming the cause.
+  const auto all = run_lancet("sweep --ranks 1 --steps 1 --warmup 0 --set model.nonsense=1 --out " + dir / "t");
+  EXPECT_NE(all.status, 0);
+  EXPECT_NE(all.output.find("every configuration failed"), std::string::npos) << all.output;
+  EXPECT_NE(all.output.find("unknown key 'nonsense'"), std::string::npos) << all.output;
+  const auto bad = run_lancet("sweep --ranks 0 --out " + dir / "u");
+  EXPECT_NE(bad.status, 0);
+  EXPECT_NE(bad.output.find("--ranks values must be >= 1"), std::string::npos) << bad.output;
+}
+
+TEST(BenchComm, FitsALinkBetweenTwoRanks) {
+  if (std::string(LANCET_MPIEXEC).empty()) GTEST_SKIP() << "no MPI in this build";
+  const std::string cmd = std::string(LANCET_MPIEXEC) + " --allow-run-as-root --oversubscribe -np 2 " +
+                          testing::lancet_binary() + " bench comm --json --steps 2 --warmup 1 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
+  ASSERT_EQ(pclose(p), 0) << out;
+  const Json j = Json::parse(out.substr(out.find('{')));
+  EXPECT_EQ(j["ranks"], 2);
+  EXPECT_EQ(j["sizes"].size(), 8u);  // 4 KiB .. 64 MiB by 4x
+  EXPECT_GT(j["fit"]["beta_GBps"].get<double>(), 0);
+  // One rank: a clear refusal.
+  const auto one = run_lancet("bench comm");
+  EXPECT_NE(one.status, 0);
+  EXPECT_NE(one.output.find("bench comm needs at least 2 ranks"), std::string::npos) << one.output;
+}
+
+}  // namespace
+}  // namespace lancet

@@ -1,0 +1,664 @@
+// lancet sweep — scaling sweeps: runs `lancet bench train` over a grid of configurations
+// (device, ranks, threads per rank, precision, batch), each launched with mpirun, or srun
+// inside a Slurm allocation, and writes the study-style tables (workers, training time,
+// speedup, efficiency), a CSV, a JSON record, and plots (speedup and efficiency against
+// workers with the ideal line; the stacked step-phase breakdown) as SVG and PNG. A failed
+// configuration is a row marked failed; the sweep goes on. --predict adds the scaling model's
+// rows (trainer/scaling.h) beside the measured ones, with its error, and projects to larger
+// rank counts on a GPU cluster model.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
+#include <iostream>
+#include <map>
+#include <sstream>
+#include <thread>
+
+#include "kernels/error.h"
+#include "tools/cli.h"
+#include "tools/plot.h"
+#include "trainer/scaling.h"
+
+namespace lancet::cli {
+
+namespace {
+namespace fs = std::filesystem;
+
+struct SweepArgs {
+  std::vector<int> ranks{1, 2}, threads{1};
+  std::vector<std::string> devices{"cpu"}, precisions{"fp32"};
+  std::vector<int64_t> batches{16};
+  std::string scaling = "weak";
+  int steps = 10, warmup = 3;
+  std::string out = "runs/sweep";
+  std::string launcher = "auto";
+  double timeout_s = 900;
+  int64_t epoch_images = 0;
+  std::string config_file, image_size;
+  std::vector<std::string> sets;
+  bool predict = false;
+  std::string from;
+  std::vector<int> project;
+  int ranks_per_node = 8;
+  std::string net_intra, net_inter;
+};
+
+struct Row {
+  std::string device, precision;
+  int ranks = 1, threads = 1;
+  int64_t batch = 0, per_rank_batch = 0;
+  std::string status = "ok";
+  double images_per_s = 0, step_ms = 0, peak_mib = 0, epoch_s = 0;
+  std::map<std::string, double> phase_ms;  // forward, backward, grad_sync, optimizer, other
+  double speedup = NAN, efficiency = NAN;                // against 1 rank, same threads per rank
+  double speedup_serial = NAN, efficiency_serial = NAN;  // against 1 rank x 1 thread
+  double predicted_ips = NAN, predicted_err = NAN;
+  Json bench;
+  bool ok() const { return status == "ok"; }
+  std::string group() const {  // rows that differ only in ranks
+    std::ostringstream o;
+    o << device << " " << precision << " " << threads << "t " << (per_rank_batch ? per_rank_batch : batch);
+    return o.str();
+  }
+  std::string name() const {
+    std::ostringstream o;
+    o << ranks << "x" << threads << " " << device << " " << precision << " b" << batch;
+    return o.str();
+  }
+};
+
+const char* const kPhases[] = {"forward", "backward", "grad_sync", "optimizer", "other"};
+
+std::string find_in_path(const std::string& exe) {
+  const char* path = std::getenv("PATH");
+  if (!path) return "";
+  std::istringstream ss(path);
+  for (std::string dir; std::getline(ss, dir, ':');) {
+    if (dir.empty()) continue;
+    const fs::path p = fs::path(dir) / exe;
+    if (access(p.c_str(), X_OK) == 0) return p.string();
+  }
+  return "";
+}
+
+std::string resolve_launcher(const std::string& wanted) {
+  if (wanted != "auto") return wanted;
+  if (std::getenv("SLURM_JOB_ID") && !find_in_path("srun").empty()) return "srun";
+  if (!find_in_path("mpirun").empty()) return "mpirun";
+  return "none";
+}
+
+struct ProcResult {
+  int exit_code = -1;
+  bool timed_out = false;
+  std::string describe() const {
+    std::ostringstream o;
+    if (timed_out) o << "timed out";
+    else if (exit_code >= 128) o << "killed by signal " << exit_code - 128;
+    else o << "exit " << exit_code;
+    return o.str();
+  }
+};
+
+// Runs argv with stdout and stderr to files, in its own process group so that a timeout ends
+// the launcher and every rank it started.
+ProcResult run_process(const std::vector<std::string>& argv, const std::string& out_path, const std::string& err_path,
+                       double timeout_s) {
+  std::vector<char*> cargv;
+  for (const auto& a : argv) cargv.push_back(const_cast<char*>(a.c_str()));
+  cargv.push_back(nullptr);
+  std::cout.flush();
+  std::cerr.flush();
+  const pid_t pid = fork();
+  LANCET_CHECK(pid >= 0, "sweep: fork failed: " << std::strerror(errno));
+  if (pid == 0) {
+    setpgid(0, 0);
+    if (!std::freopen(out_path.c_str(), "w", stdout) || !std::freopen(err_path.c_str(), "w", stderr)) _exit(126);
+    execvp(cargv[0], cargv.data());
+    std::fprintf(stderr, "sweep: cannot run %s: %s\n", cargv[0], std::strerror(errno));
+    _exit(127);
+  }
+  setpgid(pid, pid);
+  ProcResult r;
+  const auto t0 = std::chrono::steady_clock::now();
+  int status = 0;
+  for (;;) {
+    const pid_t w = waitpid(pid, &status, WNOHANG);
+    if (w == pid) break;
+    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() > timeout_s) {
+      r.timed_out = true;
+      kill(-pid, SIGTERM);
+      for (int i = 0; i < 50 && waitpid(pid, &status, WNOHANG) == 0; ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      kill(-pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  if (WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
+  else if (WIFSIGNALED(status)) r.exit_code = 128 + WTERMSIG(status);
+  return r;
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// The last line of `text` that parses as a JSON object holding `key`.
+bool last_json_with(const std::string& text, const char* key, Json& out) {
+  std::istringstream ss(text);
+  bool found = false;
+  for (std::string line; std::getline(ss, line);) {
+    if (line.empty() || line[0] != '{') continue;
+    try {
+      Json j = Json::parse(line);
+      if (j.contains(key)) {
+        out = std::move(j);
+        found = true;
+      }
+    } catch (const std::exception&) {
+    }
+  }
+  return found;
+}
+
+std::string last_line(const std::string& text) {
+  std::string last, line;
+  std::istringstream ss(text);
+  while (std::getline(ss, line))
+    if (!line.empty() && line.find_first_not_of(" \t\r") != std::string::npos) last = line;
+  if (last.size() > 200) last = last.substr(0, 200) + "...";
+  return last;
+}
+
+std::vector<std::string> launcher_prefix(const std::string& launcher, int ranks, int threads) {
+  if (launcher == "mpirun") {
+    // --bind-to none: lancet pins each rank's threads itself (dist.bind auto), threads > 1 included.
+    std::vector<std::string> p{"mpirun", "-np", std::to_string(ranks), "--oversubscribe", "--bind-to", "none"};
+    if (geteuid() == 0) p.push_back("--allow-run-as-root");
+    return p;
+  }
+  if (launcher == "srun")
+    return {"srun", "-n", std::to_string(ranks), "--cpus-per-task", std::to_string(threads), "--mpi=pmix"};
+  return {};
+}
+
+std::vector<std::string> passthrough(const SweepArgs& a) {
+  std::vector<std::string> v;
+  if (!a.config_file.empty()) v.insert(v.end(), {"--config", a.config_file});
+  if (!a.image_size.empty()) v.insert(v.end(), {"--image-size", a.image_size});
+  for (const auto& s : a.sets) v.insert(v.end(), {"--set", s});
+  return v;
+}
+
+void write_atomic(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary);
+    LANCET_CHECK(f, tmp << ": cannot write");
+    f << text;
+    f.close();
+    LANCET_CHECK(f, tmp << ": write failed");
+  }
+  fs::rename(tmp, path);
+}
+
+std::string fixed(double v, int prec) {
+  if (!std::isfinite(v)) return "-";
+  std::ostringstream o;
+  o << std::fixed << std::setprecision(prec) << v;
+  return o.str();
+}
+
+std::string pct(double v) {
+  if (!std::isfinite(v)) return "-";
+  std::ostringstream o;
+  o << std::fixed << std::setprecision(1) << 100 * v << "%";
+  return o.str();
+}
+
+struct Projection {
+  std::string source;
+  Cluster cluster;
+  std::vector<Prediction> rows;
+  int64_t per_rank_batch = 0;
+};
+
+std::string markdown(const std::vector<Row>& rows, const SweepArgs& a, int64_t epoch_images, const std::string& launcher,
+                     const std::string& link_note, const std::vector<Projection>& projections) {
+  std::ostringstream md;
+  md << "# lancet sweep\n\n"
+     << "Measured with `lancet bench train` (" << a.warmup << " warm-up + " << a.steps << " timed steps, random data), "
+     << a.scaling << " scaling ("
+     << (a.scaling == "weak" ? "the batch is per rank: global batch = ranks x batch"
+                             : "the batch is global, split over the ranks")
+     << "), launcher " << launcher << ", " << std::thread::hardware_concurrency()
+     << " hardware threads. Training time = one epoch of " << epoch_images << " images at the measured rate.\n\n";
+  const bool predicted = std::any_of(rows.begin(), rows.end(), [](const Row& r) { return std::isfinite(r.predicted_ips); });
+  // Table 1: rank scaling per group.
+  md << "## Data-parallel scaling (speedup and efficiency against 1 rank with the same threads per rank)\n\n";
+  std::vector<std::string> groups;
+  for (const auto& r : rows)
+    if (std::find(groups.begin(), groups.end(), r.group()) == groups.end()) groups.push_back(r.group());
+  for (const auto& g : groups) {
+    md << "**" << g << "** (device, precision, threads per rank, batch per rank)\n\n"
+       << "| ranks | workers (cores) | global batch | img/s | training time (s) | speedup | efficiency |"
+       << (predicted ? " predicted img/s | model error |" : "") << "\n"
+       << "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |" << (predicted ? " ---: | ---: |" : "") << "\n";
+    for (const auto& r : rows) {
+      if (r.group() != g) continue;
+      md << "| " << r.ranks << " | " << r.ranks * r.threads << " | " << r.batch << " | ";
+      if (r.ok())
+        md << fixed(r.images_per_s, 1) << " | " << fixed(r.epoch_s, 1) << " | " << fixed(r.speedup, 2) << " | "
+           << pct(r.efficiency) << " |";
+      else
+        md << r.status << " | - | - | - |";
+      if (predicted) md << " " << fixed(r.predicted_ips, 1) << " | " << pct(r.predicted_err) << " |";
+      md << "\n";
+    }
+    md << "\n";
+  }
+  // Table 2: serial against parallel.
+  md << "## Serial vs parallel (against 1 rank x 1 thread)\n\n"
+     << "| configuration | workers (ranks x threads) | img/s | training time (s) | speedup | efficiency |\n"
+     << "| --- | ---: | ---: | ---: | ---: | ---: |\n";
+  for (const auto& r : rows) {
+    md << "| " << r.name() << " | " << r.ranks << " x " << r.threads << " = " << r.ranks * r.threads << " | ";
+    if (r.ok())
+      md << fixed(r.images_per_s, 1) << " | " << fixed(r.epoch_s, 1) << " | " << fixed(r.speedup_serial, 2) << " | "
+         << pct(r.efficiency_serial) << " |\n";
+    else
+      md << r.status << " | - | - | - |\n";
+  }
+  // Table 3: where the step's time goes.
+  md << "\n## Step phases (mean ms per step; grad_sync = gradient communication not hidden behind the backward)\n\n"
+     << "| configuration | forward | backward | grad_sync | optimizer | other | step | peak MiB |\n"
+     << "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+  for (const auto& r : rows) {
+    if (!r.ok()) continue;
+    md << "| " << r.name();
+    for (const char* p : kPhases) md << " | " << fixed(r.phase_ms.count(p) ? r.phase_ms.at(p) : 0, 1);
+    md << " | " << fixed(r.step_ms, 1) << " | " << fixed(r.peak_mib, 0) << " |\n";
+  }
+  if (!link_note.empty()) md << "\n" << link_note << "\n";
+  for (const auto& p : projections) {
+    md << "\n## Projected (scaling model, trainer/scaling.h) from " << p.source << "\n\n"
+       << p.cluster.ranks_per_node << " ranks per node; inside a node " << p.cluster.intra.name << " (alpha "
+       << fixed(p.cluster.intra.alpha_s * 1e6, 1) << " us, " << fixed(p.cluster.intra.beta_Bps / 1e9, 1)
+       << " GB/s), across nodes " << p.cluster.inter.name << " (alpha " << fixed(p.cluster.inter.alpha_s * 1e6, 1)
+       << " us, " << fixed(p.cluster.inter.beta_Bps / 1e9, 1) << " GB/s); batch " << p.per_rank_batch
+       << " per rank; compute times as measured.\n\n"
+       << "| ranks | nodes | step ms | img/s | speedup | efficiency | all-reduce ms | exposed ms |\n"
+       << "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+    const double base = p.rows.empty() ? 0 : p.rows.front().images_per_s / std::max(1, p.rows.front().ranks);
+    for (const auto& r : p.rows)
+      md << "| " << r.ranks << " | " << r.nodes << " | " << fixed(r.step_s * 1e3, 1) << " | " << fixed(r.images_per_s, 1)
+         << " | " << fixed(base > 0 ? r.images_per_s / base : NAN, 2) << " | " << pct(r.efficiency) << " | "
+         << fixed(r.comm_s * 1e3, 2) << " | " << fixed(r.exposed_s * 1e3, 2) << " |\n";
+  }
+  return md.str();
+}
+
+std::string csv(const std::vector<Row>& rows) {
+  std::ostringstream c;
+  c << "device,precision,ranks,threads_per_rank,workers,global_batch,per_rank_batch,status,images_per_s,step_ms,"
+       "forward_ms,backward_ms,grad_sync_ms,optimizer_ms,other_ms,peak_mib,training_time_s,speedup,efficiency,"
+       "speedup_vs_serial,efficiency_vs_serial,predicted_images_per_s,model_error\n";
+  for (const auto& r : rows) {
+    std::string status = r.status;
+    std::replace(status.begin(), status.end(), ',', ';');
+    std::replace(status.begin(), status.end(), '"', '\'');
+    c << r.device << "," << r.precision << "," << r.ranks << "," << r.threads << "," << r.ranks * r.threads << ","
+      << r.batch << "," << r.per_rank_batch << ",\"" << status << "\"," << fixed(r.images_per_s, 3) << ","
+      << fixed(r.step_ms, 3);
+    for (const char* p : kPhases) c << "," << fixed(r.phase_ms.count(p) ? r.phase_ms.at(p) : NAN, 3);
+    c << "," << fixed(r.peak_mib, 1) << "," << fixed(r.epoch_s, 3) << "," << fixed(r.speedup, 4) << ","
+      << fixed(r.efficiency, 4) << "," << fixed(r.speedup_serial, 4) << "," << fixed(r.efficiency_serial, 4) << ","
+      << fixed(r.predicted_ips, 3) << "," << fixed(r.predicted_err, 4) << "\n";
+  }
+  std::string s = c.str();
+  // "-" for missing values reads as text in spreadsheets: leave the cell empty instead.
+  std::string out;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == '-' && (i == 0 || s[i - 1] == ',') && (i + 1 == s.size() || s[i + 1] == ',' || s[i + 1] == '\n')) continue;
+    out += s[i];
+  }
+  return out;
+}
+
+void plots(const std::vector<Row>& rows, const std::string& out) {
+  // Speedup and efficiency against workers (ranks x threads) relative to the serial run, one
+  // series per threads-per-rank group; the model's predictions dashed; the ideal line.
+  std::map<std::string, Series> measured, predicted;
+  double max_workers = 1;
+  for (const auto& r : rows) {
+    if (!r.ok() || !std::isfinite(r.speedup_serial)) continue;
+    std::string label = r.device + " " + r.precision + ", " + std::to_string(r.threads) + " thread" +
+                        (r.threads > 1 ? "s" : "") + "/rank, b" + std::to_string(r.per_rank_batch);
+    Series& s = measured[label];
+    s.label = label;
+    s.x.push_back(r.ranks * r.threads);
+    s.y.push_back(r.speedup_serial);
+    max_workers = std::max(max_workers, static_cast<double>(r.ranks * r.threads));
+    if (std::isfinite(r.predicted_ips)) {
+      Series& p = predicted[label];
+      p.label = label + " (model)";
+      p.dashed = true;
+      p.x.push_back(r.ranks * r.threads);
+      p.y.push_back(r.speedup_serial * r.predicted_ips / r.images_per_s);
+    }
+  }
+  if (measured.empty()) return;
+  LineChart sp{"Speedup against 1 rank x 1 thread", "workers (ranks x threads)", "speedup", {}};
+  LineChart ef{"Parallel efficiency", "workers (ranks x threads)", "efficiency (%)", {}};
+  sp.series.push_back(Series{"ideal", {0, max_workers}, {0, max_workers}, true, -1});
+  ef.series.push_back(Series{"ideal", {1, max_workers}, {100, 100}, true, -1});
+  std::map<std::string, int> colour;  // a prediction takes its measured series' colour
+  for (const auto& [label, s] : measured) colour.emplace(label, static_cast<int>(colour.size()));
+  for (auto* m : {&measured, &predicted})
+    for (auto& [label, s] : *m) {
+      std::vector<size_t> order(s.x.size());
+      for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+      std::sort(order.begin(), order.end(), [&](size_t i, size_t j) { return s.x[i] < s.x[j]; });
+      Series sorted{s.label, {}, {}, s.dashed, colour[label]}, eff{s.label, {}, {}, s.dashed, colour[label]};
+      for (size_t i : order) {
+        sorted.x.push_back(s.x[i]);
+        sorted.y.push_back(s.y[i]);
+        eff.x.push_back(s.x[i]);
+        eff.y.push_back(100 * s.y[i] / s.x[i]);
+      }
+      sp.series.push_back(sorted);
+      ef.series.push_back(eff);
+    }
+  write_line_charts({sp, ef}, out + "/scaling");
+
+  StackedBars bars{"Where a training step's time goes", "ms per step", {}, {}, {}};
+  for (const char* p : kPhases) bars.components.push_back(p);
+  for (const auto& r : rows) {
+    if (!r.ok()) continue;
+    bars.bars.push_back(std::to_string(r.ranks) + "x" + std::to_string(r.threads) + " " + r.precision + " b" +
+                        std::to_string(r.batch));
+    std::vector<double> v;
+    for (const char* p : kPhases) v.push_back(r.phase_ms.count(p) ? r.phase_ms.at(p) : 0);
+    bars.values.push_back(v);
+  }
+  write_stacked_bars(bars, out + "/phases");
+}
+
+Cluster cluster_from(const SweepArgs& a) {
+  Cluster c;
+  c.ranks_per_node = a.ranks_per_node;
+  if (!a.net_intra.empty()) c.intra = parse_link("--net-intra", a.net_intra);
+  if (!a.net_inter.empty()) c.inter = parse_link("--net-inter", a.net_inter);
+  return c;
+}
+
+Projection project(const MeasuredStep& m, const std::string& source, const SweepArgs& a) {
+  Projection p;
+  p.source = source;
+  p.cluster = cluster_from(a);
+  p.per_rank_batch = m.per_rank_batch;
+  std::vector<int> ranks = a.project;
+  if (std::find(ranks.begin(), ranks.end(), 1) == ranks.end()) ranks.insert(ranks.begin(), 1);
+  std::sort(ranks.begin(), ranks.end());
+  for (int r : ranks) p.rows.push_back(predict_step(m, r, p.cluster));
+  return p;
+}
+
+void run_sweep(const SweepArgs& a) {
+  LANCET_CHECK(a.scaling == "weak" || a.scaling == "strong", "sweep: --scaling must be weak or strong, got " << a.scaling);
+  for (int r : a.ranks) LANCET_CHECK(r >= 1, "sweep: --ranks values must be >= 1, got " << r);
+  for (int t : a.threads) LANCET_CHECK(t >= 1, "sweep: --threads values must be >= 1, got " << t);
+  for (int64_t b : a.batches) LANCET_CHECK(b >= 1, "sweep: --batch-size values must be >= 1, got " << b);
+  for (int r : a.project) LANCET_CHECK(r >= 1, "sweep: --project values must be >= 1, got " << r);
+  LANCET_CHECK(a.ranks_per_node >= 1, "sweep: --ranks-per-node must be >= 1");
+  std::vector<Projection> projections;
+
+  if (!a.from.empty()) {  // prediction only, from a saved `lancet bench train --json` result
+    Json j;
+    LANCET_CHECK(last_json_with(read_text(a.from), "buckets", j),
+                 a.from << ": no `lancet bench train --json` result (a JSON line with buckets) in it");
+    auto p = project(MeasuredStep::from_bench_json(j), a.from, a);
+    fs::create_directories(a.out);
+    const std::string md = markdown({}, a, 0, "-", "", {p});
+    write_atomic(a.out + "/prediction.md", md);
+    std::cout << md.substr(md.find("## Projected")) << "\nwritten: " << a.out << "/prediction.md\n";
+    return;
+  }
+
+  const std::string launcher = resolve_launcher(a.launcher);
+  LANCET_CHECK(launcher == "mpirun" || launcher == "srun" || launcher == "none",
+               "sweep: --launcher must be auto, mpirun, srun or none, got " << a.launcher);
+  std::error_code ec;
+  const std::string self = fs::read_symlink("/proc/self/exe", ec).string();
+  LANCET_CHECK(!ec, "sweep: cannot find the lancet executable (/proc/self/exe): " << ec.message());
+  fs::create_directories(a.out + "/runs");
+  // Epoch size for the training-time column: the configured synthetic training set unless given.
+  int64_t epoch_images = a.epoch_images;
+  if (epoch_images <= 0) {
+    ConfigArgs ca;
+    ca.config_file = a.config_file;
+    ca.sets = a.sets;
+    epoch_images = data_config(resolve_config(ca)).synth_train;
+  }
+
+  std::vector<Row> rows;
+  for (const auto& device : a.devices)
+    for (const auto& precision : a.precisions)
+      for (int64_t batch : a.batches)
+        for (int threads : a.threads)
+          for (int ranks : a.ranks) {
+            Row r;
+            r.device = device;
+            r.precision = precision;
+            r.ranks = ranks;
+            r.threads = threads;
+            r.batch = a.scaling == "weak" ? batch * ranks : batch;
+            r.per_rank_batch = a.scaling == "weak" ? batch : (batch % ranks == 0 ? batch / ranks : 0);
+            rows.push_back(r);
+          }
+  const int total = static_cast<int>(rows.size());
+  const auto pass = passthrough(a);
+  for (int i = 0; i < total; ++i) {
+    Row& r = rows[static_cast<size_t>(i)];
+    std::ostringstream id;
+    id << r.device << "_" << r.precision << "_r" << r.ranks << "_t" << r.threads << "_b" << r.batch;
+    std::string file_id = id.str();
+    std::replace(file_id.begin(), file_id.end(), ':', '-');
+    std::cerr << "[" << i + 1 << "/" << total << "] " << r.name() << ": " << std::flush;
+    if (a.scaling == "strong" && r.per_rank_batch == 0) {
+      r.status = "failed: batch " + std::to_string(r.batch) + " not divisible by " + std::to_string(r.ranks) + " ranks";
+      std::cerr << r.status << "\n";
+      continue;
+    }
+    if (r.ranks > 1 && launcher == "none") {
+      r.status = "failed: no launcher (mpirun or srun) for several ranks";
+      std::cerr << r.status << "\n";
+      continue;
+    }
+    std::vector<std::string> argv = r.ranks > 1 || launcher == "srun" ? launcher_prefix(launcher, r.ranks, r.threads)
+                                                                      : std::vector<std::string>{};
+    argv.insert(argv.end(), {self, "bench", "train", "--json", "--steps", std::to_string(a.steps), "--warmup",
+                             std::to_string(a.warmup), "--device", r.device, "--precision", r.precision, "--threads",
+                             std::to_string(r.threads), "--batch-size", std::to_string(r.batch)});
+    argv.insert(argv.end(), pass.begin(), pass.end());
+    const std::string base = a.out + "/runs/" + file_id;
+    {
+      std::ofstream cmd(base + ".cmd");
+      for (const auto& s : argv) cmd << s << " ";
+      cmd << "\n";
+    }
+    const ProcResult pr = run_process(argv, base + ".json", base + ".log", a.timeout_s);
+    Json j;
+    if (pr.exit_code == 0 && !pr.timed_out && last_json_with(read_text(base + ".json"), "images_per_s", j)) {
+      r.bench = j;
+      r.images_per_s = j.at("images_per_s").get<double>();
+      r.step_ms = j.at("step_ms_mean").get<double>();
+      r.peak_mib = j.at("peak_bytes").get<double>() / 1048576.0;
+      r.per_rank_batch = j.value("per_rank_batch", r.per_rank_batch);
+      r.epoch_s = r.images_per_s > 0 ? epoch_images / r.images_per_s : NAN;
+      if (j.contains("profile"))
+        for (const char* p : kPhases) r.phase_ms[p] = j["profile"]["phases"][p]["mean_ms"].get<double>();
+      std::cerr << fixed(r.images_per_s, 1) << " img/s, step " << fixed(r.step_ms, 1) << " ms\n";
+    } else {
+      const std::string why = last_line(read_text(base + ".log"));
+      r.status = "failed (" + pr.describe() + (why.empty() ? "" : ": " + why) + ")";
+      std::cerr << r.status << "; see " << base << ".log\n";
+    }
+  }
+  // Speedups.
+  for (auto& r : rows) {
+    if (!r.ok()) continue;
+    for (const auto& b : rows)
+      if (b.ok() && b.ranks == 1 && b.group() == r.group() && b.images_per_s > 0) {
+        r.speedup = r.images_per_s / b.images_per_s;
+        r.efficiency = r.speedup / r.ranks;
+      }
+    for (const auto& b : rows)
+      if (b.ok() && b.ranks == 1 && b.threads == 1 && b.device == r.device && b.precision == r.precision &&
+          b.per_rank_batch == r.per_rank_batch && b.images_per_s > 0) {
+        r.speedup_serial = r.images_per_s / b.images_per_s;
+        r.efficiency_serial = r.speedup_serial / (r.ranks * r.threads);
+      }
+  }
+
+  std::string link_note;
+  if (a.predict) {
+    // The link between ranks here, measured by `lancet bench comm` with the largest rank count.
+    const int rmax = *std::max_element(a.ranks.begin(), a.ranks.end());
+    Link link;
+    bool have_link = false;
+    if (rmax >= 2 && launcher != "none") {
+      auto argv = launcher_prefix(launcher, rmax, 1);
+      argv.insert(argv.end(), {self, "bench", "comm", "--json", "--steps", "5", "--warmup", "2"});
+      std::cerr << "measuring the link between " << rmax << " ranks (lancet bench comm): " << std::flush;
+      const ProcResult pr = run_process(argv, a.out + "/runs/comm.json", a.out + "/runs/comm.log", a.timeout_s);
+      Json j;
+      if (pr.exit_code == 0 && last_json_with(read_text(a.out + "/runs/comm.json"), "fit", j)) {
+        link = Link{"measured (lancet bench comm, " + std::to_string(rmax) + " ranks)",
+                    j["fit"]["alpha_us"].get<double>() * 1e-6, j["fit"]["beta_GBps"].get<double>() * 1e9};
+        have_link = true;
+        std::cerr << "alpha " << fixed(link.alpha_s * 1e6, 1) << " us, beta " << fixed(link.beta_Bps / 1e9, 2) << " GB/s\n";
+      } else {
+        std::cerr << "failed (" << pr.describe() << "); no predictions for this machine\n";
+      }
+    }
+    const double cores = std::max(1u, std::thread::hardware_concurrency());
+    double abs_err_sum = 0, abs_err_max = 0;
+    int n_err = 0;
+    for (auto& r : rows) {
+      if (!have_link && r.ranks > 1) continue;
+      const Row* base = nullptr;
+      for (const auto& b : rows)
+        if (b.ok() && b.ranks == 1 && b.group() == r.group() && b.bench.contains("buckets")) base = &b;
+      if (!base) continue;
+      MeasuredStep m = MeasuredStep::from_bench_json(base->bench);
+      Cluster here;
+      here.ranks_per_node = std::max(1, rmax);  // every rank on this node
+      if (have_link) here.intra = link;
+      // CPU ranks share the cores: compute slows by how far ranks x threads oversubscribe them.
+      const double contention = r.device == "cpu" ? std::max(1.0, r.ranks * r.threads / cores) /
+                                                        std::max(1.0, r.threads / cores)
+                                                  : 1.0;
+      const Prediction p = predict_step(m, r.ranks, here, contention);
+      r.predicted_ips = p.images_per_s;
+      if (r.ok() && r.ranks > 1) {
+        r.predicted_err = (r.predicted_ips - r.images_per_s) / r.images_per_s;
+        abs_err_sum += std::fabs(r.predicted_err);
+        abs_err_max = std::max(abs_err_max, std::fabs(r.predicted_err));
+        ++n_err;
+      }
+    }
+    std::ostringstream note;
+    if (have_link)
+      note << "Scaling model on this machine: link " << link.name << ": alpha " << fixed(link.alpha_s * 1e6, 1) << " us, beta "
+           << fixed(link.beta_Bps / 1e9, 2) << " GB/s; compute slowed by ranks x threads / " << cores
+           << " cores where that exceeds 1. ";
+    if (n_err > 0)
+      note << "Model error over the " << n_err << " multi-rank rows: mean |error| " << pct(abs_err_sum / n_err)
+           << ", max " << pct(abs_err_max) << ".";
+    link_note = note.str();
+    if (!a.project.empty())
+      for (const auto& b : rows)
+        if (b.ok() && b.ranks == 1 && b.bench.contains("buckets")) {
+          projections.push_back(project(MeasuredStep::from_bench_json(b.bench), "the measured " + b.name() + " run", a));
+          break;
+        }
+  }
+
+  Json record = Json::array();
+  for (const auto& r : rows) {
+    Json j = {{"device", r.device}, {"precision", r.precision}, {"ranks", r.ranks}, {"threads", r.threads},
+              {"batch", r.batch},   {"status", r.status},       {"bench", r.bench}};
+    if (std::isfinite(r.predicted_ips)) j["predicted_images_per_s"] = r.predicted_ips;
+    record.push_back(j);
+  }
+  const std::string md = markdown(rows, a, epoch_images, launcher, link_note, projections);
+  write_atomic(a.out + "/sweep.md", md);
+  write_atomic(a.out + "/sweep.csv", csv(rows));
+  write_atomic(a.out + "/sweep.json", record.dump(1) + "\n");
+  plots(rows, a.out);
+  std::cout << md << "\nwritten: " << a.out << "/{sweep.md,sweep.csv,sweep.json,scaling.svg,scaling.png,phases.svg,phases.png}"
+            << " and runs/ (each configuration's command, output and log)\n";
+  const int failed = static_cast<int>(std::count_if(rows.begin(), rows.end(), [](const Row& r) { return !r.ok(); }));
+  LANCET_CHECK(failed < total, "sweep: every configuration failed; the first: " << rows.front().status);
+  if (failed > 0) std::cerr << "lancet sweep: " << failed << " of " << total << " configurations failed (see the table)\n";
+}
+
+}  // namespace
+
+void register_sweep(CLI::App& app) {
+  auto* sub = app.add_subcommand(
+      "sweep", "scaling sweep: bench a grid of ranks x threads x precision x batch under mpirun/srun; tables, CSV, "
+               "plots, and with --predict the scaling model's rows and error");
+  auto a = std::make_shared<SweepArgs>();
+  sub->add_option("--ranks", a->ranks, "data-parallel ranks, comma-separated")->delimiter(',')->capture_default_str();
+  sub->add_option("--threads", a->threads, "threads per rank, comma-separated")->delimiter(',')->capture_default_str();
+  sub->add_option("--device", a->devices, "devices (cpu, cuda), comma-separated")->delimiter(',')->capture_default_str();
+  sub->add_option("--precision", a->precisions, "precisions (fp32, fp16, bf16), comma-separated")
+      ->delimiter(',')
+      ->capture_default_str();
+  sub->add_option("--batch-size", a->batches, "batch sizes, comma-separated: per rank (weak scaling) or global (strong)")
+      ->delimiter(',')
+      ->capture_default_str();
+  sub->add_option("--scaling", a->scaling, "weak (batch per rank fixed, as DDP studies run) or strong (global batch fixed)")
+      ->check(CLI::IsMember({"weak", "strong"}))
+      ->capture_default_str();
+  sub->add_option("--steps", a->steps, "timed steps per configuration")->check(CLI::PositiveNumber)->capture_default_str();
+  sub->add_option("--warmup", a->warmup, "untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
+  sub->add_option("--image-size", a->image_size, "input resolution (passed to every run)");
+  sub->add_option("--config", a->config_file, "YAML config passed to every run")->check(CLI::ExistingFile);
+  sub->add_option("--set", a->sets, "setting passed to every run (repeatable): --set section.key=value");
+  sub->add_option("--out", a->out, "folder for sweep.md, sweep.csv, sweep.json, the plots and runs/")->capture_default_str();
+  sub->add_option("--launcher", a->launcher, "auto (srun inside a Slurm allocation, else mpirun), mpirun, srun, none")
+      ->check(CLI::IsMember({"auto", "mpirun", "srun", "none"}))
+      ->capture_default_str();
+  sub->add_option("--timeout", a->timeout_s, "seconds before a configuration is stopped and marked failed")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  sub->add_option("--epoch-images", a->epoch_images, "images per epoch for the training-time column (default: data.synth.train)");
+  sub->add_flag("--predict", a->predict, "add the scaling model's predictions beside the measured rows, with its error");
+  sub->add_option("--from", a->from, "predict only, from a saved `lancet bench train --json` output")->check(CLI::ExistingFile);
+  sub->add_option("--project", a->project, "with --predict or --from: rank counts to project to on the cluster model, e.g. 8,16,64")
+      ->delimiter(',');
+  sub->add_option("--ranks-per-node", a->ranks_per_node, "cluster model: ranks (GPUs) per node")->capture_default_str();
+  sub->add_option("--net-intra", a->net_intra, "cluster model, inside a node: ALPHA_US:BETA_GBS (default NVLink 4, 1:360)");
+  sub->add_option("--net-inter", a->net_inter, "cluster model, across nodes: ALPHA_US:BETA_GBS (default IB NDR, 5:45)");
+  sub->callback([a]() { run_sweep(*a); });
+}
+
+}  // namespace lancet::cli
