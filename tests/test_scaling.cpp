@@ -145,10 +145,30 @@ TEST(GradSyncTimings, EveryBucketGetsAReadyTimeWithinTheBackwardInOrder) {
     bytes += t[i].bytes;
   }
   EXPECT_EQ(bytes, model->num_parameters() * 4);
-  // Buckets follow reverse registration order: the head's gradients are ready first and the
-  // stem's last. (Not strictly in between: a residual block's shortcut and SE branches finish
-  // out of registration order, which is why DDP rebuilds its buckets after the first step.)
+  // The first layout follows reverse registration order: the head's gradients are ready first
+  // and the stem's last, but not strictly in between (residual shortcuts and SE branches
+  // finish out of registration order).
   EXPECT_LT(t.front().ready_s, t.back().ready_s);
+  bool out_of_order = false;
+  for (size_t i = 1; i < t.size(); ++i) out_of_order |= t[i].ready_s < t[i - 1].ready_s;
+  EXPECT_TRUE(out_of_order) << "this model's first layout was expected to be out of order";
+  // The second backward lays the buckets out in the order observed (as DDP does): now each
+  // bucket is complete no later than the next one.
+  const int64_t version = sync.layout_version();
+  train_step(*model, *opt, *comm, x, y, loss, s, so, nullptr);
+  EXPECT_EQ(sync.layout_version(), version + 1);
+  const auto& t2 = sync.timings();
+  int64_t bytes2 = 0;
+  for (size_t i = 0; i < t2.size(); ++i) {
+    EXPECT_GE(t2[i].ready_s, 0) << i;
+    if (i > 0) {
+      EXPECT_GE(t2[i].ready_s, t2[i - 1].ready_s) << "bucket " << i;
+    }
+    bytes2 += t2[i].bytes;
+  }
+  EXPECT_EQ(bytes2, bytes);
+  train_step(*model, *opt, *comm, x, y, loss, s, so, nullptr);
+  EXPECT_EQ(sync.layout_version(), version + 1) << "laid out once only";
 }
 
 std::string read(const std::string& path) {

@@ -97,6 +97,7 @@ void run_bench(const BenchArgs& a, Communicator& comm) {
   StepProfiler prof;
   std::vector<GradSync::BucketTiming> bucket_sum(train ? static_cast<size_t>(sync->num_buckets()) : 0,
                                                  GradSync::BucketTiming{0, 0, 0, 0});
+  int64_t layout_seen = train ? sync->layout_version() : 0, bucket_steps = 0;
   auto step = [&](bool timed) {
     if (train) {
       StepOptions so;
@@ -106,6 +107,12 @@ void run_bench(const BenchArgs& a, Communicator& comm) {
       if (timed) {
         prof.end_step();
         const auto& t = sync->timings();
+        if (sync->layout_version() != layout_seen) {  // buckets laid out anew: start the sums again
+          layout_seen = sync->layout_version();
+          bucket_sum.assign(t.size(), GradSync::BucketTiming{0, 0, 0, 0});
+          bucket_steps = 0;
+        }
+        ++bucket_steps;
         for (size_t i = 0; i < t.size(); ++i) {
           bucket_sum[i].bytes = t[i].bytes;
           bucket_sum[i].ready_s += t[i].ready_s;
@@ -138,9 +145,9 @@ void run_bench(const BenchArgs& a, Communicator& comm) {
   Json buckets = Json::array();
   for (const auto& t : bucket_sum)
     buckets.push_back({{"bytes", t.bytes},
-                       {"ready_ms", t.ready_s / a.steps * 1e3},
-                       {"start_ms", ranks > 1 ? t.start_s / a.steps * 1e3 : -1.0},
-                       {"done_ms", ranks > 1 ? t.done_s / a.steps * 1e3 : -1.0}});
+                       {"ready_ms", t.ready_s / std::max<int64_t>(1, bucket_steps) * 1e3},
+                       {"start_ms", ranks > 1 ? t.start_s / std::max<int64_t>(1, bucket_steps) * 1e3 : -1.0},
+                       {"done_ms", ranks > 1 ? t.done_s / std::max<int64_t>(1, bucket_steps) * 1e3 : -1.0}});
   Json j = {{"benchmark", std::string(train ? "train" : "infer")},
             {"images_per_s", static_cast<double>(tc.batch_size) * a.steps / job_s},
             {"step_ms_mean", mean},

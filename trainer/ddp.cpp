@@ -20,14 +20,24 @@ GradSync::GradSync(Module& model, Communicator& comm, const GradSyncOptions& opt
     : model_(model), comm_(comm), options_(options), stream_{model.device(), nullptr} {
   LANCET_CHECK(options.bucket_mb > 0, "dist.bucket_mb must be positive, got " << options.bucket_mb);
   auto params = model.named_parameters();
-  const int64_t cap = std::max<int64_t>(1, static_cast<int64_t>(options.bucket_mb * 1024 * 1024 / sizeof(float)));
-  // Reverse registration order: the last layers' gradients are ready first.
+  std::vector<Parameter*> order;
+  // Reverse registration order: the last layers' gradients are ready first (a guess that the
+  // first backward then corrects: rebuild()).
+  for (auto it = params.rbegin(); it != params.rend(); ++it) {
+    LANCET_CHECK(it->second->grad.dtype() == DType::f32, "data parallelism: gradient of "
+                                                            << it->first << " is " << dtype_name(it->second->grad.dtype())
+                                                            << ", expected f32");
+    order.push_back(it->second);
+  }
+  layout(order);
+  model_.set_grad_ready_hook([this](Parameter& p) { on_ready(p); });
+}
+
+void GradSync::layout(const std::vector<Parameter*>& order) {
+  const int64_t cap = std::max<int64_t>(1, static_cast<int64_t>(options_.bucket_mb * 1024 * 1024 / sizeof(float)));
   std::vector<std::vector<Parameter*>> groups;
   int64_t filled = 0;
-  for (auto it = params.rbegin(); it != params.rend(); ++it) {
-    Parameter* p = it->second;
-    LANCET_CHECK(p->grad.dtype() == DType::f32, "data parallelism: gradient of " << it->first << " is "
-                                                                              << dtype_name(p->grad.dtype()) << ", expected f32");
+  for (Parameter* p : order) {
     if (groups.empty() || filled + p->grad.numel() > cap) {
       if (groups.empty() || filled > 0) groups.emplace_back();
       filled = 0;
@@ -35,11 +45,12 @@ GradSync::GradSync(Module& model, Communicator& comm, const GradSyncOptions& opt
     groups.back().push_back(p);
     filled += p->grad.numel();
   }
+  std::vector<Bucket> buckets;
   for (auto& g : groups) {
     Bucket b;
     int64_t n = 0;
     for (Parameter* p : g) n += p->grad.numel();
-    b.flat = Tensor::zeros({n}, DType::f32, model.device());
+    b.flat = Tensor::zeros({n}, DType::f32, model_.device());
     int64_t off = 0;
     for (Parameter* p : g) {
       // The gradient becomes a view of the bucket; keep what it held (accumulated gradients).
@@ -49,17 +60,47 @@ GradSync::GradSync(Module& model, Communicator& comm, const GradSyncOptions& opt
       off += p->grad.numel();
     }
     b.params = std::move(g);
-    buckets_.push_back(std::move(b));
+    buckets.push_back(std::move(b));
   }
+  buckets_ = std::move(buckets);
+  bucket_of_.clear();
   for (size_t i = 0; i < buckets_.size(); ++i)
     for (Parameter* p : buckets_[i].params) bucket_of_.emplace_back(p, i);
-  timings_.resize(buckets_.size());
+  std::sort(bucket_of_.begin(), bucket_of_.end());
+  timings_.assign(buckets_.size(), BucketTiming{});
   for (size_t i = 0; i < buckets_.size(); ++i)
     timings_[i].bytes = buckets_[i].flat.numel() * static_cast<int64_t>(sizeof(float));
-  std::sort(bucket_of_.begin(), bucket_of_.end());
-  model_.set_grad_ready_hook([this](Parameter& p) { on_ready(p); });
+  ++layout_version_;
 }
 
+void GradSync::rebuild() {
+  rebuilt_ = true;
+  std::vector<Parameter*> seen;
+  seen.swap(ready_order_);
+  // Only a backward that made every gradient ready tells the whole order (a parameter the
+  // model did not use keeps the first guess, as in DDP without find_unused_parameters).
+  if (seen.size() != bucket_of_.size()) return;
+  // Every rank must lay out the same buckets: take rank 0's order (indices into the
+  // registration order), which a deterministic backward makes everyone's anyway.
+  auto params = model_.named_parameters();
+  Tensor idx = Tensor::empty({static_cast<int64_t>(seen.size())}, DType::i64);
+  for (size_t i = 0; i < seen.size(); ++i) {
+    size_t k = 0;
+    while (k < params.size() && params[k].second != seen[i]) ++k;
+    idx.data<int64_t>()[i] = static_cast<int64_t>(k);
+  }
+  if (comm_.size() > 1) comm_.broadcast(idx, 0, Stream{Device::cpu(), nullptr});
+  std::vector<Parameter*> order;
+  std::vector<bool> used(params.size(), false);
+  for (size_t i = 0; i < seen.size(); ++i) {
+    const int64_t k = idx.data<int64_t>()[i];
+    LANCET_CHECK(k >= 0 && k < static_cast<int64_t>(params.size()) && !used[static_cast<size_t>(k)],
+                 "GradSync: rank 0's gradient order names parameter " << k << " twice or out of range");
+    used[static_cast<size_t>(k)] = true;
+    order.push_back(params[static_cast<size_t>(k)].second);
+  }
+  layout(order);
+}
 GradSync::~GradSync() {
   model_.set_grad_ready_hook(nullptr);
   for (auto& b : buckets_) b.work.reset();  // waits for anything still in flight
@@ -120,6 +161,9 @@ void GradSync::begin_backward(bool sync) {
   sync_ = sync && comm_.size() > 1;
   next_to_start_ = 0;
   started_in_backward_ = 0;
+  // After the first backward: buckets in the order the gradients really became ready (DDP
+  // rebuilds its buckets the same way), so each bucket is complete as early as possible.
+  if (!rebuilt_ && !ready_order_.empty()) rebuild();
   t0_ = std::chrono::steady_clock::now();
   for (auto& t : timings_) t.ready_s = t.start_s = t.done_s = -1;
   for (auto& b : buckets_) {
@@ -137,6 +181,7 @@ void GradSync::start(size_t b, const Stream& s) {
 void GradSync::on_ready(Parameter& p) {
   auto it = std::lower_bound(bucket_of_.begin(), bucket_of_.end(), std::make_pair(&p, size_t{0}));
   if (it == bucket_of_.end() || it->first != &p) return;  // not a bucketed parameter (frozen)
+  if (!rebuilt_) ready_order_.push_back(&p);
   Bucket& b = buckets_[it->second];
   if (--b.pending > 0) return;
   timings_[it->second].ready_s = since_t0();

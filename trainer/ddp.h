@@ -13,7 +13,11 @@
 //     bucket order on every rank, so the collectives match — and drives the transfers in
 //     flight at every later hook, so communication overlaps the rest of the backward;
 //   * finish() starts what is left and waits for everything: afterwards every rank holds the
-//     average gradient.
+//     average gradient;
+//   * like DDP, records the order in which the gradients became ready during the first
+//     backward and, at the start of the second, lays the buckets out again in that order
+//     (rank 0's order, broadcast): branches (residual shortcuts, SE) make the real order
+//     differ from reverse registration, and a bucket can only start when all of it is ready.
 // Gradient accumulation: backward passes with sync off (begin_backward(false)) only
 // accumulate locally; the final micro-step's backward (sync on) reduces the sum.
 #pragma once
@@ -65,6 +69,8 @@ class GradSync {
     double ready_s = -1, start_s = -1, done_s = -1;
   };
   const std::vector<BucketTiming>& timings() const { return timings_; }
+  // Changes when the buckets are laid out anew (once, at the second backward: see below).
+  int64_t layout_version() const { return layout_version_; }
 
  private:
   struct Bucket {
@@ -75,6 +81,8 @@ class GradSync {
   };
   void on_ready(Parameter& p);
   void start(size_t b, const Stream& s);
+  void layout(const std::vector<Parameter*>& order);  // buckets from consecutive runs of `order`
+  void rebuild();
 
   Module& model_;
   Communicator& comm_;
@@ -86,6 +94,9 @@ class GradSync {
   int64_t started_in_backward_ = 0;
   Stream stream_;
   std::vector<BucketTiming> timings_;
+  std::vector<Parameter*> ready_order_;  // during the first backward
+  bool rebuilt_ = false;
+  int64_t layout_version_ = 0;
   std::chrono::steady_clock::time_point t0_;
   double since_t0() const;
 };

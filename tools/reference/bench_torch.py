@@ -2,6 +2,13 @@
 """Train the PyTorch MedicalCNN on random data and time it: the baseline for `lancet bench train`.
 
     python3 tools/reference/bench_torch.py --batch-size 32 --image-size 64 --channels 3 --threads 1
+    python3 tools/reference/bench_torch.py --ranks 2 --threads 1 ...   # DDP (gloo), 2 processes
+
+With --ranks N (N > 1) it runs torch DistributedDataParallel over the gloo backend in N local
+processes (the CPU data parallelism the glaucoma study used), each with --threads threads;
+--batch-size is the global batch, split over the ranks as `lancet bench train` splits it under
+mpirun; DDP's defaults otherwise (25 MB buckets, parameters broadcast from rank 0). The
+figures are rank 0's, with the slowest rank's wall time.
 
 Each step is zero_grad, forward (train mode, dropout on), mean softmax cross-entropy,
 backward and Adam, on one fixed random batch generated before timing (data loading is not
@@ -28,6 +35,8 @@ def parse_args(argv=None):
     ap.add_argument("--channels", type=int, default=3)
     ap.add_argument("--num-classes", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ranks", type=int, default=1, help="DDP processes (gloo); 1 = no DDP")
+    ap.add_argument("--port", type=int, default=29517, help="rendezvous port for --ranks > 1")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -40,6 +49,26 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.ranks > 1:
+        if a.batch_size % a.ranks:
+            sys.exit(f"bench_torch: --batch-size {a.batch_size} (global) is not a multiple of --ranks {a.ranks}")
+        import multiprocessing as mp
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        procs = [ctx.Process(target=run, args=(a, r, q)) for r in range(a.ranks)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        if any(p.exitcode != 0 for p in procs):
+            sys.exit(f"bench_torch: a DDP rank failed (exit codes {[p.exitcode for p in procs]})")
+        print(q.get())
+        return 0
+    print(run(a, 0, None))
+    return 0
+
+
+def run(a, rank, queue):
     # Thread counts must be fixed before torch does any parallel work; BLAS libraries read the
     # environment at load time, so set it before importing torch too.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -60,9 +89,18 @@ def main(argv=None):
     cfg.setdefault("in_channels", a.channels)
     cfg.setdefault("num_classes", a.num_classes)
     model = mc.MedicalCNN(cfg).train()
+    ddp = a.ranks > 1
+    if ddp:
+        import torch.distributed as dist
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(a.port))
+        dist.init_process_group("gloo", rank=rank, world_size=a.ranks)
+        model = torch.nn.parallel.DistributedDataParallel(model)
+        torch.manual_seed(a.seed + 7919 * rank)  # each rank its own data
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
-    x = torch.randn(a.batch_size, cfg["in_channels"], a.image_size, a.image_size)
-    y = torch.randint(0, cfg["num_classes"], (a.batch_size,))
+    b = a.batch_size // a.ranks
+    x = torch.randn(b, cfg["in_channels"], a.image_size, a.image_size)
+    y = torch.randint(0, cfg["num_classes"], (b,))
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -73,17 +111,25 @@ def main(argv=None):
 
     for _ in range(a.warmup):
         step()
+    if ddp:
+        dist.barrier()
     times = []
+    t_all = time.perf_counter()
     for _ in range(a.steps):
         t0 = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - t0)
+    total = time.perf_counter() - t_all
     loss = float(loss.item())
+    if ddp:
+        t = torch.tensor([total], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        total = float(t.item())
 
     ms = np.array(times) * 1e3
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
     out = {
-        "images_per_s": a.batch_size * len(times) / sum(times),
+        "images_per_s": a.batch_size * len(times) / total,
         "step_ms_mean": float(ms.mean()),
         "step_ms_p50": float(np.percentile(ms, 50)),
         "step_ms_p95": float(np.percentile(ms, 95)),
@@ -93,16 +139,20 @@ def main(argv=None):
             "framework": "pytorch", "torch": torch.__version__, "device": "cpu",
             "batch_size": a.batch_size, "image_size": a.image_size,
             "channels": cfg["in_channels"], "num_classes": cfg["num_classes"],
-            "threads": torch.get_num_threads(), "warmup": a.warmup, "steps": a.steps,
+            "threads": torch.get_num_threads(), "ranks": a.ranks, "warmup": a.warmup, "steps": a.steps,
             "optimizer": "adam", "lr": a.lr, "precision": a.precision,
             "model": mc.resolve_config(cfg),
-            "params": mc.trainable_parameter_count(model),
+            "params": mc.trainable_parameter_count(model.module if ddp else model),
             "mkldnn": bool(torch.backends.mkldnn.is_available()),
             "python": platform.python_version(),
         },
     }
-    print(json.dumps(out))
-    return 0
+    if ddp:
+        dist.destroy_process_group()
+        if rank == 0:
+            queue.put(json.dumps(out))
+        return None
+    return json.dumps(out)
 
 
 if __name__ == "__main__":

@@ -141,7 +141,10 @@ def main(argv=None):
     ap.add_argument("--torch-only", action="store_true", help="run only the PyTorch half")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=32, help="global batch (split over --ranks)")
+    ap.add_argument("--ranks", type=int, default=1,
+                    help="data-parallel ranks: lancet under `mpirun -np N --bind-to none`, PyTorch DDP "
+                         "(gloo) in N processes; threads are per rank")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--channels", type=int, default=3)
     ap.add_argument("--torch-warmup", type=int, default=3)
@@ -163,15 +166,22 @@ def main(argv=None):
     except ValueError:
         ap.error("--env takes KEY=VALUE")
 
+    def mpirun():
+        if a.ranks == 1:
+            return []
+        m = ["mpirun", "-np", str(a.ranks), "--oversubscribe", "--bind-to", "none"]
+        return m + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+
     def lancet_cmd(t):
-        return [lancet, "bench", "train", "--device", "cpu", "--batch-size", str(a.batch_size),
+        return mpirun() + [lancet, "bench", "train", "--device", "cpu", "--batch-size", str(a.batch_size),
                 "--image-size", str(a.image_size), "--channels", str(a.channels),
                 "--threads", str(t), "--json"] + a.lancet_extra.split()
 
     def torch_cmd(t):
         return [sys.executable, os.path.join(HERE, "bench_torch.py"), "--batch-size", str(a.batch_size),
                 "--image-size", str(a.image_size), "--channels", str(a.channels), "--threads", str(t),
-                "--warmup", str(a.torch_warmup), "--steps", str(a.torch_steps), "--precision", "fp32"]
+                "--warmup", str(a.torch_warmup), "--steps", str(a.torch_steps), "--precision", "fp32",
+                "--ranks", str(a.ranks)]
 
     info = machine_info(lancet)
     if extra_env:
@@ -201,7 +211,8 @@ def main(argv=None):
 
     table, summary = summarize(results, threads_list, lancet is not None)
     print(f"## MedicalCNN training throughput, CPU: lancet vs PyTorch\n")
-    print(f"batch {a.batch_size}, {a.image_size}x{a.image_size}, {a.channels} channels, Adam, fp32, "
+    print(f"{a.ranks} rank(s) x T threads, global batch {a.batch_size}, {a.image_size}x{a.image_size}, "
+          f"{a.channels} channels, Adam, fp32, "
           f"{a.rounds} alternating rounds; img/s (higher is better)\n")
     print(table)
     print()
