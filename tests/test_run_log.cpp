@@ -314,6 +314,31 @@ TEST(TensorBoard, TensorBoardReadsItBack) {
   EXPECT_EQ(rc, 0) << cmd;
 }
 
+TEST(TensorBoard, AResumedRunReplacesTheStepsAfterItsCheckpoint) {
+  TempDir d;
+  {  // the first run logged steps 1..10, then died; its last checkpoint was at step 6
+    TensorBoardWriter w(d.path.string());
+    for (int step = 1; step <= 10; ++step) w.add_scalar("train/loss", 100 + step, step, 1000.0 + step);
+  }
+  std::string args;
+  for (int step = 1; step <= 6; ++step) args += " train/loss:" + std::to_string(step) + ":" + std::to_string(100 + step);
+  {  // the resumed run (a new file: another name, one second later at least)
+    TensorBoardWriter w(d.path.string());
+    w.add_session_start(7);
+    for (int step = 7; step <= 12; ++step) {
+      w.add_scalar("train/loss", 200 + step, step, 2000.0 + step);
+      args += " train/loss:" + std::to_string(step) + ":" + std::to_string(200 + step);
+    }
+  }
+  ASSERT_EQ(event_files(d.path).size(), 2u);
+  const std::string cmd = "python3 " LANCET_SOURCE_DIR "/tests/tensorboard_readback.py " + d.path.string() + args;
+  const int status = std::system(cmd.c_str());
+  ASSERT_TRUE(WIFEXITED(status)) << cmd;
+  const int rc = WEXITSTATUS(status);
+  if (rc == 77 || rc == 127) GTEST_SKIP() << "python3 with the tensorboard package is not available (pip install tensorboard)";
+  EXPECT_EQ(rc, 0) << "each step once, the resumed run's values from step 7 on: " << cmd;
+}
+
 // ---- traces -------------------------------------------------------------------------
 
 TEST(Trace, OffByDefaultRecordsNothing) {

@@ -141,6 +141,19 @@ void TensorBoardWriter::add_scalar(const std::string& tag, double value, int64_t
   if (++unflushed_ >= flush_every_) flush();
 }
 
+void TensorBoardWriter::add_session_start(int64_t step) {
+  std::string log;
+  put_key(log, 1, 0);
+  put_varint(log, 1);  // SessionLog.START
+  std::string event;
+  put_double(event, 1, wall_time_now());
+  put_key(event, 2, 0);
+  put_varint(event, static_cast<uint64_t>(step));
+  put_bytes(event, 7, log);
+  write_record(event);
+  flush();
+}
+
 void TensorBoardWriter::flush() {
   f_.flush();
   LANCET_CHECK(f_.good(), "TensorBoardWriter: error writing " << path_);

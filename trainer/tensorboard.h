@@ -3,7 +3,8 @@
 // The file DIR/events.out.tfevents.<unix secs>.<hostname> is a sequence of TFRecords:
 //   uint64 length | uint32 masked_crc32c(length bytes) | data | uint32 masked_crc32c(data)
 // (all little-endian), each record one tensorflow.Event message, encoded by hand:
-//   Event   { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5; }
+//   Event   { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5;
+//             SessionLog session_log = 7; }        SessionLog { Status status = 1; (START = 1) }
 //   Summary { repeated Value value = 1; }   Value { string tag = 1; float simple_value = 2; }
 // The first record carries file_version "brain.Event:2". `tensorboard --logdir DIR` reads it.
 #pragma once
@@ -32,6 +33,10 @@ class TensorBoardWriter {
   // Stored as a 32-bit float (TensorBoard's simple_value). wall_time: now when omitted.
   void add_scalar(const std::string& tag, double value, int64_t step);
   void add_scalar(const std::string& tag, double value, int64_t step, double wall_time);
+  // A resumed run: SessionLog{status: START} at `step`. TensorBoard then drops the scalars of
+  // every earlier file with step >= `step` (steps a crashed run logged after its last
+  // checkpoint and the resumed run logs again), as TensorFlow's writers do on restart.
+  void add_session_start(int64_t step);
   void flush();
   const std::string& path() const { return path_; }
 

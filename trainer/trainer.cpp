@@ -489,7 +489,11 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
       });
     }
     logs = std::make_unique<RunLog>(tc.out, resuming);
-    if (tc.tensorboard) tb = std::make_unique<TensorBoardWriter>(tc.out + "/tensorboard");
+    if (tc.tensorboard) {
+      tb = std::make_unique<TensorBoardWriter>(tc.out + "/tensorboard");
+      // Steps a crashed run logged after its checkpoint are redone: TensorBoard drops the old ones.
+      if (resuming) tb->add_session_start(state.global_step + 1);
+    }
   }
   if (!tc.profile.empty()) {
     clear_trace();
