@@ -238,6 +238,36 @@ TEST(Sweep, AFailedConfigurationIsAReportedRowAndTheSweepGoesOn) {
   EXPECT_NE(bad.output.find("--ranks values must be >= 1"), std::string::npos) << bad.output;
 }
 
+TEST(Sweep, TrainModeRunsRealTrainingWithLoaderWorkersAndTimeToAccuracy) {
+  TempDir dir("sweep_train");
+  const std::string tiny_train =
+      "--image-size 16 --set model.widths=[8,8,8,8] --set model.depths=[1,1,1,1] --set model.head_hidden=8 "
+      "--set model.context_width=8 --set train.epochs=2 --set data.synth.train=64 --set data.synth.val=32 "
+      "--set data.synth.size=16";
+  const auto r = run_lancet("sweep --mode train --ranks 1 --workers 0,1 --batch-size 16 --target-accuracy 0.01 " +
+                            tiny_train + " --out " + dir / "s");
+  ASSERT_EQ(r.status, 0) << r.output;
+  const std::string md = read(dir / "s/sweep.md");
+  EXPECT_NE(md.find("real `lancet train` runs"), std::string::npos) << md;
+  EXPECT_NE(md.find("time to 1.0% (s)"), std::string::npos) << md;
+  const Json rec = Json::parse(read(dir / "s/sweep.json"));
+  ASSERT_EQ(rec.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(rec[i]["status"], "ok") << rec[i].dump();
+    EXPECT_EQ(rec[i]["data_workers"], static_cast<int>(i));
+    EXPECT_GT(rec[i]["images_per_s"].get<double>(), 0);
+    // Accuracy 1% is reached at the first epoch: the time to it is that epoch's time.
+    EXPECT_GT(rec[i]["time_to_target_s"].get<double>(), 0);
+    EXPECT_GE(rec[i]["val_accuracy"].get<double>(), 0.01);
+    EXPECT_TRUE(std::filesystem::exists(dir / ("s/runs/cpu_fp32_r1_t1_b16_w" + std::to_string(i) + ".run/final.h5")));
+  }
+  // Worker counts do not change what is trained: the same accuracy (bit-identical runs).
+  EXPECT_EQ(rec[0]["val_accuracy"], rec[1]["val_accuracy"]);
+  const auto bad = run_lancet("sweep --workers 1 --out " + dir / "t");
+  EXPECT_NE(bad.status, 0);
+  EXPECT_NE(bad.output.find("--workers (data.workers) needs --mode train"), std::string::npos) << bad.output;
+}
+
 TEST(BenchComm, FitsALinkBetweenTwoRanks) {
   if (std::string(LANCET_MPIEXEC).empty()) GTEST_SKIP() << "no MPI in this build";
   const std::string cmd = std::string(LANCET_MPIEXEC) + " --allow-run-as-root --oversubscribe -np 2 " +

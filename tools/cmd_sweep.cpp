@@ -39,6 +39,9 @@ struct SweepArgs {
   std::vector<std::string> devices{"cpu"}, precisions{"fp32"};
   std::vector<int64_t> batches{16};
   std::string scaling = "weak";
+  std::string mode = "bench";
+  std::vector<int> workers;       // data.workers (train mode); empty: the config's
+  double target_accuracy = 0;     // train mode: time to this validation accuracy
   int steps = 10, warmup = 3;
   std::string out = "runs/sweep";
   std::string launcher = "auto";
@@ -56,7 +59,9 @@ struct SweepArgs {
 struct Row {
   std::string device, precision;
   int ranks = 1, threads = 1;
+  int workers = -1;  // data.workers; -1: the config's
   int64_t batch = 0, per_rank_batch = 0;
+  double val_accuracy = NAN, time_to_target_s = NAN;  // train mode
   std::string status = "ok";
   double images_per_s = 0, step_ms = 0, peak_mib = 0, epoch_s = 0;
   std::map<std::string, double> phase_ms;  // forward, backward, grad_sync, optimizer, other
@@ -69,11 +74,13 @@ struct Row {
   std::string group() const {  // rows that differ only in ranks
     std::ostringstream o;
     o << device << " " << precision << " " << threads << "t " << (per_rank_batch ? per_rank_batch : batch);
+    if (workers >= 0) o << " w" << workers;
     return o.str();
   }
   std::string name() const {
     std::ostringstream o;
     o << ranks << "x" << threads << " " << device << " " << precision << " b" << batch;
+    if (workers >= 0) o << " w" << workers;
     return o.str();
   }
 };
@@ -242,13 +249,20 @@ struct Projection {
 std::string markdown(const std::vector<Row>& rows, const SweepArgs& a, int64_t epoch_images, const std::string& launcher,
                      const std::string& link_note, const std::vector<Projection>& projections) {
   std::ostringstream md;
-  md << "# lancet sweep\n\n"
-     << "Measured with `lancet bench train` (" << a.warmup << " warm-up + " << a.steps << " timed steps, random data), "
-     << a.scaling << " scaling ("
+  md << "# lancet sweep\n\n";
+  if (a.mode == "train")
+    md << "Measured with real `lancet train` runs (the configured data, loader and epochs; throughput over all epochs "
+          "throughput = training images / training seconds over all epochs), ";
+  else
+    md << "Measured with `lancet bench train` (" << a.warmup << " warm-up + " << a.steps << " timed steps, random data), ";
+  md << a.scaling << " scaling ("
      << (a.scaling == "weak" ? "the batch is per rank: global batch = ranks x batch"
                              : "the batch is global, split over the ranks")
      << "), launcher " << launcher << ", " << std::thread::hardware_concurrency()
-     << " hardware threads. Training time = one epoch of " << epoch_images << " images at the measured rate.\n\n";
+     << " hardware threads. Training time = one epoch of " << epoch_images << " images at the measured rate"
+     << (a.mode == "train" ? " (the runs' mean epoch)" : "") << ".\n\n";
+  const bool train = a.mode == "train";
+  const std::string tta = "time to " + fixed(100 * a.target_accuracy, 1) + "% (s)";
   const bool predicted = std::any_of(rows.begin(), rows.end(), [](const Row& r) { return std::isfinite(r.predicted_ips); });
   // Table 1: rank scaling per group.
   md << "## Data-parallel scaling (speedup and efficiency against 1 rank with the same threads per rank)\n\n";
@@ -258,8 +272,10 @@ std::string markdown(const std::vector<Row>& rows, const SweepArgs& a, int64_t e
   for (const auto& g : groups) {
     md << "**" << g << "** (device, precision, threads per rank, batch per rank)\n\n"
        << "| ranks | workers (cores) | global batch | img/s | training time (s) | speedup | efficiency |"
-       << (predicted ? " predicted img/s | model error | no-overlap bound |" : "") << "\n"
-       << "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |" << (predicted ? " ---: | ---: | ---: |" : "") << "\n";
+       << (predicted ? " predicted img/s | model error | no-overlap bound |" : "")
+       << (train ? " val accuracy | " + (a.target_accuracy > 0 ? tta : std::string("-")) + " |" : "") << "\n"
+       << "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |" << (predicted ? " ---: | ---: | ---: |" : "")
+       << (train ? " ---: | ---: |" : "") << "\n";
     for (const auto& r : rows) {
       if (r.group() != g) continue;
       md << "| " << r.ranks << " | " << r.ranks * r.threads << " | " << r.batch << " | ";
@@ -271,6 +287,7 @@ std::string markdown(const std::vector<Row>& rows, const SweepArgs& a, int64_t e
       if (predicted)
         md << " " << fixed(r.predicted_ips, 1) << " | " << pct(r.predicted_err) << " | " << fixed(r.predicted_serial_ips, 1)
            << " |";
+      if (train) md << " " << fixed(r.val_accuracy, 3) << " | " << fixed(r.time_to_target_s, 1) << " |";
       md << "\n";
     }
     md << "\n";
@@ -320,7 +337,8 @@ std::string csv(const std::vector<Row>& rows) {
   std::ostringstream c;
   c << "device,precision,ranks,threads_per_rank,workers,global_batch,per_rank_batch,status,images_per_s,step_ms,"
        "forward_ms,backward_ms,grad_sync_ms,optimizer_ms,other_ms,peak_mib,training_time_s,speedup,efficiency,"
-       "speedup_vs_serial,efficiency_vs_serial,predicted_images_per_s,model_error,predicted_no_overlap_images_per_s\n";
+       "speedup_vs_serial,efficiency_vs_serial,predicted_images_per_s,model_error,predicted_no_overlap_images_per_s,"
+       "data_workers,val_accuracy,time_to_target_s\n";
   for (const auto& r : rows) {
     std::string status = r.status;
     std::replace(status.begin(), status.end(), ',', ';');
@@ -331,7 +349,9 @@ std::string csv(const std::vector<Row>& rows) {
     for (const char* p : kPhases) c << "," << fixed(r.phase_ms.count(p) ? r.phase_ms.at(p) : NAN, 3);
     c << "," << fixed(r.peak_mib, 1) << "," << fixed(r.epoch_s, 3) << "," << fixed(r.speedup, 4) << ","
       << fixed(r.efficiency, 4) << "," << fixed(r.speedup_serial, 4) << "," << fixed(r.efficiency_serial, 4) << ","
-      << fixed(r.predicted_ips, 3) << "," << fixed(r.predicted_err, 4) << "," << fixed(r.predicted_serial_ips, 3) << "\n";
+      << fixed(r.predicted_ips, 3) << "," << fixed(r.predicted_err, 4) << "," << fixed(r.predicted_serial_ips, 3) << ","
+      << (r.workers >= 0 ? std::to_string(r.workers) : std::string("-")) << "," << fixed(r.val_accuracy, 4) << ","
+      << fixed(r.time_to_target_s, 3) << "\n";
   }
   std::string s = c.str();
   // "-" for missing values reads as text in spreadsheets: leave the cell empty instead.
@@ -422,8 +442,72 @@ Projection project(const MeasuredStep& m, const std::string& source, const Sweep
   return p;
 }
 
+std::vector<std::string> split_csv_line(const std::string& line) {
+  std::vector<std::string> out;
+  std::string cell;
+  std::istringstream ss(line);
+  while (std::getline(ss, cell, ',')) out.push_back(cell);
+  return out;
+}
+
+// Train mode: a finished `lancet train` run folder -> the row's figures. Throughput and
+// training time over all epochs (epochs.csv), phases of the last epoch (metrics.jsonl), the
+// last validation accuracy and the time until it first reached `target` (0: not asked).
+bool read_train_run(const std::string& dir, double target, int64_t& epoch_images, Row& r, std::string& why) {
+  std::ifstream csv(dir + "/epochs.csv");
+  std::string line;
+  if (!csv || !std::getline(csv, line)) {
+    why = dir + "/epochs.csv: missing (the run ended before its first epoch)";
+    return false;
+  }
+  const auto header = split_csv_line(line);
+  auto col = [&](const char* name) {
+    const auto it = std::find(header.begin(), header.end(), name);
+    return it == header.end() ? -1 : static_cast<int>(it - header.begin());
+  };
+  const int c_s = col("epoch_seconds"), c_ips = col("images_per_s"), c_acc = col("val_accuracy");
+  if (c_s < 0 || c_ips < 0 || c_acc < 0) {
+    why = dir + "/epochs.csv: no epoch_seconds / images_per_s / val_accuracy columns";
+    return false;
+  }
+  double seconds = 0, images = 0;
+  int epochs = 0;
+  while (std::getline(csv, line)) {
+    const auto v = split_csv_line(line);
+    if (static_cast<int>(v.size()) <= std::max({c_s, c_ips, c_acc})) continue;
+    const double s = std::stod(v[static_cast<size_t>(c_s)]), ips = std::stod(v[static_cast<size_t>(c_ips)]);
+    seconds += s;
+    images += s * ips;
+    ++epochs;
+    r.val_accuracy = std::stod(v[static_cast<size_t>(c_acc)]);
+    if (target > 0 && !std::isfinite(r.time_to_target_s) && r.val_accuracy >= target) r.time_to_target_s = seconds;
+  }
+  if (epochs == 0 || seconds <= 0) {
+    why = dir + "/epochs.csv: no finished epoch";
+    return false;
+  }
+  r.images_per_s = images / seconds;
+  r.epoch_s = seconds / epochs;
+  epoch_images = static_cast<int64_t>(std::llround(images / epochs));
+  Json last;
+  if (last_json_with(read_text(dir + "/metrics.jsonl"), "phases", last)) {
+    const Json& ph = last["phases"]["phases"];
+    for (const char* p : kPhases)
+      if (ph.contains(p)) r.phase_ms[p] = ph[p]["mean_ms"].get<double>();
+    if (ph.contains("data_wait")) r.phase_ms["other"] += ph["data_wait"]["mean_ms"].get<double>();
+    r.step_ms = last["phases"]["step"]["mean_ms"].get<double>();
+  }
+  r.per_rank_batch = r.batch / std::max(1, r.ranks);
+  return true;
+}
+
 void run_sweep(const SweepArgs& a) {
   LANCET_CHECK(a.scaling == "weak" || a.scaling == "strong", "sweep: --scaling must be weak or strong, got " << a.scaling);
+  LANCET_CHECK(a.mode == "bench" || a.mode == "train", "sweep: --mode must be bench or train, got " << a.mode);
+  LANCET_CHECK(a.workers.empty() || a.mode == "train",
+               "sweep: --workers (data.workers) needs --mode train: `bench train` feeds random tensors, no loader");
+  LANCET_CHECK(a.target_accuracy == 0 || a.mode == "train", "sweep: --target-accuracy needs --mode train");
+  for (int w : a.workers) LANCET_CHECK(w >= 0, "sweep: --workers values must be >= 0, got " << w);
   for (int r : a.ranks) LANCET_CHECK(r >= 1, "sweep: --ranks values must be >= 1, got " << r);
   for (int t : a.threads) LANCET_CHECK(t >= 1, "sweep: --threads values must be >= 1, got " << t);
   for (int64_t b : a.batches) LANCET_CHECK(b >= 1, "sweep: --batch-size values must be >= 1, got " << b);
@@ -464,8 +548,10 @@ void run_sweep(const SweepArgs& a) {
     for (const auto& precision : a.precisions)
       for (int64_t batch : a.batches)
         for (int threads : a.threads)
+          for (int workers : a.workers.empty() ? std::vector<int>{-1} : a.workers)
           for (int ranks : a.ranks) {
             Row r;
+            r.workers = workers;
             r.device = device;
             r.precision = precision;
             r.ranks = ranks;
@@ -480,6 +566,7 @@ void run_sweep(const SweepArgs& a) {
     Row& r = rows[static_cast<size_t>(i)];
     std::ostringstream id;
     id << r.device << "_" << r.precision << "_r" << r.ranks << "_t" << r.threads << "_b" << r.batch;
+    if (r.workers >= 0) id << "_w" << r.workers;
     std::string file_id = id.str();
     std::replace(file_id.begin(), file_id.end(), ':', '-');
     std::cerr << "[" << i + 1 << "/" << total << "] " << r.name() << ": " << std::flush;
@@ -495,11 +582,19 @@ void run_sweep(const SweepArgs& a) {
     }
     std::vector<std::string> argv = r.ranks > 1 || launcher == "srun" ? launcher_prefix(launcher, r.ranks, r.threads)
                                                                       : std::vector<std::string>{};
-    argv.insert(argv.end(), {self, "bench", "train", "--json", "--steps", std::to_string(a.steps), "--warmup",
-                             std::to_string(a.warmup), "--device", r.device, "--precision", r.precision, "--threads",
-                             std::to_string(r.threads), "--batch-size", std::to_string(r.batch)});
-    argv.insert(argv.end(), pass.begin(), pass.end());
     const std::string base = a.out + "/runs/" + file_id;
+    if (a.mode == "bench") {
+      argv.insert(argv.end(), {self, "bench", "train", "--json", "--steps", std::to_string(a.steps), "--warmup",
+                               std::to_string(a.warmup)});
+    } else {
+      std::error_code rm_ec;
+      fs::remove_all(base + ".run", rm_ec);  // a fresh run folder (lancet refuses another run's)
+      argv.insert(argv.end(), {self, "train", "--out", base + ".run", "--set", "train.tensorboard=false"});
+      if (r.workers >= 0) argv.insert(argv.end(), {"--set", "data.workers=" + std::to_string(r.workers)});
+    }
+    argv.insert(argv.end(), {"--device", r.device, "--precision", r.precision, "--threads", std::to_string(r.threads),
+                             "--batch-size", std::to_string(r.batch)});
+    argv.insert(argv.end(), pass.begin(), pass.end());
     {
       std::ofstream cmd(base + ".cmd");
       for (const auto& s : argv) cmd << s << " ";
@@ -507,6 +602,17 @@ void run_sweep(const SweepArgs& a) {
     }
     const ProcResult pr = run_process(argv, base + ".json", base + ".log", a.timeout_s);
     Json j;
+    if (a.mode == "train") {
+      std::string why;
+      if (pr.exit_code == 0 && !pr.timed_out && read_train_run(base + ".run", a.target_accuracy, epoch_images, r, why)) {
+        std::cerr << fixed(r.images_per_s, 1) << " img/s, val accuracy " << fixed(r.val_accuracy, 3) << "\n";
+      } else {
+        if (why.empty()) why = last_line(read_text(base + ".log"));
+        r.status = "failed (" + pr.describe() + (why.empty() ? "" : ": " + why) + ")";
+        std::cerr << r.status << "; see " << base << ".log\n";
+      }
+      continue;
+    }
     if (pr.exit_code == 0 && !pr.timed_out && last_json_with(read_text(base + ".json"), "images_per_s", j)) {
       r.bench = j;
       r.images_per_s = j.at("images_per_s").get<double>();
@@ -533,7 +639,7 @@ void run_sweep(const SweepArgs& a) {
       }
     for (const auto& b : rows)
       if (b.ok() && b.ranks == 1 && b.threads == 1 && b.device == r.device && b.precision == r.precision &&
-          b.per_rank_batch == r.per_rank_batch && b.images_per_s > 0) {
+          b.per_rank_batch == r.per_rank_batch && b.workers == r.workers && b.images_per_s > 0) {
         r.speedup_serial = r.images_per_s / b.images_per_s;
         r.efficiency_serial = r.speedup_serial / (r.ranks * r.threads);
       }
@@ -614,7 +720,11 @@ void run_sweep(const SweepArgs& a) {
   Json record = Json::array();
   for (const auto& r : rows) {
     Json j = {{"device", r.device}, {"precision", r.precision}, {"ranks", r.ranks}, {"threads", r.threads},
-              {"batch", r.batch},   {"status", r.status},       {"bench", r.bench}};
+              {"batch", r.batch},   {"status", r.status},       {"bench", r.bench},
+              {"images_per_s", r.images_per_s}};
+    if (r.workers >= 0) j["data_workers"] = r.workers;
+    if (std::isfinite(r.val_accuracy)) j["val_accuracy"] = r.val_accuracy;
+    if (std::isfinite(r.time_to_target_s)) j["time_to_target_s"] = r.time_to_target_s;
     if (std::isfinite(r.predicted_ips)) {
       j["predicted_images_per_s"] = r.predicted_ips;
       j["predicted_no_overlap_images_per_s"] = r.predicted_serial_ips;
@@ -652,6 +762,15 @@ void register_sweep(CLI::App& app) {
   sub->add_option("--scaling", a->scaling, "weak (batch per rank fixed, as DDP studies run) or strong (global batch fixed)")
       ->check(CLI::IsMember({"weak", "strong"}))
       ->capture_default_str();
+  sub->add_option("--mode", a->mode,
+                  "bench: `lancet bench train` on random data (throughput, phases, buckets for --predict); train: real "
+                  "`lancet train` runs on the configured data (throughput with loading, accuracy, time to "
+                  "--target-accuracy)")
+      ->check(CLI::IsMember({"bench", "train"}))
+      ->capture_default_str();
+  sub->add_option("--workers", a->workers, "train mode: loader worker threads (data.workers), comma-separated")->delimiter(',');
+  sub->add_option("--target-accuracy", a->target_accuracy, "train mode: report the time to this validation accuracy")
+      ->check(CLI::Range(0.0, 1.0));
   sub->add_option("--steps", a->steps, "timed steps per configuration")->check(CLI::PositiveNumber)->capture_default_str();
   sub->add_option("--warmup", a->warmup, "untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
   sub->add_option("--image-size", a->image_size, "input resolution (passed to every run)");
