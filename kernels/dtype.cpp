@@ -94,4 +94,46 @@ half_t::operator float() const {
   return f;
 }
 
+void round_to_fp16_inplace(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, &x[i], 4);
+    const uint32_t sign = u & 0x80000000u, a = u & 0x7fffffffu;
+    float mag;
+    std::memcpy(&mag, &a, 4);
+    // Subnormal range (|x| < 2^-14): 0.5f's ulp is 2^-24, half's subnormal step, so adding and
+    // removing 0.5f rounds to that step (to nearest even, in float's own rounding).
+    const float sub = (mag + 0.5f) - 0.5f;
+    uint32_t sub_bits;
+    std::memcpy(&sub_bits, &sub, 4);
+    // Normal range: drop 13 of float's 23 mantissa bits, rounding to nearest even.
+    const uint32_t normal = (a + 0xfffu + ((a >> 13) & 1u)) & ~0x1fffu;
+    uint32_t r = a < 0x38800000u ? sub_bits : normal;
+    r = a >= 0x477ff000u ? 0x7f800000u : r;      // rounds to >= 65520: inf
+    r = a > 0x7f800000u ? 0x7fc00000u : r;        // NaN stays NaN (quiet, as half_t keeps it)
+    r |= sign;
+    std::memcpy(&x[i], &r, 4);
+  }
+}
+
+void round_to_bf16_inplace(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, &x[i], 4);
+    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    const uint32_t out = nan ? ((u | 0x400000u) & 0xffff0000u) : r;
+    std::memcpy(&x[i], &out, 4);
+  }
+}
+
+void round_to_dtype_inplace(float* x, int64_t n, DType t) {
+  switch (t) {
+    case DType::f32: return;
+    case DType::f16: round_to_fp16_inplace(x, n); return;
+    case DType::bf16: round_to_bf16_inplace(x, n); return;
+    default: LANCET_FAIL("round_to_dtype_inplace: " << dtype_name(t) << " is not a floating-point storage type");
+  }
+}
+
 }  // namespace lancet

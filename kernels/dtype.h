@@ -42,6 +42,15 @@ struct bfloat16_t {
   }
 };
 
+// Emulated low-precision storage for float buffers: every element becomes the float nearest to
+// it that the 16-bit type holds (round to nearest even, as half_t / bfloat16_t round), in
+// place. fp16: |x| >= 65520 becomes +-inf, subnormals keep 2^-24 steps, NaN stays NaN; bf16:
+// float's exponent range, 8 significant bits. Loops without branches, so they vectorise.
+void round_to_fp16_inplace(float* x, int64_t n);
+void round_to_bf16_inplace(float* x, int64_t n);
+// Either of the two by dtype (f16, bf16); f32 leaves x as it is; any other dtype throws.
+void round_to_dtype_inplace(float* x, int64_t n, DType t);
+
 template <typename T> struct dtype_of;
 template <> struct dtype_of<float> { static constexpr DType value = DType::f32; };
 template <> struct dtype_of<half_t> { static constexpr DType value = DType::f16; };

@@ -111,7 +111,7 @@ std::vector<double> map_blocks(const std::vector<const Tensor*>& ts, F&& block_f
   parallel_for(static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const auto [i, b] = blocks[static_cast<size_t>(k)];
-      out[static_cast<size_t>(k)] = block_fn(ts[i]->data<float>(), b, std::min(b + kNormBlock, ts[i]->numel()));
+      out[static_cast<size_t>(k)] = block_fn(i, b, std::min(b + kNormBlock, ts[i]->numel()));
     }
   });
   return out;
@@ -121,7 +121,8 @@ std::vector<double> map_blocks(const std::vector<const Tensor*>& ts, F&& block_f
 
 double global_l2_norm(const std::vector<const Tensor*>& tensors, const Stream& s) {
   const auto ts = checked_list("global_l2_norm", tensors, s);
-  const auto partial = map_blocks(ts, [](const float* x, int64_t begin, int64_t end) {
+  const auto partial = map_blocks(ts, [&ts](size_t t, int64_t begin, int64_t end) {
+    const float* x = ts[t]->data<float>();
     double acc = 0;
     for (int64_t i = begin; i < end; ++i) acc += static_cast<double>(x[i]) * x[i];
     return acc;
@@ -133,9 +134,29 @@ double global_l2_norm(const std::vector<const Tensor*>& tensors, const Stream& s
 
 bool all_finite(const std::vector<const Tensor*>& tensors, const Stream& s) {
   const auto ts = checked_list("all_finite", tensors, s);
-  const auto partial = map_blocks(ts, [](const float* x, int64_t begin, int64_t end) {
+  const auto partial = map_blocks(ts, [&ts](size_t t, int64_t begin, int64_t end) {
+    const float* x = ts[t]->data<float>();
     bool ok = true;
     for (int64_t i = begin; i < end; ++i) ok &= std::isfinite(x[i]);
+    return ok ? 1.0 : 0.0;
+  });
+  for (double p : partial)
+    if (p == 0.0) return false;
+  return true;
+}
+
+bool unscale_and_check_finite(const std::vector<Tensor*>& grads, float inv_scale, const Stream& s) {
+  const auto ts = checked_list("unscale_and_check_finite", std::vector<const Tensor*>(grads.begin(), grads.end()), s);
+  std::vector<Tensor*> out;  // the same defined tensors, writable
+  for (Tensor* g : grads)
+    if (g->defined()) out.push_back(g);
+  const auto partial = map_blocks(ts, [&out, inv_scale](size_t t, int64_t begin, int64_t end) {
+    float* x = out[t]->data<float>();
+    bool ok = true;
+    for (int64_t i = begin; i < end; ++i) {
+      ok &= std::isfinite(x[i]);  // checked before scaling, as torch does
+      x[i] = x[i] * inv_scale;
+    }
     return ok ? 1.0 : 0.0;
   });
   for (double p : partial)

@@ -34,6 +34,10 @@ void adam_step(const AdamParams& p, int64_t step, Tensor& param, const Tensor& g
 double global_l2_norm(const std::vector<const Tensor*>& tensors, const Stream& s);
 // True when no element is NaN or +-inf.
 bool all_finite(const std::vector<const Tensor*>& tensors, const Stream& s);
+// Dynamic loss scaling (torch's _amp_foreach_non_finite_check_and_unscale_): multiplies every
+// element by inv_scale in place and returns true when every element was finite before that
+// (one pass; the check never depends on the thread count).
+bool unscale_and_check_finite(const std::vector<Tensor*>& grads, float inv_scale, const Stream& s);
 // Scales every gradient in place by clip_coef = max_norm / (total_norm + 1e-6) when that is
 // below 1 (float32 arithmetic as torch, so a NaN or inf norm turns the gradients NaN / zero as
 // there) and returns total_norm, the norm before clipping (rounded to float as torch returns

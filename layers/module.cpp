@@ -5,6 +5,35 @@
 namespace lancet {
 
 namespace {
+
+// A fresh tensor when `copy`, else t itself, rounded in place to `precision`.
+Tensor rounded(const Tensor& t, DType precision, bool copy) {
+  Tensor r = copy ? t.clone() : t;
+  round_to_dtype_inplace(r.data<float>(), r.numel(), precision);
+  return r;
+}
+
+// Swaps a module's parameter values for rounded copies for the duration of a forward or
+// backward call, and back (also when the call throws).
+class RoundedWeights {
+ public:
+  RoundedWeights(const std::vector<std::pair<std::string, std::unique_ptr<Parameter>>>& params, DType precision, bool on) {
+    if (!on) return;
+    for (auto& p : params) {
+      masters_.emplace_back(p.second.get(), p.second->value);
+      p.second->value = rounded(p.second->value, precision, /*copy=*/true);
+    }
+  }
+  ~RoundedWeights() {
+    for (auto& [p, master] : masters_) p->value = master;
+  }
+  RoundedWeights(const RoundedWeights&) = delete;
+  RoundedWeights& operator=(const RoundedWeights&) = delete;
+
+ private:
+  std::vector<std::pair<Parameter*, Tensor>> masters_;
+};
+
 std::string qualify(const std::string& prefix, const std::string& name) {
   return prefix.empty() ? name : prefix + "." + name;
 }
@@ -19,8 +48,17 @@ Tensor Module::forward(const Tensor& x, SavedPtr* saved, const Stream& s) {
                                                 << device_.str());
   check_input(x);
   if (saved) saved->reset();
-  Tensor y = forward_impl(x, saved, s);
+  const bool low = precision_ != DType::f32;
+  LANCET_CHECK(!low || device_.is_cpu(), type_name() << ": the " << dtype_name(precision_)
+                                                     << " emulation runs on the CPU, the module is on " << device_.str());
+  Tensor y;
+  {
+    RoundedWeights weights(params_, precision_, rounds_weights_);
+    y = forward_impl(rounds_entry_ ? rounded(x, precision_, /*copy=*/true) : x, saved, s);
+  }
   LANCET_CHECK(!saved || *saved, type_name() << ": forward_impl saved nothing for backward");
+  // In place: y is this call's own output (or a view of an input that is rounded already).
+  if (low) rounded(y, precision_, /*copy=*/false);
   return y;
 }
 
@@ -29,8 +67,14 @@ Tensor Module::backward(const Tensor& dy, Saved& saved, bool need_input_grad, co
   LANCET_CHECK(dy.defined(), type_name() << ": backward of an undefined gradient");
   LANCET_CHECK(dy.device() == device_, type_name() << ": gradient on " << dy.device().str()
                                                    << " but the module is on " << device_.str());
-  Tensor dx = backward_impl(dy, saved, need_input_grad, s);
+  const bool low = precision_ != DType::f32;
+  Tensor dx;
+  {
+    RoundedWeights weights(params_, precision_, rounds_weights_);
+    dx = backward_impl(rounds_entry_ ? rounded(dy, precision_, /*copy=*/true) : dy, saved, need_input_grad, s);
+  }
   LANCET_CHECK(!need_input_grad || dx.defined(), type_name() << ": backward_impl returned no input gradient");
+  if (low && need_input_grad) rounded(dx, precision_, /*copy=*/false);
   if (grad_ready_hook_)
     for (auto& p : params_) (*grad_ready_hook_)(*p.second);
   return need_input_grad ? dx : Tensor();
@@ -99,6 +143,20 @@ void Module::to(Device device) {
     for (auto& b : m.buffers_) *b.second = b.second->to(device);
     m.device_ = device;
   });
+}
+
+void Module::set_precision(DType t) {
+  LANCET_CHECK(t == DType::f32 || t == DType::f16 || t == DType::bf16,
+               type_name() << ": precision " << dtype_name(t) << " (expected f32, f16 or bf16)");
+  LANCET_CHECK(t == DType::f32 || device_.is_cpu(), type_name() << ": the " << dtype_name(t)
+                                                                << " emulation runs on the CPU, the module is on " << device_.str());
+  apply([t](const std::string&, Module& m) {
+    m.precision_ = t;
+    const std::string type = m.type_name();
+    m.rounds_weights_ = t != DType::f32 && (type == "Conv2d" || type == "Linear");  // the GEMM operands
+    m.rounds_entry_ = false;
+  });
+  rounds_entry_ = t != DType::f32;
 }
 
 void Module::set_grad_ready_hook(GradReadyHook hook) {

@@ -75,6 +75,16 @@ class Module {
   void to(Device device);
   Device device() const { return device_; }
 
+  // Mixed precision, emulated on the CPU (compute in float, round on store): with t = f16 or
+  // bf16, this module and every descendant round their outputs and input gradients to t
+  // (round to nearest even; fp16 overflows to inf), Conv2d and Linear compute with their
+  // weights and biases rounded to t (a rounded copy per call: Parameter::value stays the FP32
+  // master and parameter gradients accumulate in FP32), and the module it is called on (the
+  // model) rounds its input and the incoming loss gradient. BatchNorm's statistics and
+  // parameters stay FP32. t = f32 turns it off. CPU only.
+  void set_precision(DType t);
+  DType precision() const { return precision_; }
+
   // Sets (or, with an empty function, clears) the gradient-ready hook of this module and every
   // descendant.
   using GradReadyHook = std::function<void(Parameter&)>;
@@ -108,6 +118,9 @@ class Module {
   std::vector<std::pair<std::string, std::unique_ptr<Module>>> children_;
   bool training_ = true;
   Device device_ = Device::cpu();
+  DType precision_ = DType::f32;
+  bool rounds_weights_ = false;  // Conv2d / Linear under f16 or bf16
+  bool rounds_entry_ = false;    // the module set_precision was called on
   std::shared_ptr<const GradReadyHook> grad_ready_hook_;
 };
 

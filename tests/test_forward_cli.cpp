@@ -77,6 +77,35 @@ TEST(ForwardCli, MatchesPyTorchReference) {
   }
 }
 
+TEST(ForwardCli, LowPrecisionEmulationStaysCloseToFp32) {
+  const auto names = fixture_names();
+  ASSERT_FALSE(names.empty());
+  TempDir tmp("fwd_lowp");
+  const std::string& name = names.front();
+  H5File expected = H5File::open_read(kFixtures + "/" + name + "_eval.h5");
+  const Tensor want = expected.read("/logits");
+  float peak = 0;
+  for (int64_t i = 0; i < want.numel(); ++i) peak = std::max(peak, std::fabs(want.data<float>()[i]));
+  // Tolerances as a fraction of the largest logit (fp16: 10 mantissa bits, bf16: 7).
+  for (const auto& [precision, tol] : {std::pair<std::string, float>{"fp16", 0.005f}, {"bf16", 0.02f}}) {
+    SCOPED_TRACE(precision);
+    const std::string out = tmp / (precision + ".h5");
+    const RunResult r = run_lancet("forward --weights " + kFixtures + "/" + name + "_weights.h5 --input " + kFixtures +
+                                   "/" + name + "_batch.h5 --output " + out + " --precision " + precision);
+    ASSERT_EQ(r.status, 0) << r.output;
+    const Tensor got = H5File::open_read(out).read("/logits");
+    ASSERT_EQ(got.numel(), want.numel());
+    float worst = 0;
+    bool identical = true;
+    for (int64_t i = 0; i < got.numel(); ++i) {
+      worst = std::max(worst, std::fabs(got.data<float>()[i] - want.data<float>()[i]));
+      identical &= got.data<float>()[i] == want.data<float>()[i];
+    }
+    EXPECT_LE(worst, tol * peak) << "largest logit " << peak;
+    EXPECT_FALSE(identical) << "the low precision must actually round something";
+  }
+}
+
 class ForwardBadInput : public ::testing::Test {
  protected:
   void SetUp() override {

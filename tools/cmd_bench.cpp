@@ -48,7 +48,7 @@ void run_bench(const BenchArgs& a, Communicator& comm) {
   const OptimConfig oc = optim_config(config);
   const DistConfig dist = dist_config(config);
   comm.set_timeout(dist.timeout_s);
-  LANCET_CHECK(tc.precision == "fp32", "bench: --precision " << tc.precision << ": this build computes in fp32 only");
+  LANCET_CHECK(tc.precision == "fp32", "bench: --precision " << tc.precision << ": fp16/bf16 run only as the CPU emulation in lancet train (for correctness, not speed); benchmarks are fp32 until the CUDA backend");
   const Device device = parse_device(tc.device);
   LANCET_CHECK(device.is_cpu(), "bench: device " << device.str() << ": this build has no CUDA compute kernels yet");
   const int ranks = comm.size();

@@ -19,12 +19,14 @@ struct ForwardArgs {
 };
 
 void run_forward(const ForwardArgs& a) {
-  LANCET_CHECK(a.precision == "fp32", "--precision " << a.precision << ": this build computes in fp32 only");
   const Device device = parse_device(a.device);
   if (a.threads > 0) set_num_threads(a.threads);
   const Stream s{device, nullptr};
 
   auto model = load_model(a.weights);
+  // fp16 / bf16: emulated on the CPU (layers/module.h: activations, gradients and conv/linear
+  // weights rounded to the 16-bit type; BatchNorm, softmax and the loss in FP32).
+  model->set_precision(parse_dtype(a.precision));
   const MedicalCNNConfig& mc = model->config();
 
   H5File in = H5File::open_read(a.input);

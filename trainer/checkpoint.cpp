@@ -25,7 +25,9 @@ Json TrainState::to_json() const {
           {"train_size", train_size},
           {"dropout_counters", dropout_counters},
           {"schedule", schedule},
-          {"early_stopping", early_stopping}};
+          {"early_stopping", early_stopping},
+          {"epoch_skipped", epoch_skipped},
+          {"loss_scaler", loss_scaler}};
 }
 
 TrainState TrainState::from_json(const Json& j, const std::string& where) {
@@ -45,6 +47,9 @@ TrainState TrainState::from_json(const Json& j, const std::string& where) {
     s.dropout_counters = j.at("dropout_counters").get<std::vector<uint64_t>>();
     s.schedule = j.at("schedule");
     s.early_stopping = j.at("early_stopping");
+    // Written since mixed precision; absent in older checkpoints (fp32 runs: nothing to restore).
+    s.epoch_skipped = j.value("epoch_skipped", int64_t{0});
+    s.loss_scaler = j.value("loss_scaler", Json::object());
   } catch (const Json::exception& e) {
     LANCET_FAIL(where << ": damaged training state: " << e.what());
   }

@@ -30,10 +30,12 @@ struct TrainState {
   double train_seconds = 0;    // training time so far (excluding validation)
   double epoch_loss_sum = 0;   // the running sums of the epoch in progress
   int64_t epoch_correct = 0, epoch_seen = 0;
+  int64_t epoch_skipped = 0;   // optimizer steps of the epoch skipped by the loss scaler
   int64_t train_size = 0;      // training images in the dataset (a resume must see the same)
   std::vector<uint64_t> dropout_counters;  // MedicalCNN::dropouts() in order
   Json schedule = Json::object();          // LR schedule state
   Json early_stopping = Json::object();    // early-stopping state (best value and epoch)
+  Json loss_scaler = Json::object();       // LossScaler::state() with fp16 loss scaling; {} = none
 
   Json to_json() const;
   // Throws naming `where` on a missing or mistyped field.

@@ -3,6 +3,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
 
@@ -31,6 +32,10 @@ Json default_config() {
       "device": "cpu", "threads": 0, "precision": "fp32", "out": "", "log_every": 10,
       "checkpoint_every": 0, "keep_checkpoints": 3, "resume": "", "clip_grad_norm": 0.0,
       "profile": "", "nsys_steps": "", "tensorboard": true, "grad_accum_steps": 1
+    },
+    "amp": {
+      "loss_scaling": "auto", "init_scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+      "growth_interval": 2000
     },
     "dist": {
       "backend": "auto", "bucket_mb": 25.0, "overlap": true, "sync_bn": false,
@@ -267,6 +272,8 @@ TrainConfig train_config(const Json& c) {
   t.device = get<std::string>(c, "train", "device");
   t.threads = get<int>(c, "train", "threads");
   t.precision = get<std::string>(c, "train", "precision");
+  LANCET_CHECK(t.precision == "fp32" || t.precision == "fp16" || t.precision == "bf16",
+               "train.precision must be fp32, fp16 or bf16, got '" << t.precision << "'");
   t.out = get<std::string>(c, "train", "out");
   t.log_every = get<int>(c, "train", "log_every");
   t.checkpoint_every = get<int64_t>(c, "train", "checkpoint_every");
@@ -349,6 +356,25 @@ LossConfig loss_config(const Json& c) {
   l.class_weights = get<std::vector<float>>(c, "loss", "class_weights");
   LANCET_CHECK(l.label_smoothing >= 0 && l.label_smoothing < 1,
                "loss.label_smoothing must be in [0, 1), got " << l.label_smoothing);
+  return l;
+}
+
+LossScalerConfig loss_scaler_config(const Json& c) {
+  const std::string precision = train_config(c).precision;
+  const std::string mode = get<std::string>(c, "amp", "loss_scaling");
+  LANCET_CHECK(mode == "auto" || mode == "dynamic" || mode == "none",
+               "amp.loss_scaling must be auto (dynamic for fp16, none for bf16 / fp32), dynamic or none, got '" << mode
+                                                                                                          << "'");
+  LossScalerConfig l;
+  l.enabled = mode == "dynamic" || (mode == "auto" && precision == "fp16");
+  l.init_scale = get<float>(c, "amp", "init_scale");
+  l.growth_factor = get<float>(c, "amp", "growth_factor");
+  l.backoff_factor = get<float>(c, "amp", "backoff_factor");
+  l.growth_interval = get<int64_t>(c, "amp", "growth_interval");
+  LANCET_CHECK(l.init_scale > 0 && std::isfinite(l.init_scale), "amp.init_scale must be positive, got " << l.init_scale);
+  LANCET_CHECK(l.growth_factor > 1, "amp.growth_factor must be > 1, got " << l.growth_factor);
+  LANCET_CHECK(l.backoff_factor > 0 && l.backoff_factor < 1, "amp.backoff_factor must be in (0, 1), got " << l.backoff_factor);
+  LANCET_CHECK(l.growth_interval >= 1, "amp.growth_interval must be at least 1, got " << l.growth_interval);
   return l;
 }
 

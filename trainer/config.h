@@ -1,6 +1,6 @@
 // config.h — lancet's one configuration system.
 //
-// A run is described by a tree of sections (model, data, train, optim, loss, bench) with
+// A run is described by a tree of sections (model, data, train, amp, optim, loss, ...) with
 // documented defaults (default_config()). A YAML file (--config) is merged over the
 // defaults, then command-line overrides (--set section.key=value, and the short flags that
 // map onto keys). Unknown keys are rejected with the list of valid ones, values are checked
@@ -91,6 +91,15 @@ struct OptimConfig {
   float lr, weight_decay, momentum, beta1, beta2, eps;
   bool nesterov;
 };
+// Mixed precision (train.precision fp16 / bf16): dynamic loss scaling as torch's GradScaler
+// (trainer/loss_scaler.h). amp.loss_scaling auto: on for fp16, off for bf16 and fp32.
+struct LossScalerConfig {
+  bool enabled = false;
+  float init_scale = 65536.f;  // 2^16
+  float growth_factor = 2.f;
+  float backoff_factor = 0.5f;
+  int64_t growth_interval = 2000;
+};
 struct LossConfig {
   float label_smoothing;
   std::vector<float> class_weights;  // empty = unweighted
@@ -101,6 +110,8 @@ TrainConfig train_config(const Json& c);
 DistConfig dist_config(const Json& c);
 OptimConfig optim_config(const Json& c);
 LossConfig loss_config(const Json& c);
+// amp.* resolved against train.precision (which must be fp32, fp16 or bf16).
+LossScalerConfig loss_scaler_config(const Json& c);
 
 // The folder the default job caches its synthetic dataset in: $LANCET_CACHE, else
 // $XDG_CACHE_HOME/lancet, else ~/.cache/lancet.

@@ -29,6 +29,7 @@
 #include "kernels/trace.h"
 #include "trainer/checkpoint.h"
 #include "trainer/ddp.h"
+#include "trainer/loss_scaler.h"
 #include "trainer/profiler.h"
 #include "trainer/run_log.h"
 #include "trainer/schedule.h"
@@ -79,6 +80,8 @@ StepStats train_step_micro(Module& model, Optimizer& opt, Communicator& comm, co
   int64_t total = 0;
   for (const Tensor& x : xs) total += x.dim(0);
   StepStats st;
+  LossScaler* scaler = options.loss_scaler && options.loss_scaler->enabled() ? options.loss_scaler : nullptr;
+  if (scaler) st.loss_scale = scaler->scale();
   double loss_sum = 0;
   for (size_t i = 0; i < xs.size(); ++i) {
     const bool last = i + 1 == xs.size();
@@ -93,6 +96,7 @@ StepStats train_step_micro(Module& model, Optimizer& opt, Communicator& comm, co
       Tensor no_probs;
       l = softmax_cross_entropy(logits, ys[i], loss.class_weights, loss.label_smoothing, dlogits, no_probs, s);
       if (xs.size() > 1) scale_inplace(dlogits, static_cast<float>(weight), s);
+      if (scaler) scale_inplace(dlogits, scaler->scale(), s);
     }
     {
       auto scope = timer.phase(Phase::backward);
@@ -114,12 +118,20 @@ StepStats train_step_micro(Module& model, Optimizer& opt, Communicator& comm, co
     auto scope = timer.phase(Phase::optimizer);
     std::vector<Tensor*> grads;
     for (auto& [name, p] : model.named_parameters()) grads.push_back(&p->grad);
-    if (options.clip_grad_norm > 0) {
-      st.grad_norm = clip_grad_norm(grads, options.clip_grad_norm, s);
-    } else if (options.compute_grad_norm) {
-      st.grad_norm = global_l2_norm(std::vector<const Tensor*>(grads.begin(), grads.end()), s);
+    // Loss scaling: the gradients here are already averaged over the ranks (GradSync::finish
+    // or the all-reduce above), identical everywhere, so every rank finds the same flag and
+    // skips or takes the same step. Clipping and the norm see unscaled gradients.
+    const bool finite = scaler ? scaler->unscale_and_check(grads, s) : true;
+    if (finite) {
+      if (options.clip_grad_norm > 0) {
+        st.grad_norm = clip_grad_norm(grads, options.clip_grad_norm, s);
+      } else if (options.compute_grad_norm) {
+        st.grad_norm = global_l2_norm(std::vector<const Tensor*>(grads.begin(), grads.end()), s);
+      }
+      opt.step(s);
     }
-    opt.step(s);
+    st.skipped = !finite;
+    if (scaler) scaler->update(finite);
     model.zero_grad();
   }
   st.loss = loss_sum;
@@ -342,8 +354,8 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   const DistConfig dist = dist_config(config);
   comm.set_timeout(dist.timeout_s);
   const int ranks = comm.size();
-  LANCET_CHECK(tc.precision == "fp32", "train.precision '" << tc.precision
-                                                           << "': this build trains in fp32 only (fp16/bf16 arrive with mixed precision)");
+  const LossScalerConfig lsc = loss_scaler_config(config);
+  const DType precision = parse_dtype(tc.precision);
   const Device device = parse_device(tc.device);
   LANCET_CHECK(device.is_cpu(), "train.device " << device.str()
                                                 << ": this build has no CUDA compute kernels yet; use --device cpu");
@@ -373,6 +385,9 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   model->set_dropout_seed((tc.seed ^ 0xD7u) + static_cast<uint64_t>(comm.rank()) * 0x9E3779B97F4A7C15ull);
   model->to(device);
   model->train();
+  // fp16 / bf16: emulated on the CPU (layers/module.h); FP32 master weights and optimizer state.
+  model->set_precision(precision);
+  LossScaler scaler(lsc);
   auto opt = make_optimizer(oc, model->named_parameters());
   const Loss loss = make_loss(lc, num_classes, device);
 
@@ -426,6 +441,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   if (!resume_from.empty()) {
     if (!state.schedule.empty()) schedule.load_state(state.schedule);
     if (!state.early_stopping.empty()) stopper.load_state(state.early_stopping);
+    if (!state.loss_scaler.empty()) scaler.load_state(state.loss_scaler, resume_from);
   }
 
   // Every rank must run the same job; then all start from rank 0's weights.
@@ -442,6 +458,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
                                    {"train.batch_size", std::to_string(global_bs)},
                                    {"train.grad_accum_steps", std::to_string(tc.grad_accum_steps)},
                                    {"train.precision", tc.precision},
+                                   {"amp", config.at("amp").dump()},
                                    {"train.device", device.is_cpu() ? "cpu" : "cuda"},
                                    {"train.epochs / max_steps", std::to_string(tc.epochs) + " / " + std::to_string(tc.max_steps)},
                                    {"train.seed", std::to_string(tc.seed)},
@@ -507,6 +524,10 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   if (tc.grad_accum_steps > 1) log << " in " << tc.grad_accum_steps << " micro-batches";
   log << ", " << oc.name << " lr " << oc.lr << " (" << schedule.name() << " schedule), " << num_threads()
       << " thread(s) " << (ranks > 1 ? "per rank " : "") << "on " << device.str() << "\n";
+  if (precision != DType::f32)
+    log << "precision: " << tc.precision << " emulated on the CPU (activations and conv/linear operands rounded, FP32 "
+        << "master weights, BatchNorm and loss); loss scaling "
+        << (scaler.enabled() ? "dynamic from " + Json(scaler.scale()).dump() : std::string("off")) << "\n";
   if (ranks > 1) {
     const auto sizes = grad_sync->bucket_elements();
     log << "data parallel: " << ranks << " ranks (" << comm.backend() << ", " << comm.local_size()
@@ -520,6 +541,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     for (const Dropout* d : model->dropouts()) snapshot.dropout_counters.push_back(d->counter());
     snapshot.schedule = schedule.state();
     snapshot.early_stopping = stopper.state();
+    if (scaler.enabled()) snapshot.loss_scaler = scaler.state();
     fs::create_directories(fs::path(path).parent_path());
     save_checkpoint(path, *model, model_cfg, *opt, oc.name, snapshot, config);
     if (path != tc.out + "/best.h5") prune_checkpoints(tc.out, tc.keep_checkpoints);
@@ -535,6 +557,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   step_options.clip_grad_norm = tc.clip_grad_norm;
   step_options.compute_grad_norm = writes;  // logged per step
   step_options.grad_sync = grad_sync.get();
+  step_options.loss_scaler = &scaler;
   const FaultInjection fault = fault_injection_from_env(comm.rank());
   // Worker threads build the (micro-)batches ahead of the step, augmented when configured;
   // minority classes (under half the largest class) get augment.minority_strength.
@@ -617,6 +640,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
       state.epoch_loss_sum += st.loss * st.count;
       state.epoch_correct += st.correct;
       state.epoch_seen += st.count;
+      state.epoch_skipped += st.skipped ? 1 : 0;
       state.images += st.count;
       images_this_session += st.count;
       ++state.step_in_epoch;
@@ -631,12 +655,17 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
         Json j = {{"step", state.global_step}, {"epoch", state.epoch}, {"loss", st.loss}, {"lr", lr},
                   {"batch_accuracy", static_cast<double>(st.correct) / st.count}, {"images_per_s", img_s}};
         if (std::isfinite(st.grad_norm)) j["grad_norm"] = st.grad_norm;
+        if (scaler.enabled()) {
+          j["loss_scale"] = st.loss_scale;
+          j["skipped"] = st.skipped;
+        }
         logs->steps.write(j);
       }
       if (tb) {
         tb->add_scalar("train/loss", st.loss, state.global_step);
         tb->add_scalar("train/lr", lr, state.global_step);
         if (std::isfinite(st.grad_norm)) tb->add_scalar("train/grad_norm", st.grad_norm, state.global_step);
+        if (scaler.enabled()) tb->add_scalar("train/loss_scale", st.loss_scale, state.global_step);
       }
       if (tc.checkpoint_every > 0 && state.global_step % tc.checkpoint_every == 0 && state.step_in_epoch < steps_per_epoch) {
         TrainState snapshot = state;
@@ -662,19 +691,28 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
         << "  val balanced acc " << ev.cm.balanced_accuracy();
     if (std::isfinite(report.auroc)) log << "  val AUROC " << report.auroc;
     log << "  (" << std::setprecision(1) << epoch_s << " s, " << images_this_session / epoch_s << " img/s)\n";
+    if (scaler.enabled())
+      log << "loss scale " << std::setprecision(0) << scaler.scale() << ", " << state.epoch_skipped << " step"
+          << (state.epoch_skipped == 1 ? "" : "s") << " skipped this epoch (inf/nan gradients), "
+          << scaler.skipped_steps() << " in the run\n";
     if (prof.steps() > 0) log << prof.table();
     if (const std::string skipped = skipped_report(*data.train, dc.train_split); !skipped.empty()) log << skipped << "\n";
     if (logs) {
-      logs->metrics.write({{"epoch", state.epoch},
-                           {"step", state.global_step},
-                           {"train_loss", train_loss},
-                           {"train_accuracy", train_acc},
-                           {"images_per_s", images_this_session / epoch_s},
-                           {"epoch_seconds", epoch_s},
-                           {"lr", lr_used},
-                           {"val_loss", ev.loss},
-                           {"val", report.to_json()},
-                           {"phases", prof.to_json()}});
+      Json m = {{"epoch", state.epoch},
+                {"step", state.global_step},
+                {"train_loss", train_loss},
+                {"train_accuracy", train_acc},
+                {"images_per_s", images_this_session / epoch_s},
+                {"epoch_seconds", epoch_s},
+                {"lr", lr_used},
+                {"val_loss", ev.loss},
+                {"val", report.to_json()},
+                {"phases", prof.to_json()}};
+      if (scaler.enabled()) {  // the scale at the epoch's end and the steps it skipped
+        m["loss_scale"] = scaler.scale();
+        m["skipped_steps"] = state.epoch_skipped;
+      }
+      logs->metrics.write(m);
       logs->epochs.write_row({{"epoch", state.epoch},
                               {"step", static_cast<double>(state.global_step)},
                               {"lr", lr_used},
@@ -703,6 +741,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     state.step_in_epoch = 0;
     state.epoch_loss_sum = 0;
     state.epoch_correct = state.epoch_seen = 0;
+    state.epoch_skipped = 0;
     TrainState next = state;
     ++next.epoch;
     if (stopper.is_best()) {

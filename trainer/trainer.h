@@ -31,9 +31,14 @@ struct StepStats {
   int64_t correct = 0;
   int64_t count = 0;
   double grad_norm = std::nan("");  // global L2 norm before clipping, when computed
+  // Dynamic loss scaling (StepOptions::loss_scaler): the scale this step's backward used, and
+  // whether its optimizer step was skipped for inf/NaN gradients.
+  float loss_scale = 1.f;
+  bool skipped = false;
 };
 
 class GradSync;
+class LossScaler;
 
 struct StepOptions {
   float clip_grad_norm = 0;        // > 0: clip to this global L2 norm (torch's clip_grad_norm_)
@@ -41,6 +46,11 @@ struct StepOptions {
   // Data parallelism: bucketed all-reduce overlapped with the backward (trainer/ddp.h). Without
   // it, a communicator of several ranks all-reduces every gradient after the backward.
   GradSync* grad_sync = nullptr;
+  // Mixed precision: the loss gradient is multiplied by the scaler's scale before the
+  // backward; the synchronised gradients are unscaled and checked before clipping, and on
+  // inf/NaN the optimizer step is skipped (weights and optimizer state untouched). The
+  // scaler is updated after every step. Null or disabled: no scaling.
+  LossScaler* loss_scaler = nullptr;
 };
 
 // Forward (saving activations), loss, backward, gradient all-reduce, clipping, optimizer step,

@@ -1,0 +1,509 @@
+// Mixed precision on the CPU: fp16 / bf16 rounding helpers against known values and the
+// 16-bit storage types; the loss scaler's state machine (an injected inf or NaN skips the
+// step and halves the scale, leaving weights and optimizer state bit-identical; growth after
+// growth_interval finite steps; state through a checkpoint and a bitwise-identical resume);
+// emulated fp16 / bf16 forward against fp32 within stated tolerances; and fp16 / bf16 training
+// reaching fp32's accuracy on a small synthetic job.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <random>
+#include <sstream>
+
+#include "cli_util.h"
+#include "comm/communicator.h"
+#include "data/h5file.h"
+#include "kernels/dtype.h"
+#include "kernels/optim.h"
+#include "trainer/metrics.h"
+#include "tests/expect_error.h"
+#include "trainer/checkpoint.h"
+#include "trainer/loss_scaler.h"
+#include "trainer/trainer.h"
+#include "trainer/weights.h"
+
+using namespace lancet;
+using namespace lancet::testing;
+namespace fs = std::filesystem;
+
+namespace {
+
+uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+float from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+float fp16(float f) {
+  round_to_fp16_inplace(&f, 1);
+  return f;
+}
+float bf16(float f) {
+  round_to_bf16_inplace(&f, 1);
+  return f;
+}
+
+// The same bits, or both NaN.
+void expect_same(float got, float want, const std::string& what) {
+  if (std::isnan(want)) {
+    EXPECT_TRUE(std::isnan(got)) << what;
+  } else {
+    EXPECT_EQ(bits_of(got), bits_of(want)) << what << ": got " << got << ", want " << want;
+  }
+}
+
+}  // namespace
+
+TEST(AmpRounding, Fp16KnownValues) {
+  const float inf = std::numeric_limits<float>::infinity();
+  expect_same(fp16(1.0f), 1.0f, "1");
+  expect_same(fp16(65504.f), 65504.f, "largest half");
+  expect_same(fp16(65519.f), 65504.f, "just below the overflow threshold");
+  expect_same(fp16(65520.f), inf, "65520 overflows");
+  expect_same(fp16(-65520.f), -inf, "-65520 overflows");
+  expect_same(fp16(1e6f), inf, "1e6");
+  expect_same(fp16(1.f + std::ldexp(1.f, -11)), 1.f, "tie rounds to even (down)");
+  expect_same(fp16(1.f + 3 * std::ldexp(1.f, -11)), 1.f + std::ldexp(1.f, -9), "tie rounds to even (up)");
+  expect_same(fp16(0.1f), 0.0999755859375f, "0.1");
+  expect_same(fp16(std::ldexp(1.f, -14)), std::ldexp(1.f, -14), "smallest normal");
+  expect_same(fp16(std::ldexp(1.f, -24)), std::ldexp(1.f, -24), "smallest subnormal");
+  expect_same(fp16(std::ldexp(1.f, -25)), 0.f, "half the smallest subnormal: tie to zero");
+  expect_same(fp16(1.5f * std::ldexp(1.f, -25)), std::ldexp(1.f, -24), "above the tie");
+  expect_same(fp16(3 * std::ldexp(1.f, -25)), std::ldexp(1.f, -23), "subnormal tie to even (up)");
+  expect_same(fp16(-std::ldexp(1.f, -26)), -0.f, "underflow keeps the sign");
+  expect_same(fp16(std::ldexp(1.f, -20) * 1.3f), std::ldexp(1.f, -24) * 21.f, "subnormal 1.3 * 2^-20");
+  expect_same(fp16(inf), inf, "inf");
+  expect_same(fp16(-inf), -inf, "-inf");
+  EXPECT_TRUE(std::isnan(fp16(std::nanf(""))));
+}
+
+TEST(AmpRounding, Bf16KnownValues) {
+  const float inf = std::numeric_limits<float>::infinity();
+  expect_same(bf16(1.f + std::ldexp(1.f, -8)), 1.f, "tie rounds to even (down)");
+  expect_same(bf16(1.f + 3 * std::ldexp(1.f, -8)), 1.f + std::ldexp(1.f, -6), "tie rounds to even (up)");
+  expect_same(bf16(0.1f), 0.10009765625f, "0.1");
+  expect_same(bf16(65520.f), 65536.f, "no fp16 overflow: float's range");
+  expect_same(bf16(std::numeric_limits<float>::max()), inf, "FLT_MAX rounds up to inf");
+  expect_same(bf16(std::ldexp(1.f, -130)), std::ldexp(1.f, -130), "float subnormal kept");
+  expect_same(bf16(-inf), -inf, "-inf");
+  EXPECT_TRUE(std::isnan(bf16(std::nanf(""))));
+}
+
+// The vectorisable helpers agree bit for bit with the scalar storage types over a sweep of
+// every exponent and many mantissas (both signs, NaN, inf, subnormals).
+TEST(AmpRounding, AgreesWithStorageTypes) {
+  std::vector<float> xs;
+  for (uint64_t u = 0; u <= 0xffffffffull; u += 4093) xs.push_back(from_bits(static_cast<uint32_t>(u)));
+  for (uint32_t e = 0; e < 256; ++e)  // the exact ties and their neighbours in every binade
+    for (uint32_t m : {0x1000u, 0x0fffu, 0x1001u, 0x3000u, 0x8000u, 0x7fffu, 0x8001u, 0x18000u, 0x7fffffu})
+      for (uint32_t sign : {0u, 0x80000000u}) xs.push_back(from_bits(sign | (e << 23) | m));
+  std::vector<float> h = xs, b = xs;
+  round_to_fp16_inplace(h.data(), static_cast<int64_t>(h.size()));
+  round_to_dtype_inplace(b.data(), static_cast<int64_t>(b.size()), DType::bf16);
+  int bad = 0;
+  for (size_t i = 0; i < xs.size() && bad < 10; ++i) {
+    const float want_h = static_cast<float>(half_t(xs[i])), want_b = static_cast<float>(bfloat16_t(xs[i]));
+    const bool ok_h = std::isnan(want_h) ? std::isnan(h[i]) : bits_of(h[i]) == bits_of(want_h);
+    const bool ok_b = std::isnan(want_b) ? std::isnan(b[i]) : bits_of(b[i]) == bits_of(want_b);
+    if (!ok_h || !ok_b) {
+      ++bad;
+      ADD_FAILURE() << std::hex << "x bits 0x" << bits_of(xs[i]) << ": fp16 0x" << bits_of(h[i]) << " want 0x"
+                    << bits_of(want_h) << ", bf16 0x" << bits_of(b[i]) << " want 0x" << bits_of(want_b);
+    }
+  }
+  std::vector<float> same = xs;
+  round_to_dtype_inplace(same.data(), static_cast<int64_t>(same.size()), DType::f32);
+  EXPECT_EQ(std::memcmp(same.data(), xs.data(), xs.size() * 4), 0);
+  expect_error([&] { round_to_dtype_inplace(same.data(), 1, DType::i32); }, {"round_to_dtype_inplace", "i32"});
+}
+
+TEST(AmpKernels, UnscaleAndCheckFinite) {
+  Tensor a = Tensor::from_vector({2.f, -4.f, 8.f}, {3}), b = Tensor::from_vector({1024.f}, {1}), none;
+  EXPECT_TRUE(unscale_and_check_finite({&a, &none, &b}, 0.25f, Stream::cpu()));
+  EXPECT_EQ(a.to_vector(), (std::vector<float>{0.5f, -1.f, 2.f}));
+  EXPECT_EQ(b.to_vector(), (std::vector<float>{256.f}));
+  for (float bad : {std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(), std::nanf("")}) {
+    Tensor big = Tensor::full({100000}, 1.f);  // several blocks: the bad value in the last
+    big.data<float>()[99999] = bad;
+    EXPECT_FALSE(unscale_and_check_finite({&a, &big}, 0.5f, Stream::cpu())) << bad;
+  }
+}
+
+TEST(LossScaler, GrowthBackoffAndState) {
+  LossScalerConfig cfg;
+  cfg.enabled = true;
+  cfg.growth_interval = 3;
+  LossScaler s(cfg);
+  EXPECT_EQ(s.scale(), 65536.f);
+  s.update(true);
+  s.update(true);
+  EXPECT_EQ(s.scale(), 65536.f);
+  EXPECT_EQ(s.growth_tracker(), 2);
+  s.update(false);  // an overflow: halve, restart the count
+  EXPECT_EQ(s.scale(), 32768.f);
+  EXPECT_EQ(s.growth_tracker(), 0);
+  EXPECT_EQ(s.skipped_steps(), 1);
+  for (int i = 0; i < 3; ++i) s.update(true);
+  EXPECT_EQ(s.scale(), 65536.f);  // grown after 3 finite steps in a row
+  EXPECT_EQ(s.growth_tracker(), 0);
+  s.update(true);
+
+  LossScaler back(cfg);
+  back.load_state(Json::parse(s.state().dump()), "test");
+  EXPECT_EQ(back.scale(), s.scale());
+  EXPECT_EQ(back.growth_tracker(), 1);
+  EXPECT_EQ(back.skipped_steps(), 1);
+  expect_error([&] { back.load_state(Json{{"scale", 2.0}}, "ckpt.h5"); }, {"ckpt.h5", "loss scaler"});
+
+  cfg.init_scale = std::numeric_limits<float>::max();  // growth is kept only while finite
+  cfg.growth_interval = 1;
+  LossScaler top(cfg);
+  top.update(true);
+  EXPECT_EQ(top.scale(), std::numeric_limits<float>::max());
+
+  LossScaler off;  // disabled: scale 1, gradients untouched, nothing counted
+  Tensor g = Tensor::full({4}, std::numeric_limits<float>::infinity());
+  EXPECT_EQ(off.scale(), 1.f);
+  EXPECT_TRUE(off.unscale_and_check({&g}, Stream::cpu()));
+  off.update(false);
+  EXPECT_EQ(off.skipped_steps(), 0);
+}
+
+TEST(LossScaler, ConfigKeys) {
+  Json c = default_config();
+  EXPECT_FALSE(loss_scaler_config(c).enabled);  // fp32
+  apply_override(c, "train.precision=bf16");
+  EXPECT_FALSE(loss_scaler_config(c).enabled);  // bf16 has float's range
+  apply_override(c, "train.precision=fp16");
+  const LossScalerConfig f = loss_scaler_config(c);
+  EXPECT_TRUE(f.enabled);
+  EXPECT_EQ(f.init_scale, 65536.f);
+  EXPECT_EQ(f.growth_factor, 2.f);
+  EXPECT_EQ(f.backoff_factor, 0.5f);
+  EXPECT_EQ(f.growth_interval, 2000);
+  apply_override(c, "amp.loss_scaling=none");
+  EXPECT_FALSE(loss_scaler_config(c).enabled);
+  apply_override(c, "amp.loss_scaling=dynamic");
+  apply_override(c, "train.precision=fp32");
+  EXPECT_TRUE(loss_scaler_config(c).enabled);
+  apply_override(c, "amp.loss_scaling=sometimes");
+  expect_error([&] { loss_scaler_config(c); }, {"amp.loss_scaling", "sometimes"});
+  apply_override(c, "amp.loss_scaling=auto");
+  apply_override(c, "amp.backoff_factor=1.5");
+  expect_error([&] { loss_scaler_config(c); }, {"amp.backoff_factor"});
+  apply_override(c, "train.precision=fp8");
+  expect_error([&] { train_config(c); }, {"train.precision", "fp8"});
+}
+
+namespace {
+
+// A tiny MedicalCNN and a batch for single steps.
+struct TinyStep {
+  std::unique_ptr<MedicalCNN> model;
+  std::unique_ptr<Optimizer> opt;
+  std::unique_ptr<Communicator> comm = make_single_process_communicator();
+  Tensor x, y;
+
+  explicit TinyStep(const std::string& optimizer, uint64_t seed = 3) {
+    model = make_model(Json{{"widths", {4, 8, 8, 8}}, {"depths", {1, 1, 1, 1}}, {"head_hidden", 8},
+                            {"in_channels", 1}, {"num_classes", 2}},
+                       seed);
+    Json c = default_config();
+    apply_override(c, "optim.name=" + optimizer);
+    opt = make_optimizer(optim_config(c), model->named_parameters());
+    std::mt19937 rng(7);
+    std::normal_distribution<float> n(0.f, 1.f);
+    std::vector<float> v(8 * 16 * 16);
+    for (float& e : v) e = n(rng);
+    x = Tensor::from_vector(v, {8, 1, 16, 16});
+    y = Tensor::from_labels({0, 1, 1, 0, 1, 0, 0, 1});
+  }
+  StepStats step(const StepOptions& o = {}) { return train_step(*model, *opt, *comm, x, y, Loss{}, Stream::cpu(), o); }
+
+  // Every weight and every optimizer state value, and the step counter, as bits.
+  std::vector<std::vector<float>> snapshot() {
+    std::vector<std::vector<float>> out;
+    for (auto& [name, p] : model->named_parameters()) out.push_back(p->value.to_vector());
+    for (auto& [name, t] : opt->state()) out.push_back(t->to_vector());
+    out.push_back({static_cast<float>(opt->steps())});
+    return out;
+  }
+};
+
+}  // namespace
+
+// An injected inf or NaN gradient (in the last parameter whose gradient completes: after the
+// whole backward, like an overflow anywhere) skips the step: weights, moments, momentum buffers
+// and the step counter stay bit-identical, the scale halves; the next clean step updates.
+TEST(LossScaler, InjectedInfOrNanSkipsTheStep) {
+  for (const std::string optimizer : {"adam", "sgd", "adamw"}) {
+    for (const float bad : {std::numeric_limits<float>::infinity(), std::nanf("")}) {
+      SCOPED_TRACE(optimizer + (std::isnan(bad) ? " NaN" : " inf"));
+      TinyStep t(optimizer);
+      LossScalerConfig cfg;
+      cfg.enabled = true;
+      cfg.growth_interval = 2;
+      LossScaler scaler(cfg);
+      StepOptions o;
+      o.loss_scaler = &scaler;
+      o.clip_grad_norm = 1.0f;
+      StepStats st = t.step(o);  // a clean step first, so the optimizer state is not zero
+      EXPECT_FALSE(st.skipped);
+      EXPECT_EQ(st.loss_scale, 65536.f);
+      EXPECT_TRUE(std::isfinite(st.grad_norm));
+      const auto before = t.snapshot();
+      bool inject = true;
+      t.model->set_grad_ready_hook([&](Parameter& p) {
+        if (inject) p.grad.data<float>()[0] = bad;
+      });
+      st = t.step(o);
+      EXPECT_TRUE(st.skipped);
+      EXPECT_EQ(st.loss_scale, 65536.f);
+      EXPECT_EQ(scaler.scale(), 32768.f);
+      EXPECT_EQ(scaler.skipped_steps(), 1);
+      EXPECT_EQ(t.snapshot(), before);
+      for (auto& [name, p] : t.model->named_parameters())  // zeroed for the next step all the same
+        EXPECT_EQ(p->grad.to_vector(), std::vector<float>(static_cast<size_t>(p->grad.numel()), 0.f)) << name;
+      inject = false;
+      st = t.step(o);
+      EXPECT_FALSE(st.skipped);
+      EXPECT_EQ(st.loss_scale, 32768.f);
+      EXPECT_NE(t.snapshot(), before);
+      EXPECT_EQ(t.opt->steps(), 2);
+      t.step(o);
+      EXPECT_EQ(scaler.scale(), 65536.f);  // two finite steps in a row: grown back
+    }
+  }
+}
+
+// In fp32 a power-of-two loss scale is exact: scaled, unscaled and clipped, the step is the
+// unscaled step bit for bit (so the scaler changes nothing but the range).
+TEST(LossScaler, Fp32ScaledStepEqualsUnscaledStep) {
+  TinyStep a("adam"), b("adam");
+  LossScalerConfig cfg;
+  cfg.enabled = true;
+  LossScaler scaler(cfg);
+  StepOptions plain, scaled;
+  plain.clip_grad_norm = scaled.clip_grad_norm = 0.5f;
+  scaled.loss_scaler = &scaler;
+  for (int i = 0; i < 3; ++i) {
+    const StepStats sa = a.step(plain), sb = b.step(scaled);
+    EXPECT_EQ(sa.grad_norm, sb.grad_norm);
+    EXPECT_EQ(sa.loss, sb.loss);
+  }
+  EXPECT_EQ(a.snapshot(), b.snapshot());
+}
+
+// Emulated fp16 / bf16 forward against fp32 on the same weights. Tolerances, as a fraction of
+// the largest fp32 logit: fp16 keeps 11 significant bits (2^-12 relative per rounding), bf16
+// 8 (2^-9); over ~20 rounded layers of a freshly initialised model the logits stay within
+// 0.5% (fp16) and 2% (bf16) in eval mode; with batch statistics (train mode), whose
+// normalisation amplifies small differences of a random-init network, 1% and 8% (measured:
+// fp16 0.04% / 0.2%, bf16 0.3% / 3.9%). Outputs are representable in the low precision
+// (rounding them again changes nothing).
+TEST(AmpForward, LowPrecisionAgainstFp32) {
+  auto model = make_model(Json{{"widths", {8, 16, 32, 64}}, {"depths", {1, 1, 1, 1}}, {"head_hidden", 32},
+                               {"in_channels", 1}, {"num_classes", 3}},
+                          11);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> n(0.f, 1.f);
+  std::vector<float> v(16 * 32 * 32);
+  for (float& e : v) e = n(rng);
+  const Tensor x = Tensor::from_vector(v, {16, 1, 32, 32});
+  const std::vector<float> x_before = x.to_vector();
+  for (const bool training : {false, true}) {
+    SCOPED_TRACE(training ? "train mode (batch statistics)" : "eval mode");
+    model->train(training);
+    model->apply([](const std::string&, Module& m) {  // the dropout masks would differ between the passes
+      if (std::string(m.type_name()) == "Dropout") m.eval();
+    });
+    model->set_precision(DType::f32);
+    const std::vector<float> ref = model->forward(x, nullptr, Stream::cpu()).to_vector();
+    float scale = 0;
+    for (float r : ref) scale = std::max(scale, std::fabs(r));
+    const float tol16 = training ? 0.01f : 0.005f, tolb16 = training ? 0.08f : 0.02f;
+    for (const auto& [dtype, tol] : {std::pair<DType, float>{DType::f16, tol16}, {DType::bf16, tolb16}}) {
+      SCOPED_TRACE(dtype_name(dtype));
+      model->set_precision(dtype);
+      std::vector<float> got = model->forward(x, nullptr, Stream::cpu()).to_vector();
+      float worst = 0;
+      for (size_t i = 0; i < got.size(); ++i) worst = std::max(worst, std::fabs(got[i] - ref[i]) / scale);
+      EXPECT_LT(worst, tol);
+      EXPECT_GT(worst, 0.f);  // it did compute in the low precision
+      std::vector<float> again = got;
+      round_to_dtype_inplace(again.data(), static_cast<int64_t>(again.size()), dtype);
+      EXPECT_EQ(again, got);
+      for (auto& [name, p] : model->named_parameters()) {  // FP32 masters untouched
+        std::vector<float> w = p->value.to_vector();
+        round_to_dtype_inplace(w.data(), static_cast<int64_t>(w.size()), dtype);
+        if (p->value.numel() > 64) {
+          EXPECT_NE(w, p->value.to_vector()) << name;
+        }
+      }
+    }
+  }
+  EXPECT_EQ(x.to_vector(), x_before);  // the caller's input is not rounded in place
+  model->set_precision(DType::f32);
+}
+
+namespace {
+
+Json small_job(const std::string& out, const std::string& precision) {
+  Json c = default_config();
+  for (const char* s : {"model.widths=[8, 16, 32, 64]", "model.depths=[1, 1, 1, 1]", "model.head_hidden=32",
+                        "data.image_size=32", "data.synth.train=200", "data.synth.val=64", "data.synth.size=32",
+                        "train.epochs=3", "train.batch_size=32", "train.threads=2", "train.checkpoint_every=3",
+                        "train.clip_grad_norm=0.5", "amp.growth_interval=4", "amp.init_scale=16777216",
+                        "schedule.name=cosine"})
+    apply_override(c, s);
+  apply_override(c, "train.precision=" + precision);
+  apply_override(c, "train.out=" + out);
+  return c;
+}
+
+TrainSummary train(const Json& c, std::string* log_text = nullptr) {
+  auto comm = make_single_process_communicator();
+  std::ostringstream log;
+  TrainSummary s = run_training(c, *comm, log);
+  if (log_text) *log_text = log.str();
+  return s;
+}
+
+std::vector<Json> jsonl(const std::string& path) {
+  std::vector<Json> out;
+  std::ifstream f(path);
+  for (std::string line; std::getline(f, line);) out.push_back(Json::parse(line));
+  return out;
+}
+
+void expect_same_weights(const std::string& a, const std::string& b) {
+  H5File fa = H5File::open_read(a), fb = H5File::open_read(b);
+  const auto names = fa.list("/model");
+  ASSERT_EQ(names, fb.list("/model"));
+  for (const auto& n : names) EXPECT_EQ(fa.read("/model/" + n).to_vector(), fb.read("/model/" + n).to_vector()) << n;
+}
+
+class AmpTraining : public ::testing::Test {
+ protected:
+  void SetUp() override { setenv("LANCET_CACHE", (tmp_ / "cache").c_str(), 1); }
+  TempDir tmp_{"amp"};
+};
+
+}  // namespace
+
+// fp16 with dynamic loss scaling: scale and skips in steps.jsonl / metrics.jsonl and the log,
+// the LR schedule advancing on skipped steps too (as torch's scheduler.step() does),
+// the scaler's state in checkpoints, and a run stopped mid-epoch and resumed ends bitwise
+// identical to the uninterrupted one (scale and growth tracker restored).
+TEST_F(AmpTraining, Fp16LogsScaleAndResumesBitwise) {
+  const std::string full = tmp_ / "full", part = tmp_ / "part";
+  std::string log;
+  const TrainSummary want = train(small_job(full, "fp16"), &log);
+  SCOPED_TRACE(log);
+  EXPECT_NE(log.find("precision: fp16 emulated"), std::string::npos);
+  EXPECT_NE(log.find("loss scale "), std::string::npos);
+  const auto steps = jsonl(full + "/steps.jsonl");
+  ASSERT_EQ(static_cast<int64_t>(steps.size()), want.steps);
+  int64_t skipped = 0;
+  for (const Json& j : steps) {
+    ASSERT_TRUE(j.contains("loss_scale") && j.contains("skipped")) << j.dump();
+    skipped += j["skipped"].get<bool>();
+  }
+  EXPECT_EQ(steps.front()["loss_scale"].get<float>(), 16777216.f);
+  const auto metrics = jsonl(full + "/metrics.jsonl");
+  ASSERT_EQ(metrics.size(), 3u);
+  int64_t skipped_by_epoch = 0;
+  for (const Json& m : metrics) skipped_by_epoch += m.at("skipped_steps").get<int64_t>();
+  EXPECT_EQ(skipped_by_epoch, skipped);
+  // 2^24 overflows fp16 at once: the run backs off, grows and overflows again, the scale
+  // following the state machine step by step (growth_interval 4).
+  EXPECT_TRUE(steps.front()["skipped"].get<bool>());
+  EXPECT_GE(skipped, 3);
+  EXPECT_LT(skipped, want.steps / 2);
+  float scale = 16777216.f;
+  int64_t good = 0;
+  for (const Json& j : steps) {
+    EXPECT_EQ(j["loss_scale"].get<float>(), scale) << j.dump();
+    if (j["skipped"].get<bool>()) {
+      scale *= 0.5f, good = 0;
+    } else if (++good == 4) {
+      scale *= 2.f, good = 0;
+    }
+  }
+  EXPECT_EQ(metrics.back()["loss_scale"].get<float>(), scale);
+  for (size_t i = 1; i < steps.size(); ++i)  // cosine from step 1: a skipped step still moves the LR on
+    EXPECT_LT(steps[i]["lr"].get<double>(), steps[i - 1]["lr"].get<double>()) << i;
+
+  const auto ckpts = list_checkpoints(full);
+  ASSERT_FALSE(ckpts.empty());
+  const Json st = Json::parse(*H5File::open_read(ckpts.back()).get_attr("/train", "state"));
+  EXPECT_EQ(st.at("loss_scaler").at("scale").get<float>(), scale);
+
+  for (int64_t stop : {5, 10}) {  // resumes from 3 (mid-epoch) and from 9
+    SCOPED_TRACE("stopped after step " + std::to_string(stop));
+    fs::remove_all(part);
+    Json first = small_job(part, "fp16");
+    apply_override(first, "train.max_steps=" + std::to_string(stop));
+    train(first);
+    Json second = small_job(part, "fp16");
+    apply_override(second, "train.resume=auto");
+    const TrainSummary got = train(second);
+    EXPECT_EQ(got.steps, want.steps);
+    expect_same_weights(full + "/final.h5", part + "/final.h5");
+    EXPECT_EQ(got.final_eval.loss, want.final_eval.loss);
+    const auto metrics_again = jsonl(part + "/metrics.jsonl");
+    ASSERT_EQ(metrics_again.size(), metrics.size());
+    for (size_t i = 0; i < metrics.size(); ++i) {
+      EXPECT_EQ(metrics_again[i]["loss_scale"], metrics[i]["loss_scale"]) << i;
+      EXPECT_EQ(metrics_again[i]["skipped_steps"], metrics[i]["skipped_steps"]) << i;
+    }
+    const auto again = jsonl(part + "/steps.jsonl");
+    ASSERT_EQ(again.size(), steps.size());
+    for (size_t i = 0; i < steps.size(); ++i) {
+      EXPECT_EQ(again[i]["loss_scale"], steps[i]["loss_scale"]) << i;
+      EXPECT_EQ(again[i]["loss"], steps[i]["loss"]) << i;
+    }
+  }
+}
+
+// fp16 and bf16 (emulated) reach fp32's validation figures on the synthetic task (2000 train /
+// 400 val images at 64 px, 6 epochs, cosine schedule; about 6 s each). Measured: accuracy
+// fp32 0.873, fp16 0.885, bf16 0.833; AUROC 0.931, 0.932, 0.908. The bounds (6 points of
+// accuracy, 0.04 AUROC) allow for 400 validation images (one image is 0.25 points); the
+// issue's 1-point comparison needs the full default job. fp32 writes no scaler fields.
+TEST_F(AmpTraining, LowPrecisionTrainsLikeFp32) {
+  auto job = [&](const std::string& precision) {
+    Json c = default_config();
+    for (const char* s : {"model.widths=[8, 16, 32, 64]", "model.depths=[1, 1, 1, 1]", "model.head_hidden=32",
+                          "model.dropout=[0.0, 0.0]", "data.image_size=64", "data.synth.train=2000",
+                          "data.synth.val=400", "data.synth.size=64", "train.epochs=6", "train.batch_size=32",
+                          "train.threads=2", "optim.lr=3e-3", "schedule.name=cosine"})
+      apply_override(c, s);
+    apply_override(c, "train.precision=" + precision);
+    apply_override(c, "train.out=" + std::string(tmp_ / precision));
+    return c;
+  };
+  auto auroc = [](const EvalResult& e) {
+    return classification_report(e.probs, e.labels, 2, {"normal", "opacity"}).auroc;
+  };
+  std::string log;
+  const TrainSummary fp32 = train(job("fp32"), &log);
+  EXPECT_EQ(log.find("loss scale"), std::string::npos);
+  EXPECT_FALSE(jsonl(tmp_ / "fp32/steps.jsonl").front().contains("loss_scale"));
+  EXPECT_FALSE(jsonl(tmp_ / "fp32/metrics.jsonl").front().contains("loss_scale"));
+  EXPECT_GT(fp32.final_eval.cm.accuracy(), 0.8) << log;
+  for (const std::string precision : {"fp16", "bf16"}) {
+    const TrainSummary got = train(job(precision), &log);
+    EXPECT_NEAR(got.final_eval.cm.accuracy(), fp32.final_eval.cm.accuracy(), 0.06) << precision << "\n" << log;
+    EXPECT_NEAR(auroc(got.final_eval), auroc(fp32.final_eval), 0.04) << precision;
+    EXPECT_EQ(log.find("loss scale") != std::string::npos, precision == "fp16") << precision;
+  }
+}

@@ -1,0 +1,48 @@
+#include "trainer/loss_scaler.h"
+
+#include <cmath>
+
+#include "kernels/optim.h"
+
+namespace lancet {
+
+LossScaler::LossScaler(const LossScalerConfig& cfg) : cfg_(cfg), scale_(cfg.init_scale) {}
+
+bool LossScaler::unscale_and_check(const std::vector<Tensor*>& grads, const Stream& s) const {
+  if (!cfg_.enabled) return true;
+  // torch: inv_scale = scale.double().reciprocal().float()
+  const float inv_scale = static_cast<float>(1.0 / static_cast<double>(scale_));
+  return unscale_and_check_finite(grads, inv_scale, s);
+}
+
+void LossScaler::update(bool finite) {
+  if (!cfg_.enabled) return;
+  if (!finite) {  // torch's _amp_update_scale_
+    scale_ = scale_ * cfg_.backoff_factor;
+    growth_tracker_ = 0;
+    ++skipped_steps_;
+    return;
+  }
+  if (++growth_tracker_ == cfg_.growth_interval) {
+    const float grown = scale_ * cfg_.growth_factor;
+    if (std::isfinite(grown)) scale_ = grown;
+    growth_tracker_ = 0;
+  }
+}
+
+Json LossScaler::state() const {
+  return {{"scale", scale_}, {"growth_tracker", growth_tracker_}, {"skipped_steps", skipped_steps_}};
+}
+
+void LossScaler::load_state(const Json& j, const std::string& where) {
+  try {
+    scale_ = j.at("scale").get<float>();
+    growth_tracker_ = j.at("growth_tracker").get<int64_t>();
+    skipped_steps_ = j.at("skipped_steps").get<int64_t>();
+  } catch (const Json::exception& e) {
+    LANCET_FAIL(where << ": damaged loss scaler state: " << e.what());
+  }
+  LANCET_CHECK(scale_ > 0 && std::isfinite(scale_), where << ": loss scaler state has scale " << scale_);
+}
+
+}  // namespace lancet
