@@ -210,3 +210,36 @@ TEST_F(Checkpoints, KilledRunResumesToTheSameWeights) {
   expect_same_weights(tmp_ / "full/final.h5", part + "/final.h5");
   EXPECT_EQ(metrics_lines(tmp_ / "full/metrics.jsonl"), metrics_lines(part + "/metrics.jsonl"));
 }
+
+namespace lancet {
+namespace {
+
+TEST(CheckpointTempFiles, OnlyADeadWritersFilesAreRemoved) {
+  testing::TempDir dir("ckpt_tmp");
+  const std::string out = dir.path.string();
+  std::filesystem::create_directories(checkpoint_dir(out));
+  const pid_t child = fork();  // a process that is gone by the time we look
+  ASSERT_GE(child, 0);
+  if (child == 0) _exit(0);
+  int status = 0;
+  waitpid(child, &status, 0);
+  const std::string dead = std::to_string(child), alive = std::to_string(getpid());
+  const std::vector<std::string> stale{checkpoint_dir(out) + "/step-000000006.h5.tmp-" + dead + "-0",
+                                       out + "/final.h5.tmp-" + dead + "-3"};
+  const std::vector<std::string> kept{checkpoint_dir(out) + "/step-000000008.h5.tmp-" + alive + "-1",  // a live writer
+                                      out + "/notes.h5.tmp-x-1", checkpoint_dir(out) + "/step-000000004.h5"};
+  for (const auto& f : stale) std::ofstream(f) << "partial";
+  for (const auto& f : kept) std::ofstream(f) << "keep";
+  auto removed = remove_stale_temp_files(out);
+  std::sort(removed.begin(), removed.end());
+  auto want = stale;
+  std::sort(want.begin(), want.end());
+  EXPECT_EQ(removed, want);
+  for (const auto& f : stale) EXPECT_FALSE(std::filesystem::exists(f)) << f;
+  for (const auto& f : kept) EXPECT_TRUE(std::filesystem::exists(f)) << f;
+  EXPECT_TRUE(remove_stale_temp_files(out).empty());
+  EXPECT_TRUE(remove_stale_temp_files(out + "/does-not-exist").empty());
+}
+
+}  // namespace
+}  // namespace lancet

@@ -67,4 +67,9 @@ std::string newest_valid_checkpoint(const std::string& out, std::ostream& log);
 // Deletes all but the newest `keep` checkpoints of OUT.
 void prune_checkpoints(const std::string& out, int keep);
 
+// Removes the temporary files (NAME.h5.tmp-PID-N, data/h5file.h) that a writer killed before
+// its rename left in OUT and OUT/checkpoints, when process PID no longer exists on this host
+// (a live writer's file is left alone). Returns the removed paths.
+std::vector<std::string> remove_stale_temp_files(const std::string& out);
+
 }  // namespace lancet

@@ -426,6 +426,10 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     log << "resumed from " << resume_from << " at epoch " << state.epoch << ", step " << state.global_step << "\n";
   }
 
+  // Temporary files of a writer killed mid-write (never renamed into place, never read).
+  if (!tc.out.empty() && comm.is_root())
+    for (const auto& f : remove_stale_temp_files(tc.out)) log << "removed " << f << " (left by a killed writer)\n";
+
   // A fresh run never mixes its checkpoints with an earlier run's (pruning keeps the highest
   // steps, and --resume auto would pick the other run's): refuse rather than delete them.
   if (resume_from.empty() && !tc.out.empty() && comm.is_root()) {
