@@ -1,5 +1,10 @@
 #include "kernels/trace.h"
 
+#if defined(LANCET_WITH_CUDA) && __has_include(<nvtx3/nvToolsExt.h>)
+#include <nvtx3/nvToolsExt.h>  // header-only NVTX 3 (CUDA toolkit)
+#define LANCET_HAVE_NVTX 1
+#endif
+
 #include <unistd.h>
 
 #include <chrono>
@@ -154,5 +159,13 @@ void write_chrome_trace(const std::string& path) {
     LANCET_FAIL("write_chrome_trace: cannot rename " << tmp << " to " << path);
   }
 }
+
+#ifdef LANCET_HAVE_NVTX
+void nvtx_push(const char* name) noexcept { nvtxRangePushA(name); }
+void nvtx_pop() noexcept { nvtxRangePop(); }
+#else
+void nvtx_push(const char*) noexcept {}
+void nvtx_pop() noexcept {}
+#endif
 
 }  // namespace lancet

@@ -53,11 +53,20 @@ std::size_t trace_dropped_events();
 // then rename), so a reader never sees half a trace. Throws lancet::Error on I/O failure.
 void write_chrome_trace(const std::string& path);
 
+// NVTX ranges (CUDA builds): every TraceScope is also an NVTX range named after it, always on
+// (NVTX costs a pointer test per call unless Nsight Systems / Compute is attached), so
+// `nsys profile` shows lancet's phases and layers on its timeline. No-ops without CUDA.
+void nvtx_push(const char* name) noexcept;
+void nvtx_pop() noexcept;
+
 class TraceScope {
  public:
   TraceScope(const char* name, const char* category) noexcept
-      : name_(name), category_(category), start_us_(trace_enabled() ? trace_now_us() : -1) {}
+      : name_(name), category_(category), start_us_(trace_enabled() ? trace_now_us() : -1) {
+    nvtx_push(name);
+  }
   ~TraceScope() {
+    nvtx_pop();
     if (start_us_ >= 0) finish();
   }
   TraceScope(const TraceScope&) = delete;
