@@ -43,6 +43,21 @@ void normalize_channel(const Dims& d, int64_t c, const float* x, float mean, flo
   }
 }
 
+// Channel c's sum of dy and of dy * (x - mu), accumulated in double (the backward's two sums).
+inline void dy_channel_sums(const float* xp, const float* dyp, const Dims& d, int64_t c, double mu, double& sum_dy,
+                            double& sum_dy_xmu) {
+  sum_dy = 0;
+  sum_dy_xmu = 0;
+  for (int64_t n = 0; n < d.N; ++n) {
+    const float* xq = xp + (n * d.C + c) * d.HW;
+    const float* dq = dyp + (n * d.C + c) * d.HW;
+    for (int64_t i = 0; i < d.HW; ++i) {
+      sum_dy += dq[i];
+      sum_dy_xmu += dq[i] * (xq[i] - mu);
+    }
+  }
+}
+
 // Channels per task: enough elements to amortise a parallel region.
 int64_t channel_grain(const Dims& d) {
   return std::max<int64_t>(1, cpu::kElementwiseGrain / std::max<int64_t>(1, d.N * d.HW));
@@ -150,16 +165,8 @@ void batchnorm2d_backward(bool batch_stats, const Tensor& x, const Tensor& dy, c
   parallel_for(d.C, channel_grain(d), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       // sum_dy = sum dy, sum_dy_xhat = sum dy * (x - mean) * invstd
-      double sum_dy = 0, sum_dy_xmu = 0;
-      const double mu = mean[c];
-      for (int64_t n = 0; n < d.N; ++n) {
-        const float* xq = xp + (n * d.C + c) * d.HW;
-        const float* dq = dyp + (n * d.C + c) * d.HW;
-        for (int64_t i = 0; i < d.HW; ++i) {
-          sum_dy += dq[i];
-          sum_dy_xmu += dq[i] * (xq[i] - mu);
-        }
-      }
+      double sum_dy, sum_dy_xmu;
+      dy_channel_sums(xp, dyp, d, c, mean[c], sum_dy, sum_dy_xmu);
       const double invstd = inv[c], g = gp ? gp[c] : 1.0;
       const double sum_dy_xhat = sum_dy_xmu * invstd;
       if (dgp) dgp[c] += static_cast<float>(sum_dy_xhat);
@@ -217,16 +224,8 @@ void batchnorm2d_backward_sums(const Tensor& x, const Tensor& dy, const Tensor& 
   const float* ip = invstd.data<float>();
   parallel_for(d.C, channel_grain(d), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      double sum_dy = 0, sum_dy_xmu = 0;
-      const double mu = mp[c];
-      for (int64_t n = 0; n < d.N; ++n) {
-        const float* xq = xp + (n * d.C + c) * d.HW;
-        const float* dq = dyp + (n * d.C + c) * d.HW;
-        for (int64_t i = 0; i < d.HW; ++i) {
-          sum_dy += dq[i];
-          sum_dy_xmu += dq[i] * (xq[i] - mu);
-        }
-      }
+      double sum_dy, sum_dy_xmu;
+      dy_channel_sums(xp, dyp, d, c, mp[c], sum_dy, sum_dy_xmu);
       out[static_cast<size_t>(c)] = sum_dy;
       out[static_cast<size_t>(d.C + c)] = sum_dy_xmu * ip[c];
     }

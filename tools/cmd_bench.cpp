@@ -52,9 +52,7 @@ void run_bench(const BenchArgs& a, Communicator& comm) {
   const Device device = parse_device(tc.device);
   LANCET_CHECK(device.is_cpu(), "bench: device " << device.str() << ": this build has no CUDA compute kernels yet");
   const int ranks = comm.size();
-  const int threads = tc.threads > 0 ? tc.threads
-                      : comm.local_size() > 1 ? 1
-                                              : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int threads = threads_per_rank(tc.threads, comm);
   const std::string binding = bind_rank_threads(dist.bind, comm, threads);
   set_num_threads(threads);
   const Stream s{device, nullptr};

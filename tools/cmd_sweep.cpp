@@ -6,6 +6,7 @@
 // configuration is a row marked failed; the sweep goes on. --predict adds the scaling model's
 // rows (trainer/scaling.h) beside the measured ones, with its error, and projects to larger
 // rank counts on a GPU cluster model.
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -129,11 +130,14 @@ ProcResult run_process(const std::vector<std::string>& argv, const std::string& 
   std::cerr.flush();
   const pid_t pid = fork();
   LANCET_CHECK(pid >= 0, "sweep: fork failed: " << std::strerror(errno));
-  if (pid == 0) {
+  if (pid == 0) {  // only async-signal-safe calls between fork and exec
     setpgid(0, 0);
-    if (!std::freopen(out_path.c_str(), "w", stdout) || !std::freopen(err_path.c_str(), "w", stderr)) _exit(126);
+    const int out = ::open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    const int err = ::open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (out < 0 || err < 0 || ::dup2(out, STDOUT_FILENO) < 0 || ::dup2(err, STDERR_FILENO) < 0) _exit(126);
     execvp(cargv[0], cargv.data());
-    std::fprintf(stderr, "sweep: cannot run %s: %s\n", cargv[0], std::strerror(errno));
+    static const char msg[] = "sweep: cannot run the command (execvp failed)\n";
+    if (::write(STDERR_FILENO, msg, sizeof(msg) - 1) < 0) _exit(127);
     _exit(127);
   }
   setpgid(pid, pid);

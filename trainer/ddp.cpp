@@ -112,46 +112,37 @@ std::vector<int64_t> GradSync::bucket_elements() const {
   return out;
 }
 
-void GradSync::broadcast_parameters(const Stream& s) {
-  // One flat buffer for everything: a single collective however many tensors.
-  auto state = model_.state_dict();
+namespace {
+
+// One collective for many tensors: packed into one flat f32 buffer, broadcast from rank 0,
+// unpacked.
+void broadcast_packed(Communicator& comm, const std::vector<std::pair<std::string, Tensor*>>& tensors, Device device,
+                      const Stream& s) {
   int64_t n = 0;
-  for (auto& [name, t] : state) {
+  for (const auto& [name, t] : tensors) {
     LANCET_CHECK(t->dtype() == DType::f32, "broadcast: " << name << " is " << dtype_name(t->dtype()));
     n += t->numel();
   }
-  Tensor flat = Tensor::empty({n}, DType::f32, model_.device());
+  if (n == 0 || comm.size() == 1) return;
+  Tensor flat = Tensor::empty({n}, DType::f32, device);
   int64_t off = 0;
-  for (auto& [name, t] : state) {
+  for (const auto& [name, t] : tensors) {
     flat.narrow(off, t->numel()).copy_from(t->view({t->numel()}));
     off += t->numel();
   }
-  comm_.broadcast(flat, 0, s);
+  comm.broadcast(flat, 0, s);
   off = 0;
-  for (auto& [name, t] : state) {
+  for (const auto& [name, t] : tensors) {
     t->copy_from(flat.narrow(off, t->numel()).view(t->shape()));
     off += t->numel();
   }
 }
 
-void GradSync::broadcast_buffers(const Stream& s) {
-  auto buffers = model_.named_buffers();
-  int64_t n = 0;
-  for (auto& [name, t] : buffers) n += t->numel();
-  if (n == 0 || comm_.size() == 1) return;
-  Tensor flat = Tensor::empty({n}, DType::f32, model_.device());
-  int64_t off = 0;
-  for (auto& [name, t] : buffers) {
-    flat.narrow(off, t->numel()).copy_from(t->view({t->numel()}));
-    off += t->numel();
-  }
-  comm_.broadcast(flat, 0, s);
-  off = 0;
-  for (auto& [name, t] : buffers) {
-    t->copy_from(flat.narrow(off, t->numel()).view(t->shape()));
-    off += t->numel();
-  }
-}
+}  // namespace
+
+void GradSync::broadcast_parameters(const Stream& s) { broadcast_packed(comm_, model_.state_dict(), model_.device(), s); }
+
+void GradSync::broadcast_buffers(const Stream& s) { broadcast_packed(comm_, model_.named_buffers(), model_.device(), s); }
 
 double GradSync::since_t0() const {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
@@ -254,6 +245,11 @@ void check_same_on_all_ranks(Communicator& comm, const std::vector<std::pair<std
   LANCET_FAIL("the ranks disagree on " << fields[static_cast<size_t>(field)].first << ": rank 0 has " << ours << ", rank "
                                        << rank << " has " << theirs
                                        << " (every rank must run the same configuration on the same data)");
+}
+
+int threads_per_rank(int configured, const Communicator& comm) {
+  if (configured > 0) return configured;
+  return comm.local_size() > 1 ? 1 : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
 std::string bind_rank_threads(const std::string& mode, const Communicator& comm, int threads) {

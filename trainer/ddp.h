@@ -106,6 +106,10 @@ class GradSync {
 // naming the field, rank 0's value and the first differing rank's value.
 void check_same_on_all_ranks(Communicator& comm, const std::vector<std::pair<std::string, std::string>>& fields);
 
+// train.threads resolved for this rank: the configured count when > 0, else 1 when several
+// ranks share the node (each takes its own cores), else every hardware thread.
+int threads_per_rank(int configured, const Communicator& comm);
+
 // Pins this rank's threads (dist.bind): "auto" pins only when several ranks share the node
 // and the launcher left each one the whole machine; "cores" always; "none" never. A rank
 // takes `threads` consecutive cores of the CPUs it may run on, offset by its local rank

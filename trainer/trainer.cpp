@@ -360,9 +360,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   LANCET_CHECK(device.is_cpu(), "train.device " << device.str()
                                                 << ": this build has no CUDA compute kernels yet; use --device cpu");
   // Threads: all cores for one process; 1 per rank when several ranks share a node.
-  const int threads = tc.threads > 0 ? tc.threads
-                      : comm.local_size() > 1 ? 1
-                                              : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int threads = threads_per_rank(tc.threads, comm);
   const std::string binding = bind_rank_threads(dist.bind, comm, threads);
   set_num_threads(threads);
   const Stream stream{device, nullptr};
