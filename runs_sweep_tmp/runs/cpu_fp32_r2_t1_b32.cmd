@@ -1,1 +1,0 @@
-mpirun -np 2 --oversubscribe --bind-to none --allow-run-as-root /work/main/build/bin/lancet bench train --json --steps 8 --warmup 3 --device cpu --precision fp32 --threads 1 --batch-size 32 --image-size 64 
