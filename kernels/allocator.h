@@ -33,6 +33,25 @@ class Allocator {
   size_t peak_ = 0;
 };
 
+// Host memory domains. Every CPU allocation is charged to the allocating thread's domain (0
+// unless a MemoryDomainScope says otherwise) and its release to that same domain, whichever
+// thread frees it. Two pipeline stages running as threads of one process so see the bytes each
+// stage holds (what each stage's own device would hold), current and peak.
+constexpr int kMemoryDomains = 4;
+class MemoryDomainScope {
+ public:
+  explicit MemoryDomainScope(int domain);  // 0 <= domain < kMemoryDomains
+  ~MemoryDomainScope();
+  MemoryDomainScope(const MemoryDomainScope&) = delete;
+  MemoryDomainScope& operator=(const MemoryDomainScope&) = delete;
+
+ private:
+  int previous_;
+};
+size_t memory_domain_current_bytes(int domain);
+size_t memory_domain_peak_bytes(int domain);
+void reset_memory_domain_peak(int domain);
+
 // The allocator for a device. For cuda devices this throws when the build has no CUDA or
 // the device does not exist.
 Allocator& allocator_for(Device d);

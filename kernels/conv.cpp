@@ -22,6 +22,7 @@
 
 #include "kernels/conv_winograd.h"
 #include "kernels/cpu_util.h"
+#include "kernels/trace.h"
 
 namespace lancet {
 namespace {
@@ -386,6 +387,7 @@ void conv2d_forward(const Conv2dParams& p, const Tensor& x, const Tensor& w, con
     cpu::require_dtype(op, "bias", b, DType::f32);
   }
   if (y.numel() == 0) return;
+  add_thread_flops(2 * g.N * g.Co * g.P * g.Cg * g.KH * g.KW);
   const float* xp = x.data<float>();
   const float* wp = w.data<float>();
   const float* bp = b.defined() ? b.data<float>() : nullptr;

@@ -4,6 +4,7 @@
 #include "kernels/linear.h"
 
 #include "kernels/cpu_util.h"
+#include "kernels/trace.h"
 
 namespace lancet {
 namespace {
@@ -60,6 +61,7 @@ void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, Tensor& y
   const float* wp = w.data<float>();
   const float* bp = b.defined() ? b.data<float>() : nullptr;
   float* yp = y.data<float>();
+  add_thread_flops(2 * d.N * d.in * d.out);
   run_blocks(blocks_for(d.out, d.N * d.in * d.out), d.out, [&](int64_t o0, int64_t o1) {
     if (bp) {
       for (int64_t n = 0; n < d.N; ++n) std::copy(bp + o0, bp + o1, yp + n * d.out + o0);

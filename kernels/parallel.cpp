@@ -9,6 +9,7 @@ namespace lancet {
 
 namespace {
 std::atomic<int> g_threads{0};
+thread_local int t_threads = 0;
 }
 
 void set_num_threads(int n) {
@@ -18,7 +19,14 @@ void set_num_threads(int n) {
   blas_set_num_threads(n);
 }
 
+void set_thread_local_threads(int n) {
+  LANCET_CHECK(n >= 0, "thread count must not be negative, got " << n);
+  t_threads = n;
+  if (n > 0) omp_set_num_threads(n);
+}
+
 int num_threads() {
+  if (t_threads > 0) return t_threads;
   int n = g_threads.load();
   if (n == 0) {
     n = omp_get_max_threads();

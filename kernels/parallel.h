@@ -8,6 +8,10 @@
 namespace lancet {
 
 void set_num_threads(int n);  // n >= 1
+// The calling thread's own count, overriding set_num_threads for the parallel regions this
+// thread opens (n = 0 follows the process setting again). Pipeline stages running as threads of
+// one process split the cores this way. The BLAS's count stays process-wide.
+void set_thread_local_threads(int n);
 int num_threads();
 
 // Calls fn(begin, end) on disjoint chunks covering [0, n). Runs inline when n is small

@@ -168,4 +168,10 @@ void nvtx_push(const char*) noexcept {}
 void nvtx_pop() noexcept {}
 #endif
 
+namespace {
+thread_local int64_t t_flops = 0;
+}
+void add_thread_flops(int64_t flops) noexcept { t_flops += flops; }
+int64_t thread_flops() noexcept { return t_flops; }
+
 }  // namespace lancet

@@ -53,6 +53,12 @@ std::size_t trace_dropped_events();
 // then rename), so a reader never sees half a trace. Throws lancet::Error on I/O failure.
 void write_chrome_trace(const std::string& path);
 
+// Floating-point work done by the calling thread, counted by the kernels that dominate it:
+// conv2d_forward and linear_forward add 2 FLOPs per multiply-add (whichever algorithm runs).
+// Pipeline balancing reads the difference across a forward when no timing exists.
+void add_thread_flops(int64_t flops) noexcept;
+int64_t thread_flops() noexcept;
+
 // NVTX ranges (CUDA builds): every TraceScope is also an NVTX range named after it, always on
 // (NVTX costs a pointer test per call unless Nsight Systems / Compute is attached), so
 // `nsys profile` shows lancet's phases and layers on its timeline. No-ops without CUDA.

@@ -2,6 +2,7 @@
 // object with --json so scripts and sweeps can consume them.
 #include <algorithm>
 #include <chrono>
+#include <functional>
 #include <iomanip>
 #include <iostream>
 #include <thread>
@@ -12,6 +13,7 @@
 #include "kernels/parallel.h"
 #include "tools/cli.h"
 #include "trainer/ddp.h"
+#include "trainer/pipeline.h"
 #include "trainer/profiler.h"
 #include "trainer/scaling.h"
 #include "trainer/trainer.h"
@@ -37,12 +39,165 @@ double percentile(std::vector<double> v, double q) {
   return v[lo] + (v[hi] - v[lo]) * (pos - lo);
 }
 
+// bench train with pipeline.stages 2: the two-stage pipeline against one device (the same
+// model and batch, unpipelined, on one stage's threads) and against the unpipelined model on
+// all the threads, one after the other in this process, on the same random batch.
+void run_bench_pipeline(const BenchArgs& a, const Json& config) {
+  const DataConfig dc = data_config(config);
+  const TrainConfig tc = train_config(config);
+  const OptimConfig oc = optim_config(config);
+  const PipelineConfig pc = pipeline_config(config);
+  auto single = make_single_process_communicator();
+  const int threads = threads_per_rank(tc.threads, *single);
+  const int stage_threads = pc.threads_per_stage > 0 ? pc.threads_per_stage : std::max(1, threads / 2);
+  const Stream s{Device::cpu(), nullptr};
+  Json model_cfg = config.at("model");
+  if (!model_cfg.contains("in_channels")) model_cfg["in_channels"] = dc.channels;
+  if (!model_cfg.contains("num_classes")) model_cfg["num_classes"] = 2;
+  const int64_t b = tc.batch_size;
+  const int m = pc.micro_batches;
+  LANCET_CHECK(m <= b, "bench: pipeline.micro_batches " << m << " exceeds train.batch_size " << b);
+  std::mt19937 rng(static_cast<uint32_t>(tc.seed + 17));
+  std::normal_distribution<float> nd;
+  std::vector<Tensor> xs, ys;
+  const int64_t mb = (b + m - 1) / m;
+  const int k = MedicalCNNConfig::from_json(model_cfg).num_classes;
+  for (int64_t r0 = 0; r0 < b; r0 += mb) {
+    const int64_t n = std::min(mb, b - r0);
+    Tensor x = Tensor::empty({n, dc.channels, dc.image_size, dc.image_size});
+    Tensor y = Tensor::empty({n}, DType::i64);
+    for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = nd(rng);
+    for (int64_t i = 0; i < n; ++i) y.data<int64_t>()[i] = static_cast<int64_t>(rng() % k);
+    xs.push_back(x);
+    ys.push_back(y);
+  }
+  Tensor x_all = Tensor::empty({b, dc.channels, dc.image_size, dc.image_size}), y_all = Tensor::empty({b}, DType::i64);
+  for (int64_t off = 0, i = 0; i < static_cast<int64_t>(xs.size()); off += xs[static_cast<size_t>(i)].dim(0), ++i) {
+    x_all.narrow(off, xs[static_cast<size_t>(i)].dim(0)).copy_from(xs[static_cast<size_t>(i)]);
+    y_all.narrow(off, ys[static_cast<size_t>(i)].dim(0)).copy_from(ys[static_cast<size_t>(i)]);
+  }
+  const Loss loss = make_loss(loss_config(config), k, Device::cpu());
+
+  // Times `step` (warm-up first); the mean and percentiles in ms.
+  auto time_steps = [&](const std::function<void()>& step, const std::function<void()>& after_warmup) {
+    for (int i = 0; i < a.warmup; ++i) step();
+    if (after_warmup) after_warmup();
+    std::vector<double> ms;
+    for (int i = 0; i < a.steps; ++i) {
+      const auto t = Clock::now();
+      step();
+      ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t).count());
+    }
+    double mean = 0;
+    for (double v : ms) mean += v;
+    mean /= static_cast<double>(ms.size());
+    return Json{{"images_per_s", static_cast<double>(b) / (mean / 1e3)},
+                {"step_ms_mean", mean},
+                {"step_ms_p50", percentile(ms, 0.5)},
+                {"step_ms_p95", percentile(ms, 0.95)}};
+  };
+  // Unpipelined on `t` threads: the whole batch per step.
+  auto unpipelined = [&](int t) {
+    set_num_threads(t);
+    auto model = make_model(model_cfg, tc.seed);
+    model->train();
+    auto opt = make_optimizer(oc, model->named_parameters());
+    Allocator& alloc = allocator_for(Device::cpu());
+    const size_t before = alloc.current_bytes();
+    alloc.reset_peak();
+    Json r = time_steps([&] { train_step(*model, *opt, *single, x_all, y_all, loss, s); }, nullptr);
+    r["threads"] = t;
+    r["peak_bytes"] = static_cast<int64_t>(alloc.peak_bytes() - before);  // activations and workspaces
+    return r;
+  };
+
+  auto model = make_model(model_cfg, tc.seed);
+  model->train();
+  int cut;
+  std::string basis;
+  if (pc.cut == "auto") {
+    auto scratch = make_model(model_cfg, tc.seed);
+    scratch->train();
+    std::vector<double> cost;
+    std::thread measure([&] {
+      set_thread_local_threads(stage_threads);
+      cost = pc.balance == "time" ? measure_unit_seconds(scratch->units(), xs[0], s) : unit_forward_flops(scratch->units(), xs[0], s);
+    });
+    measure.join();
+    cut = balanced_cut(cost);
+    basis = "auto (" + pc.balance + ")";
+  } else {
+    cut = cut_index(model->units(), pc.cut);
+    basis = "pipeline.cut";
+  }
+  set_num_threads(threads);
+  auto opt = make_optimizer(oc, model->named_parameters());
+  PipelineOptions po;
+  po.schedule = parse_pipe_schedule(pc.schedule);
+  po.cut = cut;
+  po.threads_per_stage = stage_threads;
+  Pipeline pipe(*model, model->units(), po, *single);
+  // The pipeline's report covers the timed steps only.
+  Json piped = time_steps([&] { pipe.train_step(*opt, xs, ys, loss, StepOptions()); }, [&] { pipe.reset_stats(); });
+  const PipelineStats st = pipe.stats();
+  Json one = unpipelined(stage_threads);
+  Json all = threads != stage_threads ? unpipelined(threads) : one;
+  Json j = {{"benchmark", "train_pipeline"},
+            {"images_per_s", piped["images_per_s"]},
+            {"step_ms_mean", piped["step_ms_mean"]},
+            {"step_ms_p50", piped["step_ms_p50"]},
+            {"step_ms_p95", piped["step_ms_p95"]},
+            {"pipeline", st.to_json()},
+            {"cut", model->units()[static_cast<size_t>(cut)].first},
+            {"cut_by", basis},
+            {"one_device", one},
+            {"unpipelined_all_threads", all},
+            {"speedup_vs_one_device", one["step_ms_mean"].get<double>() / piped["step_ms_mean"].get<double>()},
+            {"speedup_vs_all_threads", all["step_ms_mean"].get<double>() / piped["step_ms_mean"].get<double>()},
+            {"config",
+             {{"model", model->config().to_json()},
+              {"parameters", model->num_parameters()},
+              {"batch_size", b},
+              {"micro_batches", m},
+              {"schedule", pc.schedule},
+              {"image_size", dc.image_size},
+              {"channels", dc.channels},
+              {"threads", threads},
+              {"threads_per_stage", stage_threads},
+              {"optimizer", oc.name},
+              {"warmup", a.warmup},
+              {"steps", a.steps},
+              {"blas", blas_info()}}}};
+  if (a.json) {
+    std::cout << j.dump() << std::endl;
+    return;
+  }
+  std::cout << std::fixed << std::setprecision(1) << "bench train, 2-stage pipeline (" << pc.schedule << ", " << m
+            << " micro-batches, cut before " << j["cut"].get<std::string>() << "): " << j["images_per_s"].get<double>()
+            << " img/s, step " << j["step_ms_mean"].get<double>() << " ms mean\n"
+            << st.text() << "one device (" << stage_threads << " thread" << (stage_threads == 1 ? "" : "s")
+            << ", no pipeline): " << one["images_per_s"].get<double>() << " img/s, step "
+            << one["step_ms_mean"].get<double>() << " ms, peak " << one["peak_bytes"].get<int64_t>() / 1048576.0
+            << " MiB -> pipeline speedup " << std::setprecision(2) << j["speedup_vs_one_device"].get<double>() << "x\n"
+            << std::setprecision(1) << "all " << threads << " threads, no pipeline: " << all["images_per_s"].get<double>()
+            << " img/s, step " << all["step_ms_mean"].get<double>() << " ms -> pipeline speedup " << std::setprecision(2)
+            << j["speedup_vs_all_threads"].get<double>() << "x\n";
+}
+
 // Data parallel when launched with several tasks (mpirun, srun): train.batch_size is the
 // global batch, split over the ranks as `lancet train` splits it; rank 0 prints the figures.
 void run_bench(const BenchArgs& a, Communicator& comm) {
   Json defaults = default_config();
   defaults["data"]["channels"] = 3;  // the benchmark of record: 3-channel MedicalCNN
   const Json config = resolve_config(a.config, defaults);
+  if (pipeline_config(config).stages > 1) {
+    LANCET_CHECK(a.what == "train" && comm.size() == 1,
+                 "bench: pipeline.stages > 1 is benchmarked by `bench train` in one process (launched with "
+                     << comm.size() << " tasks); data parallelism over pipelines runs in lancet train");
+    LANCET_CHECK(train_config(config).precision == "fp32" && parse_device(train_config(config).device).is_cpu(),
+                 "bench: the pipeline benchmark runs fp32 on the CPU in this build");
+    return run_bench_pipeline(a, config);
+  }
   const DataConfig dc = data_config(config);
   const TrainConfig tc = train_config(config);
   const OptimConfig oc = optim_config(config);

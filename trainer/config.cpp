@@ -41,6 +41,10 @@ Json default_config() {
       "backend": "auto", "bucket_mb": 25.0, "overlap": true, "sync_bn": false,
       "timeout_s": 300.0, "bind": "auto"
     },
+    "pipeline": {
+      "stages": 1, "micro_batches": 4, "schedule": "1f1b", "cut": "auto", "balance": "time",
+      "threads_per_stage": 0
+    },
     "optim": {
       "name": "adam", "lr": 0.001, "weight_decay": 0.0, "momentum": 0.9,
       "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "nesterov": false
@@ -331,6 +335,27 @@ DistConfig dist_config(const Json& c) {
   LANCET_CHECK(d.bind == "auto" || d.bind == "cores" || d.bind == "none",
                "dist.bind must be auto, cores or none, got '" << d.bind << "'");
   return d;
+}
+
+PipelineConfig pipeline_config(const Json& c) {
+  PipelineConfig p;
+  p.stages = get<int>(c, "pipeline", "stages");
+  p.micro_batches = get<int>(c, "pipeline", "micro_batches");
+  p.schedule = get<std::string>(c, "pipeline", "schedule");
+  p.cut = get<std::string>(c, "pipeline", "cut");
+  p.balance = get<std::string>(c, "pipeline", "balance");
+  p.threads_per_stage = get<int>(c, "pipeline", "threads_per_stage");
+  LANCET_CHECK(p.stages == 1 || p.stages == 2,
+               "pipeline.stages must be 1 (no pipeline) or 2 (two stages), got " << p.stages);
+  LANCET_CHECK(p.micro_batches >= 1, "pipeline.micro_batches must be at least 1, got " << p.micro_batches);
+  LANCET_CHECK(p.schedule == "gpipe" || p.schedule == "1f1b",
+               "pipeline.schedule must be gpipe or 1f1b, got '" << p.schedule << "'");
+  LANCET_CHECK(!p.cut.empty(), "pipeline.cut must be auto or the name of the first unit of stage 1 (e.g. stages.2.0)");
+  LANCET_CHECK(p.balance == "time" || p.balance == "flops",
+               "pipeline.balance must be time or flops, got '" << p.balance << "'");
+  LANCET_CHECK(p.threads_per_stage >= 0,
+               "pipeline.threads_per_stage must be >= 0 (0 = the rank's threads split evenly), got " << p.threads_per_stage);
+  return p;
 }
 
 OptimConfig optim_config(const Json& c) {

@@ -86,6 +86,16 @@ struct DistConfig {
   double timeout_s;     // a collective waiting longer fails the job; <= 0 = never
   std::string bind;     // auto, cores, none: pinning of each rank's threads
 };
+// Pipeline model parallelism (trainer/pipeline.h): the model's chain of units split into
+// `stages` stages run concurrently on micro-batches.
+struct PipelineConfig {
+  int stages = 1;                  // 1 = no pipeline, 2 = two stages
+  int micro_batches = 4;           // per step (and per rank): the step's batch split this many ways
+  std::string schedule = "1f1b";   // gpipe | 1f1b
+  std::string cut = "auto";        // auto, or the name of stage 1's first unit ("stages.2.0")
+  std::string balance = "time";    // cut auto balances measured time per unit, or forward FLOPs
+  int threads_per_stage = 0;       // CPU stages: 0 = the rank's threads split evenly
+};
 struct OptimConfig {
   std::string name;  // sgd, adam, adamw
   float lr, weight_decay, momentum, beta1, beta2, eps;
@@ -108,6 +118,7 @@ struct LossConfig {
 DataConfig data_config(const Json& c);
 TrainConfig train_config(const Json& c);
 DistConfig dist_config(const Json& c);
+PipelineConfig pipeline_config(const Json& c);
 OptimConfig optim_config(const Json& c);
 LossConfig loss_config(const Json& c);
 // amp.* resolved against train.precision (which must be fp32, fp16 or bf16).

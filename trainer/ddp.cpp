@@ -17,9 +17,18 @@
 namespace lancet {
 
 GradSync::GradSync(Module& model, Communicator& comm, const GradSyncOptions& options)
-    : model_(model), comm_(comm), options_(options), stream_{model.device(), nullptr} {
+    : GradSync(std::vector<Module*>{&model}, comm, options) {}
+
+GradSync::GradSync(std::vector<Module*> parts, Communicator& comm, const GradSyncOptions& options)
+    : parts_(std::move(parts)),
+      device_(parts_.empty() ? Device::cpu() : parts_[0]->device()),
+      comm_(comm),
+      options_(options),
+      stream_{device_, nullptr} {
   LANCET_CHECK(options.bucket_mb > 0, "dist.bucket_mb must be positive, got " << options.bucket_mb);
-  auto params = model.named_parameters();
+  for (const Module* m : parts_)
+    LANCET_CHECK(m->device() == device_, "GradSync: modules on " << device_.str() << " and " << m->device().str());
+  auto params = named_parameters();
   std::vector<Parameter*> order;
   // Reverse registration order: the last layers' gradients are ready first (a guess that the
   // first backward then corrects: rebuild()).
@@ -30,7 +39,27 @@ GradSync::GradSync(Module& model, Communicator& comm, const GradSyncOptions& opt
     order.push_back(it->second);
   }
   layout(order);
-  model_.set_grad_ready_hook([this](Parameter& p) { on_ready(p); });
+  if (options_.hooks)
+    for (Module* m : parts_) m->set_grad_ready_hook([this](Parameter& p) { on_ready(p); });
+}
+
+std::vector<std::pair<std::string, Parameter*>> GradSync::named_parameters() const {
+  std::vector<std::pair<std::string, Parameter*>> all;
+  for (Module* m : parts_)
+    for (auto& e : m->named_parameters()) all.push_back(e);
+  return all;
+}
+std::vector<std::pair<std::string, Tensor*>> GradSync::state_dict() const {
+  std::vector<std::pair<std::string, Tensor*>> all;
+  for (Module* m : parts_)
+    for (auto& e : m->state_dict()) all.push_back(e);
+  return all;
+}
+std::vector<std::pair<std::string, Tensor*>> GradSync::named_buffers() const {
+  std::vector<std::pair<std::string, Tensor*>> all;
+  for (Module* m : parts_)
+    for (auto& e : m->named_buffers()) all.push_back(e);
+  return all;
 }
 
 void GradSync::layout(const std::vector<Parameter*>& order) {
@@ -50,7 +79,7 @@ void GradSync::layout(const std::vector<Parameter*>& order) {
     Bucket b;
     int64_t n = 0;
     for (Parameter* p : g) n += p->grad.numel();
-    b.flat = Tensor::zeros({n}, DType::f32, model_.device());
+    b.flat = Tensor::zeros({n}, DType::f32, device_);
     int64_t off = 0;
     for (Parameter* p : g) {
       // The gradient becomes a view of the bucket; keep what it held (accumulated gradients).
@@ -82,7 +111,7 @@ void GradSync::rebuild() {
   if (seen.size() != bucket_of_.size()) return;
   // Every rank must lay out the same buckets: take rank 0's order (indices into the
   // registration order), which a deterministic backward makes everyone's anyway.
-  auto params = model_.named_parameters();
+  auto params = named_parameters();
   Tensor idx = Tensor::empty({static_cast<int64_t>(seen.size())}, DType::i64);
   for (size_t i = 0; i < seen.size(); ++i) {
     size_t k = 0;
@@ -102,7 +131,8 @@ void GradSync::rebuild() {
   layout(order);
 }
 GradSync::~GradSync() {
-  model_.set_grad_ready_hook(nullptr);
+  if (options_.hooks)
+    for (Module* m : parts_) m->set_grad_ready_hook(nullptr);
   for (auto& b : buckets_) b.work.reset();  // waits for anything still in flight
 }
 
@@ -140,9 +170,9 @@ void broadcast_packed(Communicator& comm, const std::vector<std::pair<std::strin
 
 }  // namespace
 
-void GradSync::broadcast_parameters(const Stream& s) { broadcast_packed(comm_, model_.state_dict(), model_.device(), s); }
+void GradSync::broadcast_parameters(const Stream& s) { broadcast_packed(comm_, state_dict(), device_, s); }
 
-void GradSync::broadcast_buffers(const Stream& s) { broadcast_packed(comm_, model_.named_buffers(), model_.device(), s); }
+void GradSync::broadcast_buffers(const Stream& s) { broadcast_packed(comm_, named_buffers(), device_, s); }
 
 double GradSync::since_t0() const {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
@@ -182,9 +212,18 @@ void GradSync::on_ready(Parameter& p) {
     start(next_to_start_++, stream_);
     ++started_in_backward_;
   }
+  progress();
+}
+
+void GradSync::progress() {
   // Open MPI moves nonblocking collectives along inside MPI calls: test what is in flight.
   for (size_t i = 0; i < next_to_start_; ++i)
     if (buckets_[i].work && timings_[i].done_s < 0 && buckets_[i].work->done()) timings_[i].done_s = since_t0();
+}
+
+void GradSync::start_all(const Stream& s) {
+  if (!sync_) return;
+  while (next_to_start_ < buckets_.size()) start(next_to_start_++, s);
 }
 
 double GradSync::finish(const Stream& s) {

@@ -35,6 +35,10 @@ namespace lancet {
 struct GradSyncOptions {
   double bucket_mb = 25;  // bucket capacity; a larger parameter gets a bucket of its own
   bool overlap = true;    // false: every bucket is reduced in finish(), after the backward
+  // false: no gradient-ready hooks; the caller starts the reductions (start_all) once the
+  // backward is done. For pipeline stages, whose backward runs on worker threads while only
+  // the training thread may call MPI.
+  bool hooks = true;
 };
 
 class GradSync {
@@ -43,6 +47,9 @@ class GradSync {
   // after the model is on its device and before the optimizer step runs. The model's
   // parameters must not be re-created (Module::to) while it exists.
   GradSync(Module& model, Communicator& comm, const GradSyncOptions& options);
+  // The parameters of several modules (a pipeline stage: a contiguous run of a model's units),
+  // all on one device.
+  GradSync(std::vector<Module*> parts, Communicator& comm, const GradSyncOptions& options);
   ~GradSync();
   GradSync(const GradSync&) = delete;
   GradSync& operator=(const GradSync&) = delete;
@@ -52,6 +59,11 @@ class GradSync {
 
   // Before each backward: sync = false on non-final accumulation micro-steps.
   void begin_backward(bool sync);
+  // Starts (without waiting) every bucket not yet started in this sync step; finish() waits.
+  void start_all(const Stream& s);
+  // Tests the reductions in flight (Open MPI progresses nonblocking collectives only inside MPI
+  // calls), recording when each completed. For a caller waiting on something else.
+  void progress();
   // After the backward of a sync step: reduces what the hooks did not start, waits for all.
   // Returns the seconds spent waiting here (the part of communication not hidden).
   double finish(const Stream& s);
@@ -84,7 +96,12 @@ class GradSync {
   void layout(const std::vector<Parameter*>& order);  // buckets from consecutive runs of `order`
   void rebuild();
 
-  Module& model_;
+  std::vector<std::pair<std::string, Parameter*>> named_parameters() const;
+  std::vector<std::pair<std::string, Tensor*>> state_dict() const;
+  std::vector<std::pair<std::string, Tensor*>> named_buffers() const;
+
+  std::vector<Module*> parts_;
+  Device device_;
   Communicator& comm_;
   GradSyncOptions options_;
   std::vector<Bucket> buckets_;

@@ -15,6 +15,7 @@ const char* phase_name(Phase p) {
     case Phase::h2d: return "h2d";
     case Phase::forward: return "forward";
     case Phase::backward: return "backward";
+    case Phase::pipeline: return "pipeline";
     case Phase::grad_sync: return "grad_sync";
     case Phase::optimizer: return "optimizer";
   }
@@ -92,7 +93,11 @@ std::string StepProfiler::table() const {
   std::ostringstream os;
   os << std::left << std::setw(10) << "phase" << std::right << std::setw(11) << "mean ms" << std::setw(11) << "p50 ms"
      << std::setw(11) << "p95 ms" << std::setw(9) << "share" << "\n";
-  for (int i = 0; i < kNumPhases; ++i) table_row(os, phase_name(static_cast<Phase>(i)), stats(static_cast<Phase>(i)), step.total_s, true);
+  for (int i = 0; i < kNumPhases; ++i) {
+    const Phase p = static_cast<Phase>(i);
+    if (p == Phase::pipeline && stats(p).total_s == 0) continue;  // not a pipelined run
+    table_row(os, phase_name(p), stats(p), step.total_s, true);
+  }
   table_row(os, "other", other_stats(), step.total_s, true);
   table_row(os, "step", step, step.total_s, false);
   return os.str();

@@ -1,7 +1,7 @@
 // profiler.h — where a training step's time goes, phase by phase.
 //
 // A StepProfiler collects, for every step of an epoch, the time spent in each phase
-// (data_wait, h2d, forward, backward, grad_sync, optimizer) and in the whole step, and
+// (data_wait, h2d, forward, backward, pipeline, grad_sync, optimizer) and in the whole step, and
 // reports per-epoch statistics (mean, p50, p95, total) as a text table and as JSON.
 // A phase entered several times in one step (gradient accumulation) is summed for that
 // step; a phase never entered counts 0. "other" is the step time not covered by a phase.
@@ -26,8 +26,10 @@
 
 namespace lancet {
 
-enum class Phase { data_wait, h2d, forward, backward, grad_sync, optimizer };
-constexpr int kNumPhases = 6;
+// pipeline: forward and backward of a pipelined step (trainer/pipeline.h), whose stages overlap
+// them; its stage-by-stage busy and idle times are in the pipeline's own report.
+enum class Phase { data_wait, h2d, forward, backward, pipeline, grad_sync, optimizer };
+constexpr int kNumPhases = 7;
 const char* phase_name(Phase p);
 
 struct PhaseStats {

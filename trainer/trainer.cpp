@@ -30,6 +30,7 @@
 #include "trainer/checkpoint.h"
 #include "trainer/ddp.h"
 #include "trainer/loss_scaler.h"
+#include "trainer/pipeline.h"
 #include "trainer/profiler.h"
 #include "trainer/run_log.h"
 #include "trainer/schedule.h"
@@ -53,7 +54,6 @@ Loss make_loss(const LossConfig& cfg, int num_classes, Device device) {
   return l;
 }
 
-namespace {
 int64_t count_correct(const Tensor& logits, const Tensor& y) {
   const std::vector<float> l = logits.to_vector();
   const Tensor yc = y.device().is_cpu() ? y : y.to(Device::cpu());
@@ -63,7 +63,48 @@ int64_t count_correct(const Tensor& logits, const Tensor& y) {
   for (int64_t i = 0; i < n; ++i) correct += pred[static_cast<size_t>(i)] == yc.data<int64_t>()[i];
   return correct;
 }
-}  // namespace
+
+float micro_batch_loss(const Tensor& logits, const Tensor& y, const Loss& loss, double weight, float scale,
+                       Tensor& dlogits, const Stream& s) {
+  dlogits = Tensor::empty(logits.shape(), DType::f32, logits.device());
+  Tensor no_probs;
+  const float l = softmax_cross_entropy(logits, y, loss.class_weights, loss.label_smoothing, dlogits, no_probs, s);
+  if (weight != 1.0) scale_inplace(dlogits, static_cast<float>(weight), s);
+  if (scale != 1.f) scale_inplace(dlogits, scale, s);
+  return l;
+}
+
+void finish_step(Module& model, Optimizer& opt, Communicator& comm, const StepOptions& options, bool synced,
+                 StepStats& st, StepProfiler& timer, const Stream& s) {
+  LossScaler* scaler = options.loss_scaler && options.loss_scaler->enabled() ? options.loss_scaler : nullptr;
+  if (!synced) {
+    if (options.grad_sync) {
+      auto scope = timer.phase(Phase::grad_sync);
+      options.grad_sync->finish(s);
+    } else if (comm.size() > 1) {
+      auto scope = timer.phase(Phase::grad_sync);
+      for (auto& [name, p] : model.named_parameters()) comm.all_reduce(p->grad, ReduceOp::mean, s);
+    }
+  }
+  auto scope = timer.phase(Phase::optimizer);
+  std::vector<Tensor*> grads;
+  for (auto& [name, p] : model.named_parameters()) grads.push_back(&p->grad);
+  // Loss scaling: the gradients here are already averaged over the ranks (GradSync::finish
+  // or the all-reduce above), identical everywhere, so every rank finds the same flag and
+  // skips or takes the same step. Clipping and the norm see unscaled gradients.
+  const bool finite = scaler ? scaler->unscale_and_check(grads, s) : true;
+  if (finite) {
+    if (options.clip_grad_norm > 0) {
+      st.grad_norm = clip_grad_norm(grads, options.clip_grad_norm, s);
+    } else if (options.compute_grad_norm) {
+      st.grad_norm = global_l2_norm(std::vector<const Tensor*>(grads.begin(), grads.end()), s);
+    }
+    opt.step(s);
+  }
+  st.skipped = !finite;
+  if (scaler) scaler->update(finite);
+  model.zero_grad();
+}
 
 StepStats train_step(Module& model, Optimizer& opt, Communicator& comm, const Tensor& x, const Tensor& y,
                      const Loss& loss, const Stream& s, const StepOptions& options, StepProfiler* prof) {
@@ -85,18 +126,14 @@ StepStats train_step_micro(Module& model, Optimizer& opt, Communicator& comm, co
   double loss_sum = 0;
   for (size_t i = 0; i < xs.size(); ++i) {
     const bool last = i + 1 == xs.size();
-    const double weight = static_cast<double>(xs[i].dim(0)) / static_cast<double>(total);
+    const double weight = xs.size() > 1 ? static_cast<double>(xs[i].dim(0)) / static_cast<double>(total) : 1.0;
     SavedPtr saved;
     Tensor logits, dlogits;
     float l;
     {
       auto scope = timer.phase(Phase::forward);
       logits = model.forward(xs[i], &saved, s);
-      dlogits = Tensor::empty(logits.shape(), DType::f32, logits.device());
-      Tensor no_probs;
-      l = softmax_cross_entropy(logits, ys[i], loss.class_weights, loss.label_smoothing, dlogits, no_probs, s);
-      if (xs.size() > 1) scale_inplace(dlogits, static_cast<float>(weight), s);
-      if (scaler) scale_inplace(dlogits, scaler->scale(), s);
+      l = micro_batch_loss(logits, ys[i], loss, weight, scaler ? scaler->scale() : 1.f, dlogits, s);
     }
     {
       auto scope = timer.phase(Phase::backward);
@@ -104,36 +141,10 @@ StepStats train_step_micro(Module& model, Optimizer& opt, Communicator& comm, co
       model.backward(dlogits, *saved, /*need_input_grad=*/false, s);
       saved.reset();  // release activations before the optimizer allocates anything
     }
-    loss_sum += l * weight;
+    loss_sum = std::fma(static_cast<double>(l), weight, loss_sum);  // explicit: no contraction-dependent rounding
     st.correct += count_correct(logits, ys[i]);
   }
-  if (options.grad_sync) {
-    auto scope = timer.phase(Phase::grad_sync);
-    options.grad_sync->finish(s);
-  } else if (comm.size() > 1) {
-    auto scope = timer.phase(Phase::grad_sync);
-    for (auto& [name, p] : model.named_parameters()) comm.all_reduce(p->grad, ReduceOp::mean, s);
-  }
-  {
-    auto scope = timer.phase(Phase::optimizer);
-    std::vector<Tensor*> grads;
-    for (auto& [name, p] : model.named_parameters()) grads.push_back(&p->grad);
-    // Loss scaling: the gradients here are already averaged over the ranks (GradSync::finish
-    // or the all-reduce above), identical everywhere, so every rank finds the same flag and
-    // skips or takes the same step. Clipping and the norm see unscaled gradients.
-    const bool finite = scaler ? scaler->unscale_and_check(grads, s) : true;
-    if (finite) {
-      if (options.clip_grad_norm > 0) {
-        st.grad_norm = clip_grad_norm(grads, options.clip_grad_norm, s);
-      } else if (options.compute_grad_norm) {
-        st.grad_norm = global_l2_norm(std::vector<const Tensor*>(grads.begin(), grads.end()), s);
-      }
-      opt.step(s);
-    }
-    st.skipped = !finite;
-    if (scaler) scaler->update(finite);
-    model.zero_grad();
-  }
+  finish_step(model, opt, comm, options, /*synced=*/false, st, timer, s);
   st.loss = loss_sum;
   st.count = total;
   return st;
@@ -352,6 +363,8 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   const OptimConfig oc = optim_config(config);
   const LossConfig lc = loss_config(config);
   const DistConfig dist = dist_config(config);
+  const PipelineConfig pc = pipeline_config(config);
+  const bool pipelined = pc.stages > 1;
   comm.set_timeout(dist.timeout_s);
   const int ranks = comm.size();
   const LossScalerConfig lsc = loss_scaler_config(config);
@@ -361,6 +374,14 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
                                                 << ": this build has no CUDA compute kernels yet; use --device cpu");
   // Threads: all cores for one process; 1 per rank when several ranks share a node.
   const int threads = threads_per_rank(tc.threads, comm);
+  const int stage_threads = pc.threads_per_stage > 0 ? pc.threads_per_stage : std::max(1, threads / 2);
+  if (pipelined) {
+    LANCET_CHECK(tc.grad_accum_steps == 1, "train.grad_accum_steps " << tc.grad_accum_steps << " with pipeline.stages "
+                                                                     << pc.stages << ": the pipeline splits each step into "
+                                                                        "pipeline.micro_batches micro-batches itself; set one of them");
+    LANCET_CHECK(!dist.sync_bn, "dist.sync_bn with pipeline.stages " << pc.stages
+                                                                     << ": SyncBatchNorm inside pipeline stages is not supported");
+  }
   const std::string binding = bind_rank_threads(dist.bind, comm, threads);
   set_num_threads(threads);
   const Stream stream{device, nullptr};
@@ -397,8 +418,10 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   LANCET_CHECK(global_bs % ranks == 0, "train.batch_size " << global_bs << " is the global batch and must be a multiple of the "
                                                            << ranks << " ranks (each takes batch_size / ranks)");
   const int64_t bs = global_bs / ranks;  // per rank
-  LANCET_CHECK(tc.grad_accum_steps <= bs, "train.grad_accum_steps " << tc.grad_accum_steps << " exceeds the " << bs
-                                                                    << " samples each rank takes per step");
+  // Micro-batches per step: gradient accumulation's, or the pipeline's.
+  const int micro = pipelined ? pc.micro_batches : tc.grad_accum_steps;
+  LANCET_CHECK(micro <= bs, (pipelined ? "pipeline.micro_batches " : "train.grad_accum_steps ")
+                                << micro << " exceeds the " << bs << " samples each rank takes per step");
   // data.sampler's epoch order (shuffle: DistributedSampler's), split over the ranks likewise.
   std::vector<int64_t> train_labels(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) train_labels[static_cast<size_t>(i)] = data.train->label(i);
@@ -447,8 +470,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   }
 
   // Every rank must run the same job; then all start from rank 0's weights.
-  std::unique_ptr<GradSync> grad_sync;
-  if (ranks > 1) {
+  if (ranks > 1)
     check_same_on_all_ranks(comm, {{"the model", model_cfg.dump()},
                                    {"the training data", std::to_string(n) + " images, " + shape_str(data.train->sample_shape()) +
                                                              ", classes " + Json(data.train->class_names()).dump()},
@@ -459,6 +481,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
                                         config.at("data").value("preprocess", Json()).dump()},
                                    {"train.batch_size", std::to_string(global_bs)},
                                    {"train.grad_accum_steps", std::to_string(tc.grad_accum_steps)},
+                                   {"pipeline", config.at("pipeline").dump()},
                                    {"train.precision", tc.precision},
                                    {"amp", config.at("amp").dump()},
                                    {"train.device", device.is_cpu() ? "cpu" : "cuda"},
@@ -469,11 +492,65 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
                                    {"schedule", config.at("schedule").dump()},
                                    {"dist", config.at("dist").dump()},
                                    {"the resumed step", std::to_string(state.global_step)}});
-    GradSyncOptions gso;
-    gso.bucket_mb = dist.bucket_mb;
-    gso.overlap = dist.overlap;
-    grad_sync = std::make_unique<GradSync>(*model, comm, gso);
-    grad_sync->broadcast_parameters(stream);
+  std::unique_ptr<GradSync> grad_sync;
+  std::unique_ptr<Pipeline> pipeline;
+  std::string cut_basis;
+  if (pipelined) {
+    const Units units = model->units();
+    int cut = 0;
+    if (pc.cut == "auto") {
+      // Costs measured on a scratch copy (measuring moves BatchNorm statistics and dropout
+      // counters), with one stage's threads, on a random micro-batch of the step's size.
+      auto scratch = make_model(model_cfg, tc.seed);
+      scratch->to(device);
+      scratch->train();
+      scratch->set_precision(precision);
+      const Shape ss = data.train->sample_shape();
+      Tensor x = Tensor::empty({(bs + micro - 1) / micro, ss[0], ss[1], ss[2]});
+      std::mt19937 rng(static_cast<uint32_t>(tc.seed));
+      std::normal_distribution<float> nd;
+      for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = nd(rng);
+      std::vector<double> cost;
+      std::thread measure([&] {
+        set_thread_local_threads(stage_threads);
+        cost = pc.balance == "time" ? measure_unit_seconds(scratch->units(), x, stream)
+                                    : unit_forward_flops(scratch->units(), x, stream);
+      });
+      measure.join();
+      // Every rank must cut at the same place: rank 0's measurement decides.
+      cut = balanced_cut(cost);
+      if (ranks > 1) cut = static_cast<int>(comm.all_reduce_scalar(comm.is_root() ? cut : 0, ReduceOp::sum));
+      double head = 0, tail = 0;
+      for (size_t i = 0; i < cost.size(); ++i) (static_cast<int>(i) < cut ? head : tail) += cost[i];
+      std::ostringstream b;
+      if (pc.balance == "time")
+        b << std::fixed << std::setprecision(1) << "balanced by measured time: " << head * 1e3 << " ms | " << tail * 1e3
+          << " ms per micro-batch";
+      else
+        b << std::fixed << std::setprecision(2) << "balanced by forward FLOPs: " << head / 1e9 << " | " << tail / 1e9
+          << " GFLOP per micro-batch";
+      cut_basis = b.str();
+    } else {
+      cut = cut_index(units, pc.cut);
+      cut_basis = "pipeline.cut";
+    }
+    PipelineOptions po;
+    po.schedule = parse_pipe_schedule(pc.schedule);
+    po.cut = cut;
+    po.threads_per_stage = stage_threads;
+    po.bucket_mb = dist.bucket_mb;
+    pipeline = std::make_unique<Pipeline>(*model, units, po, comm);
+  }
+  if (ranks > 1) {
+    if (pipeline) {
+      pipeline->broadcast_parameters();
+    } else {
+      GradSyncOptions gso;
+      gso.bucket_mb = dist.bucket_mb;
+      gso.overlap = dist.overlap;
+      grad_sync = std::make_unique<GradSync>(*model, comm, gso);
+      grad_sync->broadcast_parameters(stream);
+    }
     if (dist.sync_bn)
       model->apply([&comm](const std::string&, Module& m) {
         if (auto* bn = dynamic_cast<BatchNorm2d*>(&m))
@@ -484,6 +561,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   }
   auto sync_buffers = [&]() {  // rank 0's BatchNorm statistics everywhere (validation, checkpoints)
     if (grad_sync) grad_sync->broadcast_buffers(stream);
+    if (pipeline) pipeline->broadcast_buffers();
   };
 
   // Run folder: logs append on resume after dropping what the resumed run will redo.
@@ -523,14 +601,25 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   log << "model: medicalcnn " << model_cfg.dump() << ", " << model->num_parameters() << " parameters\n";
   log << "training: " << total_steps << " steps, batch " << global_bs;
   if (ranks > 1) log << " (" << ranks << " ranks x " << bs << ")";
-  if (tc.grad_accum_steps > 1) log << " in " << tc.grad_accum_steps << " micro-batches";
+  if (micro > 1) log << " in " << micro << " micro-batches";
   log << ", " << oc.name << " lr " << oc.lr << " (" << schedule.name() << " schedule), " << num_threads()
       << " thread(s) " << (ranks > 1 ? "per rank " : "") << "on " << device.str() << "\n";
   if (precision != DType::f32)
     log << "precision: " << tc.precision << " emulated on the CPU (activations and conv/linear operands rounded, FP32 "
         << "master weights, BatchNorm and loss); loss scaling "
         << (scaler.enabled() ? "dynamic from " + Json(scaler.scale()).dump() : std::string("off")) << "\n";
-  if (ranks > 1) {
+  if (pipeline)
+    log << "pipeline: 2 stages, " << pc.schedule << " schedule, " << micro << " micro-batches per step"
+        << (ranks > 1 ? " per rank" : "") << "; cut before " << model->units()[static_cast<size_t>(pipeline->cut())].first
+        << " (" << cut_basis << ")\n"
+        << pipeline->describe();
+  if (ranks > 1 && pipeline) {
+    const auto b = pipeline->buckets_per_stage();
+    log << "data parallel: " << ranks << " ranks (" << comm.backend() << ", " << comm.local_size()
+        << " on this node), each a two-stage pipeline; each stage's gradients (" << b[0] << " and " << b[1]
+        << " bucket(s) of <= " << dist.bucket_mb << " MB) all-reduced when the stage's backward ends; threads "
+        << binding << "\n";
+  } else if (ranks > 1) {
     const auto sizes = grad_sync->bucket_elements();
     log << "data parallel: " << ranks << " ranks (" << comm.backend() << ", " << comm.local_size()
         << " on this node), gradients in " << sizes.size() << " bucket(s) of <= " << dist.bucket_mb << " MB"
@@ -586,7 +675,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
       std::vector<std::vector<int64_t>> batches;
       for (int64_t step = state.step_in_epoch; step < epoch_end; ++step) {
         const int64_t start = step * bs, b = std::min(bs, per_rank - start);
-        const int64_t mb = (b + tc.grad_accum_steps - 1) / tc.grad_accum_steps;
+        const int64_t mb = (b + micro - 1) / micro;
         for (int64_t m0 = 0; m0 < b; m0 += mb)
           batches.emplace_back(order.begin() + start + m0, order.begin() + start + m0 + std::min(mb, b - m0));
       }
@@ -594,12 +683,13 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     }
     int64_t images_this_session = 0;
     prof.reset();
+    if (pipeline) pipeline->reset_stats();
     while (state.step_in_epoch < epoch_end) {
       prof.begin_step();
       const int64_t start = state.step_in_epoch * bs;
       const int64_t b = std::min(bs, per_rank - start);
-      // Micro-batches of ceil(b / accum) rows (the last ones smaller or absent).
-      const int64_t mb = (b + tc.grad_accum_steps - 1) / tc.grad_accum_steps;
+      // Micro-batches of ceil(b / micro) rows (the last ones smaller or absent).
+      const int64_t mb = (b + micro - 1) / micro;
       std::vector<Tensor> xs, ys;
       for (int64_t m0 = 0; m0 < b; m0 += mb) {
         Tensor x, y;
@@ -623,7 +713,8 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
 #endif
       const float lr = schedule.lr_for_step(state.global_step);
       opt->set_lr(lr);
-      StepStats st = train_step_micro(*model, *opt, comm, xs, ys, loss, stream, step_options, &prof);
+      StepStats st = pipeline ? pipeline->train_step(*opt, xs, ys, loss, step_options, &prof)
+                              : train_step_micro(*model, *opt, comm, xs, ys, loss, stream, step_options, &prof);
       if (ranks > 1) {  // the global batch's loss, accuracy and size
         double v[3] = {st.loss * static_cast<double>(st.count), static_cast<double>(st.correct),
                        static_cast<double>(st.count)};
@@ -698,6 +789,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
           << (state.epoch_skipped == 1 ? "" : "s") << " skipped this epoch (inf/nan gradients), "
           << scaler.skipped_steps() << " in the run\n";
     if (prof.steps() > 0) log << prof.table();
+    if (pipeline && pipeline->stats().steps > 0) log << pipeline->stats().text();
     if (const std::string skipped = skipped_report(*data.train, dc.train_split); !skipped.empty()) log << skipped << "\n";
     if (logs) {
       Json m = {{"epoch", state.epoch},
@@ -710,6 +802,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
                 {"val_loss", ev.loss},
                 {"val", report.to_json()},
                 {"phases", prof.to_json()}};
+      if (pipeline) m["pipeline"] = pipeline->stats().to_json();
       if (scaler.enabled()) {  // the scale at the epoch's end and the steps it skipped
         m["loss_scale"] = scaler.scale();
         m["skipped_steps"] = state.epoch_skipped;

@@ -67,6 +67,20 @@ StepStats train_step_micro(Module& model, Optimizer& opt, Communicator& comm, co
                            const std::vector<Tensor>& ys, const Loss& loss, const Stream& s,
                            const StepOptions& options = {}, StepProfiler* prof = nullptr);
 
+// Pieces of a step, shared by train_step_micro and the pipeline (trainer/pipeline.h):
+// The loss of one micro-batch and the gradient its backward starts from: dL/dlogits times
+// `weight` (the micro-batch's share of the step's rows; 1 = a whole step) times `scale` (the
+// loss scale; 1 = none).
+float micro_batch_loss(const Tensor& logits, const Tensor& y, const Loss& loss, double weight, float scale,
+                       Tensor& dlogits, const Stream& s);
+// Rows whose argmax is the label.
+int64_t count_correct(const Tensor& logits, const Tensor& y);
+// Everything after the backward: gradient synchronisation (skipped when `synced`: the caller has
+// averaged the gradients already), loss-scaler unscale and check, clipping, the optimizer step
+// (or the skip), zero_grad. Sets st.grad_norm and st.skipped.
+void finish_step(Module& model, Optimizer& opt, Communicator& comm, const StepOptions& options, bool synced,
+                 StepStats& st, StepProfiler& timer, const Stream& s);
+
 struct EvalResult {
   double loss = 0;
   ConfusionMatrix cm{1};  // argmax predictions

@@ -1,0 +1,570 @@
+#include "trainer/pipeline.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <iomanip>
+#include <limits>
+#include <sstream>
+
+#include "kernels/allocator.h"
+#include "kernels/dtype.h"
+#include "kernels/parallel.h"
+#include "kernels/trace.h"
+#include "layers/layers.h"
+#include "trainer/loss_scaler.h"
+
+namespace lancet {
+
+using Clock = std::chrono::steady_clock;
+
+namespace {
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+}  // namespace
+
+PipeSchedule parse_pipe_schedule(const std::string& name) {
+  if (name == "gpipe") return PipeSchedule::gpipe;
+  if (name == "1f1b") return PipeSchedule::one_f_one_b;
+  LANCET_FAIL("pipeline schedule must be gpipe or 1f1b, got '" << name << "'");
+}
+
+const char* pipe_schedule_name(PipeSchedule s) { return s == PipeSchedule::gpipe ? "gpipe" : "1f1b"; }
+
+std::vector<PipeOp> stage_schedule(PipeSchedule schedule, int stage, int stages, int m) {
+  LANCET_CHECK(stages >= 1 && stage >= 0 && stage < stages && m >= 1,
+               "stage_schedule: stage " << stage << " of " << stages << " with " << m << " micro-batches");
+  std::vector<PipeOp> ops;
+  if (schedule == PipeSchedule::gpipe) {
+    for (int i = 0; i < m; ++i) ops.push_back({true, i});
+    for (int i = 0; i < m; ++i) ops.push_back({false, i});
+    return ops;
+  }
+  const int warmup = std::min(stages - 1 - stage, m);
+  int f = 0, b = 0;
+  for (; f < warmup; ++f) ops.push_back({true, f});
+  while (f < m) {
+    ops.push_back({true, f++});
+    ops.push_back({false, b++});
+  }
+  while (b < m) ops.push_back({false, b++});
+  return ops;
+}
+
+int max_in_flight(const std::vector<PipeOp>& ops) {
+  int now = 0, most = 0;
+  for (const PipeOp& op : ops) {
+    now += op.forward ? 1 : -1;
+    most = std::max(most, now);
+  }
+  return most;
+}
+
+double theoretical_bubble(int stages, int m) {
+  return static_cast<double>(stages - 1) / static_cast<double>(m + stages - 1);
+}
+
+std::vector<double> measure_unit_seconds(const Units& units, const Tensor& x, const Stream& s, int repeats) {
+  LANCET_CHECK(repeats >= 1, "measure_unit_seconds: repeats " << repeats);
+  const size_t n = units.size();
+  std::vector<double> best(n, std::numeric_limits<double>::infinity());
+  for (int r = 0; r <= repeats; ++r) {  // r = 0: warm-up
+    std::vector<SavedPtr> saved(n);
+    std::vector<double> t(n, 0.0);
+    Tensor h = x;
+    for (size_t i = 0; i < n; ++i) {
+      const auto t0 = Clock::now();
+      h = units[i].second->forward(h, &saved[i], s);
+      t[i] += seconds_since(t0);
+    }
+    Tensor g = Tensor::full(h.shape(), 1.f / static_cast<float>(h.numel()), h.device());
+    for (size_t i = n; i-- > 0;) {
+      const auto t0 = Clock::now();
+      g = units[i].second->backward(g, *saved[i], i > 0, s);
+      saved[i].reset();
+      t[i] += seconds_since(t0);
+    }
+    if (r > 0)
+      for (size_t i = 0; i < n; ++i) best[i] = std::min(best[i], t[i]);
+  }
+  for (auto& u : units) u.second->zero_grad();
+  return best;
+}
+
+std::vector<double> unit_forward_flops(const Units& units, const Tensor& x, const Stream& s) {
+  std::vector<double> flops;
+  Tensor h = x;
+  for (const auto& u : units) {
+    const int64_t before = thread_flops();
+    h = u.second->forward(h, nullptr, s);
+    flops.push_back(static_cast<double>(thread_flops() - before));
+  }
+  return flops;
+}
+
+int balanced_cut(const std::vector<double>& cost) {
+  const int n = static_cast<int>(cost.size());
+  LANCET_CHECK(n >= 2, "a pipeline of two stages needs at least two units, the model has " << n);
+  double total = 0;
+  for (double c : cost) total += c;
+  int best = 1;
+  double best_max = std::numeric_limits<double>::infinity(), best_diff = best_max;
+  double head = 0;
+  for (int k = 1; k < n; ++k) {
+    head += cost[static_cast<size_t>(k - 1)];
+    const double tail = total - head;
+    const double mx = std::max(head, tail), diff = std::abs(head - tail);
+    if (mx < best_max || (mx == best_max && diff < best_diff)) best = k, best_max = mx, best_diff = diff;
+  }
+  return best;
+}
+
+int cut_index(const Units& units, const std::string& name) {
+  std::string valid;
+  for (size_t i = 1; i < units.size(); ++i) {
+    if (units[i].first == name) return static_cast<int>(i);
+    valid += (valid.empty() ? "" : ", ") + units[i].first;
+  }
+  if (!units.empty() && units[0].first == name)
+    LANCET_FAIL("pipeline.cut " << name << " is the first unit: stage 0 would be empty; valid cuts: " << valid);
+  LANCET_FAIL("pipeline.cut: no unit named '" << name << "'; valid cuts (stage 1's first unit): " << valid);
+}
+
+// ---------------------------------------------------------------------------------------
+// Worker threads and mailboxes.
+
+namespace {
+// Thrown in a stage that was waiting for the other stage when that one failed.
+struct PipelineAborted : std::exception {
+  const char* what() const noexcept override { return "pipeline aborted"; }
+};
+}  // namespace
+
+struct Pipeline::Worker {
+  Worker(int threads, int domain) : threads_(threads), domain_(domain), thread_([this] { loop(); }) {}
+  ~Worker() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      quit_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  void submit(std::function<void()> job) {
+    std::lock_guard<std::mutex> lock(mu_);
+    job_ = std::move(job);
+    done_ = false;
+    error_ = nullptr;
+    cv_.notify_all();
+  }
+  // True when the job has finished (successfully or not) within `timeout`.
+  bool wait_for(std::chrono::milliseconds timeout) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, timeout, [this] { return done_; });
+  }
+  std::exception_ptr error() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return error_;
+  }
+
+ private:
+  void loop() {
+    set_thread_local_threads(threads_);
+    MemoryDomainScope domain(domain_);
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      cv_.wait(lock, [this] { return quit_ || job_; });
+      if (quit_) return;
+      std::function<void()> job = std::move(job_);
+      job_ = nullptr;
+      lock.unlock();
+      std::exception_ptr err;
+      try {
+        job();
+      } catch (...) {
+        err = std::current_exception();
+      }
+      lock.lock();
+      error_ = err;
+      done_ = true;
+      cv_.notify_all();
+    }
+  }
+
+  int threads_, domain_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::function<void()> job_;
+  bool done_ = true, quit_ = false;
+  std::exception_ptr error_;
+  std::thread thread_;  // last: starts after the members it uses exist
+};
+
+struct Pipeline::Mailbox {
+  void put(int micro, Tensor t) {
+    std::lock_guard<std::mutex> lock(mu_);
+    items_[micro] = std::move(t);
+    cv_.notify_all();
+  }
+  Tensor take(int micro) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return aborted_ || items_.count(micro) > 0; });
+    if (aborted_) throw PipelineAborted();
+    Tensor t = std::move(items_[micro]);
+    items_.erase(micro);
+    return t;
+  }
+  void abort() {
+    std::lock_guard<std::mutex> lock(mu_);
+    aborted_ = true;
+    cv_.notify_all();
+  }
+  void reset() {
+    std::lock_guard<std::mutex> lock(mu_);
+    items_.clear();
+    aborted_ = false;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<int, Tensor> items_;
+  bool aborted_ = false;
+};
+
+// What the stages of one step share.
+struct Pipeline::StepContext {
+  const std::vector<Tensor>* xs = nullptr;
+  const std::vector<Tensor>* ys = nullptr;
+  const Loss* loss = nullptr;
+  std::vector<double> weight;
+  float scale = 1.f;
+  DType precision = DType::f32;
+  Stream stream;
+  // Written by the last stage, read after the step.
+  std::vector<float> losses;
+  std::vector<int64_t> correct;
+  std::mutex error_mu;
+  std::string first_error;  // "stage 1, backward of micro-batch 2: <reason>"
+};
+
+// ---------------------------------------------------------------------------------------
+
+Pipeline::Pipeline(Module& model, Units units, const PipelineOptions& options, Communicator& comm)
+    : model_(model), units_(std::move(units)), options_(options), comm_(comm),
+      activations_(std::make_unique<Mailbox>()), gradients_(std::make_unique<Mailbox>()) {
+  const int n = static_cast<int>(units_.size());
+  LANCET_CHECK(n >= 2, "a pipeline of two stages needs a model of at least two units, this one has " << n);
+  LANCET_CHECK(options_.cut >= 1 && options_.cut < n,
+               "pipeline: cut " << options_.cut << " out of range: stage 1 must start at a unit in [1, " << n - 1 << "]");
+  LANCET_CHECK(options_.threads_per_stage >= 1, "pipeline: threads_per_stage " << options_.threads_per_stage);
+  for (const auto& u : units_)
+    LANCET_CHECK(u.second->device().is_cpu(),
+                 "pipeline: unit " << u.first << " is on " << u.second->device().str()
+                                   << ": this build runs pipeline stages on the CPU only (no CUDA compute kernels yet)");
+  stages_.resize(2);
+  for (int i = 0; i < n; ++i) {
+    Stage& st = stages_[i < options_.cut ? 0 : 1];
+    st.modules.push_back(units_[static_cast<size_t>(i)].second);
+    st.names.push_back(units_[static_cast<size_t>(i)].first);
+  }
+  for (int s = 0; s < 2; ++s) {
+    stages_[static_cast<size_t>(s)].domain = s + 1;  // memory domain 0 is everything else
+    workers_.push_back(std::make_unique<Worker>(options_.threads_per_stage, s + 1));
+  }
+  if (comm_.size() > 1) {
+    GradSyncOptions gso;
+    gso.bucket_mb = options_.bucket_mb;
+    gso.hooks = false;
+    for (Stage& st : stages_) st.sync = std::make_unique<GradSync>(st.modules, comm_, gso);
+  }
+  reset_stats();
+}
+
+Pipeline::~Pipeline() = default;
+
+void Pipeline::broadcast_parameters() {
+  const Stream s{Device::cpu(), nullptr};
+  for (Stage& st : stages_)
+    if (st.sync) st.sync->broadcast_parameters(s);
+}
+
+void Pipeline::broadcast_buffers() {
+  const Stream s{Device::cpu(), nullptr};
+  for (Stage& st : stages_)
+    if (st.sync) st.sync->broadcast_buffers(s);
+}
+
+std::vector<int> Pipeline::buckets_per_stage() const {
+  std::vector<int> v;
+  for (const Stage& st : stages_)
+    if (st.sync) v.push_back(st.sync->num_buckets());
+  return v;
+}
+
+namespace {
+int64_t count_parameters(const std::vector<Module*>& ms) {
+  int64_t n = 0;
+  for (Module* m : ms) n += m->num_parameters();
+  return n;
+}
+std::string cpu_device(int threads) {
+  return "cpu (" + std::to_string(threads) + " thread" + (threads == 1 ? ")" : "s)");
+}
+}  // namespace
+
+std::string Pipeline::describe() const {
+  std::ostringstream os;
+  for (size_t s = 0; s < stages_.size(); ++s) {
+    const Stage& st = stages_[s];
+    os << "  stage " << s << ": " << st.names.front() << " .. " << st.names.back() << " (" << st.names.size()
+       << " units, " << count_parameters(st.modules) << " parameters) on " << cpu_device(options_.threads_per_stage)
+       << "\n";
+  }
+  return os.str();
+}
+
+void Pipeline::run_stage(int s, StepContext& ctx) {
+  Stage& st = stages_[static_cast<size_t>(s)];
+  const bool first = s == 0, last = s + 1 == num_stages();
+  const int m = static_cast<int>(ctx.xs->size());
+  std::vector<SavedPtr> saved(static_cast<size_t>(m));
+  std::vector<Tensor> dlogits(static_cast<size_t>(m));
+  const bool low = ctx.precision != DType::f32;
+  // What the model's own forward / backward do on entry under fp16 / bf16 emulation.
+  auto entry_rounded = [&](const Tensor& t) {
+    if (!low) return t;
+    Tensor r = t.clone();
+    round_to_dtype_inplace(r.data<float>(), r.numel(), ctx.precision);
+    return r;
+  };
+  PipeOp current;
+  try {
+    for (const PipeOp& op : st.ops) {
+      current = op;
+      const size_t i = static_cast<size_t>(op.micro);
+      if (op.forward) {
+        // The input: the micro-batch, or stage 0's output copied into this stage's memory.
+        Tensor x = first ? entry_rounded((*ctx.xs)[i]) : activations_->take(op.micro).clone();
+        const auto t0 = Clock::now();
+        const double t0_us = trace_now_us();
+        Tensor h = chain_forward(st.modules, x, &saved[i], ctx.stream);
+        x = Tensor();
+        if (last) {
+          ctx.losses[i] = micro_batch_loss(h, (*ctx.ys)[i], *ctx.loss, ctx.weight[i], ctx.scale, dlogits[i], ctx.stream);
+          ctx.correct[i] = count_correct(h, (*ctx.ys)[i]);
+        } else {
+          activations_->put(op.micro, std::move(h));
+        }
+        const double dt = seconds_since(t0);
+        st.forward_s += dt;
+        if (trace_enabled()) record_trace_event(("F" + std::to_string(op.micro)).c_str(), "pipeline", t0_us, dt * 1e6);
+      } else {
+        Tensor dy = last ? entry_rounded(dlogits[i]) : gradients_->take(op.micro).clone();
+        dlogits[i] = Tensor();
+        const auto t0 = Clock::now();
+        const double t0_us = trace_now_us();
+        Tensor dx = chain_backward(st.modules, dy, *saved[i], /*need_input_grad=*/!first, ctx.stream);
+        saved[i].reset();
+        dy = Tensor();
+        if (!first) gradients_->put(op.micro, std::move(dx));
+        const double dt = seconds_since(t0);
+        st.backward_s += dt;
+        if (trace_enabled()) record_trace_event(("B" + std::to_string(op.micro)).c_str(), "pipeline", t0_us, dt * 1e6);
+      }
+    }
+  } catch (const PipelineAborted&) {
+    throw;  // the other stage failed and says why
+  } catch (const std::exception& e) {
+    {
+      std::lock_guard<std::mutex> lock(ctx.error_mu);
+      if (ctx.first_error.empty())
+        ctx.first_error = "pipeline stage " + std::to_string(s) + ", " + (current.forward ? "forward" : "backward") +
+                          " of micro-batch " + std::to_string(current.micro) + ": " + e.what();
+    }
+    activations_->abort();
+    gradients_->abort();
+    throw;
+  }
+  st.busy_s = st.forward_s + st.backward_s;
+}
+
+StepStats Pipeline::train_step(Optimizer& opt, const std::vector<Tensor>& xs, const std::vector<Tensor>& ys,
+                               const Loss& loss, const StepOptions& options, StepProfiler* prof) {
+  StepProfiler unused;
+  StepProfiler& timer = prof ? *prof : unused;
+  LANCET_CHECK(!xs.empty() && xs.size() == ys.size(),
+               "pipeline step: " << xs.size() << " input and " << ys.size() << " label micro-batches");
+  LANCET_CHECK(!options.grad_sync, "pipeline step: StepOptions::grad_sync must be null (stages synchronise themselves)");
+  const int m = static_cast<int>(xs.size());
+  int64_t total = 0;
+  for (const Tensor& x : xs) total += x.dim(0);
+
+  StepContext ctx;
+  ctx.xs = &xs;
+  ctx.ys = &ys;
+  ctx.loss = &loss;
+  for (const Tensor& x : xs) ctx.weight.push_back(m > 1 ? static_cast<double>(x.dim(0)) / static_cast<double>(total) : 1.0);
+  LossScaler* scaler = options.loss_scaler && options.loss_scaler->enabled() ? options.loss_scaler : nullptr;
+  ctx.scale = scaler ? scaler->scale() : 1.f;
+  ctx.precision = model_.precision();
+  ctx.stream = Stream{Device::cpu(), nullptr};
+  ctx.losses.assign(static_cast<size_t>(m), 0.f);
+  ctx.correct.assign(static_cast<size_t>(m), 0);
+
+  if (micro_batches_ != m) {  // statistics are per micro-batch count
+    reset_stats();
+    micro_batches_ = m;
+  }
+  std::vector<int64_t> base(stages_.size());
+  for (size_t s = 0; s < stages_.size(); ++s) {
+    Stage& st = stages_[s];
+    st.ops = stage_schedule(options_.schedule, static_cast<int>(s), num_stages(), m);
+    st.busy_s = st.forward_s = st.backward_s = 0;
+    reset_memory_domain_peak(st.domain);
+    base[s] = static_cast<int64_t>(memory_domain_current_bytes(st.domain));
+  }
+  activations_->reset();
+  gradients_->reset();
+
+  // Run the stages; from the last to the first, as each finishes, start its gradient
+  // all-reduce (data parallelism) while the earlier stages still compute.
+  const auto t0 = Clock::now();
+  double wall = 0;
+  {
+    TraceScope trace("pipeline", "phase");
+    for (size_t s = 0; s < stages_.size(); ++s) {
+      const int stage = static_cast<int>(s);
+      workers_[s]->submit([this, stage, &ctx] { run_stage(stage, ctx); });
+    }
+    bool failed = false;
+    for (size_t s = stages_.size(); s-- > 0;) {
+      while (!workers_[s]->wait_for(std::chrono::milliseconds(1))) {
+        for (const Stage& later : stages_)
+          if (later.sync) later.sync->progress();  // Open MPI moves collectives inside MPI calls
+      }
+      if (workers_[s]->error()) failed = true;
+      if (!failed && stages_[s].sync) {
+        stages_[s].sync->begin_backward(/*sync=*/true);
+        stages_[s].sync->start_all(ctx.stream);
+      }
+    }
+    wall = seconds_since(t0);
+    if (failed) {
+      for (Stage& st : stages_)
+        if (st.sync) st.sync->finish(ctx.stream);  // collectives started must complete on every rank
+      std::string why;
+      {
+        std::lock_guard<std::mutex> lock(ctx.error_mu);
+        why = ctx.first_error;
+      }
+      if (!why.empty()) LANCET_FAIL(why);
+      for (auto& w : workers_)
+        if (auto e = w->error()) std::rethrow_exception(e);
+    }
+  }
+  timer.add(Phase::pipeline, wall);
+
+  StepStats out;
+  if (scaler) out.loss_scale = scaler->scale();
+  if (stages_.front().sync) {
+    auto scope = timer.phase(Phase::grad_sync);
+    for (size_t s = stages_.size(); s-- > 0;) stages_[s].sync->finish(ctx.stream);
+  }
+  finish_step(model_, opt, comm_, options, /*synced=*/stages_.front().sync != nullptr, out, timer, ctx.stream);
+  double loss_sum = 0;
+  for (int i = 0; i < m; ++i) {
+    loss_sum = std::fma(static_cast<double>(ctx.losses[static_cast<size_t>(i)]), ctx.weight[static_cast<size_t>(i)], loss_sum);  // as train_step_micro
+    out.correct += ctx.correct[static_cast<size_t>(i)];
+  }
+  out.loss = loss_sum;
+  out.count = total;
+
+  ++steps_;
+  step_sum_s_ += wall;
+  for (size_t s = 0; s < stages_.size(); ++s) {
+    const Stage& st = stages_[s];
+    busy_sum_s_[s] += st.busy_s;
+    forward_sum_s_[s] += st.forward_s;
+    backward_sum_s_[s] += st.backward_s;
+    idle_sum_[s] += wall > 0 ? std::max(0.0, 1.0 - st.busy_s / wall) : 0.0;
+    peak_bytes_[s] =
+        std::max(peak_bytes_[s], static_cast<int64_t>(memory_domain_peak_bytes(st.domain)) - base[s]);
+  }
+  return out;
+}
+
+void Pipeline::reset_stats() {
+  steps_ = 0;
+  step_sum_s_ = 0;
+  busy_sum_s_.assign(stages_.size(), 0.0);
+  forward_sum_s_.assign(stages_.size(), 0.0);
+  backward_sum_s_.assign(stages_.size(), 0.0);
+  idle_sum_.assign(stages_.size(), 0.0);
+  peak_bytes_.assign(stages_.size(), 0);
+}
+
+PipelineStats Pipeline::stats() const {
+  PipelineStats p;
+  p.steps = steps_;
+  p.stages = num_stages();
+  p.micro_batches = micro_batches_;
+  p.schedule = pipe_schedule_name(options_.schedule);
+  const double n = std::max<int64_t>(steps_, 1);
+  p.step_s = step_sum_s_ / n;
+  p.bubble_theory = micro_batches_ > 0 ? theoretical_bubble(num_stages(), micro_batches_) : 0;
+  for (size_t s = 0; s < stages_.size(); ++s) {
+    const Stage& st = stages_[s];
+    PipelineStageStats q;
+    q.first_unit = st.names.front();
+    q.last_unit = st.names.back();
+    q.units = static_cast<int>(st.names.size());
+    q.parameters = count_parameters(st.modules);
+    q.device = cpu_device(options_.threads_per_stage);
+    q.busy_s = busy_sum_s_[s] / n;
+    q.forward_s = forward_sum_s_[s] / n;
+    q.backward_s = backward_sum_s_[s] / n;
+    q.idle = idle_sum_[s] / n;
+    q.max_in_flight =
+        micro_batches_ > 0 ? max_in_flight(stage_schedule(options_.schedule, static_cast<int>(s), num_stages(), micro_batches_)) : 0;
+    q.peak_bytes = peak_bytes_[s];
+    p.bubble += q.idle / static_cast<double>(stages_.size());
+    p.stage.push_back(q);
+  }
+  return p;
+}
+
+Json PipelineStats::to_json() const {
+  Json st = Json::array();
+  for (const auto& q : stage)
+    st.push_back({{"first_unit", q.first_unit},
+                  {"last_unit", q.last_unit},
+                  {"units", q.units},
+                  {"parameters", q.parameters},
+                  {"device", q.device},
+                  {"busy_ms", q.busy_s * 1e3},
+                  {"forward_ms", q.forward_s * 1e3},
+                  {"backward_ms", q.backward_s * 1e3},
+                  {"idle", q.idle},
+                  {"max_in_flight", q.max_in_flight},
+                  {"peak_bytes", q.peak_bytes}});
+  return {{"steps", steps},           {"stages", stages}, {"micro_batches", micro_batches},
+          {"schedule", schedule},     {"step_ms", step_s * 1e3}, {"bubble", bubble},
+          {"bubble_theory", bubble_theory}, {"stage", st}};
+}
+
+std::string PipelineStats::text() const {
+  std::ostringstream os;
+  os << std::fixed << std::setprecision(1) << "pipeline " << schedule << ", " << micro_batches
+     << " micro-batches: forward+backward " << step_s * 1e3 << " ms per step, bubble " << bubble * 100
+     << "% measured (" << bubble_theory * 100 << "% for equal stages)\n";
+  for (size_t s = 0; s < stage.size(); ++s) {
+    const auto& q = stage[s];
+    os << "  stage " << s << " (" << q.first_unit << " .. " << q.last_unit << "): busy " << q.busy_s * 1e3
+       << " ms (forward " << q.forward_s * 1e3 << ", backward " << q.backward_s * 1e3 << "), idle " << q.idle * 100
+       << "%, peak " << q.peak_bytes / 1048576.0 << " MiB (" << q.max_in_flight << " micro-batch"
+       << (q.max_in_flight == 1 ? "" : "es") << " in flight)\n";
+  }
+  return os.str();
+}
+
+}  // namespace lancet

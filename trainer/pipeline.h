@@ -1,0 +1,182 @@
+// pipeline.h — pipeline model parallelism: a model's chain of units cut into two stages that
+// run concurrently on micro-batches (GPipe and 1F1B schedules), as in the glaucoma study's
+// two-GPU MedicalCNN.
+//
+// The model is a chain of units run in order (MedicalCNN::units(): "stem", "stages.0.0", ...,
+// "head"). Stage 0 runs units [0, cut), stage 1 runs [cut, n). Each stage has its own worker
+// thread that executes the stage's schedule — a list of forwards and backwards of the step's M
+// micro-batches — and its own device: on the CPU each stage is a group of threads
+// (set_thread_local_threads) and a memory domain (kernels/allocator.h), so it reports its own
+// busy time and peak memory, as a stage on its own GPU would. Activations travel stage 0 ->
+// stage 1 and their gradients back through mailboxes keyed by micro-batch; a stage waits only
+// for the micro-batch it needs next. The receiving stage copies what it receives into its own
+// memory (the device-to-device copy of a real two-device pipeline).
+//
+// Equivalence: both schedules run each stage's backwards in micro-batch order, and a stage's
+// forwards in micro-batch order, so BatchNorm's running statistics, dropout counters and the
+// order in which gradients accumulate are exactly those of unpipelined training with M-step
+// gradient accumulation over the same micro-batches (train_step_micro): with the same thread
+// count per kernel the weights after a step are bitwise equal (tests/test_pipeline.cpp).
+//
+// Failures: an exception in either stage aborts the mailboxes, so the other stage cannot wait
+// forever; the step then throws the first stage's error, naming the stage and micro-batch.
+//
+// Data parallelism: each rank owns a pipeline; each stage's gradients are bucketed and
+// all-reduced (GradSync without hooks) from the training thread as soon as that stage has run
+// its last backward — the last stage's reduction overlaps the first stage's last backwards.
+#pragma once
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "layers/module.h"
+#include "trainer/ddp.h"
+#include "trainer/optimizer.h"
+#include "trainer/profiler.h"
+#include "trainer/trainer.h"
+
+namespace lancet {
+
+enum class PipeSchedule { gpipe, one_f_one_b };
+PipeSchedule parse_pipe_schedule(const std::string& name);  // "gpipe" | "1f1b"
+const char* pipe_schedule_name(PipeSchedule s);
+
+struct PipeOp {
+  bool forward = true;
+  int micro = 0;
+  bool operator==(const PipeOp& o) const { return forward == o.forward && micro == o.micro; }
+};
+// What stage `stage` of `stages` runs, in order, for `micro_batches` micro-batches:
+//   gpipe  F0 F1 .. F(m-1) B0 B1 .. B(m-1)
+//   1f1b   min(stages - 1 - stage, m) warm-up forwards, then one forward and one backward in
+//          turn, then the remaining backwards (PipeDream-Flush): at most stages - stage
+//          micro-batches in flight.
+std::vector<PipeOp> stage_schedule(PipeSchedule schedule, int stage, int stages, int micro_batches);
+// The most micro-batches whose forward has run and whose backward has not, along `ops`.
+int max_in_flight(const std::vector<PipeOp>& ops);
+// The bubble of a pipeline of `stages` equal stages over `micro_batches`: (p - 1) / (m + p - 1).
+double theoretical_bubble(int stages, int micro_batches);
+
+using Units = std::vector<std::pair<std::string, Module*>>;
+
+// Per-unit costs for choosing a cut, measured on `x` (one micro-batch) with the calling
+// thread's kernels. They run forwards (and backwards) of the units: BatchNorm statistics and
+// dropout counters move, so measure a scratch copy of the model, not the one being trained.
+// Seconds of forward + backward in training mode, the best of `repeats` after one warm-up:
+std::vector<double> measure_unit_seconds(const Units& units, const Tensor& x, const Stream& s, int repeats = 2);
+// Forward FLOPs of the convolutions and linear layers (add_thread_flops), inference mode:
+std::vector<double> unit_forward_flops(const Units& units, const Tensor& x, const Stream& s);
+// The index of stage 1's first unit that minimises the larger stage's total (ties: the more
+// even split), in [1, n).
+int balanced_cut(const std::vector<double>& cost);
+// The index of the unit named `name`, which must be a valid cut (not the first unit); throws
+// listing the valid names.
+int cut_index(const Units& units, const std::string& name);
+
+struct PipelineOptions {
+  PipeSchedule schedule = PipeSchedule::one_f_one_b;
+  int cut = 1;                // index of stage 1's first unit
+  int threads_per_stage = 1;  // CPU stages: kernel threads of each stage's worker
+  // Data parallelism over the communicator passed to the pipeline (when it has > 1 rank):
+  // bucket size for each stage's gradient all-reduce.
+  double bucket_mb = 25;
+};
+
+struct PipelineStageStats {
+  std::string first_unit, last_unit;
+  int units = 0;
+  int64_t parameters = 0;
+  std::string device;  // "cpu (2 threads)"
+  double busy_s = 0;   // mean per step: forwards + backwards, not waiting
+  double forward_s = 0, backward_s = 0;
+  double idle = 0;               // mean share of the pipelined step the stage waited
+  int max_in_flight = 0;         // micro-batches holding activations at once (schedule)
+  int64_t peak_bytes = 0;        // most memory the stage allocated during a step (max over steps)
+};
+struct PipelineStats {
+  int64_t steps = 0;
+  int stages = 2, micro_batches = 0;
+  std::string schedule;
+  double step_s = 0;         // mean wall time of the pipelined forward + backward
+  double bubble = 0;         // measured: mean over stages of the share of step_s spent idle
+  double bubble_theory = 0;  // (p - 1) / (m + p - 1)
+  std::vector<PipelineStageStats> stage;
+  Json to_json() const;
+  // "pipeline 1f1b, 4 micro-batches: 123.4 ms per step, bubble 22.1% measured (20.0% theory)"
+  // and one line per stage: units, busy ms, idle %, peak MiB.
+  std::string text() const;
+};
+
+class Pipeline {
+ public:
+  // `units` is the model's chain (MedicalCNN::units()), all on one device (the CPU); the model
+  // is the whole (zero_grad, the optimizer's parameters, checkpoints are unchanged). With a
+  // communicator of several ranks, every rank builds the same pipeline.
+  Pipeline(Module& model, Units units, const PipelineOptions& options, Communicator& comm);
+  ~Pipeline();
+  Pipeline(const Pipeline&) = delete;
+  Pipeline& operator=(const Pipeline&) = delete;
+
+  // One optimizer step over micro-batches xs / ys (on the device; at least one), as
+  // train_step_micro does it: micro-batch i's loss weighs xs[i].dim(0) / total rows, the loss
+  // scaler, clipping and the optimizer as StepOptions say (options.grad_sync must be null: the
+  // pipeline synchronises its stages itself). The profiler gets the pipelined forward +
+  // backward as Phase::pipeline, then grad_sync and optimizer.
+  StepStats train_step(Optimizer& opt, const std::vector<Tensor>& xs, const std::vector<Tensor>& ys, const Loss& loss,
+                       const StepOptions& options, StepProfiler* prof = nullptr);
+
+  // Data parallelism: rank 0's parameters and buffers to every rank (start), buffers alone
+  // (before validation and checkpoints). Nothing with one rank.
+  void broadcast_parameters();
+  void broadcast_buffers();
+
+  int num_stages() const { return static_cast<int>(stages_.size()); }
+  int cut() const { return options_.cut; }
+  // Per stage, for the log: "stage 0: stem .. stages.1.0 (5 units, 1234 parameters) on cpu (1 thread)".
+  std::string describe() const;
+  // Gradient buckets per stage (data parallelism; empty with one rank).
+  std::vector<int> buckets_per_stage() const;
+
+  PipelineStats stats() const;  // since the last reset_stats()
+  void reset_stats();
+
+ private:
+  struct Worker;
+  struct Mailbox;
+  struct Stage {
+    std::vector<Module*> modules;
+    std::vector<std::string> names;
+    std::vector<PipeOp> ops;
+    int domain = 0;
+    std::unique_ptr<GradSync> sync;
+    double busy_s = 0, forward_s = 0, backward_s = 0;  // this step
+  };
+  struct StepContext;
+  void run_stage(int stage, StepContext& ctx);
+
+  Module& model_;
+  Units units_;
+  PipelineOptions options_;
+  Communicator& comm_;
+  std::vector<Stage> stages_;
+  std::vector<std::unique_ptr<Worker>> workers_;
+  std::unique_ptr<Mailbox> activations_, gradients_;  // stage 0 -> 1, stage 1 -> 0
+
+  // Sums over the steps since reset_stats().
+  int64_t steps_ = 0;
+  int micro_batches_ = 0;
+  double step_sum_s_ = 0;
+  std::vector<double> busy_sum_s_, forward_sum_s_, backward_sum_s_, idle_sum_;
+  std::vector<int64_t> peak_bytes_;
+};
+
+}  // namespace lancet
