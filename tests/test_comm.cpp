@@ -9,16 +9,13 @@
 
 #include "comm/communicator.h"
 #include "tests/expect_error.h"
+#include "tests/job_comm.h"
 
 using namespace lancet;
+using namespace lancet::testing;
 using lancet::testing::expect_error;
 
 namespace {
-
-Communicator& comm() {
-  static std::unique_ptr<Communicator> c = make_cpu_communicator("auto");
-  return *c;
-}
 
 const Stream kCpu = Stream::cpu();
 

@@ -12,18 +12,15 @@
 #include "layers/layers.h"
 #include "layers/medicalcnn.h"
 #include "tests/expect_error.h"
+#include "tests/job_comm.h"
 #include "trainer/ddp.h"
 #include "trainer/weights.h"
 
 using namespace lancet;
+using namespace lancet::testing;
 using lancet::testing::expect_error;
 
 namespace {
-
-Communicator& comm() {
-  static std::unique_ptr<Communicator> c = make_cpu_communicator("auto");
-  return *c;
-}
 
 const Stream kCpu = Stream::cpu();
 

@@ -289,5 +289,29 @@ TEST(BenchComm, FitsALinkBetweenTwoRanks) {
   EXPECT_NE(one.output.find("bench comm needs at least 2 ranks"), std::string::npos) << one.output;
 }
 
+
+// Pipeline rows: bench mode times the two-stage pipeline in one process beside the unpipelined
+// rows (speedup against the serial run); a pipeline on several ranks is a reported failed row
+// in bench mode.
+TEST(Sweep, PipelineRowsBesideUnpipelinedOnes) {
+  TempDir dir("sweep_pipe");
+  const auto r = run_lancet("sweep --ranks 1,2 --threads 2 --pipeline 1,2 --batch-size 4 --steps 1 --warmup 0 " +
+                            std::string(kTiny) + " --set pipeline.micro_batches=2 --out " + dir / "s");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("1x2 cpu fp32 b4 pipe2: "), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("bench mode times a pipeline in one process"), std::string::npos) << r.output;
+  const Json rec = Json::parse(read(dir / "s/sweep.json"));
+  int piped_ok = 0;
+  for (const auto& row : rec)
+    if (row.at("pipeline_stages") == 2 && row.at("status") == "ok") {
+      ++piped_ok;
+      EXPECT_GT(row.at("images_per_s").get<double>(), 0);
+      EXPECT_EQ(row.at("bench").at("pipeline").at("stage").size(), 2u);
+    }
+  EXPECT_EQ(piped_ok, 1);
+  const std::string csv = read(dir / "s/sweep.csv");
+  EXPECT_NE(csv.find(",pipeline_stages\n"), std::string::npos) << csv;
+}
+
 }  // namespace
 }  // namespace lancet

@@ -31,13 +31,9 @@ struct BenchArgs {
   bool json = false;
 };
 
-double percentile(std::vector<double> v, double q) {
-  std::sort(v.begin(), v.end());
-  const double pos = q * (v.size() - 1);
-  const size_t lo = static_cast<size_t>(pos);
-  const size_t hi = std::min(lo + 1, v.size() - 1);
-  return v[lo] + (v[hi] - v[lo]) * (pos - lo);
-}
+// Percentiles as the step profiler computes them (numpy's linear interpolation).
+double p50(const std::vector<double>& v) { return compute_stats(v).p50_s; }
+double p95(const std::vector<double>& v) { return compute_stats(v).p95_s; }
 
 // bench train with pipeline.stages 2: the two-stage pipeline against one device (the same
 // model and batch, unpipelined, on one stage's threads) and against the unpipelined model on
@@ -93,8 +89,8 @@ void run_bench_pipeline(const BenchArgs& a, const Json& config) {
     mean /= static_cast<double>(ms.size());
     return Json{{"images_per_s", static_cast<double>(b) / (mean / 1e3)},
                 {"step_ms_mean", mean},
-                {"step_ms_p50", percentile(ms, 0.5)},
-                {"step_ms_p95", percentile(ms, 0.95)}};
+                {"step_ms_p50", p50(ms)},
+                {"step_ms_p95", p95(ms)}};
   };
   // Unpipelined on `t` threads: the whole batch per step.
   auto unpipelined = [&](int t) {
@@ -137,8 +133,15 @@ void run_bench_pipeline(const BenchArgs& a, const Json& config) {
   po.cut = cut;
   po.threads_per_stage = stage_threads;
   Pipeline pipe(*model, model->units(), po, *single);
-  // The pipeline's report covers the timed steps only.
-  Json piped = time_steps([&] { pipe.train_step(*opt, xs, ys, loss, StepOptions()); }, [&] { pipe.reset_stats(); });
+  // The pipeline's report covers the timed steps only; the allocator's peak (every stage, the
+  // weights and optimizer state too) likewise, as plain bench train reports it.
+  Allocator& alloc = allocator_for(Device::cpu());
+  Json piped = time_steps([&] { pipe.train_step(*opt, xs, ys, loss, StepOptions()); },
+                          [&] {
+                            pipe.reset_stats();
+                            alloc.reset_peak();
+                          });
+  const int64_t peak = static_cast<int64_t>(alloc.peak_bytes());
   const PipelineStats st = pipe.stats();
   Json one = unpipelined(stage_threads);
   Json all = threads != stage_threads ? unpipelined(threads) : one;
@@ -147,6 +150,9 @@ void run_bench_pipeline(const BenchArgs& a, const Json& config) {
             {"step_ms_mean", piped["step_ms_mean"]},
             {"step_ms_p50", piped["step_ms_p50"]},
             {"step_ms_p95", piped["step_ms_p95"]},
+            {"peak_bytes", peak},
+            {"ranks", 1},
+            {"per_rank_batch", b},
             {"pipeline", st.to_json()},
             {"cut", model->units()[static_cast<size_t>(cut)].first},
             {"cut_by", basis},
@@ -304,8 +310,8 @@ void run_bench(const BenchArgs& a, Communicator& comm) {
   Json j = {{"benchmark", std::string(train ? "train" : "infer")},
             {"images_per_s", static_cast<double>(tc.batch_size) * a.steps / job_s},
             {"step_ms_mean", mean},
-            {"step_ms_p50", percentile(ms, 0.5)},
-            {"step_ms_p95", percentile(ms, 0.95)},
+            {"step_ms_p50", p50(ms)},
+            {"step_ms_p95", p95(ms)},
             {"step_ms_min", *std::min_element(ms.begin(), ms.end())},
             {"peak_bytes", static_cast<int64_t>(peak)},
             {"ranks", ranks},
@@ -362,7 +368,7 @@ void run_bench_comm(const BenchArgs& a, Communicator& comm) {
       comm.all_reduce(t, ReduceOp::sum, s);
       sec.push_back(comm.all_reduce_scalar(std::chrono::duration<double>(Clock::now() - t0).count(), ReduceOp::max));
     }
-    const double med = percentile(sec, 0.5);
+    const double med = p50(sec);
     fit.emplace_back(static_cast<double>(bytes), med);
     sizes.push_back({{"bytes", bytes}, {"ms_p50", med * 1e3}, {"ms_min", *std::min_element(sec.begin(), sec.end()) * 1e3},
                      {"bus_GBps", 2.0 * (comm.size() - 1) / comm.size() * bytes / med / 1e9}});

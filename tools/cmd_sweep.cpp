@@ -37,6 +37,7 @@ namespace fs = std::filesystem;
 
 struct SweepArgs {
   std::vector<int> ranks{1, 2}, threads{1};
+  std::vector<int> stages{1};  // pipeline.stages: 1 (no pipeline), 2
   std::vector<std::string> devices{"cpu"}, precisions{"fp32"};
   std::vector<int64_t> batches{16};
   std::string scaling = "weak";
@@ -61,6 +62,7 @@ struct Row {
   std::string device, precision;
   int ranks = 1, threads = 1;
   int workers = -1;  // data.workers; -1: the config's
+  int stages = 1;    // pipeline.stages
   int64_t batch = 0, per_rank_batch = 0;
   double val_accuracy = NAN, time_to_target_s = NAN;  // train mode
   std::string status = "ok";
@@ -76,12 +78,14 @@ struct Row {
     std::ostringstream o;
     o << device << " " << precision << " " << threads << "t " << (per_rank_batch ? per_rank_batch : batch);
     if (workers >= 0) o << " w" << workers;
+    if (stages > 1) o << " pipe" << stages;
     return o.str();
   }
   std::string name() const {
     std::ostringstream o;
     o << ranks << "x" << threads << " " << device << " " << precision << " b" << batch;
     if (workers >= 0) o << " w" << workers;
+    if (stages > 1) o << " pipe" << stages;
     return o.str();
   }
 };
@@ -342,7 +346,7 @@ std::string csv(const std::vector<Row>& rows) {
   c << "device,precision,ranks,threads_per_rank,workers,global_batch,per_rank_batch,status,images_per_s,step_ms,"
        "forward_ms,backward_ms,grad_sync_ms,optimizer_ms,other_ms,peak_mib,training_time_s,speedup,efficiency,"
        "speedup_vs_serial,efficiency_vs_serial,predicted_images_per_s,model_error,predicted_no_overlap_images_per_s,"
-       "data_workers,val_accuracy,time_to_target_s\n";
+       "data_workers,val_accuracy,time_to_target_s,pipeline_stages\n";
   for (const auto& r : rows) {
     std::string status = r.status;
     std::replace(status.begin(), status.end(), ',', ';');
@@ -355,7 +359,7 @@ std::string csv(const std::vector<Row>& rows) {
       << fixed(r.efficiency, 4) << "," << fixed(r.speedup_serial, 4) << "," << fixed(r.efficiency_serial, 4) << ","
       << fixed(r.predicted_ips, 3) << "," << fixed(r.predicted_err, 4) << "," << fixed(r.predicted_serial_ips, 3) << ","
       << (r.workers >= 0 ? std::to_string(r.workers) : std::string("-")) << "," << fixed(r.val_accuracy, 4) << ","
-      << fixed(r.time_to_target_s, 3) << "\n";
+      << fixed(r.time_to_target_s, 3) << "," << r.stages << "\n";
   }
   std::string s = c.str();
   // "-" for missing values reads as text in spreadsheets: leave the cell empty instead.
@@ -513,6 +517,7 @@ void run_sweep(const SweepArgs& a) {
   LANCET_CHECK(a.target_accuracy == 0 || a.mode == "train", "sweep: --target-accuracy needs --mode train");
   for (int w : a.workers) LANCET_CHECK(w >= 0, "sweep: --workers values must be >= 0, got " << w);
   for (int r : a.ranks) LANCET_CHECK(r >= 1, "sweep: --ranks values must be >= 1, got " << r);
+  for (int p : a.stages) LANCET_CHECK(p == 1 || p == 2, "sweep: --pipeline values must be 1 (no pipeline) or 2, got " << p);
   for (int t : a.threads) LANCET_CHECK(t >= 1, "sweep: --threads values must be >= 1, got " << t);
   for (int64_t b : a.batches) LANCET_CHECK(b >= 1, "sweep: --batch-size values must be >= 1, got " << b);
   for (int r : a.project) LANCET_CHECK(r >= 1, "sweep: --project values must be >= 1, got " << r);
@@ -553,9 +558,11 @@ void run_sweep(const SweepArgs& a) {
       for (int64_t batch : a.batches)
         for (int threads : a.threads)
           for (int workers : a.workers.empty() ? std::vector<int>{-1} : a.workers)
+          for (int stages : a.stages)
           for (int ranks : a.ranks) {
             Row r;
             r.workers = workers;
+            r.stages = stages;
             r.device = device;
             r.precision = precision;
             r.ranks = ranks;
@@ -571,11 +578,17 @@ void run_sweep(const SweepArgs& a) {
     std::ostringstream id;
     id << r.device << "_" << r.precision << "_r" << r.ranks << "_t" << r.threads << "_b" << r.batch;
     if (r.workers >= 0) id << "_w" << r.workers;
+    if (r.stages > 1) id << "_p" << r.stages;
     std::string file_id = id.str();
     std::replace(file_id.begin(), file_id.end(), ':', '-');
     std::cerr << "[" << i + 1 << "/" << total << "] " << r.name() << ": " << std::flush;
     if (a.scaling == "strong" && r.per_rank_batch == 0) {
       r.status = "failed: batch " + std::to_string(r.batch) + " not divisible by " + std::to_string(r.ranks) + " ranks";
+      std::cerr << r.status << "\n";
+      continue;
+    }
+    if (r.stages > 1 && r.ranks > 1 && a.mode == "bench") {
+      r.status = "failed: bench mode times a pipeline in one process; --mode train runs pipelines on several ranks";
       std::cerr << r.status << "\n";
       continue;
     }
@@ -598,6 +611,7 @@ void run_sweep(const SweepArgs& a) {
     }
     argv.insert(argv.end(), {"--device", r.device, "--precision", r.precision, "--threads", std::to_string(r.threads),
                              "--batch-size", std::to_string(r.batch)});
+    if (r.stages > 1) argv.insert(argv.end(), {"--set", "pipeline.stages=" + std::to_string(r.stages)});
     argv.insert(argv.end(), pass.begin(), pass.end());
     {
       std::ofstream cmd(base + ".cmd");
@@ -643,7 +657,7 @@ void run_sweep(const SweepArgs& a) {
       }
     for (const auto& b : rows)
       if (b.ok() && b.ranks == 1 && b.threads == 1 && b.device == r.device && b.precision == r.precision &&
-          b.per_rank_batch == r.per_rank_batch && b.workers == r.workers && b.images_per_s > 0) {
+          b.per_rank_batch == r.per_rank_batch && b.workers == r.workers && b.stages == 1 && b.images_per_s > 0) {
         r.speedup_serial = r.images_per_s / b.images_per_s;
         r.efficiency_serial = r.speedup_serial / (r.ranks * r.threads);
       }
@@ -727,6 +741,7 @@ void run_sweep(const SweepArgs& a) {
               {"batch", r.batch},   {"status", r.status},       {"bench", r.bench},
               {"images_per_s", r.images_per_s}};
     if (r.workers >= 0) j["data_workers"] = r.workers;
+    j["pipeline_stages"] = r.stages;
     if (std::isfinite(r.val_accuracy)) j["val_accuracy"] = r.val_accuracy;
     if (std::isfinite(r.time_to_target_s)) j["time_to_target_s"] = r.time_to_target_s;
     if (std::isfinite(r.predicted_ips)) {
@@ -771,6 +786,11 @@ void register_sweep(CLI::App& app) {
                   "`lancet train` runs on the configured data (throughput with loading, accuracy, time to "
                   "--target-accuracy)")
       ->check(CLI::IsMember({"bench", "train"}))
+      ->capture_default_str();
+  sub->add_option("--pipeline", a->stages,
+                  "pipeline stages per rank (pipeline.stages), comma-separated: 1 (none), 2; bench mode times "
+                  "pipelines in one process (ranks 1), train mode on any rank count")
+      ->delimiter(',')
       ->capture_default_str();
   sub->add_option("--workers", a->workers, "train mode: loader worker threads (data.workers), comma-separated")->delimiter(',');
   sub->add_option("--target-accuracy", a->target_accuracy, "train mode: report the time to this validation accuracy")
