@@ -259,6 +259,7 @@ TEST(Sweep, TrainModeRunsRealTrainingWithLoaderWorkersAndTimeToAccuracy) {
     // Accuracy 1% is reached at the first epoch: the time to it is that epoch's time.
     EXPECT_GT(rec[i]["time_to_target_s"].get<double>(), 0);
     EXPECT_GE(rec[i]["val_accuracy"].get<double>(), 0.01);
+    EXPECT_GT(rec[i]["peak_mib"].get<double>(), 0);  // from the run's metrics.jsonl
     EXPECT_TRUE(std::filesystem::exists(dir / ("s/runs/cpu_fp32_r1_t1_b16_w" + std::to_string(i) + ".run/final.h5")));
   }
   // Worker counts do not change what is trained: the same accuracy (bit-identical runs).
@@ -311,6 +312,8 @@ TEST(Sweep, PipelineRowsBesideUnpipelinedOnes) {
   EXPECT_EQ(piped_ok, 1);
   const std::string csv = read(dir / "s/sweep.csv");
   EXPECT_NE(csv.find(",pipeline_stages\n"), std::string::npos) << csv;
+  EXPECT_NE(csv.find("backward_ms,pipeline_ms,grad_sync_ms"), std::string::npos) << csv;
+  EXPECT_NE(read(dir / "s/sweep.md").find("| forward | backward | pipeline |"), std::string::npos);
 }
 
 }  // namespace

@@ -684,6 +684,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     int64_t images_this_session = 0;
     prof.reset();
     if (pipeline) pipeline->reset_stats();
+    allocator_for(device).reset_peak();
     while (state.step_in_epoch < epoch_end) {
       prof.begin_step();
       const int64_t start = state.step_in_epoch * bs;
@@ -801,7 +802,9 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
                 {"lr", lr_used},
                 {"val_loss", ev.loss},
                 {"val", report.to_json()},
-                {"phases", prof.to_json()}};
+                {"phases", prof.to_json()},
+                // This rank's allocator peak over the epoch: weights, optimizer state, activations.
+                {"peak_bytes", static_cast<int64_t>(allocator_for(device).peak_bytes())}};
       if (pipeline) m["pipeline"] = pipeline->stats().to_json();
       if (scaler.enabled()) {  // the scale at the epoch's end and the steps it skipped
         m["loss_scale"] = scaler.scale();
