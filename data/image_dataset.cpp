@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <opencv2/core.hpp>
 
@@ -38,16 +39,57 @@ CachedImageDataset::CachedImageDataset(std::vector<uint8_t> pixels, std::vector<
                  names_[i] << ": label " << labels_[i] << " is outside the " << k << " classes");
 }
 
+CachedImageDataset::CachedImageDataset(SampleSource source, std::vector<int64_t> labels,
+                                       std::vector<std::string> class_names, std::vector<std::string> names,
+                                       const ImageLoadOptions& opt)
+    : labels_(std::move(labels)),
+      class_names_(std::move(class_names)),
+      names_(std::move(names)),
+      opt_(opt),
+      source_(std::move(source)) {
+  check_load_options(opt_);
+  LANCET_CHECK(source_, "CachedImageDataset: streaming without a sample source");
+  per_ = static_cast<size_t>(opt_.image_size) * static_cast<size_t>(opt_.image_size) * static_cast<size_t>(opt_.channels);
+  LANCET_CHECK(names_.size() == labels_.size(),
+               "CachedImageDataset: " << names_.size() << " names for " << labels_.size() << " labels");
+  const int64_t k = static_cast<int64_t>(class_names_.size());
+  for (size_t i = 0; i < labels_.size(); ++i)
+    LANCET_CHECK(labels_[i] >= 0 && labels_[i] < k,
+                 names_[i] << ": label " << labels_[i] << " is outside the " << k << " classes");
+}
+
+const uint8_t* CachedImageDataset::pixels(int64_t i) const {
+  LANCET_CHECK(!streaming(), name(i) << ": the dataset streams its samples (data.cache false): no cached pixels");
+  return pixels_.data() + static_cast<size_t>(i) * per_;
+}
+
+std::vector<uint8_t> CachedImageDataset::image(int64_t i) const {
+  if (!streaming()) {
+    const uint8_t* p = pixels(i);
+    return std::vector<uint8_t>(p, p + per_);
+  }
+  const Image8 img = source_(i);
+  return resize_image(img.pixels.data(), img.rows, img.cols, img.channels, opt_.channels, opt_.image_size);
+}
+
 void CachedImageDataset::get(int64_t i, float* out) const {
   // At the stored size and channels preprocess_image only normalises.
+  if (streaming()) {
+    const std::vector<uint8_t> img = image(i);
+    preprocess_image(img.data(), opt_.image_size, opt_.image_size, opt_.channels, opt_, out);
+    return;
+  }
   preprocess_image(pixels(i), opt_.image_size, opt_.image_size, opt_.channels, opt_, out);
 }
 
 void CachedImageDataset::get_augmented(int64_t i, const AugmentConfig& cfg, uint64_t seed, int epoch, bool minority,
                                        float* out) const {
   const int s = opt_.image_size;
+  std::vector<uint8_t> streamed;
+  if (streaming()) streamed = image(i);  // errors name the file already
   try {
-    cv::Mat img = cv::Mat(s, s, CV_8UC(opt_.channels), const_cast<uint8_t*>(pixels(i))).clone();
+    const uint8_t* src = streaming() ? streamed.data() : pixels(i);
+    cv::Mat img = cv::Mat(s, s, CV_8UC(opt_.channels), const_cast<uint8_t*>(src)).clone();
     augment(img, cfg, seed, epoch, i, minority, s);
     if (!img.isContinuous()) img = img.clone();
     preprocess_image(img.ptr<uint8_t>(), s, s, opt_.channels, opt_, out);
@@ -60,9 +102,18 @@ namespace {
 
 // Decodes n samples in parallel (decode(i) returns sample i's 8-bit image, or throws
 // "<name>: <reason>"), resizes them into the cache and drops or refuses the bad ones.
+// With `stream`, decodes nothing now: decode (which must own what it uses) becomes the
+// dataset's sample source.
 std::unique_ptr<CachedImageDataset> build(int64_t n, const std::function<Image8(int64_t)>& decode,
                                           std::vector<int64_t> labels, std::vector<std::string> classes,
-                                          std::vector<std::string> names, const ImageLoadOptions& opt, BadSample on_bad) {
+                                          std::vector<std::string> names, const ImageLoadOptions& opt, BadSample on_bad,
+                                          bool stream) {
+  if (stream) {
+    LANCET_CHECK(on_bad == BadSample::error,
+                 "data.on_bad_sample skip needs data.cache true: bad files are found when the cache is built; a "
+                 "streamed dataset stops at the first bad file it reads");
+    return std::make_unique<CachedImageDataset>(decode, std::move(labels), std::move(classes), std::move(names), opt);
+  }
   const size_t per = static_cast<size_t>(opt.image_size) * static_cast<size_t>(opt.image_size) *
                      static_cast<size_t>(opt.channels);
   std::vector<uint8_t> pixels(static_cast<size_t>(n) * per);
@@ -109,19 +160,19 @@ std::unique_ptr<CachedImageDataset> build(int64_t n, const std::function<Image8(
 }
 
 std::unique_ptr<CachedImageDataset> load_folder(const std::string& dir, const std::string& split,
-                                                const ImageLoadOptions& opt, BadSample on_bad) {
+                                                const ImageLoadOptions& opt, BadSample on_bad, bool stream) {
   std::vector<std::string> classes;
-  const std::vector<ImageItem> items = list_images(dir, split, &classes);
+  auto items = std::make_shared<const std::vector<ImageItem>>(list_images(dir, split, &classes));
   std::vector<int64_t> labels;
   std::vector<std::string> names;
-  for (const ImageItem& it : items) labels.push_back(it.label), names.push_back(it.file);
-  return build(static_cast<int64_t>(items.size()),
-               [&](int64_t i) { return decode_image_file(items[static_cast<size_t>(i)].file, opt); },
-               std::move(labels), std::move(classes), std::move(names), opt, on_bad);
+  for (const ImageItem& it : *items) labels.push_back(it.label), names.push_back(it.file);
+  return build(static_cast<int64_t>(items->size()),
+               [items, opt](int64_t i) { return decode_image_file((*items)[static_cast<size_t>(i)].file, opt); },
+               std::move(labels), std::move(classes), std::move(names), opt, on_bad, stream);
 }
 
 std::unique_ptr<CachedImageDataset> load_npz(const std::string& path, const std::string& split,
-                                             const ImageLoadOptions& opt, BadSample on_bad) {
+                                             const ImageLoadOptions& opt, BadSample on_bad, bool stream) {
   const NpzFile npz = NpzFile::open(path);
   const std::vector<std::string> splits = npz_splits(npz);
   if (std::find(splits.begin(), splits.end(), split) == splits.end()) {
@@ -132,8 +183,8 @@ std::unique_ptr<CachedImageDataset> load_npz(const std::string& path, const std:
   }
   int64_t num_classes = 0;
   std::vector<int64_t> labels = read_npz_labels(npz, split, &num_classes);
-  const NpyArray images = read_npz_images(npz, split);
-  const int64_t n = images.shape[0];
+  auto images = std::make_shared<const NpyArray>(read_npz_images(npz, split));
+  const int64_t n = images->shape[0];
   LANCET_CHECK(n == static_cast<int64_t>(labels.size()),
                path << ": " << n << " images but " << labels.size() << " labels in split '" << split << "'");
   std::vector<std::string> classes, names;
@@ -142,20 +193,29 @@ std::unique_ptr<CachedImageDataset> load_npz(const std::string& path, const std:
   for (int64_t i = 0; i < n; ++i) names.push_back(where + "[" + std::to_string(i) + "]");
   return build(
       n,
-      [&](int64_t i) {
+      [images, opt, where](int64_t i) {
         try {
-          return npz_image(images, i, opt);
+          return npz_image(*images, i, opt);
         } catch (const std::exception& e) {
-          LANCET_FAIL(names[static_cast<size_t>(i)] << ": " << e.what());
+          LANCET_FAIL(where << "[" << i << "]: " << e.what());
         }
       },
-      std::move(labels), std::move(classes), names, opt, on_bad);
+      std::move(labels), std::move(classes), names, opt, on_bad, stream);
 }
 
 std::unique_ptr<CachedImageDataset> load_pack(const std::string& path, const std::string& split,
-                                              const ImageLoadOptions& opt, BadSample on_bad, std::string* note) {
-  PackSplit p = read_pack_split(path, split, opt, note);
+                                              const ImageLoadOptions& opt, BadSample on_bad, std::string* note,
+                                              bool stream) {
   std::vector<std::string> names;
+  if (stream) {
+    PackSplit p = check_pack_split(path, split, opt, note);  // hash verified; no pixels kept
+    for (int64_t i = 0; i < p.n; ++i) names.push_back(path + ":" + split + "[" + std::to_string(i) + "]");
+    auto reader = std::make_shared<const PackReader>(path);
+    return build(
+        p.n, [reader, split](int64_t i) { return reader->image(split, i); }, std::move(p.labels),
+        std::move(p.classes), std::move(names), opt, on_bad, /*stream=*/true);
+  }
+  PackSplit p = read_pack_split(path, split, opt, note);
   for (int64_t i = 0; i < p.n; ++i) names.push_back(path + ":" + split + "[" + std::to_string(i) + "]");
   const size_t per = static_cast<size_t>(p.size) * static_cast<size_t>(p.size) * static_cast<size_t>(p.channels);
   if (p.size == opt.image_size && p.channels == opt.channels)  // as stored: nothing to convert
@@ -171,23 +231,23 @@ std::unique_ptr<CachedImageDataset> load_pack(const std::string& path, const std
         img.pixels.assign(first, first + static_cast<std::ptrdiff_t>(per));
         return img;
       },
-      std::move(p.labels), std::move(p.classes), std::move(names), opt, on_bad);
+      std::move(p.labels), std::move(p.classes), std::move(names), opt, on_bad, /*stream=*/false);
 }
 
 }  // namespace
 
 std::unique_ptr<CachedImageDataset> load_cached_dataset(const std::string& source, const std::string& split,
                                                         const ImageLoadOptions& opt, BadSample on_bad,
-                                                        std::string* note) {
+                                                        std::string* note, bool stream) {
   namespace fs = std::filesystem;
   check_load_options(opt);
   std::error_code ec;
-  if (fs::is_directory(source, ec)) return load_folder(source, split, opt, on_bad);
+  if (fs::is_directory(source, ec)) return load_folder(source, split, opt, on_bad, stream);
   LANCET_CHECK(fs::exists(source, ec), source << ": no such dataset (a folder, an .npz or a pack .h5)");
-  if (is_pack_path(source)) return load_pack(source, split, opt, on_bad, note);
+  if (is_pack_path(source)) return load_pack(source, split, opt, on_bad, note, stream);
   LANCET_CHECK(fs::path(source).extension() == ".npz",
                source << ": not a dataset (expected a folder, a MedMNIST-style .npz or a pack .h5 from lancet prep)");
-  return load_npz(source, split, opt, on_bad);
+  return load_npz(source, split, opt, on_bad, stream);
 }
 
 }  // namespace lancet

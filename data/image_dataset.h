@@ -14,8 +14,16 @@
 // file's one-line error, as load_dataset does; `skip` drops every sample that cannot be
 // decoded or preprocessed and lists them in skipped() ("<file>: <reason>", in source order).
 // A damaged pack (hash) or a bad manifest is refused either way: that is not one sample.
+//
+// Streaming (data.cache false; MONAI's plain Dataset), for datasets larger than memory:
+// nothing is decoded at load; every read decodes sample i anew (an image file with the recipe,
+// or one chunk of a pack) and resizes it, in the loader's worker threads — the same bytes the
+// cache would hold, so training is identical either way. A bad file then fails the read that
+// meets it ("<file>: <reason>"); data.on_bad_sample skip needs the cache (it finds bad files
+// up front).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -37,19 +45,28 @@ class CachedImageDataset final : public Dataset {
   CachedImageDataset(std::vector<uint8_t> pixels, std::vector<int64_t> labels, std::vector<std::string> class_names,
                      std::vector<std::string> names, const ImageLoadOptions& opt,
                      std::vector<std::string> skipped = {});
+  // Streaming: source(i) decodes sample i (thread-safe; throws "<name>: <reason>"); it is
+  // converted to opt.channels and resized to opt.image_size on every read.
+  using SampleSource = std::function<Image8(int64_t)>;
+  CachedImageDataset(SampleSource source, std::vector<int64_t> labels, std::vector<std::string> class_names,
+                     std::vector<std::string> names, const ImageLoadOptions& opt);
+  bool streaming() const { return static_cast<bool>(source_); }
 
   int64_t size() const override { return static_cast<int64_t>(labels_.size()); }
   Shape sample_shape() const override { return {opt_.channels, opt_.image_size, opt_.image_size}; }
   const std::vector<std::string>& class_names() const override { return class_names_; }
   int64_t label(int64_t i) const override { return labels_[static_cast<size_t>(i)]; }
-  // Normalised, not augmented. Never throws.
+  // Normalised, not augmented. Never throws when cached; a streamed read that cannot decode
+  // its sample throws "<file>: <reason>".
   void get(int64_t i, float* out) const override;
   // Sample i put through augment(cfg, seed, epoch, index i, minority) and then normalised.
   // Throws "<name(i)>: <reason>" (the augmentation's own errors).
   void get_augmented(int64_t i, const AugmentConfig& cfg, uint64_t seed, int epoch, bool minority, float* out) const;
 
-  // Image i before normalisation: S x S x C uint8, HWC.
-  const uint8_t* pixels(int64_t i) const { return pixels_.data() + static_cast<size_t>(i) * per_; }
+  // Image i before normalisation: S x S x C uint8, HWC. Cached datasets only.
+  const uint8_t* pixels(int64_t i) const;
+  // Image i before normalisation, cached or streamed (decoded now).
+  std::vector<uint8_t> image(int64_t i) const;
   const std::vector<int64_t>& labels() const { return labels_; }
   const std::string& name(int64_t i) const { return names_[static_cast<size_t>(i)]; }
   const std::vector<std::string>& skipped() const { return skipped_; }
@@ -61,12 +78,15 @@ class CachedImageDataset final : public Dataset {
   std::vector<std::string> class_names_, names_, skipped_;
   ImageLoadOptions opt_;
   size_t per_;
+  SampleSource source_;  // streaming; empty when cached
 };
 
 // Any source load_dataset takes (folder or manifest, MedMNIST .npz, pack .h5), cached as
-// above. Errors as load_dataset's; `note` as load_dataset's (pack verification).
+// above, or with `stream` read sample by sample (a pack's content hash is still verified, in
+// one pass that keeps nothing). Errors as load_dataset's; `note` as load_dataset's (pack
+// verification).
 std::unique_ptr<CachedImageDataset> load_cached_dataset(const std::string& source, const std::string& split,
                                                         const ImageLoadOptions& opt, BadSample on_bad = BadSample::error,
-                                                        std::string* note = nullptr);
+                                                        std::string* note = nullptr, bool stream = false);
 
 }  // namespace lancet

@@ -286,8 +286,9 @@ std::vector<PackSplitSummary> write_pack(const std::string& source, const std::s
 
 PackInfo read_pack_info(const std::string& path) { return read_info(H5File::open_read(path)); }
 
-PackSplit read_pack_split(const std::string& path, const std::string& split, const ImageLoadOptions& opt,
-                          std::string* note) {
+namespace {
+PackSplit read_split(const std::string& path, const std::string& split, const ImageLoadOptions& opt,
+                     std::string* note, bool keep_pixels) {
   check_load_options(opt);
   const H5File f = H5File::open_read(path);
   const PackInfo info = read_info(f);
@@ -309,13 +310,26 @@ PackSplit read_pack_split(const std::string& path, const std::string& split, con
   out.size = S;
   out.channels = C;
   out.classes = info.classes;
-  out.pixels.resize(static_cast<size_t>(out.n * S * S * C));
-  f.read_rows(images, 0, out.n, H5File::Elem::u8, out.pixels.data());
+  uint64_t h = kFnvOffset;
+  if (keep_pixels) {
+    out.pixels.resize(static_cast<size_t>(out.n * S * S * C));
+    f.read_rows(images, 0, out.n, H5File::Elem::u8, out.pixels.data());
+    h = fnv1a64(out.pixels.data(), out.pixels.size());
+  } else {  // the same hash in blocks of rows, keeping nothing
+    const int64_t per = static_cast<int64_t>(S) * S * C, block = std::max<int64_t>(1, (int64_t{64} << 20) / per);
+    std::vector<uint8_t> buf;
+    for (int64_t r = 0; r < out.n; r += block) {
+      const int64_t m = std::min(block, out.n - r);
+      buf.resize(static_cast<size_t>(m * per));
+      f.read_rows(images, r, m, H5File::Elem::u8, buf.data());
+      h = fnv1a64(buf.data(), buf.size(), h);
+    }
+  }
   const Tensor lt = f.read(split + "/labels");
   LANCET_CHECK(lt.dtype() == DType::i64 && lt.ndim() == 1 && lt.dim(0) == out.n,
                path << ": '" << split << "/labels' must be int64 [" << out.n << "]");
   out.labels.assign(lt.data<int64_t>(), lt.data<int64_t>() + out.n);
-  const std::string hash = hex16(hash_labels(out.labels, fnv1a64(out.pixels.data(), out.pixels.size())));
+  const std::string hash = hex16(hash_labels(out.labels, h));
   const std::string stored = f.get_attr(split, "hash").value_or("(none)");
   LANCET_CHECK(hash == stored, path << ": split '" << split << "' is damaged or was modified: content hash " << hash
                                     << ", the pack says " << stored << " (run lancet prep again)");
@@ -328,8 +342,20 @@ PackSplit read_pack_split(const std::string& path, const std::string& split, con
     *note = "pack " + path + ": split " + split + ", " + std::to_string(out.n) + " images " + std::to_string(S) + "x" +
             std::to_string(S) + "x" + std::to_string(C) +
             (S != opt.image_size || C != opt.channels ? " (converted to the configured size)" : "") + ", recipe " +
-            info.recipe_fingerprint + ", content hash " + hash + " verified";
+            info.recipe_fingerprint + ", content hash " + hash + " verified" +
+            (keep_pixels ? "" : "; images read from the pack as needed (data.cache false)");
   return out;
+}
+}  // namespace
+
+PackSplit read_pack_split(const std::string& path, const std::string& split, const ImageLoadOptions& opt,
+                          std::string* note) {
+  return read_split(path, split, opt, note, /*keep_pixels=*/true);
+}
+
+PackSplit check_pack_split(const std::string& path, const std::string& split, const ImageLoadOptions& opt,
+                           std::string* note) {
+  return read_split(path, split, opt, note, /*keep_pixels=*/false);
 }
 
 std::unique_ptr<InMemoryDataset> load_pack_dataset(const std::string& path, const std::string& split,

@@ -84,6 +84,10 @@ struct PackSplit {
 };
 PackSplit read_pack_split(const std::string& path, const std::string& split, const ImageLoadOptions& opt,
                           std::string* note = nullptr);
+// The same checks (content hash included, read in blocks of 64 MB that are not kept) without
+// keeping the pixels: `pixels` stays empty. For reading the split sample by sample afterwards.
+PackSplit check_pack_split(const std::string& path, const std::string& split, const ImageLoadOptions& opt,
+                           std::string* note = nullptr);
 
 // Random access: image i of a split, one chunk read (no hash check).
 class PackReader {

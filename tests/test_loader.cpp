@@ -394,6 +394,70 @@ TEST(DataLoader, TrainingAugmentsTrainOnlySkipsBadFilesAndIgnoresWorkerCount) {
   EXPECT_EQ(again.probs, a.final_eval.probs);
 }
 
+// data.cache false: nothing decoded at load, every read decodes (folder) or reads one chunk
+// (pack); the batches are the cached dataset's bytes, with augmentation, for any worker count;
+// a bad file fails the read that meets it, naming the file; training is bit-identical.
+TEST(DataLoader, StreamedDatasetsGiveTheCachedBytes) {
+  TempDir tmp("loader_stream");
+  write_folder(tmp / "src", "train", {6, 5}, 3, 8);
+  write_folder(tmp / "src", "val", {2, 2}, 3, 9);
+  PackOptions po;
+  po.load = options(3, 20);
+  write_pack(tmp / "src", tmp / "p.h5", po);
+  for (const std::string& source : {tmp / "src", tmp / "p.h5"}) {
+    for (int size : {16, 20}) {
+      SCOPED_TRACE(source + " at " + std::to_string(size));
+      std::string note;
+      const auto cached = load_cached_dataset(source, "train", options(3, size));
+      const auto streamed = load_cached_dataset(source, "train", options(3, size), BadSample::error, &note, true);
+      EXPECT_TRUE(streamed->streaming());
+      EXPECT_FALSE(cached->streaming());
+      if (source.size() > 3 && source.substr(source.size() - 3) == ".h5") {
+        EXPECT_NE(note.find("verified; images read from the pack as needed"), std::string::npos) << note;
+      }
+      ASSERT_EQ(streamed->size(), cached->size());
+      EXPECT_EQ(streamed->labels(), cached->labels());
+      for (int64_t i = 0; i < cached->size(); ++i) EXPECT_EQ(streamed->image(i), cached->image(i)) << i;
+      expect_error([&] { streamed->pixels(0); }, {"streams its samples"});
+      LoaderOptions opt;
+      opt.seed = 3;
+      opt.augment = strong_augment();
+      opt.workers = 0;
+      const auto reference = run_epochs(*cached, opt, 2);
+      for (int workers : {0, 2}) {
+        opt.workers = workers;
+        EXPECT_EQ(run_epochs(*streamed, opt, 2), reference) << workers << " workers";
+      }
+    }
+  }
+  // Bad input: found by the read, or refused with skip.
+  const std::string bad = tmp / "src/train/c1/i02.png";
+  std::ofstream(bad, std::ios::trunc) << "not a png";
+  const auto streamed = load_cached_dataset(tmp / "src", "train", options(3), BadSample::error, nullptr, true);
+  std::vector<float> out(3 * 16 * 16);
+  expect_error([&] { streamed->get(8, out.data()); }, {bad, "cannot decode"});
+  expect_error([&] { load_cached_dataset(tmp / "src", "train", options(3), BadSample::skip, nullptr, true); },
+               {"data.on_bad_sample skip needs data.cache true"});
+  std::filesystem::remove(bad);
+  write_folder(tmp / "src2", "train", {6, 5}, 3, 8);
+  write_folder(tmp / "src2", "val", {2, 2}, 3, 9);
+  // Training from the stream equals training from the cache.
+  auto run = [&](const std::string& name, bool cache) {
+    Json c = tiny_job(tmp / "src2", tmp / name);
+    apply_override(c, "data.channels=3");
+    apply_override(c, "data.augment={hflip: 0.5, rotate_deg: 10}");
+    apply_override(c, std::string("data.cache=") + (cache ? "true" : "false"));
+    auto comm = make_single_process_communicator();
+    std::ostringstream log;
+    return run_training(c, *comm, log);
+  };
+  const TrainSummary a = run("cached", true), b = run("streamed", false);
+  auto ma = load_model(tmp / "cached/final.h5"), mb = load_model(tmp / "streamed/final.h5");
+  const auto sa = ma->state_dict(), sb = mb->state_dict();
+  for (size_t i = 0; i < sa.size(); ++i) EXPECT_EQ(sa[i].second->to_vector(), sb[i].second->to_vector()) << sa[i].first;
+  EXPECT_EQ(a.final_eval.loss, b.final_eval.loss);
+}
+
 TEST(DataLoader, ConfigKeysAreChecked) {
   Json c = default_config();
   EXPECT_EQ(data_config(c).workers, 2);

@@ -92,7 +92,7 @@ bool may_change_on_resume(const std::string& key) {
   static const std::set<std::string> keys{
       "train.epochs",     "train.max_steps", "train.out",         "train.threads",    "train.log_every",
       "train.checkpoint_every", "train.keep_checkpoints", "train.resume", "train.profile", "train.nsys_steps",
-      "train.tensorboard", "train.grad_accum_steps", "data.workers", "data.prefetch"};
+      "train.tensorboard", "train.grad_accum_steps", "data.workers", "data.prefetch", "data.cache"};
   return keys.count(key) > 0 || key.rfind("dist.", 0) == 0 || key.rfind("pipeline.", 0) == 0;
 }
 

@@ -25,7 +25,7 @@ Json default_config() {
       "synth": {"train": 2000, "val": 500, "size": 128, "seed": 1234},
       "dicom": {"window": null},
       "preprocess": [],
-      "workers": 2, "prefetch": 2, "sampler": "shuffle", "on_bad_sample": "error"
+      "workers": 2, "prefetch": 2, "sampler": "shuffle", "on_bad_sample": "error", "cache": true
     },
     "train": {
       "epochs": 10, "max_steps": 0, "batch_size": 32, "drop_last": false, "seed": 0,
@@ -256,6 +256,7 @@ DataConfig data_config(const Json& c) {
   d.sampler = get<std::string>(c, "data", "sampler");
   parse_sampler(d.sampler);
   d.on_bad_sample = get<std::string>(c, "data", "on_bad_sample");
+  d.cache = get<bool>(c, "data", "cache");
   parse_bad_sample(d.on_bad_sample);
   LANCET_CHECK(d.workers >= 0, "data.workers must be >= 0 (0: batches built in the training thread), got " << d.workers);
   LANCET_CHECK(d.prefetch >= 1, "data.prefetch must be >= 1, got " << d.prefetch);

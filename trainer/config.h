@@ -50,6 +50,7 @@ struct DataConfig {
   int prefetch = 2;                  // batches prepared ahead per worker
   std::string sampler = "shuffle";   // shuffle | balanced | oversample
   std::string on_bad_sample = "error";  // error | skip (data/image_dataset.h)
+  bool cache = true;  // false: samples decoded (or read from the pack) on every read, for data larger than memory
 };
 struct TrainConfig {
   int epochs;

@@ -249,7 +249,7 @@ DataSplits load_data(const DataConfig& cfg, std::ostream& log) {
   const BadSample on_bad = parse_bad_sample(cfg.on_bad_sample);
   auto load = [&](const std::string& split) {
     std::string note;
-    auto ds = load_cached_dataset(dir, split, lo, on_bad, &note);
+    auto ds = load_cached_dataset(dir, split, lo, on_bad, &note, /*stream=*/!cfg.cache);
     if (!note.empty()) log << note << "\n";
     if (!ds->skipped().empty()) log << skipped_report(*ds, split) << "\n";
     return ds;
