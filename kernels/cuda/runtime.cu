@@ -7,6 +7,7 @@
 
 #include "kernels/allocator.h"
 #include "kernels/cuda/runtime.h"
+#include "kernels/caching_allocator.h"
 
 namespace lancet {
 
@@ -49,29 +50,29 @@ class DeviceGuard {
   int prev_ = 0;
 };
 
-// A plain cudaMalloc allocator. The caching allocator of the CUDA backend issue replaces it.
-class CudaAllocator final : public Allocator {
- public:
-  explicit CudaAllocator(int index) : index_(index) {}
-  void* allocate(size_t bytes) override {
-    DeviceGuard g(index_);
+// Segments for the caching allocator (kernels/caching_allocator.h): cudaMalloc on the device,
+// nullptr when the device is out of memory (the cache then releases its free segments and
+// retries), an error naming the call for anything else.
+RawAllocator cuda_raw_allocator(int index) {
+  RawAllocator r;
+  r.name = "cudaMalloc on cuda:" + std::to_string(index);
+  r.alloc = [index](size_t bytes) -> void* {
+    DeviceGuard g(index);
     void* p = nullptr;
-    LANCET_CUDA_CHECK(cudaMalloc(&p, bytes == 0 ? 1 : bytes));
-    std::lock_guard<std::mutex> lock(mu_);
-    count_alloc(bytes);
+    const cudaError_t e = cudaMalloc(&p, bytes);
+    if (e == cudaErrorMemoryAllocation) {
+      cudaGetLastError();  // clear the sticky-free error state
+      return nullptr;
+    }
+    if (e != cudaSuccess) LANCET_FAIL("cudaMalloc(" << bytes << " bytes) on cuda:" << index << " failed: " << cudaGetErrorString(e));
     return p;
-  }
-  void deallocate(void* p, size_t bytes) noexcept override {
+  };
+  r.free = [index](void* p) {
+    DeviceGuard g(index);
     cudaFree(p);
-    std::lock_guard<std::mutex> lock(mu_);
-    count_free(bytes);
-  }
-  Device device() const override { return Device::cuda(index_); }
-
- private:
-  int index_;
-  std::mutex mu_;
-};
+  };
+  return r;
+}
 
 }  // namespace
 
@@ -84,7 +85,8 @@ Allocator* cuda_allocator_create(int index) {
   LANCET_CHECK(index < n, "device cuda:" << index << " requested but " << n << " CUDA device(s) are visible");
   static std::mutex mu;
   std::lock_guard<std::mutex> lock(mu);
-  return new CudaAllocator(index);  // lives for the process, like the devices themselves
+  // Lives for the process, like the devices themselves.
+  return new CachingAllocator(cuda_raw_allocator(index), Device::cuda(index));
 }
 
 namespace {
