@@ -16,11 +16,10 @@ struct RunResult {
 
 inline std::string lancet_binary() { return std::string(LANCET_BINARY_DIR) + "/bin/lancet"; }
 
-// Runs `env <env> lancet <args>` through the shell; env (NAME=value ...) and args must
-// already be quoted where needed.
-inline RunResult run_lancet_env(const std::string& env, const std::string& args) {
+// Runs a shell command line, stdout and stderr together.
+inline RunResult run_command(const std::string& command) {
   RunResult r;
-  const std::string cmd = (env.empty() ? "" : "env " + env + " ") + lancet_binary() + " " + args + " 2>&1";
+  const std::string cmd = command + " 2>&1";
   FILE* p = popen(cmd.c_str(), "r");
   if (!p) return r;
   std::array<char, 4096> buf;
@@ -29,6 +28,11 @@ inline RunResult run_lancet_env(const std::string& env, const std::string& args)
   const int st = pclose(p);
   r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
   return r;
+}
+// Runs `env <env> lancet <args>` through the shell; env (NAME=value ...) and args must
+// already be quoted where needed.
+inline RunResult run_lancet_env(const std::string& env, const std::string& args) {
+  return run_command((env.empty() ? "" : "env " + env + " ") + lancet_binary() + " " + args);
 }
 inline RunResult run_lancet(const std::string& args) { return run_lancet_env("", args); }
 

@@ -33,15 +33,7 @@ Timed run(int ranks, const std::string& env, const std::string& args) {
   } else {
     // mpirun passes its environment on to the ranks it starts on this node.
     const std::string mpi = kMpiexec + " --allow-run-as-root --oversubscribe -np " + std::to_string(ranks) + " ";
-    RunResult r;
-    const std::string cmd = (env.empty() ? "" : "env " + env + " ") + mpi + lancet_binary() + " " + args + " 2>&1";
-    FILE* p = popen(cmd.c_str(), "r");
-    std::array<char, 4096> buf;
-    size_t n;
-    while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.output.append(buf.data(), n);
-    const int st = pclose(p);
-    r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-    t.r = r;
+    t.r = run_command((env.empty() ? "" : "env " + env + " ") + mpi + lancet_binary() + " " + args);
   }
   t.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return t;

@@ -48,6 +48,14 @@ MedicalCNNConfig small_config() {
   return c;  // dropout stays on: its counters must advance as without the pipeline
 }
 
+// The optimizer settings of the config's defaults, with this name and learning rate.
+OptimConfig optim(const std::string& name, float lr) {
+  Json c = default_config();
+  c["optim"]["name"] = name;
+  c["optim"]["lr"] = lr;
+  return optim_config(c);
+}
+
 struct Batch {
   std::vector<Tensor> xs, ys;
 };
@@ -148,17 +156,8 @@ TEST_F(Pipelines, EqualGradientAccumulationBitwise) {
           net->train();
           net->set_precision(precision);
         }
-        OptimConfig oc;
-        oc.name = "adam";
-        oc.lr = 1e-2f;
-        oc.weight_decay = 0;
-        oc.momentum = 0.9f;
-        oc.beta1 = 0.9f;
-        oc.beta2 = 0.999f;
-        oc.eps = 1e-8f;
-        oc.nesterov = false;
-        auto opt_ref = make_optimizer(oc, ref.named_parameters());
-        auto opt_pipe = make_optimizer(oc, piped.named_parameters());
+        auto opt_ref = make_optimizer(optim("adam", 1e-2f), ref.named_parameters());
+        auto opt_pipe = make_optimizer(optim("adam", 1e-2f), piped.named_parameters());
         LossScalerConfig lsc;
         lsc.enabled = precision == DType::f16;
         lsc.init_scale = 1024.f;
@@ -215,16 +214,7 @@ TEST_F(Pipelines, OneFOneBHoldsLessActivationMemoryThanGpipe) {
   for (const PipeSchedule sched : {PipeSchedule::gpipe, PipeSchedule::one_f_one_b}) {
     MedicalCNN net(small_config(), 3);
     net.train();
-    OptimConfig oc;
-    oc.name = "sgd";
-    oc.lr = 0.01f;
-    oc.weight_decay = 0;
-    oc.momentum = 0;
-    oc.beta1 = 0.9f;
-    oc.beta2 = 0.999f;
-    oc.eps = 1e-8f;
-    oc.nesterov = false;
-    auto opt = make_optimizer(oc, net.named_parameters());
+    auto opt = make_optimizer(optim("sgd", 0.01f), net.named_parameters());
     PipelineOptions po;
     po.schedule = sched;
     po.cut = 2;  // stage 0 holds the large early activations
@@ -241,16 +231,7 @@ TEST_F(Pipelines, OneFOneBHoldsLessActivationMemoryThanGpipe) {
 TEST_F(Pipelines, AFailingStageStopsTheStepWithItsErrorAndTheNextStepRuns) {
   MedicalCNN net(small_config(), 3);
   net.train();
-  OptimConfig oc;
-  oc.name = "sgd";
-  oc.lr = 0.01f;
-  oc.weight_decay = 0;
-  oc.momentum = 0;
-  oc.beta1 = 0.9f;
-  oc.beta2 = 0.999f;
-  oc.eps = 1e-8f;
-  oc.nesterov = false;
-  auto opt = make_optimizer(oc, net.named_parameters());
+  auto opt = make_optimizer(optim("sgd", 0.01f), net.named_parameters());
   PipelineOptions po;
   po.cut = 3;
   Pipeline pipe(net, net.units(), po, *comm_);
@@ -365,16 +346,8 @@ TEST_F(PipelineCli, EachRankAPipelineUnderMpirun) {
   const std::string mpiexec = LANCET_MPIEXEC;
   if (mpiexec.empty()) GTEST_SKIP() << "this build has no MPI (libopenmpi-dev) or no mpirun";
   auto mpirun = [&](const std::string& a) {
-    RunResult r;
-    const std::string cmd = "env " + env() + " " + mpiexec + " --allow-run-as-root --oversubscribe -np 2 " +
-                            lancet_binary() + " " + a + " 2>&1";
-    FILE* p = popen(cmd.c_str(), "r");
-    std::array<char, 4096> buf;
-    size_t n;
-    while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.output.append(buf.data(), n);
-    const int st = pclose(p);
-    r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-    return r;
+    return run_command("env " + env() + " " + mpiexec + " --allow-run-as-root --oversubscribe -np 2 " +
+                       lancet_binary() + " " + a);
   };
   RunResult r = mpirun(args(dir / "acc2", "--epochs 1 --threads 1 --set train.grad_accum_steps=2"));
   ASSERT_EQ(r.status, 0) << r.output;

@@ -109,23 +109,9 @@ void run_bench_pipeline(const BenchArgs& a, const Json& config) {
 
   auto model = make_model(model_cfg, tc.seed);
   model->train();
-  int cut;
   std::string basis;
-  if (pc.cut == "auto") {
-    auto scratch = make_model(model_cfg, tc.seed);
-    scratch->train();
-    std::vector<double> cost;
-    std::thread measure([&] {
-      set_thread_local_threads(stage_threads);
-      cost = pc.balance == "time" ? measure_unit_seconds(scratch->units(), xs[0], s) : unit_forward_flops(scratch->units(), xs[0], s);
-    });
-    measure.join();
-    cut = balanced_cut(cost);
-    basis = "auto (" + pc.balance + ")";
-  } else {
-    cut = cut_index(model->units(), pc.cut);
-    basis = "pipeline.cut";
-  }
+  const int cut = choose_cut(pc.cut, pc.balance, model->units(), [&] { return make_model(model_cfg, tc.seed); }, xs[0], s,
+                             stage_threads, &basis);
   set_num_threads(threads);
   auto opt = make_optimizer(oc, model->named_parameters());
   PipelineOptions po;

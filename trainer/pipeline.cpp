@@ -129,6 +129,47 @@ int cut_index(const Units& units, const std::string& name) {
   LANCET_FAIL("pipeline.cut: no unit named '" << name << "'; valid cuts (stage 1's first unit): " << valid);
 }
 
+int choose_cut(const std::string& cut, const std::string& balance, const Units& units,
+               const std::function<std::unique_ptr<MedicalCNN>()>& make_scratch, const Tensor& x, const Stream& s,
+               int threads, std::string* basis) {
+  if (cut != "auto") {
+    if (basis) *basis = "pipeline.cut";
+    return cut_index(units, cut);
+  }
+  LANCET_CHECK(balance == "time" || balance == "flops", "pipeline.balance must be time or flops, got '" << balance << "'");
+  const std::unique_ptr<MedicalCNN> scratch = make_scratch();
+  const Units& scratch_units = scratch->units();
+  LANCET_CHECK(scratch_units.size() == units.size(), "choose_cut: the scratch model has " << scratch_units.size()
+                                                                                          << " units, the model " << units.size());
+  scratch->train();
+  std::vector<double> cost;
+  std::exception_ptr err;
+  std::thread measure([&] {
+    try {
+      set_thread_local_threads(threads);
+      cost = balance == "time" ? measure_unit_seconds(scratch_units, x, s) : unit_forward_flops(scratch_units, x, s);
+    } catch (...) {
+      err = std::current_exception();
+    }
+  });
+  measure.join();
+  if (err) std::rethrow_exception(err);
+  const int k = balanced_cut(cost);
+  if (basis) {
+    double head = 0, tail = 0;
+    for (size_t i = 0; i < cost.size(); ++i) (static_cast<int>(i) < k ? head : tail) += cost[i];
+    std::ostringstream b;
+    if (balance == "time")
+      b << std::fixed << std::setprecision(1) << "balanced by measured time: " << head * 1e3 << " ms | " << tail * 1e3
+        << " ms per micro-batch";
+    else
+      b << std::fixed << std::setprecision(2) << "balanced by forward FLOPs: " << head / 1e9 << " | " << tail / 1e9
+        << " GFLOP per micro-batch";
+    *basis = b.str();
+  }
+  return k;
+}
+
 // ---------------------------------------------------------------------------------------
 // Worker threads and mailboxes.
 

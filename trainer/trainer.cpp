@@ -496,50 +496,27 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   std::unique_ptr<Pipeline> pipeline;
   std::string cut_basis;
   if (pipelined) {
-    const Units units = model->units();
-    int cut = 0;
-    if (pc.cut == "auto") {
-      // Costs measured on a scratch copy (measuring moves BatchNorm statistics and dropout
-      // counters), with one stage's threads, on a random micro-batch of the step's size.
-      auto scratch = make_model(model_cfg, tc.seed);
-      scratch->to(device);
-      scratch->train();
-      scratch->set_precision(precision);
-      const Shape ss = data.train->sample_shape();
-      Tensor x = Tensor::empty({(bs + micro - 1) / micro, ss[0], ss[1], ss[2]});
-      std::mt19937 rng(static_cast<uint32_t>(tc.seed));
-      std::normal_distribution<float> nd;
-      for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = nd(rng);
-      std::vector<double> cost;
-      std::thread measure([&] {
-        set_thread_local_threads(stage_threads);
-        cost = pc.balance == "time" ? measure_unit_seconds(scratch->units(), x, stream)
-                                    : unit_forward_flops(scratch->units(), x, stream);
-      });
-      measure.join();
-      // Every rank must cut at the same place: rank 0's measurement decides.
-      cut = balanced_cut(cost);
-      if (ranks > 1) cut = static_cast<int>(comm.all_reduce_scalar(comm.is_root() ? cut : 0, ReduceOp::sum));
-      double head = 0, tail = 0;
-      for (size_t i = 0; i < cost.size(); ++i) (static_cast<int>(i) < cut ? head : tail) += cost[i];
-      std::ostringstream b;
-      if (pc.balance == "time")
-        b << std::fixed << std::setprecision(1) << "balanced by measured time: " << head * 1e3 << " ms | " << tail * 1e3
-          << " ms per micro-batch";
-      else
-        b << std::fixed << std::setprecision(2) << "balanced by forward FLOPs: " << head / 1e9 << " | " << tail / 1e9
-          << " GFLOP per micro-batch";
-      cut_basis = b.str();
-    } else {
-      cut = cut_index(units, pc.cut);
-      cut_basis = "pipeline.cut";
-    }
+    // Auto: costs measured on a scratch copy of the model, on a random micro-batch of the
+    // step's size; every rank cuts where rank 0's measurement says.
+    auto make_scratch = [&] {
+      auto m = make_model(model_cfg, tc.seed);
+      m->to(device);
+      m->set_precision(precision);
+      return m;
+    };
+    const Shape ss = data.train->sample_shape();
+    Tensor x = Tensor::empty({(bs + micro - 1) / micro, ss[0], ss[1], ss[2]});
+    std::mt19937 rng(static_cast<uint32_t>(tc.seed));
+    std::normal_distribution<float> nd;
+    for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = nd(rng);
+    int cut = choose_cut(pc.cut, pc.balance, model->units(), make_scratch, x, stream, stage_threads, &cut_basis);
+    if (ranks > 1 && pc.cut == "auto") cut = static_cast<int>(comm.all_reduce_scalar(comm.is_root() ? cut : 0, ReduceOp::sum));
     PipelineOptions po;
     po.schedule = parse_pipe_schedule(pc.schedule);
     po.cut = cut;
     po.threads_per_stage = stage_threads;
     po.bucket_mb = dist.bucket_mb;
-    pipeline = std::make_unique<Pipeline>(*model, units, po, comm);
+    pipeline = std::make_unique<Pipeline>(*model, model->units(), po, comm);
   }
   if (ranks > 1) {
     if (pipeline) {
