@@ -35,20 +35,76 @@ std::string cuda_runtime_version() {
 void cuda_profiler_start() { LANCET_CUDA_CHECK(cudaProfilerStart()); }
 void cuda_profiler_stop() { LANCET_CUDA_CHECK(cudaProfilerStop()); }
 
+CudaDeviceGuard::CudaDeviceGuard(int index) {
+  LANCET_CUDA_CHECK(cudaGetDevice(&prev_));
+  if (prev_ != index) {
+    LANCET_CUDA_CHECK(cudaSetDevice(index));
+    changed_ = true;
+  }
+}
+CudaDeviceGuard::~CudaDeviceGuard() {
+  if (changed_) cudaSetDevice(prev_);  // never throws
+}
+
+CudaStream::CudaStream(Device device, int priority) : device_(device) {
+  LANCET_CHECK(device.is_cuda(), "CudaStream on " << device.str());
+  CudaDeviceGuard g(device.index);
+  cudaStream_t st = nullptr;
+  LANCET_CUDA_CHECK(cudaStreamCreateWithPriority(&st, cudaStreamNonBlocking, priority));
+  native_ = st;
+}
+CudaStream::~CudaStream() {
+  CudaDeviceGuard g(device_.index);
+  cudaStreamDestroy(static_cast<cudaStream_t>(native_));
+}
+void CudaStream::synchronize() const { LANCET_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(native_))); }
+
+CudaEvent::CudaEvent(Device device, bool timing) : device_(device) {
+  LANCET_CHECK(device.is_cuda(), "CudaEvent on " << device.str());
+  CudaDeviceGuard g(device.index);
+  cudaEvent_t e = nullptr;
+  LANCET_CUDA_CHECK(cudaEventCreateWithFlags(&e, timing ? cudaEventDefault : cudaEventDisableTiming));
+  native_ = e;
+}
+CudaEvent::~CudaEvent() { cudaEventDestroy(static_cast<cudaEvent_t>(native_)); }
+void CudaEvent::record(const Stream& s) {
+  LANCET_CHECK(s.device == device_, "CudaEvent on " << device_.str() << " recorded on a stream on " << s.device.str());
+  CudaDeviceGuard g(device_.index);
+  LANCET_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(native_), static_cast<cudaStream_t>(s.native)));
+}
+void CudaEvent::wait_on(const Stream& s) const {
+  LANCET_CHECK(s.device.is_cuda(), "CudaEvent::wait_on a stream on " << s.device.str());
+  CudaDeviceGuard g(s.device.index);
+  LANCET_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(s.native), static_cast<cudaEvent_t>(native_), 0));
+}
+bool CudaEvent::query() const {
+  const cudaError_t e = cudaEventQuery(static_cast<cudaEvent_t>(native_));
+  if (e == cudaErrorNotReady) {
+    cudaGetLastError();
+    return false;
+  }
+  LANCET_CUDA_CHECK(e);
+  return true;
+}
+void CudaEvent::synchronize() const { LANCET_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(native_))); }
+float CudaEvent::elapsed_ms_since(const CudaEvent& start) const {
+  float ms = 0;
+  LANCET_CUDA_CHECK(cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(start.native_), static_cast<cudaEvent_t>(native_)));
+  return ms;
+}
+
+void synchronize(const Stream& s) {
+  if (!s.device.is_cuda()) return;
+  CudaDeviceGuard g(s.device.index);
+  LANCET_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(s.native)));
+}
+
 namespace {
 
-// Sets the current device for a scope and restores the previous one on exit.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int index) {
-    cudaGetDevice(&prev_);
-    if (prev_ != index) LANCET_CUDA_CHECK(cudaSetDevice(index));
-  }
-  ~DeviceGuard() { cudaSetDevice(prev_); }
-
- private:
-  int prev_ = 0;
-};
+cudaMemcpyKind copy_kind(Device dst_dev, Device src_dev) {
+  if (dst_dev.is_cpu()) return src_dev.is_cpu() ? cudaMemcpyHostToHost : cudaMemcpyDeviceToHost;
+  return src_dev.is_cpu() ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToDevice;
+}
 
 // Segments for the caching allocator (kernels/caching_allocator.h): cudaMalloc on the device,
 // nullptr when the device is out of memory (the cache then releases its free segments and
@@ -57,7 +113,7 @@ RawAllocator cuda_raw_allocator(int index) {
   RawAllocator r;
   r.name = "cudaMalloc on cuda:" + std::to_string(index);
   r.alloc = [index](size_t bytes) -> void* {
-    DeviceGuard g(index);
+    CudaDeviceGuard g(index);
     void* p = nullptr;
     const cudaError_t e = cudaMalloc(&p, bytes);
     if (e == cudaErrorMemoryAllocation) {
@@ -68,7 +124,7 @@ RawAllocator cuda_raw_allocator(int index) {
     return p;
   };
   r.free = [index](void* p) {
-    DeviceGuard g(index);
+    CudaDeviceGuard g(index);
     cudaFree(p);
   };
   return r;
@@ -130,14 +186,29 @@ Allocator& pinned_host_allocator() {
 }
 
 void cuda_copy(void* dst, Device dst_dev, const void* src, Device src_dev, size_t bytes) {
-  const cudaMemcpyKind kind = dst_dev.is_cpu() ? cudaMemcpyDeviceToHost
-                              : src_dev.is_cpu() ? cudaMemcpyHostToDevice
-                                                 : cudaMemcpyDeviceToDevice;
-  LANCET_CUDA_CHECK(cudaMemcpy(dst, src, bytes, kind));
+  // Between two GPUs: a peer copy (staged through the host by the driver when peer access is
+  // off). The legacy default stream orders it after earlier work on both devices.
+  if (dst_dev.is_cuda() && src_dev.is_cuda() && dst_dev.index != src_dev.index) {
+    LANCET_CUDA_CHECK(cudaMemcpyPeer(dst, dst_dev.index, src, src_dev.index, bytes));
+    return;
+  }
+  CudaDeviceGuard g(dst_dev.is_cuda() ? dst_dev.index : src_dev.index);
+  LANCET_CUDA_CHECK(cudaMemcpy(dst, src, bytes, copy_kind(dst_dev, src_dev)));
+}
+
+void copy_async(void* dst, Device dst_dev, const void* src, Device src_dev, size_t bytes, const Stream& s) {
+  if (bytes == 0) return;
+  LANCET_CHECK(s.device.is_cuda(), "copy_async on a stream on " << s.device.str());
+  CudaDeviceGuard g(s.device.index);
+  const auto st = static_cast<cudaStream_t>(s.native);
+  if (dst_dev.is_cuda() && src_dev.is_cuda() && dst_dev.index != src_dev.index)
+    LANCET_CUDA_CHECK(cudaMemcpyPeerAsync(dst, dst_dev.index, src, src_dev.index, bytes, st));
+  else
+    LANCET_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, copy_kind(dst_dev, src_dev), st));
 }
 
 void cuda_memset_zero(void* dst, Device dev, size_t bytes) {
-  DeviceGuard g(dev.index);
+  CudaDeviceGuard g(dev.index);
   LANCET_CUDA_CHECK(cudaMemset(dst, 0, bytes));
 }
 

@@ -1,12 +1,15 @@
-// cuda/runtime.h — the CUDA device runtime as far as the foundation needs it: device count
-// and names, host<->device copies, and a device allocator. Only compiled with LANCET_WITH_CUDA.
+// cuda/runtime.h — the CUDA device runtime: device count and names, a guard for the current
+// device, streams and events (RAII), stream-ordered copies, the pinned host allocator and the
+// profiler capture range. Only compiled with LANCET_WITH_CUDA; includes no CUDA header, so
+// host code (trainer/, tools/) can use it.
 // The error idiom: LANCET_CUDA_CHECK(call) throws lancet::Error naming the call, the CUDA
-// error string, and file:line.
+// error string, and file:line (cuDNN and cuBLAS twins: kernels/cuda/libraries.h).
 #pragma once
 #include <string>
 #include <vector>
 
 #include "kernels/allocator.h"
+#include "kernels/device.h"
 #include "kernels/error.h"
 
 #define LANCET_CUDA_CHECK(call)                                                                  \
@@ -38,5 +41,60 @@ void cuda_profiler_stop();
 // allocator for the data loader's batches (data/loader.h) when training on a GPU. Its tensors
 // are CPU tensors. Allocation throws naming the call when CUDA refuses.
 Allocator& pinned_host_allocator();
+
+// Makes `index` the calling thread's current device for a scope and restores the previous one.
+class CudaDeviceGuard {
+ public:
+  explicit CudaDeviceGuard(int index);
+  ~CudaDeviceGuard();
+  CudaDeviceGuard(const CudaDeviceGuard&) = delete;
+  CudaDeviceGuard& operator=(const CudaDeviceGuard&) = delete;
+
+ private:
+  int prev_ = 0;
+  bool changed_ = false;
+};
+
+// A non-blocking stream (it does not synchronise with the legacy default stream) on one GPU,
+// destroyed with the object. stream() is the lancet::Stream every op takes.
+class CudaStream {
+ public:
+  explicit CudaStream(Device device, int priority = 0);
+  ~CudaStream();
+  CudaStream(const CudaStream&) = delete;
+  CudaStream& operator=(const CudaStream&) = delete;
+  Stream stream() const { return Stream{device_, native_}; }
+  void synchronize() const;
+
+ private:
+  Device device_;
+  void* native_ = nullptr;  // cudaStream_t
+};
+
+// An event without timing (cudaEventDisableTiming unless `timing`), for ordering one stream
+// after another: e.record(a); e.wait_on(b) makes b's later work wait for a's work so far.
+class CudaEvent {
+ public:
+  explicit CudaEvent(Device device, bool timing = false);
+  ~CudaEvent();
+  CudaEvent(const CudaEvent&) = delete;
+  CudaEvent& operator=(const CudaEvent&) = delete;
+  void record(const Stream& s);
+  void wait_on(const Stream& s) const;  // s waits for the last record
+  bool query() const;                   // true when the recorded work has finished
+  void synchronize() const;
+  float elapsed_ms_since(const CudaEvent& start) const;  // both with timing
+
+ private:
+  Device device_;
+  void* native_ = nullptr;  // cudaEvent_t
+};
+
+// Blocks the host until everything issued on `s` has finished (no-op for a CPU stream).
+void synchronize(const Stream& s);
+// Copy of `bytes` ordered on stream `s` (asynchronous with respect to the host when the host
+// side is pinned memory); either side may be the CPU. The caller keeps both buffers alive
+// until the stream passes the copy.
+void copy_async(void* dst, Device dst_dev, const void* src, Device src_dev, size_t bytes, const Stream& s);
 
 }  // namespace lancet

@@ -1,0 +1,71 @@
+// gpu_util.h — what the test_gpu_*.cpp files share: skipping without a GPU, moving tensors,
+// and comparing a CUDA result with its CPU twin's.
+//
+// Every GPU test starts with LANCET_REQUIRE_GPU(); it skips with a message on a machine (or a
+// build) without CUDA devices, so the `gpu` label passes everywhere and means something only
+// where a GPU exists.
+#pragma once
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "kernels/tensor.h"
+#ifdef LANCET_WITH_CUDA
+#include "kernels/cuda/runtime.h"
+#endif
+
+namespace lancet::testing {
+
+inline bool gpu_available() {
+#ifdef LANCET_WITH_CUDA
+  return !cuda_devices().empty();
+#else
+  return false;
+#endif
+}
+
+inline const char* no_gpu_reason() {
+#ifdef LANCET_WITH_CUDA
+  return "no CUDA device on this machine (the gpu label needs one)";
+#else
+  return "this build has no CUDA (LANCET_CUDA=OFF)";
+#endif
+}
+
+#define LANCET_REQUIRE_GPU()                                                            \
+  do {                                                                                  \
+    if (!::lancet::testing::gpu_available()) GTEST_SKIP() << ::lancet::testing::no_gpu_reason(); \
+  } while (0)
+
+inline Tensor to_gpu(const Tensor& t) { return t.defined() ? t.to(Device::cuda(0)) : Tensor(); }
+inline Tensor to_cpu(const Tensor& t) { return t.defined() ? t.to(Device::cpu()) : Tensor(); }
+
+// Element-wise |gpu - cpu| <= atol + rtol * |cpu| for f32 tensors (gpu may be on either
+// device); reports the first few failures with their flat index, and the worst one.
+inline void expect_close(const Tensor& cpu, const Tensor& gpu, double rtol, double atol, const std::string& what) {
+  ASSERT_TRUE(cpu.defined() && gpu.defined()) << what << ": undefined tensor";
+  ASSERT_EQ(cpu.shape(), gpu.shape()) << what << ": shape " << cpu.shape_str() << " vs " << gpu.shape_str();
+  const std::vector<float> a = cpu.to_vector(), b = gpu.to_vector();
+  int reported = 0;
+  double worst = 0;
+  int64_t worst_i = -1;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double d = std::fabs(static_cast<double>(a[i]) - b[i]);
+    const double lim = atol + rtol * std::fabs(static_cast<double>(a[i]));
+    if (!(d <= lim)) {  // NaN fails too
+      if (reported++ < 5)
+        ADD_FAILURE() << what << "[" << i << "]: cpu " << a[i] << " gpu " << b[i] << " (|diff| " << d << " > " << lim
+                      << ")";
+      if (!(d <= worst)) {
+        worst = d;
+        worst_i = static_cast<int64_t>(i);
+      }
+    }
+  }
+  if (reported > 0)
+    ADD_FAILURE() << what << ": " << reported << " of " << a.size() << " elements differ; worst at " << worst_i;
+}
+
+}  // namespace lancet::testing
