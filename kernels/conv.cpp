@@ -18,11 +18,16 @@
 // calling thread's slot 3 holds the partial dw of backward_dw_partials.
 #include "kernels/conv.h"
 
+#include <atomic>
 #include <cstring>
 
 #include "kernels/conv_winograd.h"
 #include "kernels/cpu_util.h"
+#include "kernels/cuda_twin.h"
 #include "kernels/trace.h"
+#ifdef LANCET_WITH_CUDA
+#include "kernels/cuda/conv.h"
+#endif
 
 namespace lancet {
 namespace {
@@ -350,7 +355,15 @@ void check_params(const Conv2dParams& p) {
                                                      << p.dilation_w << ", groups " << p.groups);
 }
 
+std::atomic<bool> g_conv_autotune{false};
+std::atomic<bool> g_allow_tf32{false};
+
 }  // namespace
+
+void set_conv_autotune(bool on) { g_conv_autotune.store(on, std::memory_order_relaxed); }
+bool conv_autotune() { return g_conv_autotune.load(std::memory_order_relaxed); }
+void set_allow_tf32(bool on) { g_allow_tf32.store(on, std::memory_order_relaxed); }
+bool allow_tf32() { return g_allow_tf32.load(std::memory_order_relaxed); }
 
 Shape conv2d_output_shape(const Conv2dParams& p, const Shape& x, const Shape& w) {
   check_params(p);
@@ -373,6 +386,7 @@ Shape conv2d_output_shape(const Conv2dParams& p, const Shape& x, const Shape& w)
 
 void conv2d_forward(const Conv2dParams& p, const Tensor& x, const Tensor& w, const Tensor& b, Tensor& y,
                     const Stream& s) {
+  LANCET_CUDA_TWIN(x, conv2d_forward(p, x, w, b, y, s));
   const char* op = "conv2d_forward";
   cpu::require_cpu(op, s, x, {&w, &b, &y});
   cpu::require_defined(op, "weight", w);
@@ -401,6 +415,7 @@ void conv2d_forward(const Conv2dParams& p, const Tensor& x, const Tensor& w, con
 
 void conv2d_backward(const Conv2dParams& p, const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx, Tensor& dw,
                      Tensor& db, const Stream& s) {
+  LANCET_CUDA_TWIN(x, conv2d_backward(p, x, w, dy, dx, dw, db, s));
   const char* op = "conv2d_backward";
   cpu::require_cpu(op, s, x, {&w, &dy, &dx, &dw, &db});
   cpu::require_defined(op, "weight", w);

@@ -7,7 +7,8 @@
 //   * an undefined Tensor for an optional input/output means "none"/"don't compute".
 //   * every op takes the Stream it runs on; the device comes from the tensors, which must
 //     all be on the stream's device. CPU ops run synchronously on the calling thread's pool.
-//   * f32 on CPU (half/bf16 arrive with mixed precision).
+//   * f32 on CPU; on a GPU x, w, y, dy, dx, dw are f32, f16 or bf16 (all one dtype, computed in
+//     f32), b and db stay f32.
 // Layout: x [N, Cin, H, W], w [Cout, Cin/groups, KH, KW], b [Cout], y [N, Cout, Ho, Wo].
 #pragma once
 #include "kernels/tensor.h"
@@ -32,5 +33,18 @@ void conv2d_forward(const Conv2dParams& p, const Tensor& x, const Tensor& w, con
 // dw, db (accumulated) may be undefined to skip them.
 void conv2d_backward(const Conv2dParams& p, const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx,
                      Tensor& dw, Tensor& db, const Stream& s);
+
+// ---- GPU convolution settings (process-wide; read by the CUDA twins, harmless without CUDA) ----
+// Autotune: on a GPU, benchmark cuDNN's algorithms once per shape (input, weight, parameters,
+// dtype, memory format, device, direction) and keep the fastest, like
+// torch.backends.cudnn.benchmark; off (the default), cuDNN's heuristics choose, also once per
+// shape. Either choice is cached for the life of the process.
+void set_conv_autotune(bool on);
+bool conv_autotune();
+// TF32 tensor-core math for f32 convolutions (cuDNN) and f32 GEMMs (cuBLAS, Linear). PyTorch
+// allows it for cuDNN convolutions by default; lancet does not (default off) so that f32 on a
+// GPU matches the CPU reference at f32 tolerances. f16/bf16 always use tensor cores.
+void set_allow_tf32(bool on);
+bool allow_tf32();
 
 }  // namespace lancet

@@ -4,7 +4,11 @@
 #include "kernels/linear.h"
 
 #include "kernels/cpu_util.h"
+#include "kernels/cuda_twin.h"
 #include "kernels/trace.h"
+#ifdef LANCET_WITH_CUDA
+#include "kernels/cuda/linear.h"
+#endif
 
 namespace lancet {
 namespace {
@@ -49,6 +53,7 @@ Dims check(const char* op, const Tensor& x, const Tensor& w, const Stream& s,
 }  // namespace
 
 void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, Tensor& y, const Stream& s) {
+  LANCET_CUDA_TWIN(x, linear_forward(x, w, b, y, s));
   const char* op = "linear_forward";
   const Dims d = check(op, x, w, s, {&w, &b, &y});
   cpu::require_shape(op, "output", y, {d.N, d.out}, cpu::desc("input", x) + " and " + cpu::desc("weight", w));
@@ -73,6 +78,7 @@ void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, Tensor& y
 
 void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx, Tensor& dw, Tensor& db,
                      const Stream& s) {
+  LANCET_CUDA_TWIN(x, linear_backward(x, w, dy, dx, dw, db, s));
   const char* op = "linear_backward";
   const Dims d = check(op, x, w, s, {&w, &dy, &dx, &dw, &db});
   cpu::require_shape(op, "dy", dy, {d.N, d.out}, cpu::desc("input", x) + " and " + cpu::desc("weight", w));

@@ -294,19 +294,5 @@ TEST(Conv2d, OutputShapeAndErrors) {
                {"[2, 4, 7, 7]", "[2, 4, 8, 8]"});
 }
 
-TEST(Conv2d, CudaTensorsAreRejectedUntilTheKernelExists) {
-  Tensor x;
-  try {
-    x = Tensor::empty({1, 1, 3, 3}, DType::f32, Device::cuda(0));
-  } catch (const Error&) {
-    GTEST_SKIP() << "no CUDA device";
-  }
-  Tensor w = Tensor::empty({1, 1, 1, 1}, DType::f32, Device::cuda(0)),
-         y = Tensor::empty({1, 1, 3, 3}, DType::f32, Device::cuda(0));
-  Stream s{Device::cuda(0), nullptr};
-  expect_error([&] { conv2d_forward(params(1, 0), x, w, Tensor(), y, s); },
-               {"conv2d_forward: CUDA kernel not built yet"});
-}
-
 }  // namespace
 }  // namespace lancet
