@@ -4,6 +4,10 @@
 #include <cmath>
 
 #include "kernels/cpu_util.h"
+#include "kernels/cuda_twin.h"
+#ifdef LANCET_WITH_CUDA
+#include "kernels/cuda/activation.h"
+#endif
 
 namespace lancet {
 namespace {
@@ -35,6 +39,7 @@ void check_p(const char* op, float p) {
 }  // namespace
 
 void relu_forward(const Tensor& x, Tensor& y, const Stream& s) {
+  LANCET_CUDA_TWIN(x, relu_forward(x, y, s));
   check_unary("relu_forward", "x", x, "y", y, s, {&y});
   const float* xp = x.data<float>();
   float* yp = y.data<float>();
@@ -42,6 +47,7 @@ void relu_forward(const Tensor& x, Tensor& y, const Stream& s) {
 }
 
 void relu_backward(const Tensor& y, const Tensor& dy, Tensor& dx, const Stream& s) {
+  LANCET_CUDA_TWIN(y, relu_backward(y, dy, dx, s));
   check_unary("relu_backward", "y", y, "dy", dy, s, {&dy, &dx});
   cpu::require_like("relu_backward", "dx", dx, y, "y");
   const float* yp = y.data<float>();
@@ -51,6 +57,7 @@ void relu_backward(const Tensor& y, const Tensor& dy, Tensor& dx, const Stream& 
 }
 
 void sigmoid_forward(const Tensor& x, Tensor& y, const Stream& s) {
+  LANCET_CUDA_TWIN(x, sigmoid_forward(x, y, s));
   check_unary("sigmoid_forward", "x", x, "y", y, s, {&y});
   const float* xp = x.data<float>();
   float* yp = y.data<float>();
@@ -58,6 +65,7 @@ void sigmoid_forward(const Tensor& x, Tensor& y, const Stream& s) {
 }
 
 void sigmoid_backward(const Tensor& y, const Tensor& dy, Tensor& dx, const Stream& s) {
+  LANCET_CUDA_TWIN(y, sigmoid_backward(y, dy, dx, s));
   check_unary("sigmoid_backward", "y", y, "dy", dy, s, {&dy, &dx});
   cpu::require_like("sigmoid_backward", "dx", dx, y, "y");
   const float* yp = y.data<float>();
@@ -73,6 +81,7 @@ float dropout_uniform(uint64_t seed, uint64_t counter) {
 
 void dropout_forward(float p, uint64_t seed, uint64_t offset, const Tensor& x, Tensor& y, Tensor& mask,
                      const Stream& s) {
+  LANCET_CUDA_TWIN(x, dropout_forward(p, seed, offset, x, y, mask, s));
   const char* op = "dropout_forward";
   check_unary(op, "x", x, "y", y, s, {&y, &mask});
   check_p(op, p);
@@ -94,6 +103,7 @@ void dropout_forward(float p, uint64_t seed, uint64_t offset, const Tensor& x, T
 }
 
 void dropout_backward(float p, const Tensor& mask, const Tensor& dy, Tensor& dx, const Stream& s) {
+  LANCET_CUDA_TWIN(dy, dropout_backward(p, mask, dy, dx, s));
   const char* op = "dropout_backward";
   check_unary(op, "dy", dy, "dx", dx, s, {&mask, &dx});
   check_p(op, p);

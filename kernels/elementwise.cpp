@@ -5,6 +5,10 @@
 #include <cstring>
 
 #include "kernels/cpu_util.h"
+#include "kernels/cuda_twin.h"
+#ifdef LANCET_WITH_CUDA
+#include "kernels/cuda/elementwise.h"
+#endif
 
 namespace lancet {
 namespace {
@@ -44,6 +48,7 @@ Nchw nchw_of(const char* op, const char* name, const Tensor& t) {
 }  // namespace
 
 void fill(Tensor& y, float value, const Stream& s) {
+  LANCET_CUDA_TWIN(y, fill(y, value, s));
   cpu::require_cpu("fill", s, y);
   check_f32("fill", "y", y);
   float* yp = y.data<float>();
@@ -51,6 +56,7 @@ void fill(Tensor& y, float value, const Stream& s) {
 }
 
 void add(const Tensor& a, const Tensor& b, Tensor& y, const Stream& s) {
+  LANCET_CUDA_TWIN(a, add(a, b, y, s));
   cpu::require_cpu("add", s, a, {&b, &y});
   check_f32("add", "a", a);
   cpu::require_like("add", "b", b, a, "a");
@@ -62,6 +68,7 @@ void add(const Tensor& a, const Tensor& b, Tensor& y, const Stream& s) {
 }
 
 void add_inplace(Tensor& y, const Tensor& x, const Stream& s) {
+  LANCET_CUDA_TWIN(x, add_inplace(y, x, s));
   cpu::require_cpu("add_inplace", s, x, {&y});
   check_f32("add_inplace", "x", x);
   cpu::require_like("add_inplace", "y", y, x, "x");
@@ -71,6 +78,7 @@ void add_inplace(Tensor& y, const Tensor& x, const Stream& s) {
 }
 
 void axpy(float alpha, const Tensor& x, Tensor& y, const Stream& s) {
+  LANCET_CUDA_TWIN(x, axpy(alpha, x, y, s));
   cpu::require_cpu("axpy", s, x, {&y});
   check_f32("axpy", "x", x);
   cpu::require_like("axpy", "y", y, x, "x");
@@ -80,6 +88,7 @@ void axpy(float alpha, const Tensor& x, Tensor& y, const Stream& s) {
 }
 
 void scale_inplace(Tensor& y, float alpha, const Stream& s) {
+  LANCET_CUDA_TWIN(y, scale_inplace(y, alpha, s));
   cpu::require_cpu("scale_inplace", s, y);
   check_f32("scale_inplace", "y", y);
   float* yp = y.data<float>();
@@ -132,14 +141,17 @@ void concat_copy(const char* op, const std::vector<Tensor>& xs, const Tensor& y,
 }  // namespace
 
 void concat_channels_forward(const std::vector<Tensor>& xs, Tensor& y, const Stream& s) {
+  LANCET_CUDA_TWIN(y, concat_channels_forward(xs, y, s));
   concat_copy("concat_channels_forward", xs, y, true, s);
 }
 
 void concat_channels_backward(const Tensor& dy, std::vector<Tensor>& dxs, const Stream& s) {
+  LANCET_CUDA_TWIN(dy, concat_channels_backward(dy, dxs, s));
   concat_copy("concat_channels_backward", dxs, dy, false, s);
 }
 
 void channel_scale_forward(const Tensor& x, const Tensor& g, Tensor& y, const Stream& s) {
+  LANCET_CUDA_TWIN(x, channel_scale_forward(x, g, y, s));
   const char* op = "channel_scale_forward";
   cpu::require_cpu(op, s, x, {&g, &y});
   check_f32(op, "x", x);
@@ -159,6 +171,7 @@ void channel_scale_forward(const Tensor& x, const Tensor& g, Tensor& y, const St
 
 void channel_scale_backward(const Tensor& x, const Tensor& g, const Tensor& dy, Tensor& dx, Tensor& dg,
                             const Stream& s) {
+  LANCET_CUDA_TWIN(x, channel_scale_backward(x, g, dy, dx, dg, s));
   const char* op = "channel_scale_backward";
   cpu::require_cpu(op, s, x, {&g, &dy, &dx, &dg});
   check_f32(op, "x", x);
@@ -190,6 +203,7 @@ void channel_scale_backward(const Tensor& x, const Tensor& g, const Tensor& dy, 
 }
 
 double sum_squares(const Tensor& x, const Stream& s) {
+  LANCET_CUDA_TWIN(x, sum_squares(x, s));
   cpu::require_cpu("sum_squares", s, x);
   check_f32("sum_squares", "x", x);
   const float* xp = x.data<float>();
@@ -204,6 +218,7 @@ double sum_squares(const Tensor& x, const Stream& s) {
 }
 
 bool all_finite(const Tensor& x, const Stream& s) {
+  LANCET_CUDA_TWIN(x, all_finite(x, s));
   cpu::require_cpu("all_finite", s, x);
   check_f32("all_finite", "x", x);
   const float* xp = x.data<float>();

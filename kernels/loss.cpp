@@ -8,11 +8,16 @@
 #include <vector>
 
 #include "kernels/cpu_util.h"
+#include "kernels/cuda_twin.h"
+#ifdef LANCET_WITH_CUDA
+#include "kernels/cuda/loss.h"
+#endif
 
 namespace lancet {
 
 float softmax_cross_entropy(const Tensor& logits, const Tensor& labels, const Tensor& class_weights,
                             float label_smoothing, Tensor& dlogits, Tensor& probs, const Stream& s) {
+  LANCET_CUDA_TWIN(logits, softmax_cross_entropy(logits, labels, class_weights, label_smoothing, dlogits, probs, s));
   const char* op = "softmax_cross_entropy";
   cpu::require_cpu(op, s, logits, {&labels, &class_weights, &dlogits, &probs});
   cpu::require_dtype(op, "logits", logits, DType::f32);

@@ -6,6 +6,10 @@
 #include <limits>
 
 #include "kernels/cpu_util.h"
+#include "kernels/cuda_twin.h"
+#ifdef LANCET_WITH_CUDA
+#include "kernels/cuda/pool.h"
+#endif
 
 namespace lancet {
 namespace {
@@ -29,6 +33,7 @@ Shape maxpool2d_output_shape(const MaxPool2dParams& p, const Shape& x) {
 }
 
 void maxpool2d_forward(const MaxPool2dParams& p, const Tensor& x, Tensor& y, Tensor& argmax, const Stream& s) {
+  LANCET_CUDA_TWIN(x, maxpool2d_forward(p, x, y, argmax, s));
   const char* op = "maxpool2d_forward";
   cpu::require_cpu(op, s, x, {&y, &argmax});
   cpu::require_dtype(op, "input", x, DType::f32);
@@ -71,6 +76,7 @@ void maxpool2d_forward(const MaxPool2dParams& p, const Tensor& x, Tensor& y, Ten
 }
 
 void maxpool2d_backward(const MaxPool2dParams& p, const Tensor& dy, const Tensor& argmax, Tensor& dx, const Stream& s) {
+  LANCET_CUDA_TWIN(dy, maxpool2d_backward(p, dy, argmax, dx, s));
   const char* op = "maxpool2d_backward";
   cpu::require_cpu(op, s, dy, {&argmax, &dx});
   cpu::require_dtype(op, "dy", dy, DType::f32);
@@ -103,6 +109,7 @@ void maxpool2d_backward(const MaxPool2dParams& p, const Tensor& dy, const Tensor
 }
 
 void global_avgpool_forward(const Tensor& x, Tensor& y, const Stream& s) {
+  LANCET_CUDA_TWIN(x, global_avgpool_forward(x, y, s));
   const char* op = "global_avgpool_forward";
   cpu::require_cpu(op, s, x, {&y});
   cpu::require_dtype(op, "input", x, DType::f32);
@@ -122,6 +129,7 @@ void global_avgpool_forward(const Tensor& x, Tensor& y, const Stream& s) {
 }
 
 void global_avgpool_backward(const Tensor& dy, Tensor& dx, const Stream& s) {
+  LANCET_CUDA_TWIN(dy, global_avgpool_backward(dy, dx, s));
   const char* op = "global_avgpool_backward";
   cpu::require_cpu(op, s, dy, {&dx});
   cpu::require_dtype(op, "dy", dy, DType::f32);

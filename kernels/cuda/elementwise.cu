@@ -1,0 +1,323 @@
+// cuda/elementwise.cu — CUDA add/axpy/scale, channel concat, SE channel scale and the two
+// reductions (see cuda/elementwise.h). Elementwise kernels are grid-stride loops over memory;
+// per-plane reductions use one block per (n, c) plane; sum_squares is a two-pass reduction
+// whose grid depends on numel only, so its result is the same on every run and GPU.
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/elementwise.h"
+
+namespace lancet::cuda {
+namespace {
+
+// `t` matches `ref` in shape, dtype and memory format (elementwise over memory needs all three).
+void require_same(const char* op, const char* name, const Tensor& t, const Tensor& ref, const char* ref_name) {
+  LANCET_CHECK(t.defined(), op << ": " << name << " is an undefined tensor");
+  LANCET_CHECK(t.shape() == ref.shape(),
+               op << ": " << name << " " << t.shape_str() << " does not match " << ref_name << " " << ref.shape_str());
+  require_dtype(op, name, t, ref.dtype());
+  LANCET_CHECK(t.format() == ref.format(), op << ": " << name << " " << t.shape_str() << " and " << ref_name << " "
+                                              << ref.shape_str() << " differ in memory format");
+}
+
+struct Nchw {
+  int64_t N, C, HW;
+};
+Nchw nchw_of(const char* op, const char* name, const Tensor& t) {
+  LANCET_CHECK(t.ndim() == 4, op << ": " << name << " must be 4-D [N, C, H, W], got " << t.shape_str());
+  return {t.dim(0), t.dim(1), t.dim(2) * t.dim(3)};
+}
+
+// Threads for a one-block-per-plane kernel: a warp for small planes, up to 256 (multiples of 32,
+// as block_sum needs).
+int plane_block(int64_t hw) { return hw <= 32 ? 32 : hw <= 64 ? 64 : hw <= 128 ? 128 : 256; }
+
+__device__ __forceinline__ int64_t first_index() { return blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; }
+__device__ __forceinline__ int64_t grid_stride() { return static_cast<int64_t>(blockDim.x) * gridDim.x; }
+
+// ---- elementwise (outputs may alias inputs: each thread reads element i before writing it) ----
+template <typename T>
+__global__ void fill_kernel(T* y, float value, int64_t n) {
+  const T v = store_f<T>(value);
+  for (int64_t i = first_index(); i < n; i += grid_stride()) y[i] = v;
+}
+
+template <typename T>
+__global__ void add_kernel(const T* a, const T* b, T* y, int64_t n) {
+  for (int64_t i = first_index(); i < n; i += grid_stride()) y[i] = store_f<T>(load_f(a[i]) + load_f(b[i]));
+}
+
+// y += alpha * x (add_inplace is alpha = 1: 1 * x is exact).
+template <typename T>
+__global__ void axpy_kernel(float alpha, const T* x, T* y, int64_t n) {
+  for (int64_t i = first_index(); i < n; i += grid_stride()) y[i] = store_f<T>(load_f(y[i]) + alpha * load_f(x[i]));
+}
+
+template <typename T>
+__global__ void scale_kernel(T* y, float alpha, int64_t n) {
+  for (int64_t i = first_index(); i < n; i += grid_stride()) y[i] = store_f<T>(load_f(y[i]) * alpha);
+}
+
+// `rows` rows of `row_len` contiguous elements from src (rows src_stride apart) to dst (rows
+// dst_stride apart): one part of a channel concat, in either direction.
+template <typename T>
+__global__ void copy_rows_kernel(const T* src, int64_t src_stride, T* dst, int64_t dst_stride, int64_t rows,
+                                 int64_t row_len) {
+  const int64_t total = rows * row_len;
+  for (int64_t i = first_index(); i < total; i += grid_stride()) {
+    const int64_t r = i / row_len, c = i - r * row_len;
+    dst[r * dst_stride + c] = src[r * src_stride + c];
+  }
+}
+
+template <typename T>
+__global__ void channel_scale_forward_kernel(const T* x, const T* g, T* y, int64_t hw, int64_t n) {
+  for (int64_t i = first_index(); i < n; i += grid_stride()) y[i] = store_f<T>(load_f(x[i]) * load_f(g[i / hw]));
+}
+
+// One block per (n, c) plane (blockIdx.x); dx or dg may be null (uniform per launch, so every
+// thread reaches block_sum or none does).
+template <typename T>
+__global__ void channel_scale_backward_kernel(const T* x, const T* g, const T* dy, T* dx, T* dg, int64_t hw) {
+  __shared__ double shared[32];
+  const int64_t plane = blockIdx.x;
+  const T* xq = x + plane * hw;
+  const T* dq = dy + plane * hw;
+  const float gv = load_f(g[plane]);
+  double sum = 0;
+  for (int64_t i = threadIdx.x; i < hw; i += blockDim.x) {
+    const float d = load_f(dq[i]);
+    if (dg) sum += static_cast<double>(d) * load_f(xq[i]);
+    if (dx) dx[plane * hw + i] = store_f<T>(d * gv);
+  }
+  if (dg) {
+    sum = block_sum(sum, shared);
+    if (threadIdx.x == 0) dg[plane] = store_f<T>(static_cast<float>(sum));
+  }
+}
+
+// ---- reductions ----
+constexpr int kMaxPartials = 1024;  // blocks of the first pass (fixed by numel: deterministic)
+
+template <typename T>
+__global__ void sum_squares_partials_kernel(const T* x, int64_t n, double* partials) {
+  __shared__ double shared[32];
+  double sum = 0;
+  for (int64_t i = first_index(); i < n; i += grid_stride()) {
+    const double v = load_f(x[i]);
+    sum += v * v;
+  }
+  sum = block_sum(sum, shared);
+  if (threadIdx.x == 0) partials[blockIdx.x] = sum;
+}
+
+// One block: each thread sums a fixed stride of partials, then the block tree.
+__global__ void sum_partials_kernel(const double* partials, int m, double* out) {
+  __shared__ double shared[32];
+  double sum = 0;
+  for (int i = threadIdx.x; i < m; i += blockDim.x) sum += partials[i];
+  sum = block_sum(sum, shared);
+  if (threadIdx.x == 0) *out = sum;
+}
+
+// *found becomes 1 when any element is NaN or infinite (zeroed by the caller). One atomic per
+// thread at most, however many elements are bad.
+template <typename T>
+__global__ void find_nonfinite_kernel(const T* x, int64_t n, int* found) {
+  bool bad = false;
+  for (int64_t i = first_index(); i < n; i += grid_stride()) bad |= !isfinite(load_f(x[i]));
+  if (bad) atomicOr(found, 1);
+}
+
+void axpy_impl(const char* op, float alpha, const Tensor& x, Tensor& y, const Stream& s) {
+  require_cuda(op, s, x, {&y});
+  require_same(op, "y", y, x, "x");
+  const int64_t n = x.numel();
+  if (n == 0) return;
+  CudaDeviceGuard g(s.device.index);
+  LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
+    axpy_kernel<<<grid_for(n), kBlock, 0, native(s)>>>(alpha, ptr<scalar_t>(x), ptr<scalar_t>(y), n);
+  });
+  LANCET_CUDA_LAUNCH_CHECK();
+}
+
+// Copies between y [N, sum C_i, HW] and the parts xs[i] [N, C_i, HW]; to_y picks the direction.
+void concat_copy(const char* op, const std::vector<Tensor>& xs, const Tensor& y, bool to_y, const Stream& s) {
+  require_cuda(op, s, y);
+  require_nchw(op, {&y});
+  const Nchw d = nchw_of(op, "concatenated tensor", y);
+  LANCET_CHECK(!xs.empty(), op << ": no parts to concatenate into " << y.shape_str());
+  int64_t total = 0;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const Tensor& x = xs[i];
+    LANCET_CHECK(x.defined(), op << ": part " << i << " is an undefined tensor");
+    require_cuda(op, s, y, {&x});
+    require_nchw(op, {&x});
+    require_dtype(op, "part", x, y.dtype());
+    LANCET_CHECK(x.ndim() == 4 && x.dim(0) == d.N && x.dim(2) * x.dim(3) == d.HW && x.dim(2) == y.dim(2),
+                 op << ": part " << i << " " << x.shape_str() << " does not fit the concatenated tensor "
+                    << y.shape_str() << " (N, H, W must match)");
+    total += x.dim(1);
+  }
+  LANCET_CHECK(total == d.C, op << ": parts have " << total << " channels in all but the concatenated tensor "
+                                << y.shape_str() << " has " << d.C);
+  CudaDeviceGuard g(s.device.index);
+  int64_t first = 0;  // first channel of part i in y
+  for (const Tensor& x : xs) {
+    const int64_t ci = x.dim(1), len = ci * d.HW;
+    if (len > 0 && d.N > 0) {
+      LANCET_CUDA_FLOAT_TYPES(y.dtype(), op, {
+        // Tensors are handles: the destination side is written through raw_data().
+        scalar_t* yp = static_cast<scalar_t*>(y.raw_data()) + first * d.HW;
+        scalar_t* xp = static_cast<scalar_t*>(x.raw_data());
+        if (to_y)
+          copy_rows_kernel<<<grid_for(d.N * len), kBlock, 0, native(s)>>>(xp, len, yp, d.C * d.HW, d.N, len);
+        else
+          copy_rows_kernel<<<grid_for(d.N * len), kBlock, 0, native(s)>>>(yp, d.C * d.HW, xp, len, d.N, len);
+      });
+      LANCET_CUDA_LAUNCH_CHECK();
+    }
+    first += ci;
+  }
+}
+
+// The checks of both channel_scale ops: x [N, C, H, W] nchw, g [N, C] of x's dtype.
+Nchw check_channel_scale(const char* op, const Tensor& x, const Tensor& g) {
+  require_nchw(op, {&x});
+  const Nchw d = nchw_of(op, "x", x);
+  LANCET_CHECK(g.defined(), op << ": g is an undefined tensor");
+  LANCET_CHECK(g.shape() == Shape({d.N, d.C}), op << ": g " << g.shape_str() << " does not match x " << x.shape_str()
+                                                  << " (expected " << shape_str({d.N, d.C}) << ")");
+  require_dtype(op, "g", g, x.dtype());
+  return d;
+}
+
+}  // namespace
+
+void fill(Tensor& y, float value, const Stream& s) {
+  const char* op = "fill";
+  require_cuda(op, s, y);
+  const int64_t n = y.numel();
+  if (n == 0) return;
+  CudaDeviceGuard g(s.device.index);
+  LANCET_CUDA_FLOAT_TYPES(y.dtype(), op, {
+    fill_kernel<<<grid_for(n), kBlock, 0, native(s)>>>(ptr<scalar_t>(y), value, n);
+  });
+  LANCET_CUDA_LAUNCH_CHECK();
+}
+
+void add(const Tensor& a, const Tensor& b, Tensor& y, const Stream& s) {
+  const char* op = "add";
+  require_cuda(op, s, a, {&b, &y});
+  require_same(op, "b", b, a, "a");
+  require_same(op, "y", y, a, "a");
+  const int64_t n = a.numel();
+  if (n == 0) return;
+  CudaDeviceGuard g(s.device.index);
+  LANCET_CUDA_FLOAT_TYPES(a.dtype(), op, {
+    add_kernel<<<grid_for(n), kBlock, 0, native(s)>>>(ptr<scalar_t>(a), ptr<scalar_t>(b), ptr<scalar_t>(y), n);
+  });
+  LANCET_CUDA_LAUNCH_CHECK();
+}
+
+void add_inplace(Tensor& y, const Tensor& x, const Stream& s) { axpy_impl("add_inplace", 1.f, x, y, s); }
+
+void axpy(float alpha, const Tensor& x, Tensor& y, const Stream& s) { axpy_impl("axpy", alpha, x, y, s); }
+
+void scale_inplace(Tensor& y, float alpha, const Stream& s) {
+  const char* op = "scale_inplace";
+  require_cuda(op, s, y);
+  const int64_t n = y.numel();
+  if (n == 0) return;
+  CudaDeviceGuard g(s.device.index);
+  LANCET_CUDA_FLOAT_TYPES(y.dtype(), op, {
+    scale_kernel<<<grid_for(n), kBlock, 0, native(s)>>>(ptr<scalar_t>(y), alpha, n);
+  });
+  LANCET_CUDA_LAUNCH_CHECK();
+}
+
+void concat_channels_forward(const std::vector<Tensor>& xs, Tensor& y, const Stream& s) {
+  concat_copy("concat_channels_forward", xs, y, true, s);
+}
+
+void concat_channels_backward(const Tensor& dy, std::vector<Tensor>& dxs, const Stream& s) {
+  concat_copy("concat_channels_backward", dxs, dy, false, s);
+}
+
+void channel_scale_forward(const Tensor& x, const Tensor& g, Tensor& y, const Stream& s) {
+  const char* op = "channel_scale_forward";
+  require_cuda(op, s, x, {&g, &y});
+  const Nchw d = check_channel_scale(op, x, g);
+  require_same(op, "y", y, x, "x");
+  const int64_t n = x.numel();
+  if (n == 0) return;
+  CudaDeviceGuard guard(s.device.index);
+  LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
+    channel_scale_forward_kernel<<<grid_for(n), kBlock, 0, native(s)>>>(ptr<scalar_t>(x), ptr<scalar_t>(g),
+                                                                        ptr<scalar_t>(y), d.HW, n);
+  });
+  LANCET_CUDA_LAUNCH_CHECK();
+}
+
+void channel_scale_backward(const Tensor& x, const Tensor& g, const Tensor& dy, Tensor& dx, Tensor& dg,
+                            const Stream& s) {
+  const char* op = "channel_scale_backward";
+  require_cuda(op, s, x, {&g, &dy, &dx, &dg});
+  const Nchw d = check_channel_scale(op, x, g);
+  require_same(op, "dy", dy, x, "x");
+  if (dx.defined()) require_same(op, "dx", dx, x, "x");
+  if (dg.defined()) require_same(op, "dg", dg, g, "g");
+  const int64_t planes = d.N * d.C;
+  if (planes == 0 || (!dx.defined() && !dg.defined())) return;
+  LANCET_CHECK(planes <= 0x7fffffffLL, op << ": " << x.shape_str() << " has too many planes for one grid");
+  CudaDeviceGuard guard(s.device.index);
+  LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
+    scalar_t* dxp = dx.defined() ? ptr<scalar_t>(dx) : nullptr;
+    scalar_t* dgp = dg.defined() ? ptr<scalar_t>(dg) : nullptr;
+    channel_scale_backward_kernel<<<static_cast<unsigned>(planes), plane_block(d.HW), 0, native(s)>>>(
+        ptr<scalar_t>(x), ptr<scalar_t>(g), ptr<scalar_t>(dy), dxp, dgp, d.HW);
+  });
+  LANCET_CUDA_LAUNCH_CHECK();
+}
+
+double sum_squares(const Tensor& x, const Stream& s) {
+  const char* op = "sum_squares";
+  require_cuda(op, s, x);
+  const int64_t n = x.numel();
+  if (n == 0) return 0.0;
+  const int blocks = static_cast<int>(std::min<int64_t>(kMaxPartials, (n + kBlock - 1) / kBlock));
+  // blocks partials and the total, as 8-byte slots (doubles) of an i64 scratch tensor from the
+  // caching allocator; it returns to the cache only after the sync below.
+  Tensor scratch = Tensor::empty({blocks + 1}, DType::i64, s.device);
+  double* partials = static_cast<double*>(scratch.raw_data());
+  double total = 0;
+  CudaDeviceGuard g(s.device.index);
+  LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
+    sum_squares_partials_kernel<<<blocks, kBlock, 0, native(s)>>>(ptr<scalar_t>(x), n, partials);
+  });
+  LANCET_CUDA_LAUNCH_CHECK();
+  sum_partials_kernel<<<1, kBlock, 0, native(s)>>>(partials, blocks, partials + blocks);
+  LANCET_CUDA_LAUNCH_CHECK();
+  LANCET_CUDA_CHECK(cudaMemcpyAsync(&total, partials + blocks, sizeof(double), cudaMemcpyDeviceToHost, native(s)));
+  LANCET_CUDA_CHECK(cudaStreamSynchronize(native(s)));
+  return total;
+}
+
+bool all_finite(const Tensor& x, const Stream& s) {
+  const char* op = "all_finite";
+  require_cuda(op, s, x);
+  const int64_t n = x.numel();
+  if (n == 0) return true;
+  Tensor flag = Tensor::empty({1}, DType::i32, s.device);  // kept until the sync below
+  int* found = ptr<int>(flag);
+  int host_found = 0;
+  CudaDeviceGuard g(s.device.index);
+  LANCET_CUDA_CHECK(cudaMemsetAsync(found, 0, sizeof(int), native(s)));
+  LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
+    find_nonfinite_kernel<<<grid_for(n), kBlock, 0, native(s)>>>(ptr<scalar_t>(x), n, found);
+  });
+  LANCET_CUDA_LAUNCH_CHECK();
+  LANCET_CUDA_CHECK(cudaMemcpyAsync(&host_found, found, sizeof(int), cudaMemcpyDeviceToHost, native(s)));
+  LANCET_CUDA_CHECK(cudaStreamSynchronize(native(s)));
+  return host_found == 0;
+}
+
+}  // namespace lancet::cuda

@@ -1,0 +1,181 @@
+// cuda/pool.cu — CUDA MaxPool2d and global average pooling (see cuda/pool.h).
+// maxpool: one thread per output element (forward) or input element (backward, a gather);
+// global_avgpool: one block per (n, c) plane, summing in double like the CPU twin.
+#include <limits>
+#include <string>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/pool.h"
+
+namespace lancet::cuda {
+namespace {
+
+// The CPU twins' check: "maxpool2d_forward: output [1, 1, 2, 2] does not match input [1, 1, 5, 5]
+// (expected [1, 1, 3, 3])".
+void require_shape(const char* op, const char* name, const Tensor& t, const Shape& expected, const char* ctx_name,
+                   const Tensor& ctx) {
+  LANCET_CHECK(t.defined(), op << ": " << name << " is an undefined tensor");
+  LANCET_CHECK(t.shape() == expected, op << ": " << name << " " << t.shape_str() << " does not match " << ctx_name
+                                         << " " << ctx.shape_str() << " (expected " << shape_str(expected) << ")");
+}
+
+// Threads for a one-block-per-plane kernel: a warp for small planes, up to 256 (multiples of 32,
+// as block_sum needs).
+int plane_block(int64_t hw) { return hw <= 32 ? 32 : hw <= 64 ? 64 : hw <= 128 ? 128 : 256; }
+
+__device__ __forceinline__ int64_t first_index() { return blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; }
+__device__ __forceinline__ int64_t grid_stride() { return static_cast<int64_t>(blockDim.x) * gridDim.x; }
+
+struct PoolDims {
+  int64_t H, W, Ho, Wo;
+  int kernel, stride, pad;
+};
+
+// One thread per output element; the CPU twin's row-major scan and rule: strict '>' (the first
+// maximum wins) or NaN (a NaN wins, and a later NaN replaces an earlier one).
+template <typename T>
+__global__ void maxpool2d_forward_kernel(PoolDims d, const T* x, T* y, int32_t* argmax, int64_t total) {
+  const int64_t P = d.Ho * d.Wo;
+  for (int64_t o = first_index(); o < total; o += grid_stride()) {
+    const int64_t plane = o / P, r = o - plane * P, oh = r / d.Wo, ow = r - oh * d.Wo;
+    const int64_t hs = oh * d.stride - d.pad, ws = ow * d.stride - d.pad;
+    const int64_t h0 = hs > 0 ? hs : 0, h1 = hs + d.kernel < d.H ? hs + d.kernel : d.H;
+    const int64_t w0 = ws > 0 ? ws : 0, w1 = ws + d.kernel < d.W ? ws + d.kernel : d.W;
+    const T* xq = x + plane * d.H * d.W;
+    float best = -INFINITY;  // the padding
+    int64_t idx = h0 * d.W + w0;
+    for (int64_t h = h0; h < h1; ++h)
+      for (int64_t w = w0; w < w1; ++w) {
+        const float v = load_f(xq[h * d.W + w]);
+        if (v > best || isnan(v)) best = v, idx = h * d.W + w;
+      }
+    y[o] = store_f<T>(best);  // exact: best is -inf or an element of x
+    argmax[o] = static_cast<int32_t>(idx);
+  }
+}
+
+// One thread per input element: the windows (oh, ow) containing (h, w) are those with
+// oh*stride - pad <= h < oh*stride - pad + kernel, i.e. oh in [lo(h), hi(h)] below. Summing the
+// dy of those whose argmax is this element, in row-major window order from 0, performs the same
+// float additions in the same order as the CPU scatter (which walks windows row-major).
+template <typename T>
+__global__ void maxpool2d_backward_kernel(PoolDims d, const T* dy, const int32_t* argmax, T* dx, int64_t total) {
+  const int64_t HW = d.H * d.W, P = d.Ho * d.Wo;
+  for (int64_t i = first_index(); i < total; i += grid_stride()) {
+    const int64_t plane = i / HW, r = i - plane * HW, h = r / d.W, w = r - h * d.W;
+    const int64_t hp = h + d.pad, wp = w + d.pad;
+    const int64_t oh0 = hp < d.kernel ? 0 : (hp - d.kernel) / d.stride + 1;
+    const int64_t ow0 = wp < d.kernel ? 0 : (wp - d.kernel) / d.stride + 1;
+    const int64_t oh1 = hp / d.stride < d.Ho - 1 ? hp / d.stride : d.Ho - 1;  // inclusive
+    const int64_t ow1 = wp / d.stride < d.Wo - 1 ? wp / d.stride : d.Wo - 1;
+    const T* dq = dy + plane * P;
+    const int32_t* aq = argmax + plane * P;
+    float sum = 0.f;
+    for (int64_t oh = oh0; oh <= oh1; ++oh)
+      for (int64_t ow = ow0; ow <= ow1; ++ow)
+        if (aq[oh * d.Wo + ow] == r) sum += load_f(dq[oh * d.Wo + ow]);
+    dx[i] = store_f<T>(sum);
+  }
+}
+
+// One block per (n, c) plane (blockIdx.x).
+template <typename T>
+__global__ void global_avgpool_forward_kernel(const T* x, T* y, int64_t hw) {
+  __shared__ double shared[32];
+  const T* xq = x + static_cast<int64_t>(blockIdx.x) * hw;
+  double sum = 0;
+  for (int64_t i = threadIdx.x; i < hw; i += blockDim.x) sum += load_f(xq[i]);
+  sum = block_sum(sum, shared);
+  if (threadIdx.x == 0) y[blockIdx.x] = store_f<T>(static_cast<float>(sum / static_cast<double>(hw)));
+}
+
+template <typename T>
+__global__ void global_avgpool_backward_kernel(const T* dy, T* dx, float inv, int64_t hw, int64_t total) {
+  for (int64_t i = first_index(); i < total; i += grid_stride()) dx[i] = store_f<T>(load_f(dy[i / hw]) * inv);
+}
+
+}  // namespace
+
+void maxpool2d_forward(const MaxPool2dParams& p, const Tensor& x, Tensor& y, Tensor& argmax, const Stream& s) {
+  const char* op = "maxpool2d_forward";
+  require_cuda(op, s, x, {&y, &argmax});
+  require_nchw(op, {&x, &y, &argmax});
+  const Shape ys = maxpool2d_output_shape(p, x.shape());
+  require_shape(op, "output", y, ys, "input", x);
+  require_dtype(op, "output", y, x.dtype());
+  require_shape(op, "argmax", argmax, ys, "input", x);
+  require_dtype(op, "argmax", argmax, DType::i32);
+  const PoolDims d{x.dim(2), x.dim(3), ys[2], ys[3], p.kernel, p.stride, p.pad};
+  LANCET_CHECK(d.H * d.W <= std::numeric_limits<int32_t>::max(),
+               op << ": plane of " << x.shape_str() << " too large for i32 argmax");
+  const int64_t total = y.numel();
+  if (total == 0) return;
+  CudaDeviceGuard g(s.device.index);
+  LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
+    maxpool2d_forward_kernel<<<grid_for(total), kBlock, 0, native(s)>>>(d, ptr<scalar_t>(x), ptr<scalar_t>(y),
+                                                                        ptr<int32_t>(argmax), total);
+  });
+  LANCET_CUDA_LAUNCH_CHECK();
+}
+
+void maxpool2d_backward(const MaxPool2dParams& p, const Tensor& dy, const Tensor& argmax, Tensor& dx,
+                        const Stream& s) {
+  const char* op = "maxpool2d_backward";
+  require_cuda(op, s, dy, {&argmax, &dx});
+  require_nchw(op, {&dy, &argmax, &dx});
+  LANCET_CHECK(dx.defined(), op << ": dx is an undefined tensor");
+  require_dtype(op, "dx", dx, dy.dtype());
+  const Shape ys = maxpool2d_output_shape(p, dx.shape());
+  require_shape(op, "dy", dy, ys, "dx", dx);
+  require_shape(op, "argmax", argmax, ys, "dx", dx);
+  require_dtype(op, "argmax", argmax, DType::i32);
+  const PoolDims d{dx.dim(2), dx.dim(3), ys[2], ys[3], p.kernel, p.stride, p.pad};
+  const int64_t total = dx.numel();
+  if (total == 0) return;
+  CudaDeviceGuard g(s.device.index);
+  LANCET_CUDA_FLOAT_TYPES(dy.dtype(), op, {
+    maxpool2d_backward_kernel<<<grid_for(total), kBlock, 0, native(s)>>>(d, ptr<scalar_t>(dy),
+                                                                         ptr<int32_t>(argmax), ptr<scalar_t>(dx),
+                                                                         total);
+  });
+  LANCET_CUDA_LAUNCH_CHECK();
+}
+
+void global_avgpool_forward(const Tensor& x, Tensor& y, const Stream& s) {
+  const char* op = "global_avgpool_forward";
+  require_cuda(op, s, x, {&y});
+  require_nchw(op, {&x});
+  LANCET_CHECK(x.ndim() == 4, op << ": input must be 4-D [N, C, H, W], got " << x.shape_str());
+  require_shape(op, "output", y, {x.dim(0), x.dim(1)}, "input", x);
+  require_dtype(op, "output", y, x.dtype());
+  const int64_t planes = y.numel(), HW = x.dim(2) * x.dim(3);
+  if (planes == 0) return;
+  LANCET_CHECK(planes <= 0x7fffffffLL, op << ": " << x.shape_str() << " has too many planes for one grid");
+  CudaDeviceGuard g(s.device.index);
+  LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
+    global_avgpool_forward_kernel<<<static_cast<unsigned>(planes), plane_block(HW), 0, native(s)>>>(
+        ptr<scalar_t>(x), ptr<scalar_t>(y), HW);
+  });
+  LANCET_CUDA_LAUNCH_CHECK();
+}
+
+void global_avgpool_backward(const Tensor& dy, Tensor& dx, const Stream& s) {
+  const char* op = "global_avgpool_backward";
+  require_cuda(op, s, dy, {&dx});
+  require_nchw(op, {&dx});
+  LANCET_CHECK(dx.defined(), op << ": dx is an undefined tensor");
+  require_dtype(op, "dx", dx, dy.dtype());
+  LANCET_CHECK(dx.ndim() == 4, op << ": dx must be 4-D [N, C, H, W], got " << dx.shape_str());
+  require_shape(op, "dy", dy, {dx.dim(0), dx.dim(1)}, "dx", dx);
+  const int64_t HW = dx.dim(2) * dx.dim(3), total = dx.numel();
+  if (total == 0) return;
+  const float inv = 1.f / static_cast<float>(HW);  // the CPU twin's factor (HW > 0 here)
+  CudaDeviceGuard g(s.device.index);
+  LANCET_CUDA_FLOAT_TYPES(dy.dtype(), op, {
+    global_avgpool_backward_kernel<<<grid_for(total), kBlock, 0, native(s)>>>(ptr<scalar_t>(dy), ptr<scalar_t>(dx),
+                                                                              inv, HW, total);
+  });
+  LANCET_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace lancet::cuda
