@@ -6,6 +6,10 @@
 #include <cmath>
 
 #include "kernels/cpu_util.h"
+#include "kernels/cuda_twin.h"
+#ifdef LANCET_WITH_CUDA
+#include "kernels/cuda/batchnorm.h"
+#endif
 
 namespace lancet {
 namespace {
@@ -68,6 +72,8 @@ int64_t channel_grain(const Dims& d) {
 void batchnorm2d_forward_train(const BatchNormParams& p, const Tensor& x, const Tensor& gamma, const Tensor& beta,
                                Tensor& running_mean, Tensor& running_var, bool update_running, Tensor& y,
                                Tensor& saved_mean, Tensor& saved_invstd, const Stream& s) {
+  LANCET_CUDA_TWIN(x, batchnorm2d_forward_train(p, x, gamma, beta, running_mean, running_var, update_running, y,
+                                                saved_mean, saved_invstd, s));
   const char* op = "batchnorm2d_forward_train";
   const Dims d = check_common(op, x, gamma, beta, y, s);
   cpu::require_cpu(op, s, x, {&running_mean, &running_var, &saved_mean, &saved_invstd});
@@ -117,6 +123,8 @@ void batchnorm2d_forward_train(const BatchNormParams& p, const Tensor& x, const 
 void batchnorm2d_forward_eval(const BatchNormParams& p, const Tensor& x, const Tensor& gamma, const Tensor& beta,
                               const Tensor& running_mean, const Tensor& running_var, Tensor& y, Tensor& saved_mean,
                               Tensor& saved_invstd, const Stream& s) {
+  LANCET_CUDA_TWIN(x, batchnorm2d_forward_eval(p, x, gamma, beta, running_mean, running_var, y, saved_mean,
+                                               saved_invstd, s));
   const char* op = "batchnorm2d_forward_eval";
   const Dims d = check_common(op, x, gamma, beta, y, s);
   cpu::require_cpu(op, s, x, {&running_mean, &running_var, &saved_mean, &saved_invstd});
@@ -145,6 +153,7 @@ void batchnorm2d_forward_eval(const BatchNormParams& p, const Tensor& x, const T
 void batchnorm2d_backward(bool batch_stats, const Tensor& x, const Tensor& dy, const Tensor& gamma,
                           const Tensor& saved_mean, const Tensor& saved_invstd, Tensor& dx, Tensor& dgamma,
                           Tensor& dbeta, const Stream& s) {
+  LANCET_CUDA_TWIN(x, batchnorm2d_backward(batch_stats, x, dy, gamma, saved_mean, saved_invstd, dx, dgamma, dbeta, s));
   const char* op = "batchnorm2d_backward";
   const Dims d = check_common(op, x, gamma, Tensor(), dx, s);
   cpu::require_cpu(op, s, x, {&dy, &saved_mean, &saved_invstd, &dgamma, &dbeta});
@@ -188,6 +197,7 @@ void batchnorm2d_backward(bool batch_stats, const Tensor& x, const Tensor& dy, c
 }
 
 void batchnorm2d_channel_sums(const Tensor& x, std::vector<double>& out, const Stream& s) {
+  LANCET_CUDA_TWIN(x, batchnorm2d_channel_sums(x, out, s));
   const char* op = "batchnorm2d_channel_sums";
   const Dims d = check_common(op, x, Tensor(), Tensor(), Tensor(), s);
   out.assign(static_cast<size_t>(2 * d.C + 1), 0.0);
@@ -211,6 +221,7 @@ void batchnorm2d_channel_sums(const Tensor& x, std::vector<double>& out, const S
 
 void batchnorm2d_backward_sums(const Tensor& x, const Tensor& dy, const Tensor& mean, const Tensor& invstd,
                                std::vector<double>& out, const Stream& s) {
+  LANCET_CUDA_TWIN(x, batchnorm2d_backward_sums(x, dy, mean, invstd, out, s));
   const char* op = "batchnorm2d_backward_sums";
   const Dims d = check_common(op, x, Tensor(), Tensor(), Tensor(), s);
   cpu::require_cpu(op, s, x, {&dy, &mean, &invstd});
@@ -235,6 +246,7 @@ void batchnorm2d_backward_sums(const Tensor& x, const Tensor& dy, const Tensor& 
 void batchnorm2d_backward_dx(const Tensor& x, const Tensor& dy, const Tensor& gamma, const Tensor& mean,
                              const Tensor& invstd, const std::vector<double>& global_sums, double count, Tensor& dx,
                              const Stream& s) {
+  LANCET_CUDA_TWIN(x, batchnorm2d_backward_dx(x, dy, gamma, mean, invstd, global_sums, count, dx, s));
   const char* op = "batchnorm2d_backward_dx";
   const Dims d = check_common(op, x, gamma, Tensor(), dx, s);
   cpu::require_cpu(op, s, x, {&dy, &mean, &invstd});
