@@ -1,11 +1,16 @@
 // optim.cpp — CPU SGD and Adam/AdamW steps, following torch.optim's single-tensor code path
 // operation by operation (same float roundings where it matters; scalars in double as Python does).
+// Tensors on a GPU go to the CUDA twins in kernels/cuda/optim.cu.
 #include "kernels/optim.h"
 
 #include <cmath>
 #include <utility>
 
 #include "kernels/cpu_util.h"
+#include "kernels/cuda_twin.h"
+#ifdef LANCET_WITH_CUDA
+#include "kernels/cuda/optim.h"
+#endif
 
 namespace lancet {
 namespace {
@@ -17,10 +22,43 @@ void for_each_index(int64_t n, F&& fn) {
   });
 }
 
+// The tensor a list op dispatches on: the first defined one (an undefined tensor when there is
+// none, so an empty list stays on the CPU path).
+template <typename TensorPtr>
+const Tensor& first_defined(const std::vector<TensorPtr>& ts) {
+  static const Tensor none;
+  for (const Tensor* t : ts)
+    if (t != nullptr && t->defined()) return *t;
+  return none;
+}
+
+void check_multi_lists(const char* op, size_t n, std::initializer_list<std::pair<const char*, size_t>> lists) {
+  for (const auto& [name, size] : lists)
+    LANCET_CHECK(size == n, op << ": " << size << " " << name << " for " << n << " parameters");
+}
+
+template <typename TensorPtr>
+void check_no_null(const char* op, const std::vector<TensorPtr>& ts) {
+  for (const Tensor* t : ts) LANCET_CHECK(t != nullptr, op << ": null tensor pointer in the list");
+}
+
+// grad * scale_inv in a new CPU tensor (one float rounding per element, as
+// unscale_and_check_finite); `grad` itself when scale_inv is 1 or the per-tensor op will reject
+// the gradient anyway (undefined, not f32, not on the CPU), so it reports the error.
+Tensor scaled_grad(const Tensor& grad, float scale_inv) {
+  if (scale_inv == 1.f || !grad.defined() || grad.dtype() != DType::f32 || !grad.device().is_cpu()) return grad;
+  Tensor out = Tensor::empty(grad.shape(), DType::f32, Device::cpu());
+  const float* g = grad.data<float>();
+  float* o = out.data<float>();
+  for_each_index(grad.numel(), [&](int64_t i) { o[i] = g[i] * scale_inv; });
+  return out;
+}
+
 }  // namespace
 
 void sgd_step(const SgdParams& p, bool first_step, Tensor& param, const Tensor& grad, Tensor& momentum_buf,
               const Stream& s) {
+  LANCET_CUDA_TWIN(param, sgd_step(p, first_step, param, grad, momentum_buf, s));
   const char* op = "sgd_step";
   cpu::require_cpu(op, s, param, {&grad, &momentum_buf});
   cpu::require_dtype(op, "param", param, DType::f32);
@@ -46,6 +84,7 @@ void sgd_step(const SgdParams& p, bool first_step, Tensor& param, const Tensor& 
 
 void adam_step(const AdamParams& p, int64_t step, Tensor& param, const Tensor& grad, Tensor& exp_avg,
                Tensor& exp_avg_sq, const Stream& s) {
+  LANCET_CUDA_TWIN(param, adam_step(p, step, param, grad, exp_avg, exp_avg_sq, s));
   const char* op = "adam_step";
   cpu::require_cpu(op, s, param, {&grad, &exp_avg, &exp_avg_sq});
   cpu::require_dtype(op, "param", param, DType::f32);
@@ -81,6 +120,40 @@ void adam_step(const AdamParams& p, int64_t step, Tensor& param, const Tensor& g
   });
 }
 
+void sgd_step_multi(const SgdParams& p, bool first_step, const std::vector<Tensor*>& params,
+                    const std::vector<const Tensor*>& grads, const std::vector<Tensor*>& momentum_bufs,
+                    const Stream& s, float grad_scale_inv) {
+  LANCET_CUDA_TWIN(first_defined(params),
+                   sgd_step_multi(p, first_step, params, grads, momentum_bufs, s, grad_scale_inv));
+  const char* op = "sgd_step_multi";
+  const bool no_bufs = momentum_bufs.empty() && p.momentum == 0.f;  // allowed: plain SGD keeps no state
+  check_multi_lists(op, params.size(),
+                    {{"grads", grads.size()}, {"momentum buffers", no_bufs ? params.size() : momentum_bufs.size()}});
+  check_no_null(op, params);
+  check_no_null(op, grads);
+  check_no_null(op, momentum_bufs);
+  Tensor none;
+  for (size_t i = 0; i < params.size(); ++i)
+    sgd_step(p, first_step, *params[i], scaled_grad(*grads[i], grad_scale_inv), no_bufs ? none : *momentum_bufs[i],
+             s);
+}
+
+void adam_step_multi(const AdamParams& p, int64_t step, const std::vector<Tensor*>& params,
+                     const std::vector<const Tensor*>& grads, const std::vector<Tensor*>& exp_avgs,
+                     const std::vector<Tensor*>& exp_avg_sqs, const Stream& s, float grad_scale_inv) {
+  LANCET_CUDA_TWIN(first_defined(params),
+                   adam_step_multi(p, step, params, grads, exp_avgs, exp_avg_sqs, s, grad_scale_inv));
+  const char* op = "adam_step_multi";
+  check_multi_lists(op, params.size(),
+                    {{"grads", grads.size()}, {"exp_avgs", exp_avgs.size()}, {"exp_avg_sqs", exp_avg_sqs.size()}});
+  check_no_null(op, params);
+  check_no_null(op, grads);
+  check_no_null(op, exp_avgs);
+  check_no_null(op, exp_avg_sqs);
+  for (size_t i = 0; i < params.size(); ++i)
+    adam_step(p, step, *params[i], scaled_grad(*grads[i], grad_scale_inv), *exp_avgs[i], *exp_avg_sqs[i], s);
+}
+
 // ---- gradient clipping --------------------------------------------------------------------
 
 namespace {
@@ -93,6 +166,9 @@ std::vector<const Tensor*> checked_list(const char* op, const std::vector<const 
   for (const Tensor* t : tensors) {
     LANCET_CHECK(t != nullptr, op << ": null tensor pointer in the list");
     if (!t->defined()) continue;
+    // A GPU tensor after a CPU one: name the devices (require_cpu would say the kernel is missing).
+    LANCET_CHECK(t->device() == s.device,
+                 op << ": stream is on " << s.device.str() << " but the input is on " << t->device().str());
     cpu::require_cpu(op, s, *t);
     cpu::require_dtype(op, "tensor", *t, DType::f32);
     out.push_back(t);
@@ -120,6 +196,7 @@ std::vector<double> map_blocks(const std::vector<const Tensor*>& ts, F&& block_f
 }  // namespace
 
 double global_l2_norm(const std::vector<const Tensor*>& tensors, const Stream& s) {
+  LANCET_CUDA_TWIN(first_defined(tensors), global_l2_norm(tensors, s));
   const auto ts = checked_list("global_l2_norm", tensors, s);
   const auto partial = map_blocks(ts, [&ts](size_t t, int64_t begin, int64_t end) {
     const float* x = ts[t]->data<float>();
@@ -133,6 +210,7 @@ double global_l2_norm(const std::vector<const Tensor*>& tensors, const Stream& s
 }
 
 bool all_finite(const std::vector<const Tensor*>& tensors, const Stream& s) {
+  LANCET_CUDA_TWIN(first_defined(tensors), all_finite(tensors, s));
   const auto ts = checked_list("all_finite", tensors, s);
   const auto partial = map_blocks(ts, [&ts](size_t t, int64_t begin, int64_t end) {
     const float* x = ts[t]->data<float>();
@@ -146,6 +224,7 @@ bool all_finite(const std::vector<const Tensor*>& tensors, const Stream& s) {
 }
 
 bool unscale_and_check_finite(const std::vector<Tensor*>& grads, float inv_scale, const Stream& s) {
+  LANCET_CUDA_TWIN(first_defined(grads), unscale_and_check_finite(grads, inv_scale, s));
   const auto ts = checked_list("unscale_and_check_finite", std::vector<const Tensor*>(grads.begin(), grads.end()), s);
   std::vector<Tensor*> out;  // the same defined tensors, writable
   for (Tensor* g : grads)
@@ -165,6 +244,7 @@ bool unscale_and_check_finite(const std::vector<Tensor*>& grads, float inv_scale
 }
 
 float clip_grad_norm(const std::vector<Tensor*>& grads, float max_norm, const Stream& s) {
+  LANCET_CUDA_TWIN(first_defined(grads), clip_grad_norm(grads, max_norm, s));
   LANCET_CHECK(max_norm > 0, "clip_grad_norm: max_norm must be positive, got " << max_norm);
   const std::vector<const Tensor*> list(grads.begin(), grads.end());
   const float total = static_cast<float>(global_l2_norm(list, s));

@@ -1,6 +1,10 @@
-// optim.h — optimizer update kernels with PyTorch's torch.optim semantics (one tensor at a
-// time on the CPU; the CUDA backend adds fused multi-tensor versions).
-// All state tensors have the parameter's shape and are f32 (master weights).
+// optim.h — optimizer update kernels with PyTorch's torch.optim semantics, per tensor and over
+// a whole parameter list at once (the *_multi ops: on a GPU a few fused launches for all
+// parameters, like torch's foreach/fused optimizers; on the CPU a loop over the per-tensor op).
+// All state tensors have the parameter's shape and are f32 (master weights). Parameters and
+// state are updated in place; gradients are only read (the clipping and loss-scaling ops below
+// modify them, as their names say). Ops returning a host value (a norm, a finite flag) wait
+// for their stream on a GPU: one synchronisation per call.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -26,10 +30,25 @@ struct AdamParams {
 void adam_step(const AdamParams& p, int64_t step, Tensor& param, const Tensor& grad, Tensor& exp_avg,
                Tensor& exp_avg_sq, const Stream& s);
 
-// Gradient clipping (torch.nn.utils.clip_grad_norm_ with norm_type 2). The lists hold f32 CPU
-// tensors; undefined entries are skipped (a parameter without a gradient). Sums of squares
-// accumulate in double over fixed 32K-element blocks that are added in list order, so the
-// result is the same for any thread count.
+// The same updates over lists of parameters: element i of every list belongs to params[i]
+// (same shape); the lists have params.size() entries (momentum_bufs may also be empty when
+// p.momentum is 0). Results equal calling the per-tensor op on each parameter in turn, bit for
+// bit on the CPU. grad_scale_inv: every gradient element is multiplied by it (one float
+// rounding, as unscale_and_check_finite does) as it is read, so a mixed-precision unscale pass
+// can be fused into the step; the gradients themselves are left unchanged. An empty list does
+// nothing.
+void sgd_step_multi(const SgdParams& p, bool first_step, const std::vector<Tensor*>& params,
+                    const std::vector<const Tensor*>& grads, const std::vector<Tensor*>& momentum_bufs,
+                    const Stream& s, float grad_scale_inv = 1.0f);
+void adam_step_multi(const AdamParams& p, int64_t step, const std::vector<Tensor*>& params,
+                     const std::vector<const Tensor*>& grads, const std::vector<Tensor*>& exp_avgs,
+                     const std::vector<Tensor*>& exp_avg_sqs, const Stream& s, float grad_scale_inv = 1.0f);
+
+// Gradient clipping (torch.nn.utils.clip_grad_norm_ with norm_type 2). The lists hold f32
+// tensors on the stream's device; undefined entries are skipped (a parameter without a
+// gradient). Sums of squares accumulate in double over fixed-size blocks (32K elements on the
+// CPU, 64K on a GPU) that are added in list order, so the result is the same for any thread
+// count and on every run; CPU and GPU agree to about 1e-15 relative, not bit for bit.
 // The L2 norm of all elements of all tensors together, sqrt(sum over tensors of |t|^2).
 double global_l2_norm(const std::vector<const Tensor*>& tensors, const Stream& s);
 // True when no element is NaN or +-inf.

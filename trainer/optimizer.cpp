@@ -1,3 +1,6 @@
+// optimizer.cpp — each step is one multi-tensor update over all parameters (kernels/optim.h):
+// on a GPU a few fused launches, on the CPU the same results as stepping parameter by
+// parameter. Every parameter is updated (Parameter::grad always exists; zero_grad zeroes it).
 #include "trainer/optimizer.h"
 
 #include "kernels/optim.h"
@@ -15,8 +18,14 @@ class Sgd final : public Optimizer {
   }
   void step(const Stream& s) override {
     p_.lr = lr_;
-    for (size_t i = 0; i < params_.size(); ++i)
-      sgd_step(p_, steps_ == 0, params_[i].second->value, params_[i].second->grad, buf_[i], s);
+    std::vector<Tensor*> values, bufs;
+    std::vector<const Tensor*> grads;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      values.push_back(&params_[i].second->value);
+      grads.push_back(&params_[i].second->grad);
+      bufs.push_back(&buf_[i]);
+    }
+    sgd_step_multi(p_, steps_ == 0, values, grads, bufs, s);
     ++steps_;
   }
   std::vector<std::pair<std::string, Tensor*>> state() override {
@@ -46,8 +55,15 @@ class Adam final : public Optimizer {
   void step(const Stream& s) override {
     p_.lr = lr_;
     ++steps_;
-    for (size_t i = 0; i < params_.size(); ++i)
-      adam_step(p_, steps_, params_[i].second->value, params_[i].second->grad, m_[i], v_[i], s);
+    std::vector<Tensor*> values, ms, vs;
+    std::vector<const Tensor*> grads;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      values.push_back(&params_[i].second->value);
+      grads.push_back(&params_[i].second->grad);
+      ms.push_back(&m_[i]);
+      vs.push_back(&v_[i]);
+    }
+    adam_step_multi(p_, steps_, values, grads, ms, vs, s);
   }
   std::vector<std::pair<std::string, Tensor*>> state() override {
     std::vector<std::pair<std::string, Tensor*>> out;

@@ -1,6 +1,7 @@
 // optimizer.h — torch.optim-compatible SGD, Adam and AdamW over a model's parameters.
-// State (momentum buffers, moments) is f32 and lives on the parameters' device; it is created
-// on the first step. The update kernels are in kernels/optim.h.
+// State (momentum buffers, moments) is f32 and lives on the parameters' device; it is created,
+// zeroed, with the optimizer. A step is one multi-tensor update over all parameters
+// (sgd_step_multi / adam_step_multi in kernels/optim.h), issued on the step's stream.
 #pragma once
 #include <memory>
 #include <string>
