@@ -44,6 +44,10 @@ void add_config_options(CLI::App& app, ConfigArgs& args, bool with_training_flag
         f.name, [&args, key](const std::string& v) { args.flags.emplace_back(key, v); },
         std::string(f.help) + " (= --set " + key + ")");
   }
+  if (with_training_flags)
+    app.add_flag_function(
+        "--cudnn-autotune", [&args](int64_t) { args.flags.emplace_back("train.cudnn_autotune", "true"); },
+        "GPU: benchmark cuDNN's convolution algorithms once per shape, keep the fastest (= --set train.cudnn_autotune=true)");
 }
 
 Json resolve_config(const ConfigArgs& args, Json defaults) {

@@ -87,12 +87,13 @@ void flatten(const Json& j, const std::string& prefix, std::map<std::string, Jso
 // What a resumed run may set differently: how long, where, how verbosely — and how the work is
 // spread (any rank count resumes any checkpoint: the dist section and the accumulation split;
 // pipelined and unpipelined runs resume each other: the pipeline section;
-// any loader thread count: batches do not depend on it).
+// any loader thread count: batches do not depend on it; CPU and GPU runs resume each other).
 bool may_change_on_resume(const std::string& key) {
   static const std::set<std::string> keys{
       "train.epochs",     "train.max_steps", "train.out",         "train.threads",    "train.log_every",
       "train.checkpoint_every", "train.keep_checkpoints", "train.resume", "train.profile", "train.nsys_steps",
-      "train.tensorboard", "train.grad_accum_steps", "data.workers", "data.prefetch", "data.cache"};
+      "train.tensorboard", "train.grad_accum_steps", "train.device", "train.cudnn_autotune", "train.allow_tf32",
+      "data.workers", "data.prefetch", "data.cache"};
   return keys.count(key) > 0 || key.rfind("dist.", 0) == 0 || key.rfind("pipeline.", 0) == 0;
 }
 

@@ -31,7 +31,8 @@ Json default_config() {
       "epochs": 10, "max_steps": 0, "batch_size": 32, "drop_last": false, "seed": 0,
       "device": "cpu", "threads": 0, "precision": "fp32", "out": "", "log_every": 10,
       "checkpoint_every": 0, "keep_checkpoints": 3, "resume": "", "clip_grad_norm": 0.0,
-      "profile": "", "nsys_steps": "", "tensorboard": true, "grad_accum_steps": 1
+      "profile": "", "nsys_steps": "", "tensorboard": true, "grad_accum_steps": 1,
+      "cudnn_autotune": false, "allow_tf32": false
     },
     "amp": {
       "loss_scaling": "auto", "init_scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
@@ -288,6 +289,8 @@ TrainConfig train_config(const Json& c) {
   t.profile = get<std::string>(c, "train", "profile");
   t.tensorboard = get<bool>(c, "train", "tensorboard");
   t.grad_accum_steps = get<int>(c, "train", "grad_accum_steps");
+  t.cudnn_autotune = get<bool>(c, "train", "cudnn_autotune");
+  t.allow_tf32 = get<bool>(c, "train", "allow_tf32");
   LANCET_CHECK(t.grad_accum_steps >= 1, "train.grad_accum_steps must be at least 1, got " << t.grad_accum_steps);
   const std::string nsys = get<std::string>(c, "train", "nsys_steps");
   if (!nsys.empty()) {

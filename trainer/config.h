@@ -75,6 +75,12 @@ struct TrainConfig {
   // Micro-batches per optimizer step: each rank's share of batch_size is split this many ways
   // and the gradients accumulate (synchronised across ranks only after the last).
   int grad_accum_steps = 1;
+  // GPU convolutions: benchmark cuDNN's candidate algorithms once per shape and keep the
+  // fastest (torch.backends.cudnn.benchmark) instead of taking cuDNN's heuristic choice.
+  bool cudnn_autotune = false;
+  // f32 convolutions and GEMMs on tensor cores with TF32 inputs (PyTorch's default for cuDNN
+  // convolutions); off keeps GPU f32 results within f32 tolerances of the CPU reference.
+  bool allow_tf32 = false;
 };
 // Data parallelism (mpirun / srun with several tasks). train.batch_size is the GLOBAL batch:
 // each of R ranks takes batch_size / R samples per step, so a run's optimisation does not

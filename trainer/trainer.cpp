@@ -19,6 +19,7 @@
 #include "data/image_folder.h"
 #include "data/loader.h"
 #include "data/synth.h"
+#include "kernels/conv.h"
 #include "kernels/elementwise.h"
 #include "kernels/loss.h"
 #include "kernels/parallel.h"
@@ -357,6 +358,29 @@ double epoch_metric(const std::string& name, double train_loss, double train_acc
 
 }  // namespace
 
+namespace {
+
+// What a CUDA run needs that is not there yet fails here, before any data is read, naming the
+// setting. The GPU path: one GPU per process, f32 (the fp16/bf16 path on GPUs is the mixed-
+// precision issue's), no pipeline stages on GPUs, no NCCL (several ranks need CPU tensors).
+void check_train_device(Device device, DType precision, int ranks, bool pipelined) {
+  if (device.is_cpu()) return;
+#ifdef LANCET_WITH_CUDA
+  const auto gpus = cuda_devices();
+  LANCET_CHECK(device.index < static_cast<int>(gpus.size()),
+               "train.device " << device.str() << ": " << gpus.size() << " CUDA device(s) visible on this machine");
+#else
+  LANCET_FAIL("train.device " << device.str() << ": this build of lancet has no CUDA (LANCET_CUDA=OFF)");
+#endif
+  LANCET_CHECK(precision == DType::f32, "train.precision " << dtype_name(precision) << " on " << device.str()
+                                                           << ": GPU training runs in fp32 so far (fp16/bf16 are emulated on the CPU)");
+  LANCET_CHECK(ranks == 1, "train.device " << device.str() << " with " << ranks
+                                           << " ranks: the NCCL backend for GPU gradients is not built yet; use --device cpu");
+  LANCET_CHECK(!pipelined, "pipeline.stages > 1 on " << device.str() << ": pipeline stages run on CPU threads so far");
+}
+
+}  // namespace
+
 TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& log) {
   const DataConfig dc = data_config(config);
   const TrainConfig tc = train_config(config);
@@ -370,8 +394,9 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   const LossScalerConfig lsc = loss_scaler_config(config);
   const DType precision = parse_dtype(tc.precision);
   const Device device = parse_device(tc.device);
-  LANCET_CHECK(device.is_cpu(), "train.device " << device.str()
-                                                << ": this build has no CUDA compute kernels yet; use --device cpu");
+  check_train_device(device, precision, ranks, pipelined);
+  set_conv_autotune(tc.cudnn_autotune);
+  set_allow_tf32(tc.allow_tf32);
   // Threads: all cores for one process; 1 per rank when several ranks share a node.
   const int threads = threads_per_rank(tc.threads, comm);
   const int stage_threads = pc.threads_per_stage > 0 ? pc.threads_per_stage : std::max(1, threads / 2);
