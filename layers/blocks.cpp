@@ -77,7 +77,7 @@ Tensor SEBlock::backward_impl(const Tensor& dy, Saved& saved, bool need_input_gr
 namespace {
 struct ResidualSaved : Saved {
   SavedPtr conv1, bn1, conv2, bn2, se, down;
-  Tensor r1, out;  // relu(bn1) output, block output
+  Tensor out;  // block output
 };
 }  // namespace
 
@@ -86,6 +86,7 @@ BasicResidualBlock::BasicResidualBlock(std::mt19937_64& rng, int in_channels, in
     : in_(in_channels) {
   conv1_ = &register_module("conv1", std::make_unique<Conv2d>(rng, in_channels, out_channels, 3, stride, 1, 1, 1, false));
   bn1_ = &register_module("bn1", std::make_unique<BatchNorm2d>(out_channels));
+  bn1_->set_fused_relu(true);  // relu(bn1(.)) in one pass
   conv2_ = &register_module("conv2", std::make_unique<Conv2d>(rng, out_channels, out_channels, 3, 1, 1, 1, 1, false));
   bn2_ = &register_module("bn2", std::make_unique<BatchNorm2d>(out_channels));
   se_ = &register_module("se", std::make_unique<SEBlock>(rng, out_channels, se_reduction));
@@ -103,14 +104,12 @@ void BasicResidualBlock::check_input(const Tensor& x) const {
 
 Tensor BasicResidualBlock::forward_impl(const Tensor& x, SavedPtr* saved, const Stream& s) {
   auto c = make_saved<ResidualSaved>(saved);
-  Tensor r1 = bn1_->forward(conv1_->forward(x, c ? &c->conv1 : nullptr, s), c ? &c->bn1 : nullptr, s);
-  relu_forward(r1, r1, s);
+  Tensor r1 = bn1_->forward(conv1_->forward(x, c ? &c->conv1 : nullptr, s), c ? &c->bn1 : nullptr, s);  // with ReLU
   Tensor y = bn2_->forward(conv2_->forward(r1, c ? &c->conv2 : nullptr, s), c ? &c->bn2 : nullptr, s);
   y = se_->forward(y, c ? &c->se : nullptr, s);  // a fresh tensor; SE keeps its input only
   add_inplace(y, down_ ? down_->forward(x, c ? &c->down : nullptr, s) : x, s);
   relu_forward(y, y, s);
   if (c) {
-    c->r1 = r1;
     c->out = y;
     *saved = std::move(c);
   }
@@ -124,7 +123,6 @@ Tensor BasicResidualBlock::backward_impl(const Tensor& dy, Saved& saved, bool ne
   relu_backward(c.out, dy, d, s);
   Tensor g = se_->backward(d, *c.se, true, s);
   g = conv2_->backward(bn2_->backward(g, *c.bn2, true, s), *c.conv2, true, s);
-  relu_backward(c.r1, g, g, s);
   Tensor dx = conv1_->backward(bn1_->backward(g, *c.bn1, true, s), *c.conv1, need_input_grad, s);
   if (down_) {
     Tensor dshort = down_->backward(d, *c.down, need_input_grad, s);

@@ -30,6 +30,7 @@ class SEBlock : public Module {
 
 // The basic residual block with SE attention:
 //   y = se(bn2(conv2(relu(bn1(conv1(x))))));  out = relu(y + shortcut(x))
+// (bn1 carries the ReLU: BatchNorm2d::set_fused_relu.)
 // conv1 3x3 stride `stride`, conv2 3x3, no biases. shortcut = x, or down.0 (conv 1x1, stride)
 // -> down.1 (BatchNorm) when stride != 1 or in_channels != out_channels.
 class BasicResidualBlock : public Module {

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "kernels/activation.h"
+#include "kernels/fused.h"
 #include "kernels/linear.h"
 
 namespace lancet {
@@ -83,6 +84,7 @@ Tensor Conv2d::backward_impl(const Tensor& dy, Saved& saved, bool need_input_gra
 namespace {
 struct BatchNormSaved : Saved {
   Tensor x, mean, invstd;
+  Tensor y;  // the output, with the fused ReLU (its mask)
   bool batch_stats = true;
   double sync_count = 0;  // > 0: synchronised statistics over this many values per channel
 };
@@ -131,6 +133,7 @@ Tensor BatchNorm2d::forward_impl(const Tensor& x, SavedPtr* saved, const Stream&
       tv = tv.to(x.device());
     }
     batchnorm2d_forward_eval(p_, x, weight_->value, bias_->value, tm, tv, y, mean, invstd, s);
+    if (fused_relu_) relu_forward(y, y, s);
     if (update_running_) {
       // Running statistics as torch: the unbiased variance of the global batch.
       Tensor rm = running_mean_->device().is_cpu() ? *running_mean_ : running_mean_->to(Device::cpu());
@@ -148,25 +151,38 @@ Tensor BatchNorm2d::forward_impl(const Tensor& x, SavedPtr* saved, const Stream&
       }
     }
   } else if (training()) {
-    batchnorm2d_forward_train(p_, x, weight_->value, bias_->value, *running_mean_, *running_var_, update_running_, y,
-                              mean, invstd, s);
-  } else
-    batchnorm2d_forward_eval(p_, x, weight_->value, bias_->value, *running_mean_, *running_var_, y, mean, invstd, s);
+    (fused_relu_ ? batchnorm_relu_forward_train : batchnorm2d_forward_train)(
+        p_, x, weight_->value, bias_->value, *running_mean_, *running_var_, update_running_, y, mean, invstd, s);
+  } else {
+    (fused_relu_ ? batchnorm_relu_forward_eval : batchnorm2d_forward_eval)(
+        p_, x, weight_->value, bias_->value, *running_mean_, *running_var_, y, mean, invstd, s);
+  }
   if (auto c = make_saved<BatchNormSaved>(saved)) {
     c->x = x;
     c->mean = mean;
     c->invstd = invstd;
     c->batch_stats = training();
     c->sync_count = sync_count;
+    if (fused_relu_) c->y = y;
     *saved = std::move(c);
   }
   return y;
 }
 
-Tensor BatchNorm2d::backward_impl(const Tensor& dy, Saved& saved, bool need_input_grad, const Stream& s) {
+Tensor BatchNorm2d::backward_impl(const Tensor& dy_out, Saved& saved, bool need_input_grad, const Stream& s) {
   auto& c = saved_as<BatchNormSaved>(saved, "BatchNorm2d");
-  dy.check_same_shape(c.x, "BatchNorm2d backward: dy");
+  dy_out.check_same_shape(c.x, "BatchNorm2d backward: dy");
   Tensor dx = need_input_grad ? Tensor::empty(c.x.shape(), c.x.dtype(), c.x.device()) : Tensor();
+  Tensor dy = dy_out;
+  if (c.y.defined()) {  // the fused ReLU
+    if (c.sync_count == 0) {
+      batchnorm_relu_backward(c.batch_stats, c.x, c.y, dy, weight_->value, c.mean, c.invstd, dx, weight_->grad,
+                              bias_->grad, s);
+      return dx;
+    }
+    dy = Tensor::empty(dy_out.shape(), dy_out.dtype(), dy_out.device());  // SyncBatchNorm: the mask first
+    relu_backward(c.y, dy_out, dy, s);
+  }
   if (c.sync_count > 0) {
     LANCET_CHECK(replica_sum_, "SyncBatchNorm: the cross-replica sum was removed between forward and backward");
     std::vector<double> sums;

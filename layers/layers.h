@@ -90,6 +90,11 @@ class BatchNorm2d : public Module {
   using ReplicaSum = std::function<void(std::vector<double>&)>;
   void set_replica_sum(ReplicaSum sum) { replica_sum_ = std::move(sum); }
   bool synchronized() const { return static_cast<bool>(replica_sum_); }
+  // ReLU folded in: forward returns relu(bn(x)) and backward takes the gradient of that output
+  // (kernels/fused.h: one pass over the activations on the GPU, the same bits on the CPU as
+  // BatchNorm2d followed by ReLU). For blocks whose BatchNorm always feeds a ReLU.
+  void set_fused_relu(bool on) { fused_relu_ = on; }
+  bool fused_relu() const { return fused_relu_; }
 
  protected:
   Tensor forward_impl(const Tensor& x, SavedPtr* saved, const Stream& s) override;
@@ -100,6 +105,7 @@ class BatchNorm2d : public Module {
   int c_;
   BatchNormParams p_;
   bool update_running_ = true;
+  bool fused_relu_ = false;
   ReplicaSum replica_sum_;
   Parameter* weight_ = nullptr;
   Parameter* bias_ = nullptr;

@@ -56,6 +56,37 @@ TEST(BatchNorm2dLayer, GradientCheck) {
   check_both_modes(bn, {4, 3, 1, 1}, "batchnorm 1x1");
 }
 
+// BatchNorm2d with the ReLU folded in gives exactly BatchNorm2d followed by ReLU: outputs,
+// input gradients, parameter gradients and running statistics, in both modes.
+TEST(BatchNorm2dLayer, FusedReluIsBatchNormThenReluBitForBit) {
+  for (const bool training : {true, false}) {
+    SCOPED_TRACE(training ? "train" : "eval");
+    Sequential plain;
+    auto& bn_plain = plain.emplace<BatchNorm2d>(5);
+    plain.emplace<ReLU>();
+    BatchNorm2d fused(5);
+    fused.set_fused_relu(true);
+    randomize_batchnorms(plain, 3);
+    randomize_batchnorms(fused, 3);
+    plain.train(training);
+    fused.train(training);
+    const Tensor x = random_tensor({3, 5, 7, 6}, 11), dy = random_tensor({3, 5, 7, 6}, 12);
+    SavedPtr sp, sf;
+    const Tensor yp = plain.forward(x, &sp, kCpu), yf = fused.forward(x, &sf, kCpu);
+    EXPECT_EQ(yp.to_vector(), yf.to_vector());
+    const Tensor dxp = plain.backward(dy, *sp, true, kCpu), dxf = fused.backward(dy, *sf, true, kCpu);
+    EXPECT_EQ(dxp.to_vector(), dxf.to_vector());
+    EXPECT_EQ(bn_plain.weight().grad.to_vector(), fused.weight().grad.to_vector());
+    EXPECT_EQ(bn_plain.bias().grad.to_vector(), fused.bias().grad.to_vector());
+    EXPECT_EQ(bn_plain.running_mean().to_vector(), fused.running_mean().to_vector());
+    EXPECT_EQ(bn_plain.running_var().to_vector(), fused.running_var().to_vector());
+  }
+  BatchNorm2d bn(3);
+  bn.set_fused_relu(true);
+  randomize_batchnorms(bn, 7);
+  check_both_modes(bn, {2, 3, 4, 5}, "batchnorm + relu");
+}
+
 TEST(ReLULayer, GradientCheckWithKinks) {
   ReLU relu;
   check_both_modes(relu, {2, 3, 5, 5}, "relu");  // points within h of 0 are skipped as kinks
