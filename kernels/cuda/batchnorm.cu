@@ -93,7 +93,7 @@ constexpr int64_t kTargetBlocks = 2048;  // fills a large GPU (H200: 132 SMs) a 
 constexpr int64_t kMinUnitsPerSplit = 4;  // each block does at least a few tiles of work
 constexpr int kReduceBlock = 128;         // the per-channel finalising kernels
 
-// Requires N * HW > 0.
+// Requires C > 0 (it divides by C; a grid of 0 blocks is a launch error) and N * HW > 0.
 ChannelGrid channel_grid(const Dims& d) {
   ChannelGrid g{};
   g.N = d.N;
@@ -326,6 +326,7 @@ void forward_train(const char* op, bool relu, const BatchNormParams& p, const Te
   const int64_t m = d.N * d.HW;
   LANCET_CHECK(m > 1, op << ": expected more than 1 value per channel when training, got input " << x.shape_str());
   if (relu) require_not_alias(op, y, x);
+  if (d.C == 0) return;  // no channels: nothing to compute (channel_grid needs C > 0)
   CudaDeviceGuard guard(s.device.index);
   const cudaStream_t st = native(s);
   const ChannelGrid g = channel_grid(d);
@@ -401,7 +402,7 @@ void backward(const char* op, bool relu, bool batch_stats, const Tensor& x, cons
   require_channel_vec(op, "saved_invstd", saved_invstd, d.C, x);
   if (dgamma.defined()) require_channel_vec(op, "dgamma", dgamma, d.C, x);
   if (dbeta.defined()) require_channel_vec(op, "dbeta", dbeta, d.C, x);
-  if (d.N * d.HW == 0) return;  // nothing to add, nothing to write
+  if (d.C == 0 || d.N * d.HW == 0) return;  // nothing to add, nothing to write
   CudaDeviceGuard guard(s.device.index);
   const ChannelGrid g = channel_grid(d);
   LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
@@ -450,7 +451,7 @@ void batchnorm2d_channel_sums(const Tensor& x, std::vector<double>& out, const S
   const Dims d = check_common(op, x, Tensor(), Tensor(), Tensor(), s, {});
   out.assign(static_cast<size_t>(2 * d.C + 1), 0.0);
   out[static_cast<size_t>(2 * d.C)] = static_cast<double>(d.N * d.HW);
-  if (d.N * d.HW == 0) return;
+  if (d.C == 0 || d.N * d.HW == 0) return;
   CudaDeviceGuard guard(s.device.index);
   const cudaStream_t st = native(s);
   const ChannelGrid g = channel_grid(d);
@@ -474,7 +475,7 @@ void batchnorm2d_backward_sums(const Tensor& x, const Tensor& dy, const Tensor& 
   require_channel_vec(op, "mean", mean, d.C, x);
   require_channel_vec(op, "invstd", invstd, d.C, x);
   out.assign(static_cast<size_t>(2 * d.C), 0.0);
-  if (d.N * d.HW == 0) return;
+  if (d.C == 0 || d.N * d.HW == 0) return;
   CudaDeviceGuard guard(s.device.index);
   const cudaStream_t st = native(s);
   const ChannelGrid g = channel_grid(d);
@@ -503,15 +504,18 @@ void batchnorm2d_backward_dx(const Tensor& x, const Tensor& dy, const Tensor& ga
   LANCET_CHECK(static_cast<int64_t>(global_sums.size()) == 2 * d.C,
                op << ": global_sums has " << global_sums.size() << " values, expected 2 x " << d.C << " channels");
   LANCET_CHECK(count > 1, op << ": count must exceed 1, got " << count);
-  if (d.N * d.HW == 0) return;
+  if (d.C == 0 || d.N * d.HW == 0) return;
   CudaDeviceGuard guard(s.device.index);
   const cudaStream_t st = native(s);
   const ChannelGrid g = channel_grid(d);
   Tensor sums = double_scratch(2 * d.C, s.device);
-  // From pageable memory: the driver has staged global_sums by the time the call returns, so
-  // the caller may free it; no synchronisation.
+  // From pageable memory: CUDA does not promise that an async copy from pageable memory has
+  // read the source when the call returns ("might be synchronous"), and the caller may free
+  // global_sums as soon as we return. So wait for the copy (2C doubles; SyncBatchNorm has just
+  // synchronised in backward_sums anyway, so the stream is nearly idle).
   LANCET_CUDA_CHECK(cudaMemcpyAsync(dptr(sums), global_sums.data(), global_sums.size() * sizeof(double),
                                     cudaMemcpyHostToDevice, st));
+  LANCET_CUDA_CHECK(cudaStreamSynchronize(st));
   Tensor coef = Tensor::empty({3 * d.C}, DType::f32, s.device);
   global_coef_kernel<<<grid_for(d.C), kBlock, 0, st>>>(dptr(sums), count, cptr<float>(gamma), ptr<float>(invstd), d.C,
                                                         ptr<float>(coef));

@@ -9,7 +9,7 @@
 // sums its partials in a fixed order, so results are deterministic run to run.
 // All ops are asynchronous on `s` except channel_sums and backward_sums, which return host
 // vectors: they copy the sums back and synchronise `s`. backward_dx copies its host sums to the
-// device (a pageable copy the driver stages before it returns; no synchronisation).
+// device and synchronises `s` until that pageable copy is done (the caller may free them).
 // The fused BatchNorm+ReLU twins (kernels/cuda/fused.h) are defined in batchnorm.cu too: they
 // are these kernels with the ReLU folded in.
 #pragma once

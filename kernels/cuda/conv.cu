@@ -71,8 +71,13 @@ void conv2d_forward(const Conv2dParams& p, const Tensor& x, const Tensor& w, con
     require_dtype(op, "bias", b, DType::f32);
   }
   if (y.numel() == 0) return;
-  add_thread_flops(conv_flops(ys, w));
   CudaDeviceGuard guard(s.device.index);
+  if (x.numel() == 0) {  // no input channels: an empty sum, y = b (cuDNN rejects a zero-size descriptor)
+    LANCET_CUDA_CHECK(cudaMemsetAsync(y.raw_data(), 0, y.nbytes(), native(s)));
+    if (b.defined()) add_channel_bias(y, b, s);
+    return;
+  }
+  add_thread_flops(conv_flops(ys, w));
   cudnnHandle_t h = cudnn_handle(s);
   const Tensor wc = in_format(w, x.format(), s);
   const TensorDesc xd(x, op), yd(y, op);
@@ -105,8 +110,11 @@ void conv2d_backward(const Conv2dParams& p, const Tensor& x, const Tensor& w, co
     require_shape(op, "db", db, {w.dim(0)}, desc("weight", w));
     require_dtype(op, "db", db, DType::f32);
   }
-  if (x.numel() == 0) return;
   CudaDeviceGuard guard(s.device.index);
+  if (x.numel() == 0) {  // no input channels (or no batch): dw and dx are empty, db still gets sum dy
+    if (db.defined() && dy.numel() > 0) accumulate_channel_sum(dy, db, s);
+    return;
+  }
   if (dy.numel() == 0) {  // no output channels: dx is zero, dw and db get nothing
     if (dx.defined()) LANCET_CUDA_CHECK(cudaMemsetAsync(dx.raw_data(), 0, dx.nbytes(), native(s)));
     return;

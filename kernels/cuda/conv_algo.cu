@@ -2,6 +2,7 @@
 #include <array>
 #include <map>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "kernels/cuda/common.cuh"
@@ -124,6 +125,9 @@ ConvAlgo pick(const ConvCall& c, const std::vector<typename D::Perf>& perf, int 
     const typename D::Perf& q = perf[static_cast<size_t>(i)];
     if (q.status != CUDNN_STATUS_SUCCESS) continue;
     cudnnMathType_t math = q.mathType;
+    // ALLOW_CONVERSION lets cuDNN down-convert the operands to f16 (range 65504, 10-bit
+    // mantissa): never what an f32 or bf16 convolution asked for.
+    if (math == CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION && c.x.dtype() != DType::f16) continue;
     if (strict_f32) {
       if (math != CUDNN_FMA_MATH && math != CUDNN_DEFAULT_MATH) continue;
       math = CUDNN_FMA_MATH;
@@ -170,11 +174,17 @@ ConvAlgo search(const ConvCall& c, bool autotune, bool tf32) {
     Tensor out = c.dir == ConvDirection::backward_filter
                      ? Tensor::empty(c.w.shape(), c.w.dtype(), c.w.device(), c.w.format())
                      : c.out;
-    LANCET_CUDNN_CHECK(D::find(c, out.raw_data(), static_cast<int>(perf.size()), &n, perf.data(),
-                               ws.defined() ? ws.raw_data() : nullptr, bytes));
+    const cudnnStatus_t st = D::find(c, out.raw_data(), static_cast<int>(perf.size()), &n, perf.data(),
+                                     ws.defined() ? ws.raw_data() : nullptr, bytes);
+    // An unsupported configuration fails here: say which convolution, in one line.
+    if (st != CUDNN_STATUS_SUCCESS)
+      fail_no_algo(c, std::string("cudnnFind*AlgorithmEx failed: ") + cudnnGetErrorString(st));
   } else {
-    LANCET_CUDNN_CHECK(D::heuristics(c, static_cast<int>(perf.size()), &n, perf.data()));
+    const cudnnStatus_t st = D::heuristics(c, static_cast<int>(perf.size()), &n, perf.data());
+    if (st != CUDNN_STATUS_SUCCESS)
+      fail_no_algo(c, std::string("cudnnGet*Algorithm_v7 failed: ") + cudnnGetErrorString(st));
   }
+  n = std::min(n, static_cast<int>(perf.size()));
   return pick<D>(c, perf, n, tf32);
 }
 

@@ -54,8 +54,15 @@ CudaStream::CudaStream(Device device, int priority) : device_(device) {
   native_ = st;
 }
 CudaStream::~CudaStream() {
-  CudaDeviceGuard g(device_.index);
+  // Never throws: CudaDeviceGuard's constructor throws when cudaGetDevice fails (a sticky error
+  // after a device fault, or the runtime already unloading at exit), and an exception leaving a
+  // destructor is std::terminate. Switch devices by hand and ignore every status instead.
+  int prev = -1;
+  const bool have_prev = cudaGetDevice(&prev) == cudaSuccess;
+  const bool switched = have_prev && prev != device_.index && cudaSetDevice(device_.index) == cudaSuccess;
   cudaStreamDestroy(static_cast<cudaStream_t>(native_));
+  if (switched) cudaSetDevice(prev);
+  cudaGetLastError();  // leave no error from the teardown behind for the next checked call
 }
 void CudaStream::synchronize() const { LANCET_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(native_))); }
 
@@ -66,7 +73,10 @@ CudaEvent::CudaEvent(Device device, bool timing) : device_(device) {
   LANCET_CUDA_CHECK(cudaEventCreateWithFlags(&e, timing ? cudaEventDefault : cudaEventDisableTiming));
   native_ = e;
 }
-CudaEvent::~CudaEvent() { cudaEventDestroy(static_cast<cudaEvent_t>(native_)); }
+CudaEvent::~CudaEvent() {
+  cudaEventDestroy(static_cast<cudaEvent_t>(native_));  // never throws
+  cudaGetLastError();  // a failed destroy must not be reported by the next launch check
+}
 void CudaEvent::record(const Stream& s) {
   LANCET_CHECK(s.device == device_, "CudaEvent on " << device_.str() << " recorded on a stream on " << s.device.str());
   CudaDeviceGuard g(device_.index);

@@ -30,7 +30,7 @@ struct CudaDeviceInfo {
 
 // Never throws: a machine with no GPU or no driver yields an empty list.
 std::vector<CudaDeviceInfo> cuda_devices();
-std::string cuda_runtime_version();  // e.g. "13.0"; "no driver" when none
+std::string cuda_runtime_version();  // the CUDA runtime linked in, e.g. "13.0"
 
 // The capture range of `nsys profile --capture-range=cudaProfilerApi` (and ncu's): the steps
 // between start and stop are recorded. Throws naming the call when the driver refuses.
