@@ -7,7 +7,8 @@
 #   tools/dev.sh deps    only installs the Debian packages
 #   tools/dev.sh build   installs and builds (build/bin/lancet)
 # Environment: BUILD_DIR (default build), JOBS (default nproc), LANCET_CMAKE_ARGS (extra
-# cmake arguments, e.g. -DLANCET_CUDA=OFF), SKIP_DEPS=1 to skip apt-get, SKIP_SANITIZE=1.
+# cmake arguments, e.g. -DLANCET_CUDA=OFF), SKIP_DEPS=1 to skip apt-get, SKIP_SANITIZE=1,
+# ASAN_MPI=1 (the sanitizer pass with MPI and the mpirun tests; about 3 minutes more).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -71,19 +72,22 @@ case "${1:-}" in
     (cd "$BUILD_DIR" && ctest --output-on-failure -j "$JOBS")
     if [[ "${SKIP_SANITIZE:-0}" != 1 ]]; then
       echo "dev.sh: AddressSanitizer + UndefinedBehaviorSanitizer build of the CPU tests"
-      # With MPI (comm/mpi, the mpirun tests): LeakSanitizer skips Open MPI's init-time
-      # allocations (tests/lsan.supp), and Open MPI must not dlclose its components or the
-      # leak reports lose their stacks. The tests that start MPI jobs unwind slowly (full stacks,
-      # so the suppressions match frames inside Open MPI); the rest unwind fast.
       # -O1 -g1 (line tables), as the sanitizer docs advise: a third of -O2 -g's compile time.
-      configure_build "$BUILD_DIR-asan" -DLANCET_SANITIZE=ON -DLANCET_CUDA=OFF \
-        -DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1"
+      # Without MPI by default (CI time); ASAN_MPI=1 adds comm/mpi and the mpirun tests:
+      # LeakSanitizer then skips Open MPI's init-time allocations (tests/lsan.supp), Open MPI
+      # must not dlclose its components (or the reports lose their stacks), and the MPI tests
+      # unwind slowly (full stacks, so the suppressions match frames inside Open MPI).
       local_mpi='\.mpi\.|^Ddp\.|Mpirun|OneAndTwoRanks|BenchComm|^GradSync\.'
       supp="$ROOT/tests/lsan.supp"
+      if [[ "${ASAN_MPI:-0}" == 1 ]]; then mpi=ON; else mpi=OFF; fi
+      configure_build "$BUILD_DIR-asan" -DLANCET_SANITIZE=ON -DLANCET_CUDA=OFF -DLANCET_MPI=$mpi \
+        -DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1"
       (cd "$BUILD_DIR-asan" && export OMPI_MCA_mca_base_component_disable_dlclose=1 UBSAN_OPTIONS=print_stacktrace=1 &&
-        ASAN_OPTIONS=detect_leaks=1:fast_unwind_on_malloc=0 \
-          LSAN_OPTIONS="suppressions=$supp:print_suppressions=0:fast_unwind_on_malloc=0" \
-          ctest --output-on-failure -j "$JOBS" -L cpu -LE slow -R "$local_mpi" &&
+        if [[ $mpi == ON ]]; then
+          ASAN_OPTIONS=detect_leaks=1:fast_unwind_on_malloc=0 \
+            LSAN_OPTIONS="suppressions=$supp:print_suppressions=0:fast_unwind_on_malloc=0" \
+            ctest --output-on-failure -j "$JOBS" -L cpu -LE slow -R "$local_mpi"
+        fi &&
         ASAN_OPTIONS=detect_leaks=1 LSAN_OPTIONS="suppressions=$supp:print_suppressions=0" \
           ctest --output-on-failure -j "$JOBS" -L cpu -LE slow -E "$local_mpi")
     fi
