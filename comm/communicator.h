@@ -1,11 +1,16 @@
 // communicator.h — the seam through which the trainer talks to other processes.
 //
 // Collectives operate in place on contiguous tensors of any device the backend supports (MPI:
-// CPU tensors of f32, i32, i64, u8; NCCL: CUDA tensors). The single-process communicator
-// (rank 0 of 1) makes every collective the identity, so the trainer is written once: the MPI
-// (CPU) and NCCL (GPU) backends drop in behind this interface. Every rank must call the same
-// collectives in the same order with the same shapes. Errors throw lancet::Error naming the
-// call and the backend's reason.
+// CPU tensors of f32, i32, i64, u8; NCCL: CUDA tensors of f32, f16, bf16, i32, i64, u8, and
+// CPU tensors through the MPI or single-process communicator it was bootstrapped over). The
+// single-process communicator (rank 0 of 1) makes every collective the identity, so the
+// trainer is written once: the MPI (CPU) and NCCL (GPU) backends drop in behind this
+// interface. Every rank must call the same collectives in the same order with the same
+// shapes. Errors throw lancet::Error naming the call and the backend's reason.
+//
+// Streams: on the CPU a collective has finished when it returns. On a CUDA tensor it is
+// enqueued on the stream `s` it is given and the host does not wait: like a kernel, its
+// result is there for the work issued after it on `s`.
 #pragma once
 #include <memory>
 #include <string>
@@ -17,12 +22,14 @@ namespace lancet {
 enum class ReduceOp { sum, mean, max, min };
 
 // A collective in flight. wait() blocks until it has completed (and, for a mean, until the
-// result is divided); destroying an unfinished Work waits for it.
+// result is divided); destroying an unfinished Work waits for it. On a CUDA tensor (NCCL) the
+// host does not block: wait() makes the stream the collective was started from wait for it,
+// and done() says whether it has finished on the device.
 class Work {
  public:
   virtual ~Work() = default;
   virtual void wait() = 0;
-  virtual bool done() = 0;  // true once wait() would not block
+  virtual bool done() = 0;  // CPU: true once wait() would not block; CUDA: finished on the GPU
 };
 
 class Communicator {
@@ -37,12 +44,15 @@ class Communicator {
 
   virtual void all_reduce(Tensor& t, ReduceOp op, const Stream& s) = 0;
   // Starts an all-reduce of t and returns at once; t must not be touched until wait().
+  // NCCL: on its own stream, after the work issued on `s` so far, overlapping what `s` does next.
   virtual std::unique_ptr<Work> all_reduce_async(Tensor& t, ReduceOp op, const Stream& s) = 0;
   virtual void broadcast(Tensor& t, int root, const Stream& s) = 0;
   // out = the ranks' `in` tensors concatenated in rank order (out.numel() == size * in.numel()).
   virtual void all_gather(const Tensor& in, Tensor& out, const Stream& s) = 0;
   // Reduces `in` (size * out.numel() elements) over ranks; rank r gets block r in `out`.
   virtual void reduce_scatter(const Tensor& in, Tensor& out, ReduceOp op, const Stream& s) = 0;
+  // NCCL: a CUDA tensor goes on the device's legacy default stream (the trainer's compute
+  // stream), and messages between two ranks match in the order sent (the tag is not used).
   virtual void send(const Tensor& t, int dst, int tag) = 0;
   virtual void recv(Tensor& t, int src, int tag) = 0;
   virtual void barrier() = 0;
@@ -88,5 +98,31 @@ std::unique_ptr<Communicator> make_cpu_communicator(const std::string& backend =
 
 // True when this build has the MPI backend.
 bool mpi_available();
+
+// The communicator for training on `device` ("cpu", "cuda", "cuda:N"). On a CUDA device with
+// NCCL built: NCCL on this rank's GPU (choose_cuda_device), bootstrapped over MPI, when a
+// launcher started several tasks and backend is "auto" or "nccl"; with "nccl", a plain single
+// process gets a 1-rank NCCL communicator (with "auto" it gets the single-process one: there
+// is nothing to reduce). Otherwise make_cpu_communicator(backend). backend: "auto", "mpi",
+// "single", "nccl". Throws naming the setting for combinations that cannot work (nccl on a
+// CPU or without NCCL, several ranks on GPUs without NCCL or with backend mpi).
+std::unique_ptr<Communicator> make_communicator(const std::string& backend, const std::string& device);
+
+// True when this build has the NCCL backend (CUDA tensors across ranks).
+bool nccl_available();
+
+// The GPU index a rank trains on, from train.device: "cuda" (no index) gives each rank on a
+// node its own GPU, cuda:(local_rank % device_count); an explicit "cuda:N" is taken as it is.
+// NCCL cannot run two ranks on one GPU, so it refuses, with a message, what would put several
+// ranks of a node on the same device: more ranks than GPUs, or one explicit cuda:N for every
+// rank, when the node's ranks all see the same device_count > 1 GPUs. (With one visible GPU
+// per rank, as srun --gpus-per-task=1 arranges, several ranks per node are fine; the NCCL
+// communicator still compares the GPUs' UUIDs across ranks at start.) Pure: no CUDA calls.
+int choose_cuda_device(const std::string& device, int local_rank, int local_size, int device_count);
+
+// The device this rank trains on: CPU, or the CUDA device choose_cuda_device picks with the
+// communicator's local rank and the visible GPUs. Where no GPU is visible (or the build has no
+// CUDA) the device as written, so that the trainer's check names the problem.
+Device rank_device(const std::string& device, const Communicator& comm);
 
 }  // namespace lancet

@@ -1,5 +1,9 @@
-// Choosing the CPU communicator from the launcher's environment.
+// Choosing the communicator from the launcher's environment and the training device.
 #include "comm/communicator.h"
+
+#ifdef LANCET_WITH_CUDA
+#include "kernels/cuda/runtime.h"
+#endif
 
 namespace lancet {
 
@@ -7,6 +11,13 @@ namespace lancet {
 std::unique_ptr<Communicator> make_mpi_communicator();  // comm/mpi/mpi_communicator.cpp
 #else
 bool mpi_available() { return false; }
+#endif
+
+#ifdef LANCET_WITH_NCCL
+// comm/nccl/nccl_communicator.cpp: NCCL on `device`, bootstrapped over (and keeping) `host`.
+std::unique_ptr<Communicator> make_nccl_communicator(std::unique_ptr<Communicator> host, Device device);
+#else
+bool nccl_available() { return false; }
 #endif
 
 std::unique_ptr<Communicator> make_cpu_communicator(const std::string& backend) {
@@ -27,6 +38,82 @@ std::unique_ptr<Communicator> make_cpu_communicator(const std::string& backend) 
 #endif
   }
   return make_single_process_communicator();
+}
+
+int choose_cuda_device(const std::string& device, int local_rank, int local_size, int device_count) {
+  const Device d = parse_device(device);
+  LANCET_CHECK(d.is_cuda(), "choose_cuda_device: '" << device << "' is not a CUDA device");
+  LANCET_CHECK(local_size >= 1 && local_rank >= 0 && local_rank < local_size,
+               "choose_cuda_device: local rank " << local_rank << " of " << local_size);
+  LANCET_CHECK(device_count > 0, "train.device " << device << ": no CUDA device is visible to this process");
+  const bool shared_view = local_size > 1 && device_count > 1;  // every rank sees the node's GPUs
+  if (device == "cuda" || device == "gpu") {  // parse_device's spellings without an index
+    LANCET_CHECK(!shared_view || local_size <= device_count,
+                 "train.device " << device << " with " << local_size << " ranks on this node but only " << device_count
+                                 << " GPUs: NCCL cannot run two ranks on one GPU; start at most " << device_count
+                                 << " ranks per node");
+    return local_rank % device_count;
+  }
+  LANCET_CHECK(d.index < device_count,
+               "train.device " << device << ": " << device_count << " CUDA device(s) visible to this process");
+  LANCET_CHECK(!shared_view, "train.device " << device << " with " << local_size << " ranks on this node puts all of them on GPU "
+                                             << d.index << " (NCCL needs one GPU per rank); use train.device cuda: "
+                                                           "rank i of a node takes cuda:(i mod "
+                                             << device_count << ")");
+  return d.index;
+}
+
+namespace {
+int visible_cuda_devices() {
+#ifdef LANCET_WITH_CUDA
+  return static_cast<int>(cuda_devices().size());
+#else
+  return 0;
+#endif
+}
+}  // namespace
+
+Device rank_device(const std::string& device, const Communicator& comm) {
+  const Device d = parse_device(device);
+  if (d.is_cpu()) return d;
+  const int n = visible_cuda_devices();
+  if (n == 0) return d;
+  return Device::cuda(choose_cuda_device(device, comm.local_rank(), comm.local_size(), n));
+}
+
+std::unique_ptr<Communicator> make_communicator(const std::string& backend, const std::string& device) {
+  LANCET_CHECK(backend == "auto" || backend == "mpi" || backend == "single" || backend == "nccl",
+               "communicator backend '" << backend << "': expected auto, mpi, single or nccl");
+  const bool cuda = parse_device(device).is_cuda();
+  LANCET_CHECK(cuda || backend != "nccl",
+               "dist.backend nccl needs train.device cuda (NCCL reduces GPU tensors), got train.device " << device);
+  if (!cuda) return make_cpu_communicator(backend);
+  LANCET_CHECK(backend != "nccl" || nccl_available(),
+               "dist.backend nccl: this build of lancet has no NCCL (found at build time with the CUDA toolkit, in "
+               "NCCL_ROOT or on CMAKE_PREFIX_PATH)");
+  std::unique_ptr<Communicator> host = make_cpu_communicator(backend == "nccl" ? "auto" : backend);
+  if (backend == "mpi" || !nccl_available()) {
+    LANCET_CHECK(host->size() == 1, "train.device " << device << " with " << host->size() << " ranks needs NCCL: "
+                                                    << (nccl_available() ? "set dist.backend auto or nccl"
+                                                                         : "this build of lancet has no NCCL")
+                                                    << " (the MPI backend reduces CPU tensors only)");
+    return host;
+  }
+  // One process with backend auto: nothing to reduce, so no NCCL (its bootstrap and proxy
+  // thread would be pure overhead); backend nccl gives a 1-rank NCCL communicator.
+  if (backend == "single" || (backend == "auto" && host->size() == 1)) return host;
+  const int n = visible_cuda_devices();
+  if (n == 0) {
+    // No GPU: the trainer's device check says so, naming train.device; an explicit nccl cannot wait for that.
+    LANCET_CHECK(backend != "nccl", "dist.backend nccl: no CUDA device is visible to this process");
+    return host;
+  }
+#ifdef LANCET_WITH_NCCL
+  const int index = choose_cuda_device(device, host->local_rank(), host->local_size(), n);
+  return make_nccl_communicator(std::move(host), Device::cuda(index));
+#else
+  return host;  // unreachable: nccl_available() is false
+#endif
 }
 
 }  // namespace lancet

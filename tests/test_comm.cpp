@@ -126,3 +126,42 @@ TEST(Comm, BadArgumentsAreOneLineErrors) {
   Tensor wrong = Tensor::empty({p * 4 + 1});
   expect_error([&] { comm().all_gather(t, wrong, kCpu); }, {"all_gather"});
 }
+
+// Which GPU a rank trains on (comm/factory.cpp): pure, so it is checked here without a GPU.
+TEST(Comm, CudaDeviceByNodeLocalRank) {
+  // "cuda": rank i of a node takes cuda:(i mod GPUs).
+  EXPECT_EQ(choose_cuda_device("cuda", 0, 1, 1), 0);
+  EXPECT_EQ(choose_cuda_device("cuda", 0, 1, 8), 0);
+  for (int r = 0; r < 4; ++r) EXPECT_EQ(choose_cuda_device("cuda", r, 4, 4), r);
+  EXPECT_EQ(choose_cuda_device("cuda", 2, 3, 8), 2);
+  // One visible GPU per rank (srun --gpus-per-task=1): each rank's cuda:0 is a GPU of its own.
+  EXPECT_EQ(choose_cuda_device("cuda", 3, 4, 1), 0);
+  // An explicit index is honoured: one rank on the node, or one visible GPU per rank.
+  EXPECT_EQ(choose_cuda_device("cuda:3", 0, 1, 4), 3);
+  EXPECT_EQ(choose_cuda_device("cuda:0", 1, 2, 1), 0);
+  // What would put two ranks on one GPU is refused, naming the way out.
+  expect_error([] { choose_cuda_device("cuda", 0, 4, 2); }, {"cuda with 4 ranks on this node but only 2 GPUs", "at most 2 ranks per node"});
+  expect_error([] { choose_cuda_device("cuda:1", 0, 2, 4); }, {"cuda:1 with 2 ranks", "one GPU per rank", "train.device cuda"});
+  expect_error([] { choose_cuda_device("cuda:4", 0, 1, 4); }, {"train.device cuda:4", "4 CUDA device(s)"});
+  expect_error([] { choose_cuda_device("cuda", 0, 1, 0); }, {"no CUDA device"});
+  expect_error([] { choose_cuda_device("cpu", 0, 1, 1); }, {"not a CUDA device"});
+  EXPECT_EQ(choose_cuda_device("gpu", 1, 2, 2), 1);  // parse_device's other spelling of "cuda"
+  expect_error([] { choose_cuda_device("tpu", 0, 1, 1); }, {"bad device 'tpu'"});
+}
+
+TEST(Comm, CommunicatorForTheTrainingDevice) {
+  auto cpu = make_communicator("auto", "cpu");  // every rank calls it: an MPI communicator is collective
+  EXPECT_EQ(cpu->backend(), comm().size() > 1 ? "mpi" : "single");
+  EXPECT_EQ(cpu->size(), comm().size());
+  EXPECT_TRUE(rank_device("cpu", *cpu) == Device::cpu());
+  if (comm().size() == 1) {
+    // One process on a GPU: nothing to reduce, no NCCL; its GPU is cuda:0 (also where none is
+    // visible: the trainer's device check then names the problem).
+    auto one = make_communicator("auto", "cuda");
+    EXPECT_EQ(one->backend(), "single");
+    EXPECT_TRUE(rank_device("cuda", *one) == Device::cuda(0));
+  }
+  expect_error([] { make_communicator("nccl", "cpu"); }, {"dist.backend nccl needs train.device cuda", "cpu"});
+  expect_error([] { make_communicator("gloo", "cpu"); }, {"communicator backend 'gloo'", "auto, mpi, single or nccl"});
+  expect_error([] { make_communicator("auto", "tpu"); }, {"bad device 'tpu'"});
+}

@@ -14,7 +14,8 @@ void register_train(CLI::App& app) {
   add_config_options(*sub, *args, /*with_training_flags=*/true);
   sub->callback([args]() {
     const Json config = resolve_config(*args, default_job_config());
-    auto comm = make_cpu_communicator(dist_config(config).backend);
+    // NCCL for GPU ranks (bootstrapped over MPI), MPI for CPU ranks, or one process alone.
+    auto comm = make_communicator(dist_config(config).backend, train_config(config).device);
     // Only rank 0 talks; every rank reports its own errors.
     std::ostream quiet(nullptr);
     std::ostream& log = comm->is_root() ? std::cerr : quiet;

@@ -333,8 +333,8 @@ DistConfig dist_config(const Json& c) {
   d.sync_bn = get<bool>(c, "dist", "sync_bn");
   d.timeout_s = get<double>(c, "dist", "timeout_s");
   d.bind = get<std::string>(c, "dist", "bind");
-  LANCET_CHECK(d.backend == "auto" || d.backend == "mpi" || d.backend == "single",
-               "dist.backend must be auto, mpi or single, got '" << d.backend << "'");
+  LANCET_CHECK(d.backend == "auto" || d.backend == "mpi" || d.backend == "single" || d.backend == "nccl",
+               "dist.backend must be auto, mpi, single or nccl, got '" << d.backend << "'");
   LANCET_CHECK(d.bucket_mb > 0, "dist.bucket_mb must be positive, got " << d.bucket_mb);
   LANCET_CHECK(d.bind == "auto" || d.bind == "cores" || d.bind == "none",
                "dist.bind must be auto, cores or none, got '" << d.bind << "'");

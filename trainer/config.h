@@ -86,7 +86,7 @@ struct TrainConfig {
 // each of R ranks takes batch_size / R samples per step, so a run's optimisation does not
 // change with the rank count.
 struct DistConfig {
-  std::string backend;  // auto (MPI when launched with several tasks), mpi, single
+  std::string backend;  // auto (several tasks: NCCL on GPUs, MPI on CPUs), mpi, single, nccl
   double bucket_mb;     // gradient bucket size
   bool overlap;         // all-reduce buckets during the backward
   bool sync_bn;         // SyncBatchNorm: batch statistics over all ranks

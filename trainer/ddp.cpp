@@ -13,8 +13,30 @@
 #include <thread>
 
 #include "kernels/trace.h"
+#ifdef LANCET_WITH_CUDA
+#include "kernels/cuda/runtime.h"
+#endif
 
 namespace lancet {
+
+namespace {
+
+// dst <- src, same size: on a GPU ordered on stream `s` without blocking the host; on the CPU
+// Tensor::copy_from (done when it returns).
+void copy_on(Tensor& dst, const Tensor& src, const Stream& s) {
+  LANCET_CHECK(dst.nbytes() == src.nbytes() && dst.dtype() == src.dtype(),
+               "GradSync: copy of " << src.shape_str() << " " << dtype_name(src.dtype()) << " into " << dst.shape_str()
+                                    << " " << dtype_name(dst.dtype()));
+#ifdef LANCET_WITH_CUDA
+  if (dst.device().is_cuda() || src.device().is_cuda()) {
+    copy_async(dst.raw_data(), dst.device(), src.raw_data(), src.device(), dst.nbytes(), s);
+    return;
+  }
+#endif
+  dst.copy_from(src);
+}
+
+}  // namespace
 
 GradSync::GradSync(Module& model, Communicator& comm, const GradSyncOptions& options)
     : GradSync(std::vector<Module*>{&model}, comm, options) {}
@@ -84,7 +106,7 @@ void GradSync::layout(const std::vector<Parameter*>& order) {
     for (Parameter* p : g) {
       // The gradient becomes a view of the bucket; keep what it held (accumulated gradients).
       Tensor view = b.flat.narrow(off, p->grad.numel()).view(p->grad.shape());
-      view.copy_from(p->grad);
+      copy_on(view, p->grad, stream_);
       p->grad = view;
       off += p->grad.numel();
     }
@@ -145,7 +167,8 @@ std::vector<int64_t> GradSync::bucket_elements() const {
 namespace {
 
 // One collective for many tensors: packed into one flat f32 buffer, broadcast from rank 0,
-// unpacked.
+// unpacked. On a GPU every step is ordered on `s` (the host does not wait); the caching
+// allocator may hand `flat` out again once this returns, which is safe for work on `s`.
 void broadcast_packed(Communicator& comm, const std::vector<std::pair<std::string, Tensor*>>& tensors, Device device,
                       const Stream& s) {
   int64_t n = 0;
@@ -157,13 +180,14 @@ void broadcast_packed(Communicator& comm, const std::vector<std::pair<std::strin
   Tensor flat = Tensor::empty({n}, DType::f32, device);
   int64_t off = 0;
   for (const auto& [name, t] : tensors) {
-    flat.narrow(off, t->numel()).copy_from(t->view({t->numel()}));
+    Tensor part = flat.narrow(off, t->numel());
+    copy_on(part, t->view({t->numel()}), s);
     off += t->numel();
   }
   comm.broadcast(flat, 0, s);
   off = 0;
   for (const auto& [name, t] : tensors) {
-    t->copy_from(flat.narrow(off, t->numel()).view(t->shape()));
+    copy_on(*t, flat.narrow(off, t->numel()).view(t->shape()), s);
     off += t->numel();
   }
 }

@@ -20,6 +20,11 @@
 //     differ from reverse registration, and a bucket can only start when all of it is ready.
 // Gradient accumulation: backward passes with sync off (begin_backward(false)) only
 // accumulate locally; the final micro-step's backward (sync on) reduces the sum.
+// On a GPU (the NCCL communicator) the buckets live on the device and fill on the compute
+// stream (the legacy default stream); each bucket's all-reduce runs on NCCL's own stream once
+// the compute stream has passed its last gradient, and finish() makes the compute stream wait
+// for them (the optimizer's kernels come after): the host blocks nowhere, so finish()'s
+// seconds are only what enqueuing took.
 #pragma once
 #include <chrono>
 #include <cstdint>
