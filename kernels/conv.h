@@ -8,7 +8,8 @@
 //   * every op takes the Stream it runs on; the device comes from the tensors, which must
 //     all be on the stream's device. CPU ops run synchronously on the calling thread's pool.
 //   * f32 on CPU; on a GPU x, w, y, dy, dx, dw are f32, f16 or bf16 (all one dtype, computed in
-//     f32), b and db stay f32.
+//     f32), b and db stay f32. Mixed precision: with f16/bf16 operands dw may also be f32 (the
+//     FP32 master weight's gradient; the 16-bit gradient is added to it).
 // Layout: x [N, Cin, H, W], w [Cout, Cin/groups, KH, KW], b [Cout], y [N, Cout, Ho, Wo].
 #pragma once
 #include "kernels/tensor.h"

@@ -20,4 +20,11 @@ Device parse_device(const std::string& s) {
   LANCET_FAIL("bad device '" << s << "': expected cpu, cuda or cuda:N");
 }
 
+#ifndef LANCET_WITH_CUDA
+// Without CUDA every stream is a CPU stream (the CUDA build's is in kernels/cuda/runtime.cu).
+void synchronize(const Stream& s) {
+  LANCET_CHECK(s.device.is_cpu(), "synchronize: stream on " << s.device.str() << " in a build without CUDA");
+}
+#endif
+
 }  // namespace lancet

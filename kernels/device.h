@@ -31,4 +31,8 @@ struct Stream {
   static Stream cpu() { return Stream{}; }
 };
 
+// Blocks the host until everything issued on `s` has finished: a no-op for a CPU stream (CPU
+// ops have finished when they return), cudaStreamSynchronize for a CUDA one.
+void synchronize(const Stream& s);
+
 }  // namespace lancet

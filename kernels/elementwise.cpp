@@ -202,6 +202,70 @@ void channel_scale_backward(const Tensor& x, const Tensor& g, const Tensor& dy, 
                });
 }
 
+namespace {
+
+float to_float(float v) { return v; }
+float to_float(half_t v) { return static_cast<float>(v); }
+float to_float(bfloat16_t v) { return static_cast<float>(v); }
+template <typename D> D from_float(float v) { return D(v); }
+template <> float from_float<float>(float v) { return v; }
+
+template <typename S, typename D>
+void cast_elements(const Tensor& src, Tensor& dst) {
+  const S* sp = src.data<S>();
+  D* dp = dst.data<D>();
+  for_each_index(src.numel(), [&](int64_t i) { dp[i] = from_float<D>(to_float(sp[i])); });
+}
+
+template <typename S>
+void cast_from(const Tensor& src, Tensor& dst) {
+  switch (dst.dtype()) {
+    case DType::f32: cast_elements<S, float>(src, dst); return;
+    case DType::f16: cast_elements<S, half_t>(src, dst); return;
+    case DType::bf16: cast_elements<S, bfloat16_t>(src, dst); return;
+    default: break;
+  }
+}
+
+void check_float_dtype(const char* op, const char* name, const Tensor& t) {
+  LANCET_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::f16 || t.dtype() == DType::bf16,
+               op << ": " << name << " " << t.shape_str() << " is " << dtype_name(t.dtype())
+                  << " (expected f32, f16 or bf16)");
+}
+
+}  // namespace
+
+void cast(const Tensor& src, Tensor& dst, const Stream& s) {
+  LANCET_CUDA_TWIN(src, cast(src, dst, s));
+  const char* op = "cast";
+  cpu::require_cpu(op, s, src, {&dst});
+  cpu::require_defined(op, "dst", dst);
+  check_float_dtype(op, "src", src);
+  check_float_dtype(op, "dst", dst);
+  LANCET_CHECK(dst.shape() == src.shape() && dst.format() == src.format(),
+               op << ": dst " << dst.shape_str() << " does not match src " << src.shape_str()
+                  << " (same shape and memory format)");
+  if (src.numel() == 0) return;
+  if (src.dtype() == dst.dtype()) {
+    std::memcpy(dst.raw_data(), src.raw_data(), src.nbytes());
+    return;
+  }
+  switch (src.dtype()) {
+    case DType::f32: cast_from<float>(src, dst); return;
+    case DType::f16: cast_from<half_t>(src, dst); return;
+    case DType::bf16: cast_from<bfloat16_t>(src, dst); return;
+    default: return;  // checked above
+  }
+}
+
+Tensor cast_to(const Tensor& src, DType t, const Stream& s) {
+  LANCET_CHECK(src.defined(), "cast_to: undefined tensor");
+  if (src.dtype() == t) return src;
+  Tensor dst = Tensor::empty(src.shape(), t, src.device(), src.format());
+  cast(src, dst, s);
+  return dst;
+}
+
 double sum_squares(const Tensor& x, const Stream& s) {
   LANCET_CUDA_TWIN(x, sum_squares(x, s));
   cpu::require_cpu("sum_squares", s, x);

@@ -24,6 +24,17 @@ void channel_scale_forward(const Tensor& x, const Tensor& g, Tensor& y, const St
 void channel_scale_backward(const Tensor& x, const Tensor& g, const Tensor& dy, Tensor& dx, Tensor& dg,
                             const Stream& s);
 
+// dst = src converted to dst's dtype, element by element over memory: f32, f16 and bf16 in any
+// direction, each element rounded once to nearest even (half_t / bfloat16_t, the rounding of
+// the CPU emulation in kernels/dtype.h: fp16 overflows to +-inf, keeps subnormals, NaN stays
+// NaN — its payload may differ between the devices); a plain copy when the dtypes match. src
+// and dst have the same shape and memory format and must not overlap. The model's entry and
+// exit under mixed precision on a GPU, and the low-precision weight copies (layers/module.h).
+void cast(const Tensor& src, Tensor& dst, const Stream& s);
+// src itself when it already has dtype t, else a new tensor of dtype t (same shape, device and
+// memory format) filled by cast().
+Tensor cast_to(const Tensor& src, DType t, const Stream& s);
+
 // Sum of squares of all elements (f32, computed in double on CPU); used for gradient norms.
 double sum_squares(const Tensor& x, const Stream& s);
 // True when every element is finite.

@@ -1,5 +1,6 @@
 #include "layers/module.h"
 
+#include "kernels/elementwise.h"
 #include "kernels/trace.h"
 
 namespace lancet {
@@ -13,22 +14,21 @@ Tensor rounded(const Tensor& t, DType precision, bool copy) {
   return r;
 }
 
-// Swaps a module's parameter values for rounded copies for the duration of a forward or
-// backward call, and back (also when the call throws).
-class RoundedWeights {
+// Swaps parameter values for the low-precision ones for the duration of a forward or backward
+// call, and back (also when the call throws).
+class SwappedWeights {
  public:
-  RoundedWeights(const std::vector<std::pair<std::string, std::unique_ptr<Parameter>>>& params, DType precision, bool on) {
-    if (!on) return;
-    for (auto& p : params) {
-      masters_.emplace_back(p.second.get(), p.second->value);
-      p.second->value = rounded(p.second->value, precision, /*copy=*/true);
+  explicit SwappedWeights(std::vector<std::pair<Parameter*, Tensor>> low) {
+    for (auto& [p, t] : low) {
+      masters_.emplace_back(p, p->value);
+      p->value = std::move(t);
     }
   }
-  ~RoundedWeights() {
+  ~SwappedWeights() {
     for (auto& [p, master] : masters_) p->value = master;
   }
-  RoundedWeights(const RoundedWeights&) = delete;
-  RoundedWeights& operator=(const RoundedWeights&) = delete;
+  SwappedWeights(const SwappedWeights&) = delete;
+  SwappedWeights& operator=(const SwappedWeights&) = delete;
 
  private:
   std::vector<std::pair<Parameter*, Tensor>> masters_;
@@ -49,16 +49,18 @@ Tensor Module::forward(const Tensor& x, SavedPtr* saved, const Stream& s) {
   check_input(x);
   if (saved) saved->reset();
   const bool low = precision_ != DType::f32;
-  LANCET_CHECK(!low || device_.is_cpu(), type_name() << ": the " << dtype_name(precision_)
-                                                     << " emulation runs on the CPU, the module is on " << device_.str());
+  const bool emulated = low && device_.is_cpu();  // else 16-bit tensors on the GPU
   Tensor y;
   {
-    RoundedWeights weights(params_, precision_, rounds_weights_);
-    y = forward_impl(rounds_entry_ ? rounded(x, precision_, /*copy=*/true) : x, saved, s);
+    SwappedWeights weights(low_precision_weights(s));
+    Tensor in = x;
+    if (rounds_entry_) in = emulated ? rounded(x, precision_, /*copy=*/true) : cast_to(x, precision_, s);
+    y = forward_impl(in, saved, s);
   }
   LANCET_CHECK(!saved || *saved, type_name() << ": forward_impl saved nothing for backward");
   // In place: y is this call's own output (or a view of an input that is rounded already).
-  if (low) rounded(y, precision_, /*copy=*/false);
+  if (emulated) rounded(y, precision_, /*copy=*/false);
+  if (low && !emulated && rounds_entry_) y = cast_to(y, DType::f32, s);  // a fresh FP32 tensor
   return y;
 }
 
@@ -68,13 +70,17 @@ Tensor Module::backward(const Tensor& dy, Saved& saved, bool need_input_grad, co
   LANCET_CHECK(dy.device() == device_, type_name() << ": gradient on " << dy.device().str()
                                                    << " but the module is on " << device_.str());
   const bool low = precision_ != DType::f32;
+  const bool emulated = low && device_.is_cpu();
   Tensor dx;
   {
-    RoundedWeights weights(params_, precision_, rounds_weights_);
-    dx = backward_impl(rounds_entry_ ? rounded(dy, precision_, /*copy=*/true) : dy, saved, need_input_grad, s);
+    SwappedWeights weights(low_precision_weights(s));
+    Tensor in = dy;
+    if (rounds_entry_) in = emulated ? rounded(dy, precision_, /*copy=*/true) : cast_to(dy, precision_, s);
+    dx = backward_impl(in, saved, need_input_grad, s);
   }
   LANCET_CHECK(!need_input_grad || dx.defined(), type_name() << ": backward_impl returned no input gradient");
-  if (low && need_input_grad) rounded(dx, precision_, /*copy=*/false);
+  if (emulated && need_input_grad) rounded(dx, precision_, /*copy=*/false);
+  if (low && !emulated && rounds_entry_ && need_input_grad) dx = cast_to(dx, DType::f32, s);
   if (grad_ready_hook_)
     for (auto& p : params_) (*grad_ready_hook_)(*p.second);
   return need_input_grad ? dx : Tensor();
@@ -136,6 +142,7 @@ void Module::zero_grad() {
 void Module::to(Device device) {
   apply([device](const std::string&, Module& m) {
     if (m.device_ == device) return;
+    m.weight_copies_.clear();
     for (auto& p : m.params_) {
       p.second->value = p.second->value.to(device);
       p.second->grad = p.second->grad.to(device);
@@ -148,15 +155,41 @@ void Module::to(Device device) {
 void Module::set_precision(DType t) {
   LANCET_CHECK(t == DType::f32 || t == DType::f16 || t == DType::bf16,
                type_name() << ": precision " << dtype_name(t) << " (expected f32, f16 or bf16)");
-  LANCET_CHECK(t == DType::f32 || device_.is_cpu(), type_name() << ": the " << dtype_name(t)
-                                                                << " emulation runs on the CPU, the module is on " << device_.str());
   apply([t](const std::string&, Module& m) {
     m.precision_ = t;
+    m.weight_copies_.clear();
     const std::string type = m.type_name();
     m.rounds_weights_ = t != DType::f32 && (type == "Conv2d" || type == "Linear");  // the GEMM operands
     m.rounds_entry_ = false;
   });
   rounds_entry_ = t != DType::f32;
+}
+
+std::vector<std::pair<Parameter*, Tensor>> Module::low_precision_weights(const Stream& s) {
+  std::vector<std::pair<Parameter*, Tensor>> out;
+  if (!rounds_weights_) return out;
+  if (device_.is_cpu()) {  // the emulation: a rounded copy of every parameter, per call
+    for (auto& p : params_) out.emplace_back(p.second.get(), rounded(p.second->value, precision_, /*copy=*/true));
+    return out;
+  }
+  // GPU: the GEMM operands (weights) as cached 16-bit copies; biases stay FP32, as the conv
+  // and linear kernels take them.
+  weight_copies_.resize(params_.size());
+  for (size_t i = 0; i < params_.size(); ++i) {
+    Parameter& p = *params_[i].second;
+    if (p.value.ndim() < 2) continue;
+    WeightCopy& c = weight_copies_[i];
+    const bool fits = c.low.defined() && c.low.dtype() == precision_ && c.low.shape() == p.value.shape() &&
+                      c.low.format() == p.value.format();
+    if (!fits) c.low = Tensor::empty(p.value.shape(), precision_, p.value.device(), p.value.format());
+    if (!fits || c.master != p.value.raw_data() || c.version != p.version) {
+      cast(p.value, c.low, s);  // ordered on s after whatever last wrote value (the optimizer)
+      c.master = p.value.raw_data();
+      c.version = p.version;
+    }
+    out.emplace_back(&p, c.low);
+  }
+  return out;
 }
 
 void Module::set_grad_ready_hook(GradReadyHook hook) {

@@ -33,6 +33,11 @@ namespace lancet {
 struct Parameter {
   Tensor value;
   Tensor grad;  // same shape, device and dtype as value; zeroed by zero_grad()
+  // Bumped by every in-place change of value that lancet makes (optimizer steps, weight and
+  // checkpoint loading). What is derived from value — the 16-bit weight copies of mixed
+  // precision on a GPU — is rebuilt when it (or value's storage) changes; code that writes
+  // value in place by other means must bump it too.
+  uint64_t version = 0;
 };
 
 // What one forward call saved for its backward. Modules derive their own.
@@ -75,13 +80,23 @@ class Module {
   void to(Device device);
   Device device() const { return device_; }
 
-  // Mixed precision, emulated on the CPU (compute in float, round on store): with t = f16 or
-  // bf16, this module and every descendant round their outputs and input gradients to t
-  // (round to nearest even; fp16 overflows to inf), Conv2d and Linear compute with their
-  // weights and biases rounded to t (a rounded copy per call: Parameter::value stays the FP32
-  // master and parameter gradients accumulate in FP32), and the module it is called on (the
-  // model) rounds its input and the incoming loss gradient. BatchNorm's statistics and
-  // parameters stay FP32. t = f32 turns it off. CPU only.
+  // Mixed precision with t = f16 or bf16 (t = f32 turns it off); Parameter::value stays the
+  // FP32 master, parameter gradients accumulate in FP32, BatchNorm's statistics and parameters
+  // stay FP32, and the module it is called on (the model) keeps FP32 at its edges.
+  //   CPU, emulated (compute in float, round on store): this module and every descendant round
+  //   their outputs and input gradients to t (round to nearest even; fp16 overflows to inf),
+  //   Conv2d and Linear compute with their weights and biases rounded to t (a rounded copy per
+  //   call), and the model rounds its input and the incoming loss gradient.
+  //   GPU, real 16-bit storage: the model casts its FP32 input and loss gradient to t at entry
+  //   and its output and input gradient back to FP32 at exit; in between every activation and
+  //   activation gradient is a t tensor (kernels compute in float and round once per store).
+  //   Conv2d and Linear run their GEMMs (cuDNN, cuBLASLt tensor cores) on a cached t copy of
+  //   their weight, cast again only when Parameter::version or value's storage changed (once
+  //   per optimizer step, shared by every micro-batch), with biases in FP32; their weight
+  //   gradients go into the FP32 .grad (kernels/conv.h, linear.h).
+  // The GPU rounds at the same places plus a few inside modules whose intermediates the CPU
+  // keeps in float (the SE squeeze and gate, block-internal sums), so the two agree to a few
+  // 16-bit ulps, not bitwise (tests/test_gpu_amp.cpp).
   void set_precision(DType t);
   DType precision() const { return precision_; }
 
@@ -122,6 +137,17 @@ class Module {
   bool rounds_weights_ = false;  // Conv2d / Linear under f16 or bf16
   bool rounds_entry_ = false;    // the module set_precision was called on
   std::shared_ptr<const GradReadyHook> grad_ready_hook_;
+  // The parameters to compute with during one forward or backward: under mixed precision the
+  // rounded (CPU) or cached 16-bit (GPU) weights that Conv2d / Linear swap in; else none.
+  std::vector<std::pair<Parameter*, Tensor>> low_precision_weights(const Stream& s);
+  // GPU mixed precision: per entry of params_, the 16-bit copy of value and what it was cast
+  // from (value's storage and version); undefined for parameters kept in FP32 (biases).
+  struct WeightCopy {
+    Tensor low;
+    const void* master = nullptr;
+    uint64_t version = 0;
+  };
+  std::vector<WeightCopy> weight_copies_;
 };
 
 }  // namespace lancet

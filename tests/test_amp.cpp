@@ -2,8 +2,9 @@
 // 16-bit storage types; the loss scaler's state machine (an injected inf or NaN skips the
 // step and halves the scale, leaving weights and optimizer state bit-identical; growth after
 // growth_interval finite steps; state through a checkpoint and a bitwise-identical resume);
-// emulated fp16 / bf16 forward against fp32 within stated tolerances; and fp16 / bf16 training
-// reaching fp32's accuracy on a small synthetic job.
+// emulated fp16 / bf16 forward against fp32 within stated tolerances; fp16 / bf16 training
+// reaching fp32's accuracy on a small synthetic job; and the CPU twin of the cast op (the
+// GPU path's entry, exit and weight copies) against the emulation's rounding.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -18,9 +19,11 @@
 #include "comm/communicator.h"
 #include "data/h5file.h"
 #include "kernels/dtype.h"
+#include "kernels/elementwise.h"
 #include "kernels/optim.h"
 #include "trainer/metrics.h"
 #include "tests/expect_error.h"
+#include "tests/gradcheck.h"
 #include "trainer/checkpoint.h"
 #include "trainer/loss_scaler.h"
 #include "trainer/trainer.h"
@@ -137,6 +140,65 @@ TEST(AmpKernels, UnscaleAndCheckFinite) {
   }
 }
 
+// The cast op's CPU twin: f32 -> f16 / bf16 gives the bits the emulation's rounding gives
+// (over the same sweep as above, NaN as NaN), 16-bit -> f32 is exact, 16-bit -> 16-bit rounds
+// once from the exact value, equal dtypes copy.
+TEST(AmpCast, CpuTwinRoundsAsTheEmulation) {
+  std::vector<float> xs;
+  for (uint64_t u = 0; u <= 0xffffffffull; u += 65521) xs.push_back(from_bits(static_cast<uint32_t>(u)));
+  for (uint32_t e = 0; e < 256; ++e)
+    for (uint32_t m : {0x1000u, 0x0fffu, 0x1001u, 0x3000u, 0x8000u, 0x7fffu, 0x8001u, 0x18000u, 0x7fffffu})
+      for (uint32_t sign : {0u, 0x80000000u}) xs.push_back(from_bits(sign | (e << 23) | m));
+  const int64_t n = static_cast<int64_t>(xs.size());
+  const Stream s = Stream::cpu();
+  const Tensor x = Tensor::from_vector(xs, {n});
+  for (const DType t : {DType::f16, DType::bf16}) {
+    SCOPED_TRACE(dtype_name(t));
+    Tensor low = Tensor::empty({n}, t);
+    cast(x, low, s);
+    Tensor back = Tensor::empty({n}, DType::f32);
+    cast(low, back, s);
+    std::vector<float> want = xs;
+    round_to_dtype_inplace(want.data(), n, t);
+    const std::vector<float> got = back.to_vector();
+    int bad = 0;
+    for (int64_t i = 0; i < n && bad < 10; ++i)
+      if (std::isnan(want[i]) ? !std::isnan(got[i]) : bits_of(got[i]) != bits_of(want[i])) {
+        ++bad;
+        ADD_FAILURE() << std::hex << "x bits 0x" << bits_of(xs[i]) << ": got 0x" << bits_of(got[i]) << " want 0x"
+                      << bits_of(want[i]);
+      }
+    // Storage: the 16-bit tensor holds the half_t / bfloat16_t bits.
+    if (t == DType::f16) {
+      EXPECT_EQ(low.data<half_t>()[0].bits, half_t(xs[0]).bits);
+    } else {
+      EXPECT_EQ(low.data<bfloat16_t>()[0].bits, bfloat16_t(xs[0]).bits);
+    }
+    EXPECT_EQ(cast_to(back, DType::f32, s).raw_data(), back.raw_data());  // already f32: the tensor itself
+    const Tensor again = cast_to(low, DType::f32, s);
+    for (int64_t i = 0; i < n; ++i)
+      if (!std::isnan(got[i])) {
+        ASSERT_EQ(bits_of(again.data<float>()[i]), bits_of(got[i])) << i;
+      }
+  }
+  // f16 -> bf16: one rounding of the exact half value; equal dtypes copy the bits.
+  Tensor h = Tensor::empty({n}, DType::f16), b = Tensor::empty({n}, DType::bf16), h2 = Tensor::empty({n}, DType::f16);
+  cast(x, h, s);
+  cast(h, b, s);
+  cast(h, h2, s);
+  for (int64_t i = 0; i < n; ++i) {
+    const float hv = static_cast<float>(h.data<half_t>()[i]);
+    if (std::isnan(hv)) continue;
+    ASSERT_EQ(b.data<bfloat16_t>()[i].bits, bfloat16_t(hv).bits) << i;
+    ASSERT_EQ(h2.data<half_t>()[i].bits, h.data<half_t>()[i].bits) << i;
+  }
+  Tensor wrong = Tensor::empty({n + 1}, DType::f16), ints = Tensor::empty({n}, DType::i32);
+  expect_error([&] { cast(x, wrong, s); }, {"cast", "does not match"});
+  expect_error([&] { cast(x, ints, s); }, {"cast", "i32"});
+  Tensor empty_src = Tensor::empty({0}), empty_dst = Tensor::empty({0}, DType::bf16);
+  cast(empty_src, empty_dst, s);  // nothing to do
+}
+
 TEST(LossScaler, GrowthBackoffAndState) {
   LossScalerConfig cfg;
   cfg.enabled = true;
@@ -239,6 +301,53 @@ struct TinyStep {
 };
 
 }  // namespace
+
+// The fused unscale (what the GPU path of finish_step uses): check_finite leaves the gradients
+// scaled, and Optimizer::step(s, inv_scale()) gives the weights and moments that the separate
+// unscale pass followed by a plain step gives, bit for bit; each step bumps every parameter's
+// version (what invalidates the GPU's 16-bit weight copies).
+TEST(LossScaler, FusedUnscaleEqualsTheSeparatePass) {
+  LossScalerConfig cfg;
+  cfg.enabled = true;
+  cfg.init_scale = 1024.f;
+  const LossScaler scaler(cfg);
+  EXPECT_EQ(scaler.inv_scale(), 1.f / 1024.f);
+  EXPECT_EQ(LossScaler().inv_scale(), 1.f);
+  const Stream s = Stream::cpu();
+  for (const std::string optimizer : {"sgd", "adamw"}) {
+    SCOPED_TRACE(optimizer);
+    TinyStep a(optimizer), b(optimizer);
+    Json c = default_config();
+    apply_override(c, "optim.name=" + optimizer);
+    apply_override(c, "optim.weight_decay=0.01");
+    a.opt = make_optimizer(optim_config(c), a.model->named_parameters());
+    b.opt = make_optimizer(optim_config(c), b.model->named_parameters());
+    for (int step = 0; step < 3; ++step) {
+      auto pa = a.model->named_parameters(), pb = b.model->named_parameters();
+      std::vector<Tensor*> ga, gb;
+      for (size_t i = 0; i < pa.size(); ++i) {
+        fill_uniform(pa[i].second->grad, 100 + static_cast<uint32_t>(i) + 7 * step, -1000.f, 1000.f);
+        pb[i].second->grad.copy_from(pa[i].second->grad);
+        ga.push_back(&pa[i].second->grad);
+        gb.push_back(&pb[i].second->grad);
+      }
+      const std::vector<float> scaled = gb.front()->to_vector();
+      ASSERT_TRUE(scaler.unscale_and_check(ga, s));
+      a.opt->step(s);
+      ASSERT_TRUE(scaler.check_finite(gb, s));
+      EXPECT_EQ(gb.front()->to_vector(), scaled);  // left scaled
+      const uint64_t version = pb.front().second->version;
+      b.opt->step(s, scaler.inv_scale());
+      EXPECT_EQ(pb.front().second->version, version + 1);
+    }
+    EXPECT_EQ(a.snapshot(), b.snapshot());
+  }
+  Tensor g = Tensor::full({3}, 2.f);
+  g.data<float>()[1] = std::numeric_limits<float>::infinity();
+  EXPECT_FALSE(scaler.check_finite({&g}, s));
+  EXPECT_EQ(g.data<float>()[0], 2.f);
+  EXPECT_TRUE(LossScaler().check_finite({&g}, s));  // disabled: nothing checked
+}
 
 // An injected inf or NaN gradient (in the last parameter whose gradient completes: after the
 // whole backward, like an overflow anywhere) skips the step: weights, moments, momentum buffers

@@ -67,6 +67,29 @@ TEST(Training, RunFolderHoldsMetricsAndWeights) {
   const EvalResult again = evaluate(*model, *data.val, 64, Loss{}, Stream::cpu());
   EXPECT_DOUBLE_EQ(again.cm.accuracy(), s.final_eval.cm.accuracy());
   EXPECT_DOUBLE_EQ(again.loss, s.final_eval.loss);
+
+  // `lancet eval` on the same split: the same figures in its JSON report, one CSV row per
+  // sample; with --precision fp16 (emulated here) nearly the same loss, and the report says so.
+  const std::string flags = "--batch-size 64 --image-size 32 --set data.synth.train=200 --set data.synth.val=64 --set data.synth.size=32";
+  const std::string env = "LANCET_CACHE=" + (tmp / "cache");
+  RunResult r = run_lancet_env(env, "eval --weights " + (tmp / "run/final.h5") + " " + flags + " --report " +
+                                        (tmp / "r.json") + " --predictions " + (tmp / "p.csv"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  Json report = Json::parse(std::ifstream(tmp / "r.json"));
+  EXPECT_DOUBLE_EQ(report["loss"].get<double>(), s.final_eval.loss);
+  EXPECT_DOUBLE_EQ(report["accuracy"].get<double>(), s.final_eval.cm.accuracy());
+  EXPECT_EQ(report["compute"]["precision"], "fp32");
+  std::ifstream csv(tmp / "p.csv");
+  int rows = 0;
+  for (std::string line; std::getline(csv, line);) ++rows;
+  EXPECT_EQ(rows, 1 + 64);
+  r = run_lancet_env(env, "eval --weights " + (tmp / "run/final.h5") + " " + flags + " --precision fp16 --report " +
+                              (tmp / "r16.json"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  report = Json::parse(std::ifstream(tmp / "r16.json"));
+  EXPECT_EQ(report["compute"]["precision"], "fp16");
+  EXPECT_NEAR(report["loss"].get<double>(), s.final_eval.loss, 0.01 * s.final_eval.loss + 1e-3);
+  EXPECT_NE(report["loss"].get<double>(), s.final_eval.loss);  // it really ran in (emulated) fp16
 }
 
 TEST(Training, SameSeedSameWeights) {

@@ -10,6 +10,10 @@
 
 #include "comm/communicator.h"
 #include "kernels/blas.h"
+#include "kernels/conv.h"
+#ifdef LANCET_WITH_CUDA
+#include "kernels/cuda/runtime.h"
+#endif
 #include "kernels/parallel.h"
 #include "tools/cli.h"
 #include "trainer/ddp.h"
@@ -30,6 +34,27 @@ struct BenchArgs {
   int warmup = 3, steps = 10;
   bool json = false;
 };
+
+// The GPU's name and the CUDA / cuDNN / cuBLAS versions and settings a GPU figure depends on;
+// null on the CPU.
+Json gpu_info(Device device, const TrainConfig& tc) {
+  if (!device.is_cuda()) return nullptr;
+#ifdef LANCET_WITH_CUDA
+  const auto gpus = cuda_devices();
+  const auto& g = gpus.at(static_cast<size_t>(device.index));
+  return {{"name", g.name},
+          {"compute_capability", std::to_string(g.cc_major) + "." + std::to_string(g.cc_minor)},
+          {"memory_bytes", static_cast<int64_t>(g.total_bytes)},
+          {"cuda_runtime", cuda_runtime_version()},
+          {"cudnn", cudnn_version_string()},
+          {"cublas", cublas_version_string()},
+          {"cudnn_autotune", tc.cudnn_autotune},
+          {"allow_tf32", tc.allow_tf32}};
+#else
+  (void)tc;
+  return nullptr;
+#endif
+}
 
 // Percentiles as the step profiler computes them (numpy's linear interpolation).
 double p50(const std::vector<double>& v) { return compute_stats(v).p50_s; }
@@ -195,10 +220,17 @@ void run_bench(const BenchArgs& a, Communicator& comm) {
   const OptimConfig oc = optim_config(config);
   const DistConfig dist = dist_config(config);
   comm.set_timeout(dist.timeout_s);
-  LANCET_CHECK(tc.precision == "fp32", "bench: --precision " << tc.precision << ": fp16/bf16 run only as the CPU emulation in lancet train (for correctness, not speed); benchmarks are fp32 until the CUDA backend");
   const Device device = parse_device(tc.device);
-  LANCET_CHECK(device.is_cpu(), "bench: device " << device.str() << ": this build has no CUDA compute kernels yet");
+  const DType precision = parse_dtype(tc.precision);
+  LANCET_CHECK(precision == DType::f32 || device.is_cuda(),
+               "bench: --precision " << tc.precision << " on the CPU: fp16/bf16 are emulated there (rounding in "
+                                     << "software, for correctness, not speed); benchmark them with --device cuda");
   const int ranks = comm.size();
+  check_train_device(device, precision, ranks, /*pipelined=*/false);
+  LANCET_CHECK(device.is_cpu() || comm.backend() != "mpi",
+               "bench: device " << device.str() << " with " << ranks << " MPI ranks: GPU ranks need the NCCL communicator");
+  set_conv_autotune(tc.cudnn_autotune);
+  set_allow_tf32(tc.allow_tf32);
   const int threads = threads_per_rank(tc.threads, comm);
   const std::string binding = bind_rank_threads(dist.bind, comm, threads);
   set_num_threads(threads);
@@ -225,6 +257,12 @@ void run_bench(const BenchArgs& a, Communicator& comm) {
   std::normal_distribution<float> nd;
   for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = nd(rng);
   for (int64_t i = 0; i < b; ++i) y.data<int64_t>()[i] = static_cast<int64_t>(rng() % k);
+  // On a GPU the batch lives there from the start: like the CPU figures, these time the step,
+  // not the host->device copy (lancet train's phase table has that).
+  model->to(device);
+  x = x.to(device);
+  y = y.to(device);
+  if (precision != DType::f32) model->set_precision(precision);
 
   std::unique_ptr<Optimizer> opt;
   std::unique_ptr<GradSync> sync;
@@ -240,6 +278,7 @@ void run_bench(const BenchArgs& a, Communicator& comm) {
   }
   const Loss loss = make_loss(loss_config(config), k, device);
   StepProfiler prof;
+  prof.set_stream(s);
   std::vector<GradSync::BucketTiming> bucket_sum(train ? static_cast<size_t>(sync->num_buckets()) : 0,
                                                  GradSync::BucketTiming{0, 0, 0, 0});
   int64_t layout_seen = train ? sync->layout_version() : 0, bucket_steps = 0;
@@ -270,6 +309,7 @@ void run_bench(const BenchArgs& a, Communicator& comm) {
     }
   };
   for (int i = 0; i < a.warmup; ++i) step(false);
+  synchronize(s);
   Allocator& alloc = allocator_for(device);
   alloc.reset_peak();
   comm.barrier();
@@ -278,6 +318,7 @@ void run_bench(const BenchArgs& a, Communicator& comm) {
   for (int i = 0; i < a.steps; ++i) {
     const auto t = Clock::now();
     step(true);
+    synchronize(s);  // a GPU step's time is its kernels' time, not the time to queue them
     ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t).count());
   }
   const double total_s = std::chrono::duration<double>(Clock::now() - t0).count();
@@ -318,7 +359,8 @@ void run_bench(const BenchArgs& a, Communicator& comm) {
               {"overlap", dist.overlap},
               {"warmup", a.warmup},
               {"steps", a.steps},
-              {"blas", blas_info()}}}};
+              {"blas", blas_info()},
+              {"gpu", gpu_info(device, tc)}}}};
   if (train) {
     j["profile"] = prof.to_json();
     j["buckets"] = buckets;

@@ -58,7 +58,15 @@ void register_eval(CLI::App& app) {
     DataConfig dc = data_config(config);
     const TrainConfig tc = train_config(config);
     set_num_threads(tc.threads > 0 ? tc.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+    // --device and --precision as in lancet train and forward: fp16/bf16 emulated on the CPU,
+    // 16-bit tensors on a GPU (layers/module.h); the report is computed from FP32 probabilities.
+    const Device device = parse_device(tc.device);
+    const DType precision = parse_dtype(tc.precision);
+    check_train_device(device, precision, /*ranks=*/1, /*pipelined=*/false);
+    const Stream s{device, nullptr};
     auto model = load_model(a->weights);
+    model->to(device);
+    model->set_precision(precision);
     const int in_ch = model->config().in_channels;
     const int k = model->config().num_classes;
     // Fail before the (long) evaluation pass when the options cannot apply.
@@ -71,9 +79,10 @@ void register_eval(CLI::App& app) {
     DataSplits data = load_data(dc, std::cerr);
     LANCET_CHECK(data.val->num_classes() == k,
                  a->weights << " has " << k << " classes, the data has " << data.val->num_classes());
-    const Loss loss = make_loss(loss_config(config), data.val->num_classes(), Device::cpu());
+    const Loss loss = make_loss(loss_config(config), data.val->num_classes(), device);
     StepProfiler prof;
-    const EvalResult r = evaluate(*model, *data.val, tc.batch_size, loss, Stream::cpu(), &prof);
+    prof.set_stream(s);
+    const EvalResult r = evaluate(*model, *data.val, tc.batch_size, loss, s, &prof);
     ReportOptions options;
     options.threshold = a->threshold;
     options.target_sensitivity = a->target_sensitivity;
@@ -86,6 +95,7 @@ void register_eval(CLI::App& app) {
       j["weights"] = a->weights;
       j["data"] = data.source;
       j["split"] = a->split;
+      j["compute"] = {{"device", device.str()}, {"precision", tc.precision}};  // not the metric "precision"
       j["inference_profile"] = prof.to_json();
       write_atomically(a->report, [&](std::ostream& os) { os << j.dump(2) << "\n"; });
     }

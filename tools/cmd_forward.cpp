@@ -24,8 +24,9 @@ void run_forward(const ForwardArgs& a) {
   const Stream s{device, nullptr};
 
   auto model = load_model(a.weights);
-  // fp16 / bf16: emulated on the CPU (layers/module.h: activations, gradients and conv/linear
-  // weights rounded to the 16-bit type; BatchNorm, softmax and the loss in FP32).
+  // fp16 / bf16 (layers/module.h): emulated on the CPU (activations, gradients and conv/linear
+  // weights rounded to the 16-bit type), 16-bit tensors and tensor-core GEMMs on a GPU;
+  // BatchNorm, softmax and the loss in FP32 either way, logits and gradients written as FP32.
   model->set_precision(parse_dtype(a.precision));
   const MedicalCNNConfig& mc = model->config();
 

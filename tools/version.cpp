@@ -19,12 +19,14 @@ std::string version_report() {
   std::ostringstream os;
   os << "lancet " << LANCET_VERSION << "\n";
 #ifdef LANCET_WITH_CUDA
-  os << "  CUDA     " << cuda_runtime_version() << " (runtime)\n";
+  os << "  CUDA     " << cuda_runtime_version() << " (runtime)\n"
+     << "  cuDNN    " << cudnn_version_string() << "\n"
+     << "  cuBLAS   " << cublas_version_string() << "\n";
 #else
-  os << "  CUDA     off\n";
+  os << "  CUDA     off\n"
+     << "  cuDNN    off\n";
 #endif
-  os << "  cuDNN    off\n"
-     << "  NCCL     off\n";
+  os << "  NCCL     off\n";
 #ifdef LANCET_WITH_MPI
   char lib[MPI_MAX_LIBRARY_VERSION_STRING];
   int len = 0;

@@ -10,9 +10,17 @@ LossScaler::LossScaler(const LossScalerConfig& cfg) : cfg_(cfg), scale_(cfg.init
 
 bool LossScaler::unscale_and_check(const std::vector<Tensor*>& grads, const Stream& s) const {
   if (!cfg_.enabled) return true;
-  // torch: inv_scale = scale.double().reciprocal().float()
-  const float inv_scale = static_cast<float>(1.0 / static_cast<double>(scale_));
-  return unscale_and_check_finite(grads, inv_scale, s);
+  return unscale_and_check_finite(grads, inv_scale(), s);
+}
+
+bool LossScaler::check_finite(const std::vector<Tensor*>& grads, const Stream& s) const {
+  if (!cfg_.enabled) return true;
+  return all_finite(std::vector<const Tensor*>(grads.begin(), grads.end()), s);
+}
+
+float LossScaler::inv_scale() const {
+  if (!cfg_.enabled) return 1.f;
+  return static_cast<float>(1.0 / static_cast<double>(scale_));  // torch: scale.double().reciprocal().float()
 }
 
 void LossScaler::update(bool finite) {

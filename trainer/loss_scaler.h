@@ -30,6 +30,12 @@ class LossScaler {
   // grads *= 1/scale in place; true when every element was finite (then the step may be
   // taken). Undefined entries are skipped. Disabled: true, gradients untouched.
   bool unscale_and_check(const std::vector<Tensor*>& grads, const Stream& s) const;
+  // The fused variant (GPU): true when every element is finite, the gradients left scaled (one
+  // read-only pass); the optimizer step then multiplies them by inv_scale() as it reads them
+  // (Optimizer::step's grad_scale_inv), the same float product unscale_and_check computes.
+  // Disabled: true, and inv_scale() is 1.
+  bool check_finite(const std::vector<Tensor*>& grads, const Stream& s) const;
+  float inv_scale() const;
   // After every step (taken or skipped), with what unscale_and_check returned.
   void update(bool finite);
 

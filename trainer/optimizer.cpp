@@ -16,7 +16,7 @@ class Sgd final : public Optimizer {
     p_.nesterov = c.nesterov;
     for (auto& [name, prm] : params_) buf_.push_back(Tensor::zeros(prm->value.shape(), DType::f32, prm->value.device()));
   }
-  void step(const Stream& s) override {
+  void step_impl(const Stream& s, float grad_scale_inv) override {
     p_.lr = lr_;
     std::vector<Tensor*> values, bufs;
     std::vector<const Tensor*> grads;
@@ -25,7 +25,7 @@ class Sgd final : public Optimizer {
       grads.push_back(&params_[i].second->grad);
       bufs.push_back(&buf_[i]);
     }
-    sgd_step_multi(p_, steps_ == 0, values, grads, bufs, s);
+    sgd_step_multi(p_, steps_ == 0, values, grads, bufs, s, grad_scale_inv);
     ++steps_;
   }
   std::vector<std::pair<std::string, Tensor*>> state() override {
@@ -52,7 +52,7 @@ class Adam final : public Optimizer {
       v_.push_back(Tensor::zeros(prm->value.shape(), DType::f32, prm->value.device()));
     }
   }
-  void step(const Stream& s) override {
+  void step_impl(const Stream& s, float grad_scale_inv) override {
     p_.lr = lr_;
     ++steps_;
     std::vector<Tensor*> values, ms, vs;
@@ -63,7 +63,7 @@ class Adam final : public Optimizer {
       ms.push_back(&m_[i]);
       vs.push_back(&v_[i]);
     }
-    adam_step_multi(p_, steps_, values, grads, ms, vs, s);
+    adam_step_multi(p_, steps_, values, grads, ms, vs, s, grad_scale_inv);
   }
   std::vector<std::pair<std::string, Tensor*>> state() override {
     std::vector<std::pair<std::string, Tensor*>> out;
@@ -80,6 +80,11 @@ class Adam final : public Optimizer {
 };
 
 }  // namespace
+
+void Optimizer::step(const Stream& s, float grad_scale_inv) {
+  step_impl(s, grad_scale_inv);
+  for (auto& [name, p] : params_) ++p->version;  // the weights changed: derived copies are stale
+}
 
 std::unique_ptr<Optimizer> make_optimizer(const OptimConfig& cfg, Optimizer::Params params) {
   if (cfg.name == "sgd") return std::make_unique<Sgd>(cfg, std::move(params));

@@ -17,8 +17,10 @@ class Optimizer {
  public:
   using Params = std::vector<std::pair<std::string, Parameter*>>;
   virtual ~Optimizer() = default;
-  // Applies one update with the gradients currently in the parameters (it does not zero them).
-  virtual void step(const Stream& s) = 0;
+  // Applies one update with the gradients currently in the parameters (it does not zero them),
+  // each gradient element multiplied by grad_scale_inv as it is read (a loss scaler's unscale
+  // fused into the step; 1 leaves them as they are), and bumps every Parameter::version.
+  void step(const Stream& s, float grad_scale_inv = 1.0f);
   float lr() const { return lr_; }
   void set_lr(float lr) { lr_ = lr; }
   int64_t steps() const { return steps_; }
@@ -28,6 +30,7 @@ class Optimizer {
 
  protected:
   Optimizer(Params params, float lr) : params_(std::move(params)), lr_(lr) {}
+  virtual void step_impl(const Stream& s, float grad_scale_inv) = 0;
   Params params_;
   float lr_;
   int64_t steps_ = 0;

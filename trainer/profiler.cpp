@@ -6,8 +6,82 @@
 #include <sstream>
 
 #include "kernels/error.h"
+#ifdef LANCET_WITH_CUDA
+#include "kernels/cuda/runtime.h"
+#endif
 
 namespace lancet {
+
+#ifdef LANCET_WITH_CUDA
+struct StepProfiler::GpuMarks {
+  Stream stream;
+  // Pairs of timing events, (begin, end) per phase entry this step, and the phase of each pair.
+  std::vector<std::unique_ptr<CudaEvent>> events;
+  std::vector<Phase> phases;
+  size_t used = 0;  // pairs recorded this step
+};
+
+void StepProfiler::set_stream(const Stream& s) {
+  LANCET_CHECK(!in_step_, "StepProfiler::set_stream inside a step");
+  if (s.device.is_cuda()) {
+    if (!gpu_ || gpu_->stream.device != s.device) gpu_ = std::make_unique<GpuMarks>();
+    gpu_->stream = s;
+  } else {
+    gpu_.reset();
+  }
+}
+
+int StepProfiler::gpu_mark_begin(Phase p) {
+  if (!gpu_ || !in_step_ || p == Phase::data_wait) return -1;
+  GpuMarks& g = *gpu_;
+  if (2 * g.used == g.events.size()) {
+    g.events.push_back(std::make_unique<CudaEvent>(g.stream.device, /*timing=*/true));
+    g.events.push_back(std::make_unique<CudaEvent>(g.stream.device, /*timing=*/true));
+    g.phases.push_back(p);
+  }
+  const size_t slot = g.used++;
+  g.phases[slot] = p;
+  g.events[2 * slot]->record(g.stream);
+  return static_cast<int>(slot);
+}
+
+void StepProfiler::gpu_mark_end(int slot) {
+  // A destructor calls this: a recording error must not escape (the step's result shows it).
+  try {
+    gpu_->events[2 * static_cast<size_t>(slot) + 1]->record(gpu_->stream);
+  } catch (const std::exception&) {
+  }
+}
+
+void StepProfiler::gpu_resolve_step() {
+  if (!gpu_) return;
+  GpuMarks& g = *gpu_;
+  synchronize(g.stream);
+  std::array<bool, kNumPhases> timed{};
+  std::array<double, kNumPhases> gpu_s{};
+  for (size_t i = 0; i < g.used; ++i) {
+    const int p = static_cast<int>(g.phases[i]);
+    timed[p] = true;
+    gpu_s[p] += g.events[2 * i + 1]->elapsed_ms_since(*g.events[2 * i]) * 1e-3;
+  }
+  for (int p = 0; p < kNumPhases; ++p)
+    if (timed[p]) current_[p] = gpu_s[p];
+  g.used = 0;
+}
+#else
+struct StepProfiler::GpuMarks {
+  size_t used = 0;
+};
+void StepProfiler::set_stream(const Stream& s) {
+  LANCET_CHECK(s.device.is_cpu(), "StepProfiler: stream on " << s.device.str() << " in a build without CUDA");
+}
+int StepProfiler::gpu_mark_begin(Phase) { return -1; }
+void StepProfiler::gpu_mark_end(int) {}
+void StepProfiler::gpu_resolve_step() {}
+#endif
+
+StepProfiler::StepProfiler() = default;
+StepProfiler::~StepProfiler() = default;
 
 const char* phase_name(Phase p) {
   switch (p) {
@@ -42,12 +116,14 @@ PhaseStats compute_stats(std::vector<double> samples) {
 void StepProfiler::begin_step() {
   current_.fill(0.0);
   in_step_ = true;
+  if (gpu_) gpu_->used = 0;
   step_start_ = Clock::now();
   step_start_us_ = trace_enabled() ? trace_now_us() : -1;
 }
 
 void StepProfiler::end_step() {
   LANCET_CHECK(in_step_, "StepProfiler: end_step() without begin_step()");
+  gpu_resolve_step();  // on a GPU: the step ends when its work has run
   end_step(std::chrono::duration<double>(Clock::now() - step_start_).count());
 }
 
@@ -118,6 +194,7 @@ void StepProfiler::reset() {
   step_s_.clear();
   in_step_ = false;
   step_start_us_ = -1;
+  if (gpu_) gpu_->used = 0;
 }
 
 }  // namespace lancet

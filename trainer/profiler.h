@@ -8,6 +8,13 @@
 // Each phase scope also emits a TraceScope (category "phase"), and each step a "step"
 // event, when kernels/trace is on. Used by one thread (the training loop); not thread-safe.
 //
+// On a GPU (set_stream with a CUDA stream) the host only queues work, so host clocks would time
+// the queueing. There each phase except data_wait is timed by a pair of CUDA events recorded on
+// the stream, i.e. from when the GPU reaches the phase's first op to when it finishes its last
+// (GPU idle time inside the phase, e.g. while the host is slow to queue, counts to the phase);
+// end_step() waits for the stream, so the step time is the time the GPU work really took.
+// data_wait (the host waiting for the loader) keeps the host clock.
+//
 //   StepProfiler prof;                          // per epoch: prof.reset() first
 //   prof.begin_step();
 //   { auto p = prof.phase(Phase::data_wait); batch = loader.next(); }
@@ -18,9 +25,11 @@
 #include <array>
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "kernels/device.h"
 #include "kernels/trace.h"
 #include "trainer/config.h"
 
@@ -45,19 +54,33 @@ class StepProfiler {
 
   class Scope {
    public:
-    ~Scope() { prof_.add(phase_, std::chrono::duration<double>(Clock::now() - start_).count()); }
+    ~Scope() {
+      prof_.add(phase_, std::chrono::duration<double>(Clock::now() - start_).count());
+      if (gpu_slot_ >= 0) prof_.gpu_mark_end(gpu_slot_);
+    }
     Scope(const Scope&) = delete;
     Scope& operator=(const Scope&) = delete;
 
    private:
     friend class StepProfiler;
     Scope(StepProfiler& prof, Phase phase)
-        : prof_(prof), phase_(phase), trace_(phase_name(phase), "phase"), start_(Clock::now()) {}
+        : prof_(prof), phase_(phase), trace_(phase_name(phase), "phase"), start_(Clock::now()),
+          gpu_slot_(prof.gpu_mark_begin(phase)) {}
     StepProfiler& prof_;
     Phase phase_;
     TraceScope trace_;
     Clock::time_point start_;
+    int gpu_slot_;  // -1: host-timed
   };
+
+  StepProfiler();
+  ~StepProfiler();
+  StepProfiler(const StepProfiler&) = delete;
+  StepProfiler& operator=(const StepProfiler&) = delete;
+
+  // The stream the timed GPU work runs on (a CUDA stream switches to event timing, see above);
+  // a CPU stream (the default) times with host clocks. Call between steps.
+  void set_stream(const Stream& s);
 
   // Times `phase` until the returned scope ends: `auto p = prof.phase(Phase::forward);`.
   Scope phase(Phase p) { return Scope(*this, p); }
@@ -86,6 +109,12 @@ class StepProfiler {
   void reset();
 
  private:
+  int gpu_mark_begin(Phase p);  // -1 unless event-timed
+  void gpu_mark_end(int slot);
+  void gpu_resolve_step();      // waits for the stream; event times replace host times
+
+  struct GpuMarks;              // CUDA events, reused from step to step (profiler.cpp)
+  std::unique_ptr<GpuMarks> gpu_;
   std::array<double, kNumPhases> current_{};
   std::array<std::vector<double>, kNumPhases> phase_s_;
   std::vector<double> step_s_;

@@ -93,14 +93,22 @@ void finish_step(Module& model, Optimizer& opt, Communicator& comm, const StepOp
   // Loss scaling: the gradients here are already averaged over the ranks (GradSync::finish
   // or the all-reduce above), identical everywhere, so every rank finds the same flag and
   // skips or takes the same step. Clipping and the norm see unscaled gradients.
-  const bool finite = scaler ? scaler->unscale_and_check(grads, s) : true;
+  // On a GPU without clipping the unscale rides in the optimizer step (grad_scale_inv): a
+  // read-only finite check replaces the read-write unscale pass, with the same products, and
+  // the gradients stay scaled until zero_grad. Clipping needs the unscaled gradients in place,
+  // and the CPU keeps the separate pass (its results stay as they were, bit for bit).
+  const bool fused_unscale = scaler && !model.device().is_cpu() && options.clip_grad_norm <= 0;
+  const float grad_scale_inv = fused_unscale ? scaler->inv_scale() : 1.f;
+  bool finite = true;
+  if (scaler) finite = fused_unscale ? scaler->check_finite(grads, s) : scaler->unscale_and_check(grads, s);
   if (finite) {
     if (options.clip_grad_norm > 0) {
       st.grad_norm = clip_grad_norm(grads, options.clip_grad_norm, s);
     } else if (options.compute_grad_norm) {
-      st.grad_norm = global_l2_norm(std::vector<const Tensor*>(grads.begin(), grads.end()), s);
+      // Scaled gradients: the norm times 1/scale (exact for the power-of-two scales).
+      st.grad_norm = global_l2_norm(std::vector<const Tensor*>(grads.begin(), grads.end()), s) * grad_scale_inv;
     }
-    opt.step(s);
+    opt.step(s, grad_scale_inv);
   }
   st.skipped = !finite;
   if (scaler) scaler->update(finite);
@@ -358,11 +366,9 @@ double epoch_metric(const std::string& name, double train_loss, double train_acc
 
 }  // namespace
 
-namespace {
-
 // What a CUDA run needs that is not there yet fails here, before any data is read, naming the
-// setting. The GPU path: one GPU per process, f32 (the fp16/bf16 path on GPUs is the mixed-
-// precision issue's), no pipeline stages on GPUs, no NCCL (several ranks need CPU tensors).
+// setting. The GPU path: one GPU per process (fp32, fp16 or bf16), no pipeline stages on GPUs,
+// several ranks only with the NCCL backend built (comm/nccl/).
 void check_train_device(Device device, DType precision, int ranks, bool pipelined) {
   if (device.is_cpu()) return;
 #ifdef LANCET_WITH_CUDA
@@ -372,14 +378,15 @@ void check_train_device(Device device, DType precision, int ranks, bool pipeline
 #else
   LANCET_FAIL("train.device " << device.str() << ": this build of lancet has no CUDA (LANCET_CUDA=OFF)");
 #endif
-  LANCET_CHECK(precision == DType::f32, "train.precision " << dtype_name(precision) << " on " << device.str()
-                                                           << ": GPU training runs in fp32 so far (fp16/bf16 are emulated on the CPU)");
-  LANCET_CHECK(ranks == 1, "train.device " << device.str() << " with " << ranks
-                                           << " ranks: the NCCL backend for GPU gradients is not built yet; use --device cpu");
+  // fp16 / bf16 run with 16-bit activations and tensor-core GEMMs there (layers/module.h).
+  LANCET_CHECK(precision == DType::f32 || precision == DType::f16 || precision == DType::bf16,
+               "train.precision " << dtype_name(precision) << " on " << device.str()
+                                  << ": expected fp32, fp16 or bf16");
+  LANCET_CHECK(ranks == 1 || nccl_available(), "train.device " << device.str() << " with " << ranks
+                                                                << " ranks: this build of lancet has no NCCL (GPU gradients "
+                                                                   "across ranks need it); use --device cpu");
   LANCET_CHECK(!pipelined, "pipeline.stages > 1 on " << device.str() << ": pipeline stages run on CPU threads so far");
 }
-
-}  // namespace
 
 TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& log) {
   const DataConfig dc = data_config(config);
@@ -393,7 +400,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   const int ranks = comm.size();
   const LossScalerConfig lsc = loss_scaler_config(config);
   const DType precision = parse_dtype(tc.precision);
-  const Device device = parse_device(tc.device);
+  const Device device = rank_device(tc.device, comm);  // "cuda": this rank's own GPU on its node
   check_train_device(device, precision, ranks, pipelined);
   set_conv_autotune(tc.cudnn_autotune);
   set_allow_tf32(tc.allow_tf32);
@@ -607,8 +614,10 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   log << ", " << oc.name << " lr " << oc.lr << " (" << schedule.name() << " schedule), " << num_threads()
       << " thread(s) " << (ranks > 1 ? "per rank " : "") << "on " << device.str() << "\n";
   if (precision != DType::f32)
-    log << "precision: " << tc.precision << " emulated on the CPU (activations and conv/linear operands rounded, FP32 "
-        << "master weights, BatchNorm and loss); loss scaling "
+    log << "precision: " << tc.precision
+        << (device.is_cpu() ? " emulated on the CPU (activations and conv/linear operands rounded"
+                            : " on " + device.str() + " (16-bit activations, tensor-core convolutions and GEMMs")
+        << ", FP32 master weights, BatchNorm and loss); loss scaling "
         << (scaler.enabled() ? "dynamic from " + Json(scaler.scale()).dump() : std::string("off")) << "\n";
   if (pipeline)
     log << "pipeline: 2 stages, " << pc.schedule << " schedule, " << micro << " micro-batches per step"
@@ -646,6 +655,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   TrainSummary summary;
   ProgressDisplay progress(log, tc.log_every);
   StepProfiler prof;
+  prof.set_stream(stream);  // on a GPU: phases timed by CUDA events (trainer/profiler.h)
   StepOptions step_options;
   step_options.clip_grad_norm = tc.clip_grad_norm;
   step_options.compute_grad_norm = writes;  // logged per step
@@ -793,6 +803,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
           << scaler.skipped_steps() << " in the run\n";
     if (prof.steps() > 0) log << prof.table();
     if (pipeline && pipeline->stats().steps > 0) log << pipeline->stats().text();
+    summary.peak_bytes = std::max(summary.peak_bytes, allocator_for(device).peak_bytes());  // this epoch's
     if (const std::string skipped = skipped_report(*data.train, dc.train_split); !skipped.empty()) log << skipped << "\n";
     if (logs) {
       Json m = {{"epoch", state.epoch},
@@ -871,6 +882,10 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   log << "\nvalidation report\n";
   std::istringstream lines(report.to_text());
   for (std::string line; std::getline(lines, line);) log << (line.empty() ? "" : "  ") << line << "\n";
+  if (summary.peak_bytes > 0)  // per precision: the memory a mixed-precision run saves shows here
+    log << "peak memory on " << device.str() << " (" << tc.precision << " training): " << std::fixed
+        << std::setprecision(1) << static_cast<double>(summary.peak_bytes) / (1 << 20)
+        << " MiB (weights, optimizer state, activations, workspaces)\n";
   if (writes) {
     model->to(Device::cpu());
     save_weights(tc.out + "/final.h5", *model, model_cfg);

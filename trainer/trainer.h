@@ -49,7 +49,8 @@ struct StepOptions {
   // Mixed precision: the loss gradient is multiplied by the scaler's scale before the
   // backward; the synchronised gradients are unscaled and checked before clipping, and on
   // inf/NaN the optimizer step is skipped (weights and optimizer state untouched). The
-  // scaler is updated after every step. Null or disabled: no scaling.
+  // scaler is updated after every step. Null or disabled: no scaling. On a GPU without
+  // clipping the unscale is fused into the optimizer step instead (finish_step).
   LossScaler* loss_scaler = nullptr;
 };
 
@@ -105,7 +106,15 @@ struct TrainSummary {
   double images_per_s = 0;
   bool stopped_early = false;
   EvalResult final_eval;
+  // The device allocator's peak over this session's epochs (training and validation): what
+  // the run needed at its precision, as metrics.jsonl's per-epoch peak_bytes.
+  size_t peak_bytes = 0;
 };
+
+// Refuses, naming the setting, a device / precision / rank count / pipeline combination this
+// build cannot train with (a missing GPU, a build without CUDA, ...), before any data is read.
+// A CPU device always passes.
+void check_train_device(Device device, DType precision, int ranks, bool pipelined);
 
 // Runs a whole training job from a resolved config: data, model, epochs, per-epoch validation,
 // DIR/metrics.jsonl and DIR/final.h5 when train.out is set. Progress goes to `log`.

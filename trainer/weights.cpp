@@ -55,6 +55,7 @@ void load_weights(const H5File& file, Module& model) {
                                                       << ", expected float32");
     t->copy_from(t->device().is_cpu() ? v : v.to(t->device()));
   }
+  for (auto& [name, p] : model.named_parameters()) ++p->version;  // changed in place
 }
 
 std::unique_ptr<MedicalCNN> load_model(const std::string& path) {

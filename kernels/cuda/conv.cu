@@ -6,6 +6,8 @@
 //   forward          y  = conv(x, w)             (beta 0), then y += b
 //   backward data    dx = conv_transpose(dy, w)  (beta 0: overwritten)
 //   backward filter  dw += conv_grad(x, dy)      (beta 1: accumulated), db += sum dy
+// Mixed precision: x, w, dy in f16/bf16 with an f32 dw — cuDNN computes the 16-bit gradient into
+// scratch (beta 0) and a lancet kernel adds it to dw (conv_util.h: accumulate_into_f32).
 // Algorithms come from choose_conv_algo (conv_algo.h). All work is enqueued on s; nothing
 // syncs with the host except an autotune search, once per shape.
 #include "kernels/cuda/common.cuh"
@@ -104,7 +106,8 @@ void conv2d_backward(const Conv2dParams& p, const Tensor& x, const Tensor& w, co
   if (dw.defined()) {
     LANCET_CHECK(dw.shape() == w.shape(),
                  op << ": dw " << dw.shape_str() << " does not match weight " << w.shape_str());
-    require_dtype(op, "dw", dw, x.dtype());
+    // Mixed precision: an f32 dw (the FP32 master's gradient) with f16/bf16 operands.
+    if (dw.dtype() != DType::f32) require_dtype(op, "dw", dw, x.dtype());
   }
   if (db.defined()) {
     require_shape(op, "db", db, {w.dim(0)}, desc("weight", w));
@@ -136,9 +139,11 @@ void conv2d_backward(const Conv2dParams& p, const Tensor& x, const Tensor& w, co
                                                       dx.raw_data()));
     }
     if (dw.defined()) {
-      // dw in the convolution's format accumulates in place (beta 1); otherwise the gradient
-      // goes to scratch (beta 0) and is added to dw while converting back.
-      const bool direct = dw.format() == x.format();
+      // dw in the convolution's format and dtype accumulates in place (beta 1); otherwise the
+      // gradient goes to scratch (beta 0) and is added to dw while converting back. cuDNN's
+      // legacy API wants x, dy and dw in one data type, so an f32 dw of an f16/bf16
+      // convolution takes the scratch path: the 16-bit gradient is added to the FP32 one.
+      const bool direct = dw.format() == x.format() && dw.dtype() == x.dtype();
       Tensor dwc = direct ? dw : Tensor::empty(w.shape(), w.dtype(), w.device(), x.format());
       const ConvAlgo a =
           choose_conv_algo({ConvDirection::backward_filter, p, x, wc, dy, Tensor(), xd, wd, dyd, cd, h, s, op});
@@ -147,7 +152,12 @@ void conv2d_backward(const Conv2dParams& p, const Tensor& x, const Tensor& w, co
                                                         cd.get(), static_cast<cudnnConvolutionBwdFilterAlgo_t>(a.algo),
                                                         data_or_null(ws), a.workspace_bytes, direct ? &one : &zero,
                                                         wd.get(), dwc.raw_data()));
-      if (!direct) convert_format(dwc, dw, /*accumulate=*/true, s);
+      if (!direct) {
+        if (dw.dtype() == dwc.dtype())
+          convert_format(dwc, dw, /*accumulate=*/true, s);
+        else
+          accumulate_into_f32(dwc, dw, s);
+      }
     }
   }
   if (db.defined()) accumulate_channel_sum(dy, db, s);

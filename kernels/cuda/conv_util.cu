@@ -92,6 +92,32 @@ __global__ void convert_format_kernel(const T* __restrict__ src, T* __restrict__
   }
 }
 
+// dst[i] += src[j], dst f32 in its layout, src of type S in its own (the same index when the
+// layouts agree).
+template <typename S>
+__global__ void accumulate_f32_kernel(const S* __restrict__ src, float* __restrict__ dst, int64_t N, int64_t C,
+                                      int64_t H, int64_t W, bool dst_nhwc, bool src_nhwc) {
+  const int64_t n_all = N * C * H * W;
+  for (int64_t i = global_thread(); i < n_all; i += grid_threads()) {
+    int64_t j = i;
+    if (dst_nhwc != src_nhwc) {
+      int64_t r = i;
+      if (dst_nhwc) {  // i = ((n * H + h) * W + w) * C + c
+        const int64_t c = r % C; r /= C;
+        const int64_t w = r % W; r /= W;
+        const int64_t h = r % H, n = r / H;
+        j = ((n * C + c) * H + h) * W + w;
+      } else {  // i = ((n * C + c) * H + h) * W + w
+        const int64_t w = r % W; r /= W;
+        const int64_t h = r % H; r /= H;
+        const int64_t c = r % C, n = r / C;
+        j = ((n * H + h) * W + w) * C + c;
+      }
+    }
+    dst[i] += load_f(src[j]);
+  }
+}
+
 template <typename T>
 __global__ void cast_kernel(const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
   for (int64_t i = global_thread(); i < n; i += grid_threads()) dst[i] = store_f<T>(src[i]);
@@ -159,6 +185,22 @@ void convert_format(const Tensor& src, Tensor& dst, bool accumulate, const Strea
   LANCET_CUDA_FLOAT_TYPES(src.dtype(), "convert_format", {
     convert_format_kernel<scalar_t><<<grid_for(n), kBlock, 0, native(s)>>>(
         ptr<scalar_t>(src), ptr<scalar_t>(dst), src.dim(0), src.dim(1), src.dim(2), src.dim(3), dst_nhwc, accumulate);
+    LANCET_CUDA_LAUNCH_CHECK();
+  });
+}
+
+void accumulate_into_f32(const Tensor& src, Tensor& dst, const Stream& s) {
+  LANCET_CHECK(src.ndim() == 4 && src.shape() == dst.shape() && dst.dtype() == DType::f32,
+               "accumulate_into_f32: " << src.shape_str() << " " << dtype_name(src.dtype()) << " into "
+                                       << dst.shape_str() << " " << dtype_name(dst.dtype())
+                                       << " (same 4-D shape, dst f32)");
+  const int64_t n = src.numel();
+  if (n == 0) return;
+  const bool dst_nhwc = dst.format() == MemoryFormat::channels_last;
+  const bool src_nhwc = src.format() == MemoryFormat::channels_last;
+  LANCET_CUDA_FLOAT_TYPES(src.dtype(), "accumulate_into_f32", {
+    accumulate_f32_kernel<scalar_t><<<grid_for(n), kBlock, 0, native(s)>>>(
+        ptr<scalar_t>(src), ptr<float>(dst), src.dim(0), src.dim(1), src.dim(2), src.dim(3), dst_nhwc, src_nhwc);
     LANCET_CUDA_LAUNCH_CHECK();
   });
 }

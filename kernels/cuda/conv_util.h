@@ -1,5 +1,6 @@
 // cuda/conv_util.h — the small kernels the cuDNN / cuBLASLt twins share (conv.cu, linear.cu):
-// per-channel bias and bias gradient, NCHW <-> channels_last conversion, f32 -> 16-bit casts.
+// per-channel bias and bias gradient, NCHW <-> channels_last conversion, f32 -> 16-bit casts
+// and 16-bit -> f32 accumulation.
 //
 // Per-channel ops see a tensor as [outer, C, inner]: NCHW [N, C, H, W] is outer N, inner H*W;
 // channels_last is outer N*H*W, inner 1; a Linear activation [N, C] is outer N, inner 1.
@@ -42,6 +43,10 @@ void accumulate_channel_sum(const Tensor& dy, Tensor& db, const Stream& s);
 // dst = src (accumulate false) or dst += src (true), element by logical [N, C, H, W] index,
 // where src and dst have the same shape and dtype but different memory formats.
 void convert_format(const Tensor& src, Tensor& dst, bool accumulate, const Stream& s);
+
+// dst += src element by logical [N, C, H, W] index, where dst is f32 and src f32, f16 or bf16
+// of the same shape in either memory format: a 16-bit weight gradient added to the FP32 one.
+void accumulate_into_f32(const Tensor& src, Tensor& dst, const Stream& s);
 
 // dst = src rounded to dst's dtype (f32, f16, bf16); src f32, same numel.
 void cast_from_f32(const Tensor& src, Tensor& dst, const Stream& s);

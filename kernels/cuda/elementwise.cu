@@ -51,6 +51,13 @@ __global__ void axpy_kernel(float alpha, const T* x, T* y, int64_t n) {
   for (int64_t i = first_index(); i < n; i += grid_stride()) y[i] = store_f<T>(load_f(y[i]) + alpha * load_f(x[i]));
 }
 
+// dst[i] = src[i] rounded once to D (__float2half_rn / __float2bfloat16_rn: nearest even, as
+// half_t / bfloat16_t on the CPU; from a 16-bit type to f32 exact).
+template <typename S, typename D>
+__global__ void cast_kernel(const S* __restrict__ src, D* __restrict__ dst, int64_t n) {
+  for (int64_t i = first_index(); i < n; i += grid_stride()) dst[i] = store_f<D>(load_f(src[i]));
+}
+
 template <typename T>
 __global__ void scale_kernel(T* y, float alpha, int64_t n) {
   for (int64_t i = first_index(); i < n; i += grid_stride()) y[i] = store_f<T>(load_f(y[i]) * alpha);
@@ -232,6 +239,30 @@ void scale_inplace(Tensor& y, float alpha, const Stream& s) {
     scale_kernel<<<grid_for(n), kBlock, 0, native(s)>>>(ptr<scalar_t>(y), alpha, n);
   });
   LANCET_CUDA_LAUNCH_CHECK();
+}
+
+void cast(const Tensor& src, Tensor& dst, const Stream& s) {
+  const char* op = "cast";
+  require_cuda(op, s, src, {&dst});
+  LANCET_CHECK(dst.defined(), op << ": dst is an undefined tensor");
+  LANCET_CHECK(dst.shape() == src.shape() && dst.format() == src.format(),
+               op << ": dst " << dst.shape_str() << " does not match src " << src.shape_str()
+                  << " (same shape and memory format)");
+  const int64_t n = src.numel();
+  CudaDeviceGuard g(s.device.index);
+  LANCET_CUDA_FLOAT_TYPES(src.dtype(), op, {
+    using S = scalar_t;
+    LANCET_CUDA_FLOAT_TYPES(dst.dtype(), op, {
+      if (n == 0) return;
+      if (src.dtype() == dst.dtype()) {
+        LANCET_CUDA_CHECK(cudaMemcpyAsync(dst.raw_data(), src.raw_data(), src.nbytes(), cudaMemcpyDeviceToDevice,
+                                          native(s)));
+        return;
+      }
+      cast_kernel<S, scalar_t><<<grid_for(n), kBlock, 0, native(s)>>>(ptr<S>(src), ptr<scalar_t>(dst), n);
+      LANCET_CUDA_LAUNCH_CHECK();
+    });
+  });
 }
 
 void concat_channels_forward(const std::vector<Tensor>& xs, Tensor& y, const Stream& s) {

@@ -1,6 +1,7 @@
 // cuda/elementwise.h — the CUDA twins of kernels/elementwise.h (same arguments and contract;
 // see that header). Host-only: no CUDA header, so kernels/elementwise.cpp can include it.
-// Element types: every float tensor of a call is f32, f16 or bf16, all of one dtype
+// Element types: every float tensor of a call is f32, f16 or bf16, all of one dtype (cast
+// excepted)
 // (arithmetic in float; sums of products accumulate in double like the CPU twins).
 // Elementwise ops (fill, add, axpy, ...) need one memory format across their tensors; the
 // per-channel ops (concat, channel_scale) need nchw.
@@ -18,6 +19,9 @@ void add(const Tensor& a, const Tensor& b, Tensor& y, const Stream& s);
 void add_inplace(Tensor& y, const Tensor& x, const Stream& s);
 void axpy(float alpha, const Tensor& x, Tensor& y, const Stream& s);
 void scale_inplace(Tensor& y, float alpha, const Stream& s);
+
+// Any of f32, f16, bf16 into any (see kernels/elementwise.h); same shape and memory format.
+void cast(const Tensor& src, Tensor& dst, const Stream& s);
 
 void concat_channels_forward(const std::vector<Tensor>& xs, Tensor& y, const Stream& s);
 void concat_channels_backward(const Tensor& dy, std::vector<Tensor>& dxs, const Stream& s);

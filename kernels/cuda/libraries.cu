@@ -3,6 +3,7 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/libraries.h"
+#include "kernels/cuda/runtime.h"
 
 namespace lancet::cuda {
 
@@ -108,6 +109,10 @@ TensorDesc::TensorDesc(int64_t n, int64_t c, int64_t h, int64_t w, DType t, Memo
 
 TensorDesc::~TensorDesc() { cudnnDestroyTensorDescriptor(d_); }
 
+}  // namespace lancet::cuda
+
+namespace lancet {
+
 std::string cudnn_version_string() {
   const size_t v = cudnnGetVersion();  // major*10000 + minor*100 + patch (cuDNN 9)
   return std::to_string(v / 10000) + "." + std::to_string((v % 10000) / 100) + "." + std::to_string(v % 100);
@@ -122,4 +127,4 @@ std::string cublas_version_string() {
   return std::to_string(v) + "." + std::to_string(mi) + "." + std::to_string(pa);
 }
 
-}  // namespace lancet::cuda
+}  // namespace lancet

@@ -55,7 +55,6 @@ class TensorDesc {
   cudnnTensorDescriptor_t d_ = nullptr;
 };
 
-std::string cudnn_version_string();   // "9.x.y"
-std::string cublas_version_string();
+// cudnn_version_string() / cublas_version_string(): kernels/cuda/runtime.h (host code reads them).
 
 }  // namespace lancet::cuda

@@ -5,6 +5,8 @@
 //   forward  y = x w^T + b  as  y^T [out x N] = op_T(w as [in x out]) * (x as [in x N])
 //   dx = dy w               as  dx^T [in x N] = (w as [in x out]) * (dy as [out x N])      beta 0
 //   dw += dy^T x            as  dw^T [in x out] += (x as [in x N]) * op_T(dy as [out x N]) beta 1
+//                           (dw f32 with f16/bf16 x and dy under mixed precision: the GEMM
+//                           accumulates into the FP32 gradient, no 16-bit intermediate)
 // The bias rides in the GEMM's epilogue (CUBLASLT_EPILOGUE_BIAS adds bias[row] of the
 // column-major result, i.e. b[o] to every y[n, o]); cuBLASLt reads the bias in the output's
 // dtype, so an f16/bf16 GEMM gets a rounded copy of b. If no algorithm offers the epilogue, a
@@ -82,7 +84,10 @@ uint32_t alignment(const void* p) {
 
 // Column-major D [m x n] = op(A) op(B) + beta D (+ bias[row]), op(A) m x k, op(B) k x n. A is
 // stored (ta ? k x m : m x k) with leading dimension lda, B (tb ? n x k : k x n) with ldb; D
-// is dense (ldd = m). All in one dtype; bias [m] in that dtype, or null.
+// is dense (ldd = m). A and B share one dtype; D has that dtype too, or f32 with f16/bf16
+// A and B (the mixed-precision weight gradient: cuBLASLt's Atype = Btype = 16F/16BF,
+// Ctype = Dtype = 32F with CUBLAS_COMPUTE_32F, also a cublasGemmEx combination). bias [m] in
+// D's dtype, or null.
 struct Gemm {
   bool ta, tb;
   int64_t m, n, k;
@@ -93,18 +98,20 @@ struct Gemm {
   void* d;
   float beta;
   const void* bias;
+  DType d_dtype;
 };
 
 // The same product through cublasGemmEx, for when cuBLASLt's heuristic offers no algorithm
 // (a safety net: cuBLAS proper covers every size, with int dimensions).
-void gemm_ex(const Gemm& g, cudaDataType_t t, cublasComputeType_t ct, const Stream& s, const char* op) {
+void gemm_ex(const Gemm& g, cudaDataType_t t, cudaDataType_t dt, cublasComputeType_t ct, const Stream& s,
+             const char* op) {
   constexpr int64_t kMax = 2147483647;
   LANCET_CHECK(g.m <= kMax && g.n <= kMax && g.k <= kMax && g.lda <= kMax && g.ldb <= kMax,
                op << ": GEMM of " << g.m << " x " << g.n << " x " << g.k << " exceeds cuBLAS's int32 sizes");
   const float alpha = 1.f;
   LANCET_CUBLAS_CHECK(cublasGemmEx(cublas_handle(s), g.ta ? CUBLAS_OP_T : CUBLAS_OP_N, g.tb ? CUBLAS_OP_T : CUBLAS_OP_N,
                                    static_cast<int>(g.m), static_cast<int>(g.n), static_cast<int>(g.k), &alpha, g.a, t,
-                                   static_cast<int>(g.lda), g.b, t, static_cast<int>(g.ldb), &g.beta, g.d, t,
+                                   static_cast<int>(g.lda), g.b, t, static_cast<int>(g.ldb), &g.beta, g.d, dt,
                                    static_cast<int>(g.m), ct, CUBLAS_GEMM_DEFAULT));
 }
 
@@ -115,10 +122,11 @@ bool lt_matmul(const Gemm& g, DType dt, const Stream& s, const char* op) {
   if (g.k == 0) {  // an empty sum: D = beta D
     if (g.bias) return false;
     if (g.beta == 0.f)
-      LANCET_CUDA_CHECK(cudaMemsetAsync(g.d, 0, static_cast<size_t>(g.m * g.n) * dtype_size(dt), native(s)));
+      LANCET_CUDA_CHECK(cudaMemsetAsync(g.d, 0, static_cast<size_t>(g.m * g.n) * dtype_size(g.d_dtype), native(s)));
     return true;
   }
   const cudaDataType_t t = cuda_dtype(dt, op);
+  const cudaDataType_t td = cuda_dtype(g.d_dtype, op);
   const cublasComputeType_t ct =
       dt == DType::f32 && allow_tf32() ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
   MatmulDesc desc(ct);
@@ -130,7 +138,7 @@ bool lt_matmul(const Gemm& g, DType dt, const Stream& s, const char* op) {
   }
   const Layout la(t, g.ta ? g.k : g.m, g.ta ? g.m : g.k, g.lda);
   const Layout lb(t, g.tb ? g.n : g.k, g.tb ? g.k : g.n, g.ldb);
-  const Layout ld(t, g.m, g.n, g.m);
+  const Layout ld(td, g.m, g.n, g.m);
   Preference pref;
   pref.set(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, uint64_t{kLtWorkspace});
   pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, alignment(g.a));
@@ -144,7 +152,7 @@ bool lt_matmul(const Gemm& g, DType dt, const Stream& s, const char* op) {
                                                            pref.get(), 1, &res, &count);
   if (st != CUBLAS_STATUS_SUCCESS || count == 0) {
     if (g.bias) return false;
-    gemm_ex(g, t, ct, s, op);
+    gemm_ex(g, t, td, ct, s, op);
     return true;
   }
   Tensor ws = workspace(s, res.workspaceSize);
@@ -194,7 +202,7 @@ void linear_forward(const Tensor& x, const Tensor& w, const Tensor& b, Tensor& y
     }
   }
   Gemm g{true, false, d.out, d.N, d.in, w.raw_data(), d.in, x.raw_data(), d.in, y.raw_data(), 0.f,
-         bias.defined() ? bias.raw_data() : nullptr};
+         bias.defined() ? bias.raw_data() : nullptr, x.dtype()};
   if (!lt_matmul(g, x.dtype(), s, op)) {
     g.bias = nullptr;
     lt_matmul(g, x.dtype(), s, op);
@@ -216,7 +224,8 @@ void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor&
   if (dw.defined()) {
     LANCET_CHECK(dw.shape() == w.shape(),
                  op << ": dw " << dw.shape_str() << " does not match weight " << w.shape_str());
-    require_dtype(op, "dw", dw, x.dtype());
+    // Mixed precision: an f32 dw (the FP32 master's gradient) with f16/bf16 operands.
+    if (dw.dtype() != DType::f32) require_dtype(op, "dw", dw, x.dtype());
   }
   if (db.defined()) {
     require_shape(op, "db", db, {d.out}, desc("weight", w));
@@ -224,10 +233,12 @@ void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor&
   }
   CudaDeviceGuard guard(s.device.index);
   if (dx.defined())
-    lt_matmul({false, false, d.in, d.N, d.out, w.raw_data(), d.in, dy.raw_data(), d.out, dx.raw_data(), 0.f, nullptr},
+    lt_matmul({false, false, d.in, d.N, d.out, w.raw_data(), d.in, dy.raw_data(), d.out, dx.raw_data(), 0.f, nullptr,
+               x.dtype()},
               x.dtype(), s, op);
   if (dw.defined())
-    lt_matmul({false, true, d.in, d.out, d.N, x.raw_data(), d.in, dy.raw_data(), d.out, dw.raw_data(), 1.f, nullptr},
+    lt_matmul({false, true, d.in, d.out, d.N, x.raw_data(), d.in, dy.raw_data(), d.out, dw.raw_data(), 1.f, nullptr,
+               dw.dtype()},
               x.dtype(), s, op);
   if (db.defined()) accumulate_channel_sum(dy, db, s);
 }

@@ -31,6 +31,8 @@ struct CudaDeviceInfo {
 // Never throws: a machine with no GPU or no driver yields an empty list.
 std::vector<CudaDeviceInfo> cuda_devices();
 std::string cuda_runtime_version();  // the CUDA runtime linked in, e.g. "13.0"
+std::string cudnn_version_string();  // the cuDNN loaded, e.g. "9.13.0" (kernels/cuda/libraries.cu)
+std::string cublas_version_string();
 
 // The capture range of `nsys profile --capture-range=cudaProfilerApi` (and ncu's): the steps
 // between start and stop are recorded. Throws naming the call when the driver refuses.
@@ -90,8 +92,7 @@ class CudaEvent {
   void* native_ = nullptr;  // cudaEvent_t
 };
 
-// Blocks the host until everything issued on `s` has finished (no-op for a CPU stream).
-void synchronize(const Stream& s);
+// synchronize(stream): kernels/device.h.
 // Copy of `bytes` ordered on stream `s` (asynchronous with respect to the host when the host
 // side is pinned memory); either side may be the CPU. The caller keeps both buffers alive
 // until the stream passes the copy.
