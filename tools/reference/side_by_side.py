@@ -3,6 +3,8 @@
 
     python3 tools/reference/side_by_side.py build/bin/lancet [--rounds 3] [--threads 1,2]
     python3 tools/reference/side_by_side.py --torch-only          # PyTorch half alone
+    python3 tools/reference/side_by_side.py build/bin/lancet --device cuda --precision fp16 \
+        --batch-size 256 --image-size 224 --threads 16 --cudnn-autotune   # vs PyTorch AMP
 
 Each round runs, for every thread count T,
     <lancet> bench train --device cpu --batch-size 32 --image-size 64 --channels 3 --threads T --json
@@ -146,6 +148,12 @@ def main(argv=None):
                     help="data-parallel ranks: lancet under `mpirun -np N --bind-to none`, PyTorch DDP "
                          "(gloo) in N processes; threads are per rank")
     ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                    help="fp16/bf16 (cuda): lancet's mixed precision vs PyTorch AMP (autocast, GradScaler)")
+    ap.add_argument("--mode", choices=["train", "infer"], default="train")
+    ap.add_argument("--cudnn-autotune", action="store_true",
+                    help="lancet --cudnn-autotune and PyTorch cudnn.benchmark=True (else heuristics on both)")
     ap.add_argument("--channels", type=int, default=3)
     ap.add_argument("--torch-warmup", type=int, default=3)
     ap.add_argument("--torch-steps", type=int, default=10)
@@ -173,14 +181,17 @@ def main(argv=None):
         return m + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
 
     def lancet_cmd(t):
-        return mpirun() + [lancet, "bench", "train", "--device", "cpu", "--batch-size", str(a.batch_size),
+        return mpirun() + [lancet, "bench", a.mode, "--device", a.device, "--precision", a.precision,
+                "--batch-size", str(a.batch_size),
                 "--image-size", str(a.image_size), "--channels", str(a.channels),
-                "--threads", str(t), "--json"] + a.lancet_extra.split()
+                "--threads", str(t), "--json"] + (["--cudnn-autotune"] if a.cudnn_autotune else []) + \
+            a.lancet_extra.split()
 
     def torch_cmd(t):
         return [sys.executable, os.path.join(HERE, "bench_torch.py"), "--batch-size", str(a.batch_size),
                 "--image-size", str(a.image_size), "--channels", str(a.channels), "--threads", str(t),
-                "--warmup", str(a.torch_warmup), "--steps", str(a.torch_steps), "--precision", "fp32",
+                "--warmup", str(a.torch_warmup), "--steps", str(a.torch_steps), "--precision", a.precision,
+                "--device", a.device, "--mode", a.mode, "--cudnn-benchmark", str(int(a.cudnn_autotune)),
                 "--ranks", str(a.ranks)]
 
     info = machine_info(lancet)
@@ -210,9 +221,12 @@ def main(argv=None):
         pass
 
     table, summary = summarize(results, threads_list, lancet is not None)
-    print(f"## MedicalCNN training throughput, CPU: lancet vs PyTorch\n")
+    what = "training" if a.mode == "train" else "inference"
+    print(f"## MedicalCNN {what} throughput, {a.device}: lancet vs PyTorch\n")
     print(f"{a.ranks} rank(s) x T threads, global batch {a.batch_size}, {a.image_size}x{a.image_size}, "
-          f"{a.channels} channels, Adam, fp32, "
+          f"{a.channels} channels, {'Adam' if a.mode == 'train' else 'eval mode'}, {a.precision}"
+          f"{' (PyTorch: autocast' + (' + GradScaler' if a.precision == 'fp16' else '') + ')' if a.precision != 'fp32' else ''}, "
+          f"cuDNN {'autotuned' if a.cudnn_autotune else 'heuristics'}, "
           f"{a.rounds} alternating rounds; img/s (higher is better)\n")
     print(table)
     print()
@@ -220,12 +234,13 @@ def main(argv=None):
         print(f"- {k}: {v}")
     peaks = [(k, t, max((r.get("peak_bytes", 0) for r in results[(k, t)]), default=0))
              for k in ("lancet", "torch") for t in threads_list]
-    print("- peak_bytes (lancet: its own report; PyTorch: process peak RSS): " +
+    print("- peak_bytes (lancet: its allocator's peak; PyTorch: " +
+          ("torch.cuda.max_memory_allocated): " if a.device == "cuda" else "process peak RSS): ") +
           ", ".join(f"{k} T={t} {p / 2**20:.0f} MiB" for k, t, p in peaks if p))
     for t in threads_list:  # both sides must train the same way
         for r in results[("lancet", t)]:
             c = r.get("config", {})
-            for key, want in (("optimizer", "adam"), ("precision", "fp32")):
+            for key, want in (("optimizer", "adam" if a.mode == "train" else "none"), ("precision", a.precision)):
                 if key in c and str(c[key]).lower() != want:
                     print(f"- WARNING: lancet ran with {key} {c[key]}, PyTorch with {want}")
                     break
