@@ -110,6 +110,8 @@ std::unique_ptr<Communicator> make_communicator(const std::string& backend, cons
 
 // True when this build has the NCCL backend (CUDA tensors across ranks).
 bool nccl_available();
+// The NCCL library loaded ("2.28.3"), or "off" when this build has no NCCL backend.
+std::string nccl_version();
 
 // The GPU index a rank trains on, from train.device: "cuda" (no index) gives each rank on a
 // node its own GPU, cuda:(local_rank % device_count); an explicit "cuda:N" is taken as it is.

@@ -18,6 +18,7 @@ bool mpi_available() { return false; }
 std::unique_ptr<Communicator> make_nccl_communicator(std::unique_ptr<Communicator> host, Device device);
 #else
 bool nccl_available() { return false; }
+std::string nccl_version() { return "off"; }
 #endif
 
 std::unique_ptr<Communicator> make_cpu_communicator(const std::string& backend) {

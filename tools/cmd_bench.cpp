@@ -220,15 +220,13 @@ void run_bench(const BenchArgs& a, Communicator& comm) {
   const OptimConfig oc = optim_config(config);
   const DistConfig dist = dist_config(config);
   comm.set_timeout(dist.timeout_s);
-  const Device device = parse_device(tc.device);
+  const Device device = rank_device(tc.device, comm);  // "cuda": this rank's own GPU on its node
   const DType precision = parse_dtype(tc.precision);
   LANCET_CHECK(precision == DType::f32 || device.is_cuda(),
                "bench: --precision " << tc.precision << " on the CPU: fp16/bf16 are emulated there (rounding in "
                                      << "software, for correctness, not speed); benchmark them with --device cuda");
   const int ranks = comm.size();
   check_train_device(device, precision, ranks, /*pipelined=*/false);
-  LANCET_CHECK(device.is_cpu() || comm.backend() != "mpi",
-               "bench: device " << device.str() << " with " << ranks << " MPI ranks: GPU ranks need the NCCL communicator");
   set_conv_autotune(tc.cudnn_autotune);
   set_allow_tf32(tc.allow_tf32);
   const int threads = threads_per_rank(tc.threads, comm);
@@ -420,7 +418,11 @@ void run_bench_comm(const BenchArgs& a, Communicator& comm) {
 }
 
 void run_bench_any(const BenchArgs& a) {
-  auto comm = make_cpu_communicator(dist_config(resolve_config(a.config)).backend);
+  const Json config = resolve_config(a.config);
+  // bench comm measures the CPU (MPI) all-reduce; train/infer take the device's communicator
+  // (NCCL between GPU ranks).
+  auto comm = a.what == "comm" ? make_cpu_communicator(dist_config(config).backend)
+                               : make_communicator(dist_config(config).backend, train_config(config).device);
   try {
     if (a.what == "comm")
       run_bench_comm(a, *comm);

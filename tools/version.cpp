@@ -2,6 +2,7 @@
 #include <sstream>
 #include <thread>
 
+#include "comm/communicator.h"
 #include "data/dicom.h"
 #include "kernels/blas.h"
 #include "kernels/parallel.h"
@@ -26,7 +27,7 @@ std::string version_report() {
   os << "  CUDA     off\n"
      << "  cuDNN    off\n";
 #endif
-  os << "  NCCL     off\n";
+  os << "  NCCL     " << nccl_version() << "\n";
 #ifdef LANCET_WITH_MPI
   char lib[MPI_MAX_LIBRARY_VERSION_STRING];
   int len = 0;

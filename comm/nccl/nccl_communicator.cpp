@@ -574,6 +574,13 @@ bool NcclWork::done() {
 
 bool nccl_available() { return true; }
 
+std::string nccl_version() {
+  int v = 0;
+  if (ncclGetVersion(&v) != ncclSuccess) return "unknown";
+  // NCCL >= 2.9 encodes major*10000 + minor*100 + patch.
+  return std::to_string(v / 10000) + "." + std::to_string((v % 10000) / 100) + "." + std::to_string(v % 100);
+}
+
 std::unique_ptr<Communicator> make_nccl_communicator(std::unique_ptr<Communicator> host, Device device) {
   LANCET_CHECK(host, "make_nccl_communicator: no host communicator");
   LANCET_CHECK(device.is_cuda(), "the NCCL communicator needs a CUDA device, got " << device.str());
