@@ -839,13 +839,18 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
                               {"data_wait_ms_mean", prof.stats(Phase::data_wait).mean_s * 1e3}});
     }
     if (tb) {
-      tb->add_scalar("epoch/train_loss", train_loss, state.epoch);
-      tb->add_scalar("epoch/train_accuracy", train_acc, state.epoch);
-      tb->add_scalar("epoch/val_loss", ev.loss, state.epoch);
-      tb->add_scalar("epoch/val_accuracy", ev.cm.accuracy(), state.epoch);
-      tb->add_scalar("epoch/val_balanced_accuracy", ev.cm.balanced_accuracy(), state.epoch);
-      if (std::isfinite(report.auroc)) tb->add_scalar("epoch/val_auroc", report.auroc, state.epoch);
-      tb->add_scalar("epoch/lr", lr_used, state.epoch);
+      // On the global-step axis like the per-step scalars (as PyTorch Lightning logs them), so
+      // that a resumed run's restart marker replaces exactly what it logs again; epoch/epoch
+      // maps steps to epochs.
+      const int64_t at = state.global_step;
+      tb->add_scalar("epoch/epoch", state.epoch, at);
+      tb->add_scalar("epoch/train_loss", train_loss, at);
+      tb->add_scalar("epoch/train_accuracy", train_acc, at);
+      tb->add_scalar("epoch/val_loss", ev.loss, at);
+      tb->add_scalar("epoch/val_accuracy", ev.cm.accuracy(), at);
+      tb->add_scalar("epoch/val_balanced_accuracy", ev.cm.balanced_accuracy(), at);
+      if (std::isfinite(report.auroc)) tb->add_scalar("epoch/val_auroc", report.auroc, at);
+      tb->add_scalar("epoch/lr", lr_used, at);
     }
     summary.final_eval = std::move(ev);
     // The next epoch starts here: a checkpoint taken now resumes at its first step.
