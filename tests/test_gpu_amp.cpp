@@ -43,6 +43,7 @@
 #include "tests/cli_util.h"
 #include "tests/gpu_util.h"
 #include "tests/module_gradcheck.h"
+#include "tests/tiny_medicalcnn.h"
 #include "trainer/loss_scaler.h"
 #include "trainer/trainer.h"
 #include "trainer/weights.h"
@@ -136,16 +137,7 @@ template <typename M, typename... Args> Factory seeded(Args... args) {
   };
 }
 
-MedicalCNNConfig tiny_config() {
-  MedicalCNNConfig c;
-  c.in_channels = 3;
-  c.num_classes = 5;
-  c.widths = {8, 16, 16, 24};
-  c.depths = {1, 1, 1, 1};
-  c.se_reduction = 4;
-  c.head_hidden = 16;
-  return c;
-}
+MedicalCNNConfig tiny_config() { return tiny_medicalcnn_config(3, 5, {8, 16, 16, 24}, 16); }
 
 }  // namespace
 

@@ -25,6 +25,7 @@
 #include "tests/cli_util.h"
 #include "tests/gpu_util.h"
 #include "tests/module_gradcheck.h"
+#include "tests/tiny_medicalcnn.h"
 
 using namespace lancet;
 using namespace lancet::testing;
@@ -93,16 +94,7 @@ template <typename M, typename... Args> Factory seeded(Args... args) {
   };
 }
 
-MedicalCNNConfig tiny_config() {
-  MedicalCNNConfig c;
-  c.in_channels = 3;
-  c.num_classes = 5;
-  c.widths = {4, 8, 12, 16};
-  c.depths = {1, 1, 1, 1};
-  c.se_reduction = 4;
-  c.head_hidden = 12;
-  return c;
-}
+MedicalCNNConfig tiny_config() { return tiny_medicalcnn_config(3, 5, {4, 8, 12, 16}, 12); }
 
 }  // namespace
 

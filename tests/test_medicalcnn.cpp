@@ -9,6 +9,7 @@
 #include "kernels/elementwise.h"
 #include "layers/medicalcnn.h"
 #include "tests/module_gradcheck.h"
+#include "tests/tiny_medicalcnn.h"
 
 using namespace lancet;
 using namespace lancet::testing;
@@ -17,16 +18,7 @@ namespace {
 
 const Stream kCpu = Stream::cpu();
 
-MedicalCNNConfig tiny_config() {
-  MedicalCNNConfig c;
-  c.in_channels = 2;
-  c.num_classes = 3;
-  c.widths = {4, 8, 8, 16};
-  c.depths = {1, 1, 1, 1};
-  c.se_reduction = 4;
-  c.head_hidden = 8;
-  return c;
-}
+MedicalCNNConfig tiny_config() { return tiny_medicalcnn_config(2, 3, {4, 8, 8, 16}, 8); }
 
 std::map<std::string, Shape> shapes(MedicalCNN& m) {
   std::map<std::string, Shape> out;

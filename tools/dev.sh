@@ -69,6 +69,9 @@ case "${1:-}" in
     deps
     test_deps
     configure_build "$BUILD_DIR"
+    # The kernel lab is not in `all`; compiled here (CUDA builds; ~10 s of nvcc) so it cannot
+    # rot. It runs only on a GPU (tools/gpu_session.sh lab).
+    cmake --build "$BUILD_DIR" -j "$JOBS" --target kernel_lab
     (cd "$BUILD_DIR" && ctest --output-on-failure -j "$JOBS")
     if [[ "${SKIP_SANITIZE:-0}" != 1 ]]; then
       echo "dev.sh: AddressSanitizer + UndefinedBehaviorSanitizer build of the CPU tests"

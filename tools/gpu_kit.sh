@@ -9,8 +9,9 @@
 # The build is Release, CUDA for CUDA_ARCH (default 90: H100/H200), without MPI (KIT_MPI=ON to
 # keep it: a machine without mpirun cannot use it, and Open MPI's libraries cost kit space;
 # NCCL still runs single-process there), with -march=x86-64-v3
-# instead of -march=native (the GPU machine's CPU is not this one). Built: bin/lancet and every
-# tests/test_gpu_*.cpp binary (the CPU suite is CI's). Packed: those
+# instead of -march=native (the GPU machine's CPU is not this one). Built: bin/lancet, every
+# tests/test_gpu_*.cpp binary (the CPU suite is CI's) and the kernel lab's lab_* binaries
+# (kernels/lab/*.cu, target kernel_lab). Packed: those
 # binaries and the closure of the shared libraries they load (`ldd`), except glibc (the GPU
 # machine's own, which must be at least as new as the one here) and the CUDA libraries the GPU
 # machine provides itself (driver, cuDNN, cuBLAS/cuBLASLt, NCCL, NVRTC: from its pip `nvidia`
@@ -39,6 +40,7 @@ grep -q "LANCET_WITH_CUDA" "$BUILD_DIR/build.ninja" ||
 
 targets=(lancet)
 for f in tests/test_gpu_*.cpp; do targets+=("$(basename "$f" .cpp)"); done
+for f in kernels/lab/*.cu; do targets+=("lab_$(basename "$f" .cu)"); done
 cmake --build "$BUILD_DIR" -j "$JOBS" --target "${targets[@]}"
 
 stage=$(mktemp -d)

@@ -9,10 +9,12 @@
 #                                    kernel tests
 #   tools/gpu_session.sh bench       lancet vs PyTorch side by side (tools/reference/
 #                                    side_by_side.py), 224x224, batch 256, per precision
+#   tools/gpu_session.sh lab [ARGS]  every kernel-lab binary (lab_*, kernels/lab/): each version
+#                                    checked against the CPU twin, then timed (ARGS: e.g. --quick)
 #   tools/gpu_session.sh all         info, tests, bench
 #
 # Logs go to $OUT (the device tool's output folder) or LOG_DIR (default /tmp/lancet-gpu): one
-# file per step (info.log, tests.log, sanitize.log, bench.md, bench_<precision>.json). Each
+# file per step (info.log, tests.log, sanitize.log, bench.md, bench_<precision>.json, lab.log). Each
 # step is bounded by `timeout` so that one hang cannot eat the session (STEP_TIMEOUT seconds,
 # default 240 per binary). The exit status is non-zero when any test failed.
 #
@@ -132,12 +134,30 @@ bench() {
   return $rc
 }
 
+lab() {
+  local rc=0 t one=$LOG/.one.log
+  : >"$LOG/lab.log"
+  ls "$BUILD"/bin/lab_* >/dev/null 2>&1 || { echo "gpu_session: no lab_* binaries in the kit" | tee "$LOG/lab.log"; return 1; }
+  for t in "$BUILD"/bin/lab_*; do
+    echo "== $(basename "$t") $*" | tee -a "$LOG/lab.log"
+    timeout -k 10 $((STEP_TIMEOUT * 2)) "$t" "$@" >"$one" 2>&1
+    local r=$?
+    ((r == 124)) && echo "TIMED OUT after $((STEP_TIMEOUT * 2)) s" >>"$one"
+    ((r != 0)) && rc=1
+    cat "$one" >>"$LOG/lab.log"
+    grep -E "fastest for|FAILED|TIMED OUT|no CUDA device|^lab_" "$one" | sed "s|^|  |"
+  done
+  rm -f "$one"
+  return $rc
+}
+
 setup
 case "${1:-all}" in
   info) info ;;
   tests) tests "${2:-*}" ;;
   sanitize) sanitize ;;
   bench) bench ;;
+  lab) shift; lab "$@" ;;
   all) info; tests; t=$?; bench; b=$?; exit $((t | b)) ;;
-  *) echo "usage: tools/gpu_session.sh info|tests [FILTER]|sanitize|bench|all" >&2; exit 2 ;;
+  *) echo "usage: tools/gpu_session.sh info|tests [FILTER]|sanitize|bench|lab [ARGS]|all" >&2; exit 2 ;;
 esac

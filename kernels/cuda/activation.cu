@@ -6,22 +6,19 @@
 namespace lancet::cuda {
 namespace {
 
-// `t` matches `ref` in shape, dtype and memory format (elementwise over memory needs all three).
-void require_same(const char* op, const char* name, const Tensor& t, const Tensor& ref, const char* ref_name) {
-  LANCET_CHECK(t.defined(), op << ": " << name << " is an undefined tensor");
-  LANCET_CHECK(t.shape() == ref.shape(),
-               op << ": " << name << " " << t.shape_str() << " does not match " << ref_name << " " << ref.shape_str());
-  require_dtype(op, name, t, ref.dtype());
-  LANCET_CHECK(t.format() == ref.format(), op << ": " << name << " " << t.shape_str() << " and " << ref_name << " "
-                                              << ref.shape_str() << " differ in memory format");
-}
-
 void check_p(const char* op, float p) {
   LANCET_CHECK(p >= 0.f && p <= 1.f, op << ": probability must be in [0, 1], got " << p);
 }
 
-__device__ __forceinline__ int64_t first_index() { return blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; }
-__device__ __forceinline__ int64_t grid_stride() { return static_cast<int64_t>(blockDim.x) * gridDim.x; }
+// The dropout mask: u8 with ref's shape and memory format.
+void require_mask(const char* op, const Tensor& mask, const Tensor& ref, const char* ref_name) {
+  LANCET_CHECK(mask.defined(), op << ": mask is an undefined tensor");
+  LANCET_CHECK(mask.shape() == ref.shape(), op << ": mask " << mask.shape_str() << " does not match " << ref_name
+                                               << " " << ref.shape_str() << " (expected " << ref.shape_str() << ")");
+  require_dtype(op, "mask", mask, DType::u8);
+  LANCET_CHECK(mask.format() == ref.format(), op << ": mask " << mask.shape_str() << " and " << ref_name << " "
+                                                 << ref.shape_str() << " differ in memory format");
+}
 
 // activation.h's formula, evaluated identically on host and device (all arithmetic mod 2^64).
 __host__ __device__ __forceinline__ uint64_t mix64(uint64_t z) {
@@ -78,62 +75,48 @@ __global__ void dropout_backward_kernel(float scale, const uint8_t* mask, const 
     dx[i] = store_f<T>(mask[i] ? load_f(dy[i]) * scale : 0.f);
 }
 
+// y = f(x) for ReLU and sigmoid: kernel_for(T{}) is the kernel (x, y, n) for element type T.
+template <typename KernelFor>
+void forward_op(const char* op, const Tensor& x, Tensor& y, const Stream& s, KernelFor kernel_for) {
+  require_cuda(op, s, x, {&y});
+  require_same(op, "y", y, x, "x");
+  const int64_t n = x.numel();
+  launch_elementwise(op, x.dtype(), n, s, [&](auto t, const ElementwiseLaunch& L) {
+    using T = decltype(t);
+    kernel_for(t)<<<L.grid, L.block, 0, L.stream>>>(ptr<T>(x), ptr<T>(y), n);
+  });
+}
+
+// dx from the forward's output y and dy for ReLU and sigmoid: kernel_for(T{}) is the kernel
+// (y, dy, dx, n) for element type T.
+template <typename KernelFor>
+void backward_op(const char* op, const Tensor& y, const Tensor& dy, Tensor& dx, const Stream& s, KernelFor kernel_for) {
+  require_cuda(op, s, y, {&dy, &dx});
+  require_same(op, "dy", dy, y, "y");
+  require_same(op, "dx", dx, y, "y");
+  const int64_t n = y.numel();
+  launch_elementwise(op, y.dtype(), n, s, [&](auto t, const ElementwiseLaunch& L) {
+    using T = decltype(t);
+    kernel_for(t)<<<L.grid, L.block, 0, L.stream>>>(ptr<T>(y), ptr<T>(dy), ptr<T>(dx), n);
+  });
+}
+
 }  // namespace
 
 void relu_forward(const Tensor& x, Tensor& y, const Stream& s) {
-  const char* op = "relu_forward";
-  require_cuda(op, s, x, {&y});
-  require_same(op, "y", y, x, "x");
-  const int64_t n = x.numel();
-  if (n == 0) return;
-  CudaDeviceGuard g(s.device.index);
-  LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
-    relu_forward_kernel<<<grid_for(n), kBlock, 0, native(s)>>>(ptr<scalar_t>(x), ptr<scalar_t>(y), n);
-  });
-  LANCET_CUDA_LAUNCH_CHECK();
+  forward_op("relu_forward", x, y, s, [](auto t) { return relu_forward_kernel<decltype(t)>; });
 }
 
 void relu_backward(const Tensor& y, const Tensor& dy, Tensor& dx, const Stream& s) {
-  const char* op = "relu_backward";
-  require_cuda(op, s, y, {&dy, &dx});
-  require_same(op, "dy", dy, y, "y");
-  require_same(op, "dx", dx, y, "y");
-  const int64_t n = y.numel();
-  if (n == 0) return;
-  CudaDeviceGuard g(s.device.index);
-  LANCET_CUDA_FLOAT_TYPES(y.dtype(), op, {
-    relu_backward_kernel<<<grid_for(n), kBlock, 0, native(s)>>>(ptr<scalar_t>(y), ptr<scalar_t>(dy),
-                                                                ptr<scalar_t>(dx), n);
-  });
-  LANCET_CUDA_LAUNCH_CHECK();
+  backward_op("relu_backward", y, dy, dx, s, [](auto t) { return relu_backward_kernel<decltype(t)>; });
 }
 
 void sigmoid_forward(const Tensor& x, Tensor& y, const Stream& s) {
-  const char* op = "sigmoid_forward";
-  require_cuda(op, s, x, {&y});
-  require_same(op, "y", y, x, "x");
-  const int64_t n = x.numel();
-  if (n == 0) return;
-  CudaDeviceGuard g(s.device.index);
-  LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
-    sigmoid_forward_kernel<<<grid_for(n), kBlock, 0, native(s)>>>(ptr<scalar_t>(x), ptr<scalar_t>(y), n);
-  });
-  LANCET_CUDA_LAUNCH_CHECK();
+  forward_op("sigmoid_forward", x, y, s, [](auto t) { return sigmoid_forward_kernel<decltype(t)>; });
 }
 
 void sigmoid_backward(const Tensor& y, const Tensor& dy, Tensor& dx, const Stream& s) {
-  const char* op = "sigmoid_backward";
-  require_cuda(op, s, y, {&dy, &dx});
-  require_same(op, "dy", dy, y, "y");
-  require_same(op, "dx", dx, y, "y");
-  const int64_t n = y.numel();
-  if (n == 0) return;
-  CudaDeviceGuard g(s.device.index);
-  LANCET_CUDA_FLOAT_TYPES(y.dtype(), op, {
-    sigmoid_backward_kernel<<<grid_for(n), kBlock, 0, native(s)>>>(ptr<scalar_t>(y), ptr<scalar_t>(dy),
-                                                                   ptr<scalar_t>(dx), n);
-  });
-  LANCET_CUDA_LAUNCH_CHECK();
+  backward_op("sigmoid_backward", y, dy, dx, s, [](auto t) { return sigmoid_backward_kernel<decltype(t)>; });
 }
 
 void dropout_forward(float p, uint64_t seed, uint64_t offset, const Tensor& x, Tensor& y, Tensor& mask,
@@ -142,22 +125,15 @@ void dropout_forward(float p, uint64_t seed, uint64_t offset, const Tensor& x, T
   require_cuda(op, s, x, {&y, &mask});
   require_same(op, "y", y, x, "x");
   check_p(op, p);
-  LANCET_CHECK(mask.defined(), op << ": mask is an undefined tensor");
-  LANCET_CHECK(mask.shape() == x.shape(), op << ": mask " << mask.shape_str() << " does not match x " << x.shape_str()
-                                             << " (expected " << x.shape_str() << ")");
-  require_dtype(op, "mask", mask, DType::u8);
-  LANCET_CHECK(mask.format() == x.format(), op << ": mask " << mask.shape_str() << " and x " << x.shape_str()
-                                               << " differ in memory format");
+  require_mask(op, mask, x, "x");
   const int64_t n = x.numel();
-  if (n == 0) return;
   const bool drop_all = p == 1.f;
   const float scale = drop_all ? 0.f : 1.f / (1.f - p);  // the CPU twin's value, computed on the host
-  CudaDeviceGuard g(s.device.index);
-  LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
-    dropout_forward_kernel<<<grid_for(n), kBlock, 0, native(s)>>>(p, drop_all, scale, seed, offset, ptr<scalar_t>(x),
-                                                                  ptr<scalar_t>(y), ptr<uint8_t>(mask), n);
+  launch_elementwise(op, x.dtype(), n, s, [&](auto t, const ElementwiseLaunch& L) {
+    using T = decltype(t);
+    dropout_forward_kernel<<<L.grid, L.block, 0, L.stream>>>(p, drop_all, scale, seed, offset, ptr<T>(x), ptr<T>(y),
+                                                             ptr<uint8_t>(mask), n);
   });
-  LANCET_CUDA_LAUNCH_CHECK();
 }
 
 void dropout_backward(float p, const Tensor& mask, const Tensor& dy, Tensor& dx, const Stream& s) {
@@ -165,21 +141,13 @@ void dropout_backward(float p, const Tensor& mask, const Tensor& dy, Tensor& dx,
   require_cuda(op, s, dy, {&mask, &dx});
   require_same(op, "dx", dx, dy, "dy");
   check_p(op, p);
-  LANCET_CHECK(mask.defined(), op << ": mask is an undefined tensor");
-  LANCET_CHECK(mask.shape() == dy.shape(), op << ": mask " << mask.shape_str() << " does not match dy "
-                                              << dy.shape_str() << " (expected " << dy.shape_str() << ")");
-  require_dtype(op, "mask", mask, DType::u8);
-  LANCET_CHECK(mask.format() == dy.format(), op << ": mask " << mask.shape_str() << " and dy " << dy.shape_str()
-                                                << " differ in memory format");
+  require_mask(op, mask, dy, "dy");
   const int64_t n = dy.numel();
-  if (n == 0) return;
   const float scale = p == 1.f ? 0.f : 1.f / (1.f - p);
-  CudaDeviceGuard g(s.device.index);
-  LANCET_CUDA_FLOAT_TYPES(dy.dtype(), op, {
-    dropout_backward_kernel<<<grid_for(n), kBlock, 0, native(s)>>>(scale, ptr<uint8_t>(mask), ptr<scalar_t>(dy),
-                                                                   ptr<scalar_t>(dx), n);
+  launch_elementwise(op, dy.dtype(), n, s, [&](auto t, const ElementwiseLaunch& L) {
+    using T = decltype(t);
+    dropout_backward_kernel<<<L.grid, L.block, 0, L.stream>>>(scale, ptr<uint8_t>(mask), ptr<T>(dy), ptr<T>(dx), n);
   });
-  LANCET_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace lancet::cuda

@@ -414,11 +414,27 @@ void backward(const char* op, bool relu, bool batch_stats, const Tensor& x, cons
   });
 }
 
-// Copies `n` doubles from the device to host `out` and waits for them (the only sync here).
-void copy_sums_to_host(double* out, const double* dev, int64_t n, const Stream& s) {
-  LANCET_CUDA_CHECK(cudaMemcpyAsync(out, dev, static_cast<size_t>(n) * sizeof(double), cudaMemcpyDeviceToHost,
-                                    native(s)));
-  LANCET_CUDA_CHECK(cudaStreamSynchronize(native(s)));
+// The host-side per-channel sums (channel_sums, backward_sums), for d.C > 0 and N * HW > 0:
+// launch_partials(T{}, g, partials, stream), T the CUDA type of x, launches the split partials
+// kernel over channel grid g; channel_sums_kernel adds each channel's splits in a fixed order
+// (the second sum scaled by scale_b[c] when non-null) and out[0, 2C) receives them. Waits for
+// the copy (the only sync here).
+template <typename LaunchPartials>
+void channel_sums_to_host(const char* op, const Tensor& x, const Dims& d, const float* scale_b, double* out,
+                          const Stream& s, LaunchPartials&& launch_partials) {
+  CudaDeviceGuard guard(s.device.index);
+  const cudaStream_t st = native(s);
+  const ChannelGrid g = channel_grid(d);
+  Tensor partials = double_scratch(d.C * g.splits * 2, s.device);
+  Tensor sums = double_scratch(2 * d.C, s.device);
+  LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, launch_partials(scalar_t{}, g, dptr(partials), st));
+  LANCET_CUDA_LAUNCH_CHECK();
+  channel_sums_kernel<<<static_cast<unsigned>(d.C), kReduceBlock, 0, st>>>(dptr(partials), g.splits, scale_b,
+                                                                            dptr(sums));
+  LANCET_CUDA_LAUNCH_CHECK();
+  LANCET_CUDA_CHECK(cudaMemcpyAsync(out, dptr(sums), static_cast<size_t>(2 * d.C) * sizeof(double),
+                                    cudaMemcpyDeviceToHost, st));
+  LANCET_CUDA_CHECK(cudaStreamSynchronize(st));
 }
 
 }  // namespace
@@ -452,19 +468,11 @@ void batchnorm2d_channel_sums(const Tensor& x, std::vector<double>& out, const S
   out.assign(static_cast<size_t>(2 * d.C + 1), 0.0);
   out[static_cast<size_t>(2 * d.C)] = static_cast<double>(d.N * d.HW);
   if (d.C == 0 || d.N * d.HW == 0) return;
-  CudaDeviceGuard guard(s.device.index);
-  const cudaStream_t st = native(s);
-  const ChannelGrid g = channel_grid(d);
-  Tensor partials = double_scratch(d.C * g.splits * 2, s.device);
-  Tensor sums = double_scratch(2 * d.C, s.device);
-  LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
-    stats_partials_kernel<scalar_t><<<grid_of(g), g.block, 0, st>>>(ptr<scalar_t>(x), g, false, dptr(partials));
-    LANCET_CUDA_LAUNCH_CHECK();
-  });
-  channel_sums_kernel<<<static_cast<unsigned>(d.C), kReduceBlock, 0, st>>>(dptr(partials), g.splits, nullptr,
-                                                                            dptr(sums));
-  LANCET_CUDA_LAUNCH_CHECK();
-  copy_sums_to_host(out.data(), dptr(sums), 2 * d.C, s);
+  channel_sums_to_host(op, x, d, nullptr, out.data(), s,
+                       [&](auto t, const ChannelGrid& g, double* partials, cudaStream_t st) {
+                         using T = decltype(t);
+                         stats_partials_kernel<T><<<grid_of(g), g.block, 0, st>>>(ptr<T>(x), g, false, partials);
+                       });
 }
 
 void batchnorm2d_backward_sums(const Tensor& x, const Tensor& dy, const Tensor& mean, const Tensor& invstd,
@@ -476,20 +484,12 @@ void batchnorm2d_backward_sums(const Tensor& x, const Tensor& dy, const Tensor& 
   require_channel_vec(op, "invstd", invstd, d.C, x);
   out.assign(static_cast<size_t>(2 * d.C), 0.0);
   if (d.C == 0 || d.N * d.HW == 0) return;
-  CudaDeviceGuard guard(s.device.index);
-  const cudaStream_t st = native(s);
-  const ChannelGrid g = channel_grid(d);
-  Tensor partials = double_scratch(d.C * g.splits * 2, s.device);
-  Tensor sums = double_scratch(2 * d.C, s.device);
-  LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
-    backward_partials_kernel<scalar_t, false><<<grid_of(g), g.block, 0, st>>>(
-        ptr<scalar_t>(x), ptr<scalar_t>(dy), nullptr, ptr<float>(mean), g, dptr(partials));
-    LANCET_CUDA_LAUNCH_CHECK();
-  });
-  channel_sums_kernel<<<static_cast<unsigned>(d.C), kReduceBlock, 0, st>>>(dptr(partials), g.splits,
-                                                                            ptr<float>(invstd), dptr(sums));
-  LANCET_CUDA_LAUNCH_CHECK();
-  copy_sums_to_host(out.data(), dptr(sums), 2 * d.C, s);
+  channel_sums_to_host(op, x, d, ptr<float>(invstd), out.data(), s,
+                       [&](auto t, const ChannelGrid& g, double* partials, cudaStream_t st) {
+                         using T = decltype(t);
+                         backward_partials_kernel<T, false><<<grid_of(g), g.block, 0, st>>>(
+                             ptr<T>(x), ptr<T>(dy), nullptr, ptr<float>(mean), g, partials);
+                       });
 }
 
 void batchnorm2d_backward_dx(const Tensor& x, const Tensor& dy, const Tensor& gamma, const Tensor& mean,

@@ -1,6 +1,6 @@
 // cuda/common.cuh — what every CUDA twin in kernels/cuda/*.cu shares (not a public API):
 // argument checks with the CPU ops' message shape, the element types and their float
-// conversions, launch sizes, warp/block reductions.
+// conversions, launch sizes and the elementwise launch, warp/block reductions.
 //
 // Element types: kernels are templates over T in {float, __half, __nv_bfloat16} (the storage of
 // DType f32, f16, bf16); arithmetic is in float (load_f / store_f), statistics and reductions
@@ -62,6 +62,16 @@ inline void require_dtype(const char* op, const char* name, const Tensor& t, DTy
                                    << ", got " << dtype_name(t.dtype()));
 }
 
+// `t` matches `ref` in shape, dtype and memory format (elementwise over memory needs all three).
+inline void require_same(const char* op, const char* name, const Tensor& t, const Tensor& ref, const char* ref_name) {
+  LANCET_CHECK(t.defined(), op << ": " << name << " is an undefined tensor");
+  LANCET_CHECK(t.shape() == ref.shape(),
+               op << ": " << name << " " << t.shape_str() << " does not match " << ref_name << " " << ref.shape_str());
+  require_dtype(op, name, t, ref.dtype());
+  LANCET_CHECK(t.format() == ref.format(), op << ": " << name << " " << t.shape_str() << " and " << ref_name << " "
+                                              << ref.shape_str() << " differ in memory format");
+}
+
 // ---- element types --------------------------------------------------------------------------
 __device__ __forceinline__ float load_f(float v) { return v; }
 __device__ __forceinline__ float load_f(__half v) { return __half2float(v); }
@@ -82,6 +92,34 @@ constexpr int kBlock = 256;
 inline unsigned grid_for(int64_t n, int block = kBlock) {
   const int64_t b = (n + block - 1) / block;
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(b, 65535LL * 8)));
+}
+
+// Threads for a one-block-per-plane kernel: a warp for small planes, up to 256 (multiples of 32,
+// as block_sum needs).
+inline int plane_block(int64_t hw) { return hw <= 32 ? 32 : hw <= 64 ? 64 : hw <= 128 ? 128 : 256; }
+
+// Grid-stride loops: for (int64_t i = first_index(); i < n; i += grid_stride()).
+__device__ __forceinline__ int64_t first_index() { return blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; }
+__device__ __forceinline__ int64_t grid_stride() { return static_cast<int64_t>(blockDim.x) * gridDim.x; }
+
+// The launch of a grid-stride elementwise kernel over n elements.
+struct ElementwiseLaunch {
+  unsigned grid;
+  int block;
+  cudaStream_t stream;
+};
+
+// The launch every elementwise twin shares (after its argument checks): nothing when n == 0;
+// otherwise, with s's device current, launch(T{}, L) with T the CUDA type of `dtype` (f32, f16,
+// bf16; any other throws naming op), which launches its kernel <<<L.grid, L.block, 0, L.stream>>>;
+// then the launch check. In the lambda: `using T = decltype(t);`.
+template <typename Launch>
+void launch_elementwise(const char* op, DType dtype, int64_t n, const Stream& s, Launch&& launch) {
+  if (n == 0) return;
+  CudaDeviceGuard guard(s.device.index);
+  const ElementwiseLaunch L{grid_for(n), kBlock, native(s)};
+  LANCET_CUDA_FLOAT_TYPES(dtype, op, launch(scalar_t{}, L));
+  LANCET_CUDA_LAUNCH_CHECK();
 }
 
 // ---- reductions -----------------------------------------------------------------------------

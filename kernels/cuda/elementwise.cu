@@ -8,16 +8,6 @@
 namespace lancet::cuda {
 namespace {
 
-// `t` matches `ref` in shape, dtype and memory format (elementwise over memory needs all three).
-void require_same(const char* op, const char* name, const Tensor& t, const Tensor& ref, const char* ref_name) {
-  LANCET_CHECK(t.defined(), op << ": " << name << " is an undefined tensor");
-  LANCET_CHECK(t.shape() == ref.shape(),
-               op << ": " << name << " " << t.shape_str() << " does not match " << ref_name << " " << ref.shape_str());
-  require_dtype(op, name, t, ref.dtype());
-  LANCET_CHECK(t.format() == ref.format(), op << ": " << name << " " << t.shape_str() << " and " << ref_name << " "
-                                              << ref.shape_str() << " differ in memory format");
-}
-
 struct Nchw {
   int64_t N, C, HW;
 };
@@ -25,13 +15,6 @@ Nchw nchw_of(const char* op, const char* name, const Tensor& t) {
   LANCET_CHECK(t.ndim() == 4, op << ": " << name << " must be 4-D [N, C, H, W], got " << t.shape_str());
   return {t.dim(0), t.dim(1), t.dim(2) * t.dim(3)};
 }
-
-// Threads for a one-block-per-plane kernel: a warp for small planes, up to 256 (multiples of 32,
-// as block_sum needs).
-int plane_block(int64_t hw) { return hw <= 32 ? 32 : hw <= 64 ? 64 : hw <= 128 ? 128 : 256; }
-
-__device__ __forceinline__ int64_t first_index() { return blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; }
-__device__ __forceinline__ int64_t grid_stride() { return static_cast<int64_t>(blockDim.x) * gridDim.x; }
 
 // ---- elementwise (outputs may alias inputs: each thread reads element i before writing it) ----
 template <typename T>
@@ -138,12 +121,10 @@ void axpy_impl(const char* op, float alpha, const Tensor& x, Tensor& y, const St
   require_cuda(op, s, x, {&y});
   require_same(op, "y", y, x, "x");
   const int64_t n = x.numel();
-  if (n == 0) return;
-  CudaDeviceGuard g(s.device.index);
-  LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
-    axpy_kernel<<<grid_for(n), kBlock, 0, native(s)>>>(alpha, ptr<scalar_t>(x), ptr<scalar_t>(y), n);
+  launch_elementwise(op, x.dtype(), n, s, [&](auto t, const ElementwiseLaunch& L) {
+    using T = decltype(t);
+    axpy_kernel<<<L.grid, L.block, 0, L.stream>>>(alpha, ptr<T>(x), ptr<T>(y), n);
   });
-  LANCET_CUDA_LAUNCH_CHECK();
 }
 
 // Copies between y [N, sum C_i, HW] and the parts xs[i] [N, C_i, HW]; to_y picks the direction.
@@ -203,12 +184,10 @@ void fill(Tensor& y, float value, const Stream& s) {
   const char* op = "fill";
   require_cuda(op, s, y);
   const int64_t n = y.numel();
-  if (n == 0) return;
-  CudaDeviceGuard g(s.device.index);
-  LANCET_CUDA_FLOAT_TYPES(y.dtype(), op, {
-    fill_kernel<<<grid_for(n), kBlock, 0, native(s)>>>(ptr<scalar_t>(y), value, n);
+  launch_elementwise(op, y.dtype(), n, s, [&](auto t, const ElementwiseLaunch& L) {
+    using T = decltype(t);
+    fill_kernel<<<L.grid, L.block, 0, L.stream>>>(ptr<T>(y), value, n);
   });
-  LANCET_CUDA_LAUNCH_CHECK();
 }
 
 void add(const Tensor& a, const Tensor& b, Tensor& y, const Stream& s) {
@@ -217,12 +196,10 @@ void add(const Tensor& a, const Tensor& b, Tensor& y, const Stream& s) {
   require_same(op, "b", b, a, "a");
   require_same(op, "y", y, a, "a");
   const int64_t n = a.numel();
-  if (n == 0) return;
-  CudaDeviceGuard g(s.device.index);
-  LANCET_CUDA_FLOAT_TYPES(a.dtype(), op, {
-    add_kernel<<<grid_for(n), kBlock, 0, native(s)>>>(ptr<scalar_t>(a), ptr<scalar_t>(b), ptr<scalar_t>(y), n);
+  launch_elementwise(op, a.dtype(), n, s, [&](auto t, const ElementwiseLaunch& L) {
+    using T = decltype(t);
+    add_kernel<<<L.grid, L.block, 0, L.stream>>>(ptr<T>(a), ptr<T>(b), ptr<T>(y), n);
   });
-  LANCET_CUDA_LAUNCH_CHECK();
 }
 
 void add_inplace(Tensor& y, const Tensor& x, const Stream& s) { axpy_impl("add_inplace", 1.f, x, y, s); }
@@ -233,12 +210,10 @@ void scale_inplace(Tensor& y, float alpha, const Stream& s) {
   const char* op = "scale_inplace";
   require_cuda(op, s, y);
   const int64_t n = y.numel();
-  if (n == 0) return;
-  CudaDeviceGuard g(s.device.index);
-  LANCET_CUDA_FLOAT_TYPES(y.dtype(), op, {
-    scale_kernel<<<grid_for(n), kBlock, 0, native(s)>>>(ptr<scalar_t>(y), alpha, n);
+  launch_elementwise(op, y.dtype(), n, s, [&](auto t, const ElementwiseLaunch& L) {
+    using T = decltype(t);
+    scale_kernel<<<L.grid, L.block, 0, L.stream>>>(ptr<T>(y), alpha, n);
   });
-  LANCET_CUDA_LAUNCH_CHECK();
 }
 
 void cast(const Tensor& src, Tensor& dst, const Stream& s) {
@@ -279,13 +254,10 @@ void channel_scale_forward(const Tensor& x, const Tensor& g, Tensor& y, const St
   const Nchw d = check_channel_scale(op, x, g);
   require_same(op, "y", y, x, "x");
   const int64_t n = x.numel();
-  if (n == 0) return;
-  CudaDeviceGuard guard(s.device.index);
-  LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
-    channel_scale_forward_kernel<<<grid_for(n), kBlock, 0, native(s)>>>(ptr<scalar_t>(x), ptr<scalar_t>(g),
-                                                                        ptr<scalar_t>(y), d.HW, n);
+  launch_elementwise(op, x.dtype(), n, s, [&](auto t, const ElementwiseLaunch& L) {
+    using T = decltype(t);
+    channel_scale_forward_kernel<<<L.grid, L.block, 0, L.stream>>>(ptr<T>(x), ptr<T>(g), ptr<T>(y), d.HW, n);
   });
-  LANCET_CUDA_LAUNCH_CHECK();
 }
 
 void channel_scale_backward(const Tensor& x, const Tensor& g, const Tensor& dy, Tensor& dx, Tensor& dg,

@@ -19,13 +19,6 @@ void require_shape(const char* op, const char* name, const Tensor& t, const Shap
                                          << " " << ctx.shape_str() << " (expected " << shape_str(expected) << ")");
 }
 
-// Threads for a one-block-per-plane kernel: a warp for small planes, up to 256 (multiples of 32,
-// as block_sum needs).
-int plane_block(int64_t hw) { return hw <= 32 ? 32 : hw <= 64 ? 64 : hw <= 128 ? 128 : 256; }
-
-__device__ __forceinline__ int64_t first_index() { return blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; }
-__device__ __forceinline__ int64_t grid_stride() { return static_cast<int64_t>(blockDim.x) * gridDim.x; }
-
 struct PoolDims {
   int64_t H, W, Ho, Wo;
   int kernel, stride, pad;
