@@ -11,10 +11,14 @@
 #                                    side_by_side.py), 224x224, batch 256, per precision
 #   tools/gpu_session.sh lab [ARGS]  every kernel-lab binary (lab_*, kernels/lab/): each version
 #                                    checked against the CPU twin, then timed (ARGS: e.g. --quick)
+#   tools/gpu_session.sh sweep       lancet sweep on the GPU: fp32 / fp16 / bf16 x batch 64, 256
+#                                    at 224 px (throughput, phases, peak memory per precision),
+#                                    with the scaling model's projection to 8-64 GPUs
 #   tools/gpu_session.sh all         info, tests, bench
 #
 # Logs go to $OUT (the device tool's output folder) or LOG_DIR (default /tmp/lancet-gpu): one
-# file per step (info.log, tests.log, sanitize.log, bench.md, bench_<precision>.json, lab.log). Each
+# file per step (info.log, tests.log, sanitize.log, bench.md, bench_<precision>.json, lab.log,
+# sweep.md/.csv/.log). Each
 # step is bounded by `timeout` so that one hang cannot eat the session (STEP_TIMEOUT seconds,
 # default 240 per binary). The exit status is non-zero when any test failed.
 #
@@ -151,6 +155,18 @@ lab() {
   return $rc
 }
 
+sweep() {
+  local dir=/tmp/lancet-sweep rc=0
+  rm -rf "$dir"
+  timeout -k 10 $((STEP_TIMEOUT * 2)) "$LANCET" sweep --device cuda --precision fp32,fp16,bf16 --ranks 1 \
+    --threads "$(nproc)" --batch-size "${SWEEP_BATCH:-64,256}" --image-size "${IMAGE:-224}" --launcher none \
+    --steps 20 --warmup 5 --predict --project 8,16,64 --set train.cudnn_autotune=true --out "$dir" \
+    >"$LOG/sweep.log" 2>&1 || rc=1
+  cp "$dir/sweep.md" "$LOG/sweep.md" 2>/dev/null; cp "$dir/sweep.csv" "$LOG/sweep.csv" 2>/dev/null
+  tail -n 30 "$LOG/sweep.md" 2>/dev/null || tail -n 5 "$LOG/sweep.log"
+  return $rc
+}
+
 setup
 case "${1:-all}" in
   info) info ;;
@@ -158,6 +174,7 @@ case "${1:-all}" in
   sanitize) sanitize ;;
   bench) bench ;;
   lab) shift; lab "$@" ;;
+  sweep) sweep ;;
   all) info; tests; t=$?; bench; b=$?; exit $((t | b)) ;;
-  *) echo "usage: tools/gpu_session.sh info|tests [FILTER]|sanitize|bench|lab [ARGS]|all" >&2; exit 2 ;;
+  *) echo "usage: tools/gpu_session.sh info|tests [FILTER]|sanitize|bench|lab [ARGS]|sweep|all" >&2; exit 2 ;;
 esac
