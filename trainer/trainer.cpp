@@ -15,6 +15,7 @@
 #include <iostream>
 #include <thread>
 
+#include "data/device_prefetch.h"
 #include "data/image_dataset.h"
 #include "data/image_folder.h"
 #include "data/loader.h"
@@ -676,6 +677,24 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   DataLoader loader(*data.train, loader_options);
   log << "data loader: " << dc.workers << " worker(s), prefetch " << dc.prefetch << ", sampler " << dc.sampler
       << ", augmentation " << (loader_options.augment.enabled() ? loader_options.augment.to_json().dump() : "off") << "\n";
+  // Batches reach a GPU through the prefetcher's own copy stream, overlapped with the step
+  // before (data/device_prefetch.h); on the CPU it passes them through. Two slots per
+  // micro-batch: one step's in use while the next step's are copied.
+  DevicePrefetcher prefetcher(stream, (bs + micro - 1) / micro, data.train->sample_shape(), 2 * micro);
+  // Takes step `step`'s micro-batches (cut as the epoch's batch list below cuts them) from the
+  // loader into the prefetcher, which starts their host->device copies on a GPU.
+  auto fetch_step = [&](int64_t step) {
+    const int64_t start = step * bs, b = std::min(bs, per_rank - start);
+    const int64_t mb = (b + micro - 1) / micro;
+    for (int64_t m0 = 0; m0 < b; m0 += mb) {
+      Batch batch;
+      {
+        auto scope = prof.phase(Phase::data_wait);
+        LANCET_CHECK(loader.next(batch) && batch.x.dim(0) == std::min(mb, b - m0), "data loader out of step");
+      }
+      prefetcher.push(std::move(batch));
+    }
+  };
   const auto t_start = Clock::now();
   const int64_t images_at_start = state.images, step_at_start = state.global_step;
   bool stop_early = false;
@@ -703,23 +722,24 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
       const int64_t b = std::min(bs, per_rank - start);
       // Micro-batches of ceil(b / micro) rows (the last ones smaller or absent).
       const int64_t mb = (b + micro - 1) / micro;
+      // On a GPU the next step's micro-batches are fetched before this step is queued, so their
+      // copies (on the prefetcher's stream) overlap this step's compute, and h2d times only the
+      // compute stream's wait for this step's copies: what the overlap did not hide. The CPU
+      // takes one step at a time, as the prefetcher passes its batches through.
+      if (prefetcher.queued() == 0) fetch_step(state.step_in_epoch);
+      if (!device.is_cpu() && state.step_in_epoch + 1 < epoch_end) fetch_step(state.step_in_epoch + 1);
       std::vector<Tensor> xs, ys;
       for (int64_t m0 = 0; m0 < b; m0 += mb) {
-        Tensor x, y;
-        {
-          auto scope = prof.phase(Phase::data_wait);
-          Batch batch;
-          LANCET_CHECK(loader.next(batch) && batch.x.dim(0) == std::min(mb, b - m0), "data loader out of step");
-          x = batch.x;
-          y = batch.y;
-        }
-        if (!device.is_cpu()) {
+        Batch batch;
+        if (device.is_cpu()) {
+          batch = prefetcher.pop();
+        } else {
           auto scope = prof.phase(Phase::h2d);
-          x = x.to(device);
-          y = y.to(device);
+          batch = prefetcher.pop();  // views of the prefetcher's buffers, valid until release()
         }
-        xs.push_back(x);
-        ys.push_back(y);
+        LANCET_CHECK(batch.x.dim(0) == std::min(mb, b - m0), "data loader out of step");
+        xs.push_back(batch.x);
+        ys.push_back(batch.y);
       }
 #ifdef LANCET_WITH_CUDA
       if (state.global_step + 1 == tc.nsys_first) cuda_profiler_start();
@@ -728,6 +748,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
       opt->set_lr(lr);
       StepStats st = pipeline ? pipeline->train_step(*opt, xs, ys, loss, step_options, &prof)
                               : train_step_micro(*model, *opt, comm, xs, ys, loss, stream, step_options, &prof);
+      prefetcher.release();  // the step is queued: its batches' buffers may be refilled after it
       if (ranks > 1) {  // the global batch's loss, accuracy and size
         double v[3] = {st.loss * static_cast<double>(st.count), static_cast<double>(st.correct),
                        static_cast<double>(st.count)};
