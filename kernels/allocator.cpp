@@ -1,5 +1,6 @@
 #include "kernels/allocator.h"
 
+#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
@@ -74,8 +75,9 @@ void check_domain(int d) {
 }
 
 std::mutex g_registry_mu;
-std::vector<Allocator*>& cuda_allocators() {
-  static std::vector<Allocator*> v;
+// GPU ordinal -> one allocator per memory domain (null until created or registered).
+std::vector<std::array<Allocator*, kMemoryDomains>>& cuda_allocators() {
+  static std::vector<std::array<Allocator*, kMemoryDomains>> v;
   return v;
 }
 
@@ -103,31 +105,37 @@ void reset_memory_domain_peak(int d) {
   domains().peak[d] = domains().current[d];
 }
 
-void register_cuda_allocator(int index, Allocator* a) {
+void register_cuda_allocator(int index, Allocator* a, int domain) {
+  check_domain(domain);
+  LANCET_CHECK(index >= 0, "register_cuda_allocator: GPU ordinal " << index);
   std::lock_guard<std::mutex> lock(g_registry_mu);
   auto& v = cuda_allocators();
-  if (static_cast<int>(v.size()) <= index) v.resize(index + 1, nullptr);
-  v[index] = a;
+  if (static_cast<int>(v.size()) <= index) v.resize(static_cast<size_t>(index) + 1, {});
+  v[static_cast<size_t>(index)][static_cast<size_t>(domain)] = a;
 }
 
 #ifdef LANCET_WITH_CUDA
-Allocator* cuda_allocator_create(int index);  // kernels/cuda/allocator.cpp
+Allocator* cuda_allocator_create(int index);  // kernels/cuda/runtime.cu
 #endif
 
-Allocator& allocator_for(Device d) {
+Allocator& allocator_for(Device d) { return allocator_for(d, t_domain); }
+
+Allocator& allocator_for(Device d, int domain) {
   if (d.is_cpu()) {
     static CpuAllocator cpu;
     return cpu;
   }
-#ifdef LANCET_WITH_CUDA
+  check_domain(domain);
   std::lock_guard<std::mutex> lock(g_registry_mu);
   auto& v = cuda_allocators();
-  if (static_cast<int>(v.size()) <= d.index) v.resize(d.index + 1, nullptr);
-  if (v[d.index] == nullptr) v[d.index] = cuda_allocator_create(d.index);
-  return *v[d.index];
-#else
-  LANCET_FAIL("device " << d.str() << " requested but this build of lancet has no CUDA (LANCET_CUDA=OFF)");
+  if (static_cast<int>(v.size()) <= d.index) v.resize(static_cast<size_t>(d.index) + 1, {});
+  Allocator*& a = v[static_cast<size_t>(d.index)][static_cast<size_t>(domain)];
+#ifdef LANCET_WITH_CUDA
+  if (a == nullptr) a = cuda_allocator_create(d.index);  // a pool of its own for this domain
 #endif
+  LANCET_CHECK(a != nullptr,
+               "device " << d.str() << " requested but this build of lancet has no CUDA (LANCET_CUDA=OFF)");
+  return *a;
 }
 
 }  // namespace lancet

@@ -15,8 +15,10 @@
 //     what is cached.
 // Statistics: the Allocator's current/peak bytes (what callers asked for), plus reserved bytes
 // (segments held), their peak, and the raw calls made — a test asserts that a repeated step
-// makes none. Thread-safe (one mutex). Blocks are not tied to streams: the CUDA backend uses
-// one compute stream per device, and a block freed there may be reused in stream order.
+// makes none. Thread-safe (one mutex). Blocks are not tied to streams: a block freed by one
+// stream may be reused in that stream's order only, so each cache serves one stream — the CUDA
+// backend keeps one per GPU and memory domain (kernels/allocator.h: pipeline stages computing
+// on streams of their own each allocate from their own).
 #pragma once
 #include <cstddef>
 #include <cstdint>

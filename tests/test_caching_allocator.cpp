@@ -2,7 +2,8 @@
 // cudaMalloc, tested over a host "raw allocator" with a memory budget: a repeated training
 // step's allocations make no raw call after the first; blocks split and merge back into whole
 // segments; the small and large pools stay apart; out of memory releases the cache and retries,
-// then fails naming the sizes; blocks never overlap under concurrent use.
+// then fails naming the sizes; blocks never overlap under concurrent use; a GPU's memory
+// domains are pools of their own, and a block goes back to its own pool (pipeline stages).
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "kernels/caching_allocator.h"
+#include "kernels/tensor.h"
 #include "tests/expect_error.h"
 
 using namespace lancet;
@@ -168,4 +170,44 @@ TEST(CachingAllocator, ConcurrentUseNeverHandsOutOverlappingBlocks) {
   EXPECT_EQ(a.current_bytes(), 0u);
   a.empty_cache();
   EXPECT_EQ(dev.used, 0u);
+}
+
+// A GPU's pools per memory domain (kernels/allocator.h), over host-backed caches registered for
+// a GPU ordinal no machine has (nothing here touches CUDA): a thread in domain d allocates from
+// d's pool, and a block goes back to the pool it came from whichever thread frees it — what
+// keeps each pipeline stage's pool used by its own stream alone.
+TEST(DevicePools, EachMemoryDomainHasItsOwnPoolAndBlocksReturnToIt) {
+  constexpr int kGpu = 61;
+  FakeDevice dev0(64 * MiB), dev1(64 * MiB);
+  CachingAllocator pool0(dev0.raw(), Device::cuda(kGpu)), pool1(dev1.raw(), Device::cuda(kGpu));
+  struct Registered {  // unregistered before the pools go, whatever the test finds
+    Registered(Allocator* a0, Allocator* a1) {
+      register_cuda_allocator(kGpu, a0, 0);
+      register_cuda_allocator(kGpu, a1, 1);
+    }
+    ~Registered() {
+      register_cuda_allocator(kGpu, nullptr, 0);
+      register_cuda_allocator(kGpu, nullptr, 1);
+    }
+  } registered(&pool0, &pool1);
+  EXPECT_EQ(&allocator_for(Device::cuda(kGpu)), &pool0);  // this thread: domain 0
+  EXPECT_EQ(&allocator_for(Device::cuda(kGpu), 1), &pool1);
+  Tensor kept;
+  std::thread([&] {
+    MemoryDomainScope stage(1);
+    EXPECT_EQ(&allocator_for(Device::cuda(kGpu)), &pool1);
+    kept = Tensor::empty({1000}, DType::f32, Device::cuda(kGpu));
+    { Tensor scratch = Tensor::empty({500}, DType::f32, Device::cuda(kGpu)); }  // freed at once
+    Tensor again = Tensor::empty({500}, DType::f32, Device::cuda(kGpu));            // reuses its block
+  }).join();
+  EXPECT_EQ(pool1.current_bytes(), 4000u);
+  EXPECT_EQ(pool1.peak_bytes(), 6000u);
+  EXPECT_EQ(pool1.stats().raw_allocs, 1);  // one small segment serves the three
+  EXPECT_EQ(pool0.current_bytes(), 0u);
+  EXPECT_EQ(pool0.stats().raw_allocs, 0);
+  kept = Tensor();  // freed by this thread (domain 0): back to pool 1, not into pool 0
+  EXPECT_EQ(pool1.current_bytes(), 0u);
+  EXPECT_EQ(pool1.stats().allocated, 0u);
+  EXPECT_EQ(pool0.stats().allocated, 0u);
+  expect_error([] { allocator_for(Device::cuda(kGpu), kMemoryDomains); }, {"memory domain 4 out of range"});
 }

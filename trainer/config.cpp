@@ -8,6 +8,7 @@
 #include <fstream>
 
 #include "data/augment.h"
+#include "kernels/device.h"
 #include "data/image_dataset.h"
 #include "data/loader.h"
 #include "data/preprocess.h"
@@ -44,7 +45,7 @@ Json default_config() {
     },
     "pipeline": {
       "stages": 1, "micro_batches": 4, "schedule": "1f1b", "cut": "auto", "balance": "time",
-      "threads_per_stage": 0
+      "threads_per_stage": 0, "devices": []
     },
     "optim": {
       "name": "adam", "lr": 0.001, "weight_decay": 0.0, "momentum": 0.9,
@@ -349,6 +350,17 @@ PipelineConfig pipeline_config(const Json& c) {
   p.cut = get<std::string>(c, "pipeline", "cut");
   p.balance = get<std::string>(c, "pipeline", "balance");
   p.threads_per_stage = get<int>(c, "pipeline", "threads_per_stage");
+  p.devices = get<std::vector<std::string>>(c, "pipeline", "devices");
+  LANCET_CHECK(p.devices.empty() || static_cast<int>(p.devices.size()) == std::max(p.stages, 2),
+               "pipeline.devices must be empty (every stage on train.device) or name one device per stage, got "
+                   << p.devices.size() << " device(s)");
+  for (const std::string& d : p.devices) {
+    try {
+      parse_device(d);
+    } catch (const Error& e) {
+      LANCET_FAIL("pipeline.devices: " << e.what());
+    }
+  }
   LANCET_CHECK(p.stages == 1 || p.stages == 2,
                "pipeline.stages must be 1 (no pipeline) or 2 (two stages), got " << p.stages);
   LANCET_CHECK(p.micro_batches >= 1, "pipeline.micro_batches must be at least 1, got " << p.micro_batches);

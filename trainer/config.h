@@ -102,6 +102,7 @@ struct PipelineConfig {
   std::string cut = "auto";        // auto, or the name of stage 1's first unit ("stages.2.0")
   std::string balance = "time";    // cut auto balances measured time per unit, or forward FLOPs
   int threads_per_stage = 0;       // CPU stages: 0 = the rank's threads split evenly
+  std::vector<std::string> devices;  // one per stage; empty = every stage on train.device
 };
 struct OptimConfig {
   std::string name;  // sgd, adam, adamw

@@ -9,7 +9,11 @@
 
 #include "kernels/allocator.h"
 #include "kernels/dtype.h"
+#include "kernels/elementwise.h"
 #include "kernels/parallel.h"
+#ifdef LANCET_WITH_CUDA
+#include "kernels/cuda/runtime.h"
+#endif
 #include "kernels/trace.h"
 #include "layers/layers.h"
 #include "trainer/loss_scaler.h"
@@ -71,16 +75,22 @@ std::vector<double> measure_unit_seconds(const Units& units, const Tensor& x, co
     std::vector<SavedPtr> saved(n);
     std::vector<double> t(n, 0.0);
     Tensor h = x;
+    // synchronize(s): a GPU's work has finished when its time is read (a no-op on the CPU).
     for (size_t i = 0; i < n; ++i) {
+      synchronize(s);
       const auto t0 = Clock::now();
       h = units[i].second->forward(h, &saved[i], s);
+      synchronize(s);
       t[i] += seconds_since(t0);
     }
     Tensor g = Tensor::full(h.shape(), 1.f / static_cast<float>(h.numel()), h.device());
+    if (g.dtype() != h.dtype()) g = cast_to(g, h.dtype(), s);  // 16-bit activations on a GPU
     for (size_t i = n; i-- > 0;) {
+      synchronize(s);
       const auto t0 = Clock::now();
       g = units[i].second->backward(g, *saved[i], i > 0, s);
       saved[i].reset();
+      synchronize(s);
       t[i] += seconds_since(t0);
     }
     if (r > 0)
@@ -142,12 +152,18 @@ int choose_cut(const std::string& cut, const std::string& balance, const Units& 
   LANCET_CHECK(scratch_units.size() == units.size(), "choose_cut: the scratch model has " << scratch_units.size()
                                                                                           << " units, the model " << units.size());
   scratch->train();
+  // On a GPU with fp16 / bf16 the units take 16-bit activations (the model casts at its entry).
+  const Tensor input = x.device().is_cuda() && scratch->precision() != DType::f32 ? cast_to(x, scratch->precision(), s) : x;
   std::vector<double> cost;
   std::exception_ptr err;
   std::thread measure([&] {
     try {
+#ifdef LANCET_WITH_CUDA
+      std::unique_ptr<CudaDeviceGuard> device;
+      if (s.device.is_cuda()) device = std::make_unique<CudaDeviceGuard>(s.device.index);
+#endif
       set_thread_local_threads(threads);
-      cost = balance == "time" ? measure_unit_seconds(scratch_units, x, s) : unit_forward_flops(scratch_units, x, s);
+      cost = balance == "time" ? measure_unit_seconds(scratch_units, input, s) : unit_forward_flops(scratch_units, input, s);
     } catch (...) {
       err = std::current_exception();
     }
@@ -240,37 +256,205 @@ struct Pipeline::Worker {
   std::thread thread_;  // last: starts after the members it uses exist
 };
 
+namespace {
+// An event recorded on a stage's GPU stream: what the other stage's stream waits for, and what
+// the owner of a tensor another stream reads checks before releasing it. On the CPU every op
+// has finished when it returns, so there is nothing to record: null events.
+class StageEvent {
+ public:
+  static std::shared_ptr<StageEvent> record(const Stream& s) {
+    if (!s.device.is_cuda()) return nullptr;
+    auto e = std::make_shared<StageEvent>();
+#ifdef LANCET_WITH_CUDA
+    e->event_ = std::make_unique<CudaEvent>(s.device);
+    e->event_->record(s);
+#endif
+    return e;
+  }
+  // Makes `s` wait for the recorded work (on the device; from another device too).
+  void wait_on(const Stream& s) const {
+#ifdef LANCET_WITH_CUDA
+    event_->wait_on(s);
+#else
+    (void)s;
+#endif
+  }
+  bool done() const {
+#ifdef LANCET_WITH_CUDA
+    return event_->query();
+#else
+    return true;
+#endif
+  }
+
+ private:
+#ifdef LANCET_WITH_CUDA
+  std::unique_ptr<CudaEvent> event_;
+#endif
+};
+
+// A tensor one stage sends the other, and the event after which it is complete (null on the CPU).
+struct Parcel {
+  Tensor t;
+  std::shared_ptr<StageEvent> ready;
+};
+}  // namespace
+
+// Tensors in flight between the stages, keyed by micro-batch, and (GPUs) the sent tensors the
+// receiver has handed back with the event of its copy: the sender keeps each alive until that
+// event has completed, so its pool never hands the block out while the copy still reads it.
 struct Pipeline::Mailbox {
-  void put(int micro, Tensor t) {
+  void put(int micro, Parcel p) {
     std::lock_guard<std::mutex> lock(mu_);
-    items_[micro] = std::move(t);
+    items_[micro] = std::move(p);
     cv_.notify_all();
   }
-  Tensor take(int micro) {
+  Parcel take(int micro) {
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait(lock, [&] { return aborted_ || items_.count(micro) > 0; });
     if (aborted_) throw PipelineAborted();
-    Tensor t = std::move(items_[micro]);
+    Parcel p = std::move(items_[micro]);
     items_.erase(micro);
-    return t;
+    return p;
+  }
+  // The receiver: `sent` is read by work recorded in `copied`.
+  void hand_back(Tensor sent, std::shared_ptr<StageEvent> copied) {
+    std::lock_guard<std::mutex> lock(mu_);
+    returned_.push_back({std::move(sent), std::move(copied)});
+  }
+  // The sender (on its own thread, so the blocks go back to its pool while it alone uses it):
+  // drops the sent tensors whose copies have completed.
+  void release_copied() {
+    std::vector<Parcel> done;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto it = returned_.begin(); it != returned_.end();) {
+        if (it->ready->done()) {
+          done.push_back(std::move(*it));
+          it = returned_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
   }
   void abort() {
     std::lock_guard<std::mutex> lock(mu_);
     aborted_ = true;
     cv_.notify_all();
   }
+  // Between steps, once both stages' streams are idle (Pipeline::train_step synchronises them).
   void reset() {
     std::lock_guard<std::mutex> lock(mu_);
     items_.clear();
+    returned_.clear();
     aborted_ = false;
   }
 
  private:
   std::mutex mu_;
   std::condition_variable cv_;
-  std::map<int, Tensor> items_;
+  std::map<int, Parcel> items_;
+  std::vector<Parcel> returned_;
   bool aborted_ = false;
 };
+
+// GPU stages: each stage's stream, and the event on the training thread's stream that the
+// stages' streams wait for at the start of a step.
+#ifdef LANCET_WITH_CUDA
+struct Pipeline::Gpu {
+  std::vector<std::unique_ptr<CudaStream>> streams;
+  std::unique_ptr<CudaEvent> step_start;
+};
+#else
+struct Pipeline::Gpu {};
+#endif
+
+namespace {
+// A stage's forward and backward times: host time on the CPU; on a GPU the CUDA-event time of
+// the work on the stage's stream between begin() and end(), read after the stream is idle.
+class OpTimes {
+ public:
+  explicit OpTimes(const Stream& s) : s_(s) {}
+  void begin() {
+    if (!s_.device.is_cuda()) {
+      t0_ = Clock::now();
+      return;
+    }
+#ifdef LANCET_WITH_CUDA
+    marks_.push_back({std::make_unique<CudaEvent>(s_.device, /*timing=*/true), nullptr, false});
+    marks_.back().start->record(s_);
+#endif
+  }
+  // Host seconds since begin() on the CPU; 0 on a GPU (its times come from seconds()).
+  double end(bool forward) {
+    if (!s_.device.is_cuda()) {
+      const double dt = seconds_since(t0_);
+      (forward ? forward_s_ : backward_s_) += dt;
+      return dt;
+    }
+#ifdef LANCET_WITH_CUDA
+    marks_.back().stop = std::make_unique<CudaEvent>(s_.device, /*timing=*/true);
+    marks_.back().stop->record(s_);
+    marks_.back().forward = forward;
+#endif
+    return 0;
+  }
+  // After the stage's stream has been synchronised.
+  void totals(double* forward_s, double* backward_s) {
+#ifdef LANCET_WITH_CUDA
+    for (const Mark& m : marks_)
+      if (m.stop) (m.forward ? forward_s_ : backward_s_) += m.stop->elapsed_ms_since(*m.start) * 1e-3;
+    marks_.clear();
+#endif
+    *forward_s = forward_s_;
+    *backward_s = backward_s_;
+  }
+
+ private:
+  Stream s_;
+  Clock::time_point t0_;
+  double forward_s_ = 0, backward_s_ = 0;
+#ifdef LANCET_WITH_CUDA
+  struct Mark {
+    std::unique_ptr<CudaEvent> start, stop;
+    bool forward;
+  };
+  std::vector<Mark> marks_;
+#endif
+};
+
+// The receiving stage's own copy of what the other stage sent, on its stream `s`: on the CPU a
+// clone (allocated in the receiver's memory domain); on a GPU a copy into the receiver's pool,
+// ordered after the sender's event, the source handed back to the sender with the copy's event.
+Tensor receive(Parcel p, const Stream& s, std::function<void(Tensor, std::shared_ptr<StageEvent>)> hand_back) {
+  if (!s.device.is_cuda()) return p.t.clone();
+#ifdef LANCET_WITH_CUDA
+  p.ready->wait_on(s);
+  Tensor mine = Tensor::empty(p.t.shape(), p.t.dtype(), s.device, p.t.format());
+  copy_async(mine.raw_data(), mine.device(), p.t.raw_data(), p.t.device(), p.t.nbytes(), s);
+  hand_back(std::move(p.t), StageEvent::record(s));
+  return mine;
+#else
+  (void)hand_back;
+  LANCET_FAIL("pipeline: a stream on " << s.device.str() << " in a build without CUDA");
+#endif
+}
+
+// A GPU tensor's copy on the host, through the stage's stream (a legacy-stream copy would also
+// wait for the other stage's queued work).
+Tensor host_copy(const Tensor& t, const Stream& s) {
+  if (t.device().is_cpu()) return t;
+  Tensor h = Tensor::empty(t.shape(), t.dtype(), Device::cpu());
+#ifdef LANCET_WITH_CUDA
+  copy_async(h.raw_data(), h.device(), t.raw_data(), t.device(), t.nbytes(), s);
+  synchronize(s);
+#else
+  (void)s;
+#endif
+  return h;
+}
+}  // namespace
 
 // What the stages of one step share.
 struct Pipeline::StepContext {
@@ -280,7 +464,7 @@ struct Pipeline::StepContext {
   std::vector<double> weight;
   float scale = 1.f;
   DType precision = DType::f32;
-  Stream stream;
+  Stream main;  // the training thread's stream: the step's inputs were produced on it
   // Written by the last stage, read after the step.
   std::vector<float> losses;
   std::vector<int64_t> correct;
@@ -298,18 +482,44 @@ Pipeline::Pipeline(Module& model, Units units, const PipelineOptions& options, C
   LANCET_CHECK(options_.cut >= 1 && options_.cut < n,
                "pipeline: cut " << options_.cut << " out of range: stage 1 must start at a unit in [1, " << n - 1 << "]");
   LANCET_CHECK(options_.threads_per_stage >= 1, "pipeline: threads_per_stage " << options_.threads_per_stage);
+  const Device home = model_.device();
+  std::vector<Device> devices = options_.devices.empty() ? std::vector<Device>(2, home) : options_.devices;
+  LANCET_CHECK(devices.size() == 2, "pipeline.devices: " << devices.size() << " device(s) for 2 stages");
+  for (const Device& d : devices)
+    LANCET_CHECK(d == home, "pipeline.devices [" << devices[0].str() << ", " << devices[1].str() << "] with the model on "
+                                                 << home.str()
+                                                 << ": every stage runs on the model's device (train.device) for now — "
+                                                    "stages on two different devices are not supported yet (the optimizer "
+                                                    "step, clipping and validation run on one device); leave "
+                                                    "pipeline.devices empty for the one-GPU mode");
   for (const auto& u : units_)
-    LANCET_CHECK(u.second->device().is_cpu(),
-                 "pipeline: unit " << u.first << " is on " << u.second->device().str()
-                                   << ": this build runs pipeline stages on the CPU only (no CUDA compute kernels yet)");
+    LANCET_CHECK(u.second->device() == home, "pipeline: unit " << u.first << " is on " << u.second->device().str()
+                                                               << ", the model on " << home.str());
   stages_.resize(2);
   for (int i = 0; i < n; ++i) {
     Stage& st = stages_[i < options_.cut ? 0 : 1];
     st.modules.push_back(units_[static_cast<size_t>(i)].second);
     st.names.push_back(units_[static_cast<size_t>(i)].first);
   }
+  if (home.is_cuda()) {
+#ifdef LANCET_WITH_CUDA
+    gpu_ = std::make_unique<Gpu>();
+    gpu_->step_start = std::make_unique<CudaEvent>(home);
+#else
+    LANCET_FAIL("pipeline: stages on " << home.str() << " in a build without CUDA");
+#endif
+  }
   for (int s = 0; s < 2; ++s) {
-    stages_[static_cast<size_t>(s)].domain = s + 1;  // memory domain 0 is everything else
+    Stage& st = stages_[static_cast<size_t>(s)];
+    st.device = devices[static_cast<size_t>(s)];
+    st.stream = Stream{st.device, nullptr};
+#ifdef LANCET_WITH_CUDA
+    if (gpu_) {  // blocking: legacy-default-stream ops of the stage's layers stay ordered with it
+      gpu_->streams.push_back(std::make_unique<CudaStream>(st.device, /*priority=*/0, /*blocking=*/true));
+      st.stream = gpu_->streams.back()->stream();
+    }
+#endif
+    st.domain = s + 1;  // memory domain 0 (on a GPU: pool 0) is the training thread's
     workers_.push_back(std::make_unique<Worker>(options_.threads_per_stage, s + 1));
   }
   if (comm_.size() > 1) {
@@ -324,13 +534,13 @@ Pipeline::Pipeline(Module& model, Units units, const PipelineOptions& options, C
 Pipeline::~Pipeline() = default;
 
 void Pipeline::broadcast_parameters() {
-  const Stream s{Device::cpu(), nullptr};
+  const Stream s = main_stream();
   for (Stage& st : stages_)
     if (st.sync) st.sync->broadcast_parameters(s);
 }
 
 void Pipeline::broadcast_buffers() {
-  const Stream s{Device::cpu(), nullptr};
+  const Stream s = main_stream();
   for (Stage& st : stages_)
     if (st.sync) st.sync->broadcast_buffers(s);
 }
@@ -353,13 +563,30 @@ std::string cpu_device(int threads) {
 }
 }  // namespace
 
+std::string Pipeline::stage_device(const Stage& st) const {
+  return st.device.is_cpu() ? cpu_device(options_.threads_per_stage) : st.device.str() + " (own stream and memory pool)";
+}
+
+// A CPU stage's bytes are its host memory domain's; a GPU stage's, its pool's on the device.
+size_t Pipeline::stage_current_bytes(const Stage& st) const {
+  return st.device.is_cpu() ? memory_domain_current_bytes(st.domain) : allocator_for(st.device, st.domain).current_bytes();
+}
+size_t Pipeline::stage_peak_bytes(const Stage& st) const {
+  return st.device.is_cpu() ? memory_domain_peak_bytes(st.domain) : allocator_for(st.device, st.domain).peak_bytes();
+}
+void Pipeline::reset_stage_peak(const Stage& st) const {
+  if (st.device.is_cpu())
+    reset_memory_domain_peak(st.domain);
+  else
+    allocator_for(st.device, st.domain).reset_peak();
+}
+
 std::string Pipeline::describe() const {
   std::ostringstream os;
   for (size_t s = 0; s < stages_.size(); ++s) {
     const Stage& st = stages_[s];
     os << "  stage " << s << ": " << st.names.front() << " .. " << st.names.back() << " (" << st.names.size()
-       << " units, " << count_parameters(st.modules) << " parameters) on " << cpu_device(options_.threads_per_stage)
-       << "\n";
+       << " units, " << count_parameters(st.modules) << " parameters) on " << stage_device(st) << "\n";
   }
   return os.str();
 }
@@ -367,52 +594,70 @@ std::string Pipeline::describe() const {
 void Pipeline::run_stage(int s, StepContext& ctx) {
   Stage& st = stages_[static_cast<size_t>(s)];
   const bool first = s == 0, last = s + 1 == num_stages();
+  const Stream& stream = st.stream;
+  const bool gpu = stream.device.is_cuda();
+#ifdef LANCET_WITH_CUDA
+  std::unique_ptr<CudaDeviceGuard> device;
+  if (gpu) device = std::make_unique<CudaDeviceGuard>(stream.device.index);
+#endif
+  Mailbox& in_forward = *activations_;   // stage 1 receives activations
+  Mailbox& in_backward = *gradients_;    // stage 0 receives gradients
+  Mailbox& sent = first ? *activations_ : *gradients_;  // what this stage sends, handed back
   const int m = static_cast<int>(ctx.xs->size());
   std::vector<SavedPtr> saved(static_cast<size_t>(m));
   std::vector<Tensor> dlogits(static_cast<size_t>(m));
   const bool low = ctx.precision != DType::f32;
-  // What the model's own forward / backward do on entry under fp16 / bf16 emulation.
-  auto entry_rounded = [&](const Tensor& t) {
+  // What the model's own forward / backward do on entry under fp16 / bf16: the CPU emulation
+  // rounds a copy, a GPU casts to the 16-bit type (Module::forward).
+  auto entry = [&](const Tensor& t) {
     if (!low) return t;
+    if (gpu) return cast_to(t, ctx.precision, stream);
     Tensor r = t.clone();
     round_to_dtype_inplace(r.data<float>(), r.numel(), ctx.precision);
     return r;
   };
+  auto hand_back = [](Mailbox& box) {
+    return [&box](Tensor t, std::shared_ptr<StageEvent> copied) { box.hand_back(std::move(t), std::move(copied)); };
+  };
+  OpTimes times(stream);
   PipeOp current;
   try {
     for (const PipeOp& op : st.ops) {
       current = op;
+      sent.release_copied();  // GPUs: sent tensors the other stage has finished copying
       const size_t i = static_cast<size_t>(op.micro);
       if (op.forward) {
         // The input: the micro-batch, or stage 0's output copied into this stage's memory.
-        Tensor x = first ? entry_rounded((*ctx.xs)[i]) : activations_->take(op.micro).clone();
-        const auto t0 = Clock::now();
+        Tensor x = first ? entry((*ctx.xs)[i]) : receive(in_forward.take(op.micro), stream, hand_back(in_forward));
         const double t0_us = trace_now_us();
-        Tensor h = chain_forward(st.modules, x, &saved[i], ctx.stream);
+        times.begin();
+        Tensor h = chain_forward(st.modules, x, &saved[i], stream);
         x = Tensor();
         if (last) {
-          ctx.losses[i] = micro_batch_loss(h, (*ctx.ys)[i], *ctx.loss, ctx.weight[i], ctx.scale, dlogits[i], ctx.stream);
-          ctx.correct[i] = count_correct(h, (*ctx.ys)[i]);
+          if (gpu && low) h = cast_to(h, DType::f32, stream);  // the model's exit cast: FP32 logits
+          ctx.losses[i] = micro_batch_loss(h, (*ctx.ys)[i], *ctx.loss, ctx.weight[i], ctx.scale, dlogits[i], stream);
+          ctx.correct[i] = count_correct(host_copy(h, stream), host_copy((*ctx.ys)[i], stream));
         } else {
-          activations_->put(op.micro, std::move(h));
+          activations_->put(op.micro, Parcel{std::move(h), StageEvent::record(stream)});
         }
-        const double dt = seconds_since(t0);
-        st.forward_s += dt;
-        if (trace_enabled()) record_trace_event(("F" + std::to_string(op.micro)).c_str(), "pipeline", t0_us, dt * 1e6);
+        const double dt = times.end(/*forward=*/true);
+        if (trace_enabled() && !gpu) record_trace_event(("F" + std::to_string(op.micro)).c_str(), "pipeline", t0_us, dt * 1e6);
       } else {
-        Tensor dy = last ? entry_rounded(dlogits[i]) : gradients_->take(op.micro).clone();
+        Tensor dy = last ? entry(dlogits[i]) : receive(in_backward.take(op.micro), stream, hand_back(in_backward));
         dlogits[i] = Tensor();
-        const auto t0 = Clock::now();
         const double t0_us = trace_now_us();
-        Tensor dx = chain_backward(st.modules, dy, *saved[i], /*need_input_grad=*/!first, ctx.stream);
+        times.begin();
+        Tensor dx = chain_backward(st.modules, dy, *saved[i], /*need_input_grad=*/!first, stream);
         saved[i].reset();
         dy = Tensor();
-        if (!first) gradients_->put(op.micro, std::move(dx));
-        const double dt = seconds_since(t0);
-        st.backward_s += dt;
-        if (trace_enabled()) record_trace_event(("B" + std::to_string(op.micro)).c_str(), "pipeline", t0_us, dt * 1e6);
+        if (!first) gradients_->put(op.micro, Parcel{std::move(dx), StageEvent::record(stream)});
+        const double dt = times.end(/*forward=*/false);
+        if (trace_enabled() && !gpu) record_trace_event(("B" + std::to_string(op.micro)).c_str(), "pipeline", t0_us, dt * 1e6);
       }
     }
+    // The stage's work is done when its stream is: the training thread's work after the step
+    // (all-reduce, optimizer) then needs no further ordering, and the event times can be read.
+    synchronize(stream);
   } catch (const PipelineAborted&) {
     throw;  // the other stage failed and says why
   } catch (const std::exception& e) {
@@ -426,6 +671,7 @@ void Pipeline::run_stage(int s, StepContext& ctx) {
     gradients_->abort();
     throw;
   }
+  times.totals(&st.forward_s, &st.backward_s);
   st.busy_s = st.forward_s + st.backward_s;
 }
 
@@ -448,7 +694,7 @@ StepStats Pipeline::train_step(Optimizer& opt, const std::vector<Tensor>& xs, co
   LossScaler* scaler = options.loss_scaler && options.loss_scaler->enabled() ? options.loss_scaler : nullptr;
   ctx.scale = scaler ? scaler->scale() : 1.f;
   ctx.precision = model_.precision();
-  ctx.stream = Stream{Device::cpu(), nullptr};
+  ctx.main = main_stream();
   ctx.losses.assign(static_cast<size_t>(m), 0.f);
   ctx.correct.assign(static_cast<size_t>(m), 0);
 
@@ -461,11 +707,17 @@ StepStats Pipeline::train_step(Optimizer& opt, const std::vector<Tensor>& xs, co
     Stage& st = stages_[s];
     st.ops = stage_schedule(options_.schedule, static_cast<int>(s), num_stages(), m);
     st.busy_s = st.forward_s = st.backward_s = 0;
-    reset_memory_domain_peak(st.domain);
-    base[s] = static_cast<int64_t>(memory_domain_current_bytes(st.domain));
+    reset_stage_peak(st);
+    base[s] = static_cast<int64_t>(stage_current_bytes(st));
   }
   activations_->reset();
   gradients_->reset();
+#ifdef LANCET_WITH_CUDA
+  if (gpu_) {  // the stages start after the training thread's work so far (input batches, last step)
+    gpu_->step_start->record(ctx.main);
+    for (const Stage& st : stages_) gpu_->step_start->wait_on(st.stream);
+  }
+#endif
 
   // Run the stages; from the last to the first, as each finishes, start its gradient
   // all-reduce (data parallelism) while the earlier stages still compute.
@@ -486,13 +738,23 @@ StepStats Pipeline::train_step(Optimizer& opt, const std::vector<Tensor>& xs, co
       if (workers_[s]->error()) failed = true;
       if (!failed && stages_[s].sync) {
         stages_[s].sync->begin_backward(/*sync=*/true);
-        stages_[s].sync->start_all(ctx.stream);
+        stages_[s].sync->start_all(ctx.main);
       }
     }
     wall = seconds_since(t0);
     if (failed) {
+      // A failed stage may have left work queued: let both streams finish before the tensors
+      // in flight go back to their pools (a sticky CUDA error is reported by the stage already).
+      for (const Stage& st : stages_) {
+        try {
+          synchronize(st.stream);
+        } catch (const std::exception&) {
+        }
+      }
+      activations_->reset();
+      gradients_->reset();
       for (Stage& st : stages_)
-        if (st.sync) st.sync->finish(ctx.stream);  // collectives started must complete on every rank
+        if (st.sync) st.sync->finish(ctx.main);  // collectives started must complete on every rank
       std::string why;
       {
         std::lock_guard<std::mutex> lock(ctx.error_mu);
@@ -505,13 +767,15 @@ StepStats Pipeline::train_step(Optimizer& opt, const std::vector<Tensor>& xs, co
   }
   timer.add(Phase::pipeline, wall);
 
+  activations_->reset();  // both streams are idle: the sent tensors' copies are done
+  gradients_->reset();
   StepStats out;
   if (scaler) out.loss_scale = scaler->scale();
   if (stages_.front().sync) {
     auto scope = timer.phase(Phase::grad_sync);
-    for (size_t s = stages_.size(); s-- > 0;) stages_[s].sync->finish(ctx.stream);
+    for (size_t s = stages_.size(); s-- > 0;) stages_[s].sync->finish(ctx.main);
   }
-  finish_step(model_, opt, comm_, options, /*synced=*/stages_.front().sync != nullptr, out, timer, ctx.stream);
+  finish_step(model_, opt, comm_, options, /*synced=*/stages_.front().sync != nullptr, out, timer, ctx.main);
   double loss_sum = 0;
   for (int i = 0; i < m; ++i) {
     loss_sum = std::fma(static_cast<double>(ctx.losses[static_cast<size_t>(i)]), ctx.weight[static_cast<size_t>(i)], loss_sum);  // as train_step_micro
@@ -528,8 +792,7 @@ StepStats Pipeline::train_step(Optimizer& opt, const std::vector<Tensor>& xs, co
     forward_sum_s_[s] += st.forward_s;
     backward_sum_s_[s] += st.backward_s;
     idle_sum_[s] += wall > 0 ? std::max(0.0, 1.0 - st.busy_s / wall) : 0.0;
-    peak_bytes_[s] =
-        std::max(peak_bytes_[s], static_cast<int64_t>(memory_domain_peak_bytes(st.domain)) - base[s]);
+    peak_bytes_[s] = std::max(peak_bytes_[s], static_cast<int64_t>(stage_peak_bytes(st)) - base[s]);
   }
   return out;
 }
@@ -560,7 +823,7 @@ PipelineStats Pipeline::stats() const {
     q.last_unit = st.names.back();
     q.units = static_cast<int>(st.names.size());
     q.parameters = count_parameters(st.modules);
-    q.device = cpu_device(options_.threads_per_stage);
+    q.device = stage_device(st);
     q.busy_s = busy_sum_s_[s] / n;
     q.forward_s = forward_sum_s_[s] / n;
     q.backward_s = backward_sum_s_[s] / n;

@@ -21,6 +21,21 @@
 // Failures: an exception in either stage aborts the mailboxes, so the other stage cannot wait
 // forever; the step then throws the first stage's error, naming the stage and micro-batch.
 //
+// GPU stages (the one-GPU mode): both stages on the model's GPU, each worker thread issuing its
+// work on a stream of its own (a blocking stream: a legacy-default-stream op a layer may issue,
+// such as Tensor::clone, stays ordered with it) and allocating from a memory pool of its own —
+// the stage's memory domain, which on a GPU is a caching allocator of its own (kernels/allocator.h),
+// because that allocator is not stream-aware: one pool, one stream. Hand-offs are explicit:
+// the sender records an event after producing a tensor; the receiver makes its stream wait for
+// it (cudaStreamWaitEvent), copies the tensor into its own pool on its own stream and records a
+// second event, and hands the source back; the sender releases the source only once that event
+// has completed. Each stage's stream first waits for an event recorded on the training thread's
+// stream (the legacy default stream of the model's GPU: the step's input batches, the last
+// optimizer step) and is synchronised when the stage's work is done, so everything the training
+// thread runs after it (gradient all-reduce, loss scaler, clipping, optimizer) sees its results.
+// Busy times on a GPU are CUDA-event times of each forward and backward on the stage's stream;
+// peak memory is the stage's pool's. Two different GPUs are refused (pipeline.devices).
+//
 // Data parallelism: each rank owns a pipeline; each stage's gradients are bucketed and
 // all-reduced (GradSync without hooks) from the training thread as soon as that stage has run
 // its last backward — the last stage's reduction overlaps the first stage's last backwards.
@@ -96,6 +111,9 @@ struct PipelineOptions {
   PipeSchedule schedule = PipeSchedule::one_f_one_b;
   int cut = 1;                // index of stage 1's first unit
   int threads_per_stage = 1;  // CPU stages: kernel threads of each stage's worker
+  // The device of each stage; empty: both on the model's device. Both must be that device
+  // (two different GPUs are not supported yet).
+  std::vector<Device> devices;
   // Data parallelism over the communicator passed to the pipeline (when it has > 1 rank):
   // bucket size for each stage's gradient all-reduce.
   double bucket_mb = 25;
@@ -105,7 +123,7 @@ struct PipelineStageStats {
   std::string first_unit, last_unit;
   int units = 0;
   int64_t parameters = 0;
-  std::string device;  // "cpu (2 threads)"
+  std::string device;  // "cpu (2 threads)", "cuda:0 (own stream and memory pool)"
   double busy_s = 0;   // mean per step: forwards + backwards, not waiting
   double forward_s = 0, backward_s = 0;
   double idle = 0;               // mean share of the pipelined step the stage waited
@@ -128,7 +146,7 @@ struct PipelineStats {
 
 class Pipeline {
  public:
-  // `units` is the model's chain (MedicalCNN::units()), all on one device (the CPU); the model
+  // `units` is the model's chain (MedicalCNN::units()), all on the model's device; the model
   // is the whole (zero_grad, the optimizer's parameters, checkpoints are unchanged). With a
   // communicator of several ranks, every rank builds the same pipeline.
   Pipeline(Module& model, Units units, const PipelineOptions& options, Communicator& comm);
@@ -162,22 +180,31 @@ class Pipeline {
  private:
   struct Worker;
   struct Mailbox;
+  struct Gpu;  // stage streams and events (CUDA builds)
   struct Stage {
     std::vector<Module*> modules;
     std::vector<std::string> names;
     std::vector<PipeOp> ops;
+    Device device;
+    Stream stream;  // the stage's own stream on a GPU; the CPU stream otherwise
     int domain = 0;
     std::unique_ptr<GradSync> sync;
     double busy_s = 0, forward_s = 0, backward_s = 0;  // this step
   };
   struct StepContext;
   void run_stage(int stage, StepContext& ctx);
+  Stream main_stream() const { return Stream{model_.device(), nullptr}; }  // the training thread's
+  std::string stage_device(const Stage& st) const;
+  size_t stage_current_bytes(const Stage& st) const;
+  size_t stage_peak_bytes(const Stage& st) const;
+  void reset_stage_peak(const Stage& st) const;
 
   Module& model_;
   Units units_;
   PipelineOptions options_;
   Communicator& comm_;
   std::vector<Stage> stages_;
+  std::unique_ptr<Gpu> gpu_;  // null for CPU stages
   std::vector<std::unique_ptr<Worker>> workers_;
   std::unique_ptr<Mailbox> activations_, gradients_;  // stage 0 -> 1, stage 1 -> 0
 

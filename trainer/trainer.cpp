@@ -368,7 +368,7 @@ double epoch_metric(const std::string& name, double train_loss, double train_acc
 }  // namespace
 
 // What a CUDA run needs that is not there yet fails here, before any data is read, naming the
-// setting. The GPU path: one GPU per process (fp32, fp16 or bf16), no pipeline stages on GPUs,
+// setting. The GPU path: one GPU per process (fp32, fp16 or bf16; pipeline stages both on it),
 // several ranks only with the NCCL backend built (comm/nccl/).
 void check_train_device(Device device, DType precision, int ranks, bool pipelined) {
   if (device.is_cpu()) return;
@@ -386,7 +386,9 @@ void check_train_device(Device device, DType precision, int ranks, bool pipeline
   LANCET_CHECK(ranks == 1 || nccl_available(), "train.device " << device.str() << " with " << ranks
                                                                 << " ranks: this build of lancet has no NCCL (GPU gradients "
                                                                    "across ranks need it); use --device cpu");
-  LANCET_CHECK(!pipelined, "pipeline.stages > 1 on " << device.str() << ": pipeline stages run on CPU threads so far");
+  // Pipeline stages on a GPU: the one-GPU mode (both stages on this GPU, each with its own
+  // stream and memory pool); pipeline.devices naming other devices is refused by the Pipeline.
+  (void)pipelined;
 }
 
 TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& log) {
@@ -414,6 +416,11 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
                                                                         "pipeline.micro_batches micro-batches itself; set one of them");
     LANCET_CHECK(!dist.sync_bn, "dist.sync_bn with pipeline.stages " << pc.stages
                                                                      << ": SyncBatchNorm inside pipeline stages is not supported");
+    for (const std::string& d : pc.devices)
+      LANCET_CHECK(parse_device(d) == device, "pipeline.devices names " << d << " but this rank trains on " << device.str()
+                                                                         << ": both stages run on train.device for now "
+                                                                            "(stages on two different devices are not "
+                                                                            "supported yet); leave pipeline.devices empty");
   }
   const std::string binding = bind_rank_threads(dist.bind, comm, threads);
   set_num_threads(threads);
@@ -542,12 +549,14 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     std::mt19937 rng(static_cast<uint32_t>(tc.seed));
     std::normal_distribution<float> nd;
     for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = nd(rng);
+    if (!device.is_cpu()) x = x.to(device);
     int cut = choose_cut(pc.cut, pc.balance, model->units(), make_scratch, x, stream, stage_threads, &cut_basis);
     if (ranks > 1 && pc.cut == "auto") cut = static_cast<int>(comm.all_reduce_scalar(comm.is_root() ? cut : 0, ReduceOp::sum));
     PipelineOptions po;
     po.schedule = parse_pipe_schedule(pc.schedule);
     po.cut = cut;
     po.threads_per_stage = stage_threads;
+    for (const std::string& d : pc.devices) po.devices.push_back(parse_device(d));
     po.bucket_mb = dist.bucket_mb;
     pipeline = std::make_unique<Pipeline>(*model, model->units(), po, comm);
   }

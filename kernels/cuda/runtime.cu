@@ -46,11 +46,11 @@ CudaDeviceGuard::~CudaDeviceGuard() {
   if (changed_) cudaSetDevice(prev_);  // never throws
 }
 
-CudaStream::CudaStream(Device device, int priority) : device_(device) {
+CudaStream::CudaStream(Device device, int priority, bool blocking) : device_(device) {
   LANCET_CHECK(device.is_cuda(), "CudaStream on " << device.str());
   CudaDeviceGuard g(device.index);
   cudaStream_t st = nullptr;
-  LANCET_CUDA_CHECK(cudaStreamCreateWithPriority(&st, cudaStreamNonBlocking, priority));
+  LANCET_CUDA_CHECK(cudaStreamCreateWithPriority(&st, blocking ? cudaStreamDefault : cudaStreamNonBlocking, priority));
   native_ = st;
 }
 CudaStream::~CudaStream() {
@@ -142,6 +142,7 @@ RawAllocator cuda_raw_allocator(int index) {
 
 }  // namespace
 
+// One caching allocator per (GPU, memory domain) (kernels/allocator.h): called for each pool.
 Allocator* cuda_allocator_create(int index) {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {

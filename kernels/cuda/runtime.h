@@ -57,11 +57,14 @@ class CudaDeviceGuard {
   bool changed_ = false;
 };
 
-// A non-blocking stream (it does not synchronise with the legacy default stream) on one GPU,
-// destroyed with the object. stream() is the lancet::Stream every op takes.
+// A stream on one GPU, destroyed with the object. stream() is the lancet::Stream every op takes.
+// Non-blocking by default: it does not synchronise with the legacy default stream. A blocking
+// one (`blocking`) does, as CUDA defines it: work on the legacy default stream of its device
+// waits for the blocking streams' earlier work, and their later work waits for it — so an op
+// some layer issues on the legacy stream (Tensor::clone, to) stays ordered with it.
 class CudaStream {
  public:
-  explicit CudaStream(Device device, int priority = 0);
+  explicit CudaStream(Device device, int priority = 0, bool blocking = false);
   ~CudaStream();
   CudaStream(const CudaStream&) = delete;
   CudaStream& operator=(const CudaStream&) = delete;
