@@ -9,6 +9,7 @@
 #include <fstream>
 
 #include "tests/cli_util.h"
+#include "tests/weights_diff.h"
 #include "trainer/weights.h"
 
 using namespace lancet;
@@ -43,18 +44,6 @@ int count(const std::string& text, const std::string& what) {
   int n = 0;
   for (size_t pos = 0; (pos = text.find(what, pos)) != std::string::npos; pos += what.size()) ++n;
   return n;
-}
-
-// Largest |a - b| over every parameter and buffer of two weight files.
-double max_difference(const std::string& a, const std::string& b) {
-  auto ma = load_model(a), mb = load_model(b);
-  auto sa = ma->state_dict(), sb = mb->state_dict();
-  double worst = 0;
-  for (size_t i = 0; i < sa.size(); ++i) {
-    const auto va = sa[i].second->to_vector(), vb = sb[i].second->to_vector();
-    for (size_t j = 0; j < va.size(); ++j) worst = std::max(worst, std::fabs(static_cast<double>(va[j]) - vb[j]));
-  }
-  return worst;
 }
 
 class Ddp : public ::testing::Test {

@@ -27,6 +27,7 @@
 #include "comm/communicator.h"
 #include "kernels/cuda/runtime.h"
 #include "tests/cli_util.h"
+#include "tests/weights_diff.h"
 #include "tests/expect_error.h"
 #include "tests/gpu_util.h"
 #include "trainer/ddp.h"
@@ -467,17 +468,6 @@ class NcclTwoGpus : public ::testing::Test {
     if (cuda_devices().size() < 2) GTEST_SKIP() << "2-rank NCCL tests need 2 GPUs; " << cuda_devices().size() << " visible";
   }
 };
-
-double max_difference(const std::string& a, const std::string& b) {
-  auto ma = load_model(a), mb = load_model(b);
-  auto sa = ma->state_dict(), sb = mb->state_dict();
-  double worst = 0;
-  for (size_t i = 0; i < sa.size(); ++i) {
-    const auto va = sa[i].second->to_vector(), vb = sb[i].second->to_vector();
-    for (size_t j = 0; j < va.size(); ++j) worst = std::max(worst, std::fabs(static_cast<double>(va[j]) - vb[j]));
-  }
-  return worst;
-}
 
 }  // namespace
 

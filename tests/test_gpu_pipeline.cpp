@@ -22,6 +22,7 @@
 #include "kernels/allocator.h"
 #include "layers/medicalcnn.h"
 #include "tests/expect_error.h"
+#include "tests/pipeline_fixtures.h"
 #include "tests/gpu_util.h"
 #include "trainer/loss_scaler.h"
 #include "trainer/pipeline.h"
@@ -41,34 +42,6 @@ MedicalCNNConfig small_config() {
   c.se_reduction = 2;
   c.head_hidden = 16;
   return c;  // dropout on: its counters must advance as without the pipeline
-}
-
-OptimConfig optim(const std::string& name, float lr) {
-  Json c = default_config();
-  c["optim"]["name"] = name;
-  c["optim"]["lr"] = lr;
-  return optim_config(c);
-}
-
-struct Batch {
-  std::vector<Tensor> xs, ys;
-};
-// `rows` rows in micro-batches as lancet train splits them, on cuda:0.
-Batch make_batch(int64_t rows, int m, int size, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> nd;
-  Batch b;
-  const int64_t mb = (rows + m - 1) / m;
-  for (int64_t r0 = 0; r0 < rows; r0 += mb) {
-    const int64_t n = std::min(mb, rows - r0);
-    Tensor x = Tensor::empty({n, 1, size, size});
-    Tensor y = Tensor::empty({n}, DType::i64);
-    for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = nd(rng);
-    for (int64_t i = 0; i < n; ++i) y.data<int64_t>()[i] = static_cast<int64_t>(rng() % 3);
-    b.xs.push_back(to_gpu(x));
-    b.ys.push_back(to_gpu(y));
-  }
-  return b;
 }
 
 std::unique_ptr<MedicalCNN> gpu_model(DType precision) {
@@ -110,7 +83,7 @@ std::vector<StepStats> train(MedicalCNN& net, Pipeline* pipe, int m, DType preci
   auto comm = make_single_process_communicator();
   std::vector<StepStats> out;
   for (int step = 0; step < 3; ++step) {
-    const Batch b = make_batch(11, m, 24, 100 + static_cast<uint32_t>(step));  // uneven micro-batches
+    const MicroBatches b = make_batch(11, m, 24, 100 + static_cast<uint32_t>(step), Device::cuda(0));  // uneven micro-batches
     StepOptions so;
     so.loss_scaler = &scaler;
     so.clip_grad_norm = 1.0f;
@@ -183,7 +156,7 @@ TEST(GpuPipeline, OneFOneBHoldsLessActivationMemoryThanGpipe) {
     auto net = gpu_model(DType::f32);
     auto opt = make_optimizer(optim("sgd", 0.01f), net->named_parameters());
     Pipeline pipe(*net, net->units(), options(sched, 2), *comm);  // stage 0 holds the large early activations
-    const Batch b = make_batch(32, 8, 96, 5);
+    const MicroBatches b = make_batch(32, 8, 96, 5, Device::cuda(0));
     for (int step = 0; step < 2; ++step) pipe.train_step(*opt, b.xs, b.ys, Loss(), StepOptions());
     peak[sched == PipeSchedule::gpipe ? 0 : 1] = pipe.stats().stage[0].peak_bytes;
     EXPECT_EQ(pipe.stats().stage[0].max_in_flight, sched == PipeSchedule::gpipe ? 8 : 2);
@@ -197,14 +170,14 @@ TEST(GpuPipeline, AFailingStageStopsTheStepWithItsErrorAndTheNextStepRuns) {
   auto net = gpu_model(DType::f32);
   auto opt = make_optimizer(optim("sgd", 0.01f), net->named_parameters());
   Pipeline pipe(*net, net->units(), options(PipeSchedule::one_f_one_b, 3), *comm);
-  Batch bad = make_batch(8, 4, 24, 9);
+  MicroBatches bad = make_batch(8, 4, 24, 9, Device::cuda(0));
   Tensor y = to_cpu(bad.ys[2]);
   y.data<int64_t>()[0] = 7;  // out of range: the last stage's loss of micro-batch 2 throws
   bad.ys[2] = to_gpu(y);
   expect_error([&] { pipe.train_step(*opt, bad.xs, bad.ys, Loss(), StepOptions()); },
                {"pipeline stage 1, forward of micro-batch 2: "});
   net->zero_grad();
-  const Batch good = make_batch(8, 4, 24, 10);
+  const MicroBatches good = make_batch(8, 4, 24, 10, Device::cuda(0));
   const StepStats st = pipe.train_step(*opt, good.xs, good.ys, Loss(), StepOptions());
   EXPECT_EQ(st.count, 8);
   EXPECT_TRUE(std::isfinite(st.loss));

@@ -21,6 +21,7 @@
 #include "layers/medicalcnn.h"
 #include "tests/cli_util.h"
 #include "tests/expect_error.h"
+#include "tests/pipeline_fixtures.h"
 #include "trainer/loss_scaler.h"
 #include "trainer/pipeline.h"
 #include "trainer/trainer.h"
@@ -46,35 +47,6 @@ MedicalCNNConfig small_config() {
   c.se_reduction = 2;
   c.head_hidden = 8;
   return c;  // dropout stays on: its counters must advance as without the pipeline
-}
-
-// The optimizer settings of the config's defaults, with this name and learning rate.
-OptimConfig optim(const std::string& name, float lr) {
-  Json c = default_config();
-  c["optim"]["name"] = name;
-  c["optim"]["lr"] = lr;
-  return optim_config(c);
-}
-
-struct Batch {
-  std::vector<Tensor> xs, ys;
-};
-// `rows` rows in micro-batches as lancet train splits them (ceil(rows / m) each).
-Batch make_batch(int64_t rows, int m, int size, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> nd;
-  Batch b;
-  const int64_t mb = (rows + m - 1) / m;
-  for (int64_t r0 = 0; r0 < rows; r0 += mb) {
-    const int64_t n = std::min(mb, rows - r0);
-    Tensor x = Tensor::empty({n, 1, size, size});
-    Tensor y = Tensor::empty({n}, DType::i64);
-    for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = nd(rng);
-    for (int64_t i = 0; i < n; ++i) y.data<int64_t>()[i] = static_cast<int64_t>(rng() % 3);
-    b.xs.push_back(x);
-    b.ys.push_back(y);
-  }
-  return b;
 }
 
 void expect_bitwise_equal(Module& a, Module& b) {
@@ -171,7 +143,7 @@ TEST_F(Pipelines, EqualGradientAccumulationBitwise) {
         const Loss loss;
         const Stream s{Device::cpu(), nullptr};
         for (int step = 0; step < 3; ++step) {
-          const Batch b = make_batch(11, m, 16, 100 + static_cast<uint32_t>(step));  // 11 rows: uneven micro-batches
+          const MicroBatches b = make_batch(11, m, 16, 100 + static_cast<uint32_t>(step));  // 11 rows: uneven micro-batches
           StepOptions so_ref, so_pipe;
           so_ref.loss_scaler = &scaler_ref;
           so_pipe.loss_scaler = &scaler_pipe;
@@ -219,7 +191,7 @@ TEST_F(Pipelines, OneFOneBHoldsLessActivationMemoryThanGpipe) {
     po.schedule = sched;
     po.cut = 2;  // stage 0 holds the large early activations
     Pipeline pipe(net, net.units(), po, *comm_);
-    const Batch b = make_batch(16, 8, 48, 5);
+    const MicroBatches b = make_batch(16, 8, 48, 5);
     pipe.train_step(*opt, b.xs, b.ys, Loss(), StepOptions());
     peak[sched == PipeSchedule::gpipe ? 0 : 1] = pipe.stats().stage[0].peak_bytes;
     EXPECT_EQ(pipe.stats().stage[0].max_in_flight, sched == PipeSchedule::gpipe ? 8 : 2);
@@ -235,18 +207,18 @@ TEST_F(Pipelines, AFailingStageStopsTheStepWithItsErrorAndTheNextStepRuns) {
   PipelineOptions po;
   po.cut = 3;
   Pipeline pipe(net, net.units(), po, *comm_);
-  Batch b = make_batch(8, 4, 16, 9);
+  MicroBatches b = make_batch(8, 4, 16, 9);
   b.ys[2].data<int64_t>()[0] = 7;  // a label out of range: the last stage's loss of micro-batch 2 throws
   const auto t0 = std::chrono::steady_clock::now();
   expect_error([&] { pipe.train_step(*opt, b.xs, b.ys, Loss(), StepOptions()); }, {"pipeline stage 1, forward of micro-batch 2: "});
   EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 30.0);
   // A wrong input shape fails in stage 0.
-  Batch bad = make_batch(8, 4, 16, 9);
+  MicroBatches bad = make_batch(8, 4, 16, 9);
   bad.xs[1] = Tensor::zeros({2, 3, 16, 16});
   expect_error([&] { pipe.train_step(*opt, bad.xs, bad.ys, Loss(), StepOptions()); }, {"pipeline stage 0, forward of micro-batch 1: "});
   // The pipeline is usable again.
   net.zero_grad();
-  const Batch good = make_batch(8, 4, 16, 10);
+  const MicroBatches good = make_batch(8, 4, 16, 10);
   const StepStats st = pipe.train_step(*opt, good.xs, good.ys, Loss(), StepOptions());
   EXPECT_EQ(st.count, 8);
   EXPECT_TRUE(std::isfinite(st.loss));

@@ -69,6 +69,23 @@ __global__ void add_partials_kernel(const float* __restrict__ partial, float* __
   }
 }
 
+// The index in the other layout of element i of an [N, C, H, W] tensor laid out NHWC (nhwc)
+// or NCHW (!nhwc).
+__device__ __forceinline__ int64_t other_layout_index(int64_t i, int64_t C, int64_t H, int64_t W, bool nhwc) {
+  int64_t r = i;
+  if (nhwc) {  // i = ((n * H + h) * W + w) * C + c
+    const int64_t c = r % C; r /= C;
+    const int64_t w = r % W; r /= W;
+    const int64_t h = r % H, n = r / H;
+    return ((n * C + c) * H + h) * W + w;
+  }
+  // i = ((n * C + c) * H + h) * W + w
+  const int64_t w = r % W; r /= W;
+  const int64_t h = r % H; r /= H;
+  const int64_t c = r % C, n = r / C;
+  return ((n * H + h) * W + w) * C + c;
+}
+
 // dst[i] (= or +=) src[j] where i indexes dst's layout and j the same [n, c, h, w] in src's
 // (the other one). One thread per dst element: writes coalesced, reads gathered.
 template <typename T>
@@ -76,18 +93,7 @@ __global__ void convert_format_kernel(const T* __restrict__ src, T* __restrict__
                                       int64_t H, int64_t W, bool dst_nhwc, bool accumulate) {
   const int64_t n_all = N * C * H * W;
   for (int64_t i = global_thread(); i < n_all; i += grid_threads()) {
-    int64_t r = i, j;
-    if (dst_nhwc) {  // i = ((n * H + h) * W + w) * C + c
-      const int64_t c = r % C; r /= C;
-      const int64_t w = r % W; r /= W;
-      const int64_t h = r % H, n = r / H;
-      j = ((n * C + c) * H + h) * W + w;
-    } else {  // i = ((n * C + c) * H + h) * W + w
-      const int64_t w = r % W; r /= W;
-      const int64_t h = r % H; r /= H;
-      const int64_t c = r % C, n = r / C;
-      j = ((n * H + h) * W + w) * C + c;
-    }
+    const int64_t j = other_layout_index(i, C, H, W, dst_nhwc);
     dst[i] = accumulate ? store_f<T>(load_f(dst[i]) + load_f(src[j])) : src[j];
   }
 }
@@ -99,21 +105,7 @@ __global__ void accumulate_f32_kernel(const S* __restrict__ src, float* __restri
                                       int64_t H, int64_t W, bool dst_nhwc, bool src_nhwc) {
   const int64_t n_all = N * C * H * W;
   for (int64_t i = global_thread(); i < n_all; i += grid_threads()) {
-    int64_t j = i;
-    if (dst_nhwc != src_nhwc) {
-      int64_t r = i;
-      if (dst_nhwc) {  // i = ((n * H + h) * W + w) * C + c
-        const int64_t c = r % C; r /= C;
-        const int64_t w = r % W; r /= W;
-        const int64_t h = r % H, n = r / H;
-        j = ((n * C + c) * H + h) * W + w;
-      } else {  // i = ((n * C + c) * H + h) * W + w
-        const int64_t w = r % W; r /= W;
-        const int64_t h = r % H; r /= H;
-        const int64_t c = r % C, n = r / C;
-        j = ((n * H + h) * W + w) * C + c;
-      }
-    }
+    const int64_t j = dst_nhwc == src_nhwc ? i : other_layout_index(i, C, H, W, dst_nhwc);
     dst[i] += load_f(src[j]);
   }
 }
