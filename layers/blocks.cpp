@@ -4,6 +4,7 @@
 
 #include "kernels/activation.h"
 #include "kernels/elementwise.h"
+#include "kernels/fused.h"
 #include "kernels/pool.h"
 
 namespace lancet {
@@ -33,7 +34,8 @@ void SEBlock::check_input(const Tensor& x) const {
                                                                                 << x.shape_str());
 }
 
-Tensor SEBlock::forward_impl(const Tensor& x, SavedPtr* saved, const Stream& s) {
+Tensor SEBlock::gate_forward(const Tensor& x, SavedPtr* saved, const Stream& s) {
+  check_input(x);
   auto c = make_saved<SESaved>(saved);
   Tensor squeeze = Tensor::empty({x.dim(0), c_}, x.dtype(), x.device());
   global_avgpool_forward(x, squeeze, s);
@@ -41,14 +43,40 @@ Tensor SEBlock::forward_impl(const Tensor& x, SavedPtr* saved, const Stream& s) 
   relu_forward(h, h, s);
   Tensor g = fc2_->forward(h, c ? &c->fc2 : nullptr, s);
   sigmoid_forward(g, g, s);
-  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
-  channel_scale_forward(x, g, y, s);
   if (c) {
     c->x = x;
     c->h = h;
     c->g = g;
     *saved = std::move(c);
   }
+  return g;
+}
+
+void SEBlock::gate_backward(const Tensor& dg, Saved& saved, Tensor& dx, const Stream& s) {
+  auto& c = saved_as<SESaved>(saved, "SEBlock");
+  dg.check_same_shape(c.g, "SEBlock gate backward: dg");
+  Tensor da = Tensor::empty(dg.shape(), dg.dtype(), dg.device());
+  sigmoid_backward(c.g, dg, da, s);
+  Tensor dh = fc2_->backward(da, *c.fc2, true, s);
+  relu_backward(c.h, dh, dh, s);
+  Tensor dsqueeze = fc1_->backward(dh, *c.fc1, dx.defined(), s);
+  if (dx.defined()) {
+    Tensor dpool = Tensor::empty(c.x.shape(), c.x.dtype(), c.x.device());
+    global_avgpool_backward(dsqueeze, dpool, s);
+    add_inplace(dx, dpool, s);
+  }
+}
+
+const Tensor& SEBlock::saved_gate(const Saved& saved) {
+  const auto* c = dynamic_cast<const SESaved*>(&saved);
+  LANCET_CHECK(c, "SEBlock: saved state of another module");
+  return c->g;
+}
+
+Tensor SEBlock::forward_impl(const Tensor& x, SavedPtr* saved, const Stream& s) {
+  const Tensor g = gate_forward(x, saved, s);
+  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  channel_scale_forward(x, g, y, s);
   return y;
 }
 
@@ -59,16 +87,7 @@ Tensor SEBlock::backward_impl(const Tensor& dy, Saved& saved, bool need_input_gr
   Tensor dx = need_input_grad ? Tensor::empty(c.x.shape(), c.x.dtype(), c.x.device()) : Tensor();
   Tensor dg = Tensor::empty(c.g.shape(), c.g.dtype(), c.g.device());
   channel_scale_backward(c.x, c.g, dy, dx, dg, s);
-  Tensor da = Tensor::empty(dg.shape(), dg.dtype(), dg.device());
-  sigmoid_backward(c.g, dg, da, s);
-  Tensor dh = fc2_->backward(da, *c.fc2, true, s);
-  relu_backward(c.h, dh, dh, s);
-  Tensor dsqueeze = fc1_->backward(dh, *c.fc1, need_input_grad, s);
-  if (need_input_grad) {
-    Tensor dpool = Tensor::empty(c.x.shape(), c.x.dtype(), c.x.device());
-    global_avgpool_backward(dsqueeze, dpool, s);
-    add_inplace(dx, dpool, s);
-  }
+  gate_backward(dg, saved, dx, s);
   return dx;
 }
 
@@ -77,6 +96,7 @@ Tensor SEBlock::backward_impl(const Tensor& dy, Saved& saved, bool need_input_gr
 namespace {
 struct ResidualSaved : Saved {
   SavedPtr conv1, bn1, conv2, bn2, se, down;
+  Tensor r;    // bn2's output, the SE input
   Tensor out;  // block output
 };
 }  // namespace
@@ -105,11 +125,15 @@ void BasicResidualBlock::check_input(const Tensor& x) const {
 Tensor BasicResidualBlock::forward_impl(const Tensor& x, SavedPtr* saved, const Stream& s) {
   auto c = make_saved<ResidualSaved>(saved);
   Tensor r1 = bn1_->forward(conv1_->forward(x, c ? &c->conv1 : nullptr, s), c ? &c->bn1 : nullptr, s);  // with ReLU
-  Tensor y = bn2_->forward(conv2_->forward(r1, c ? &c->conv2 : nullptr, s), c ? &c->bn2 : nullptr, s);
-  y = se_->forward(y, c ? &c->se : nullptr, s);  // a fresh tensor; SE keeps its input only
-  add_inplace(y, down_ ? down_->forward(x, c ? &c->down : nullptr, s) : x, s);
-  relu_forward(y, y, s);
+  const Tensor r = bn2_->forward(conv2_->forward(r1, c ? &c->conv2 : nullptr, s), c ? &c->bn2 : nullptr, s);
+  // The SE gate, then relu(r * g + shortcut) in one pass (kernels/fused.h; on the CPU bit for
+  // bit the unfused channel scale, add and ReLU).
+  const Tensor g = se_->gate_forward(r, c ? &c->se : nullptr, s);
+  const Tensor shortcut = down_ ? down_->forward(x, c ? &c->down : nullptr, s) : x;
+  Tensor y = Tensor::empty(r.shape(), r.dtype(), r.device());
+  se_scale_residual_relu_forward(r, g, shortcut, y, s);
   if (c) {
+    c->r = r;
     c->out = y;
     *saved = std::move(c);
   }
@@ -119,10 +143,15 @@ Tensor BasicResidualBlock::forward_impl(const Tensor& x, SavedPtr* saved, const 
 Tensor BasicResidualBlock::backward_impl(const Tensor& dy, Saved& saved, bool need_input_grad, const Stream& s) {
   auto& c = saved_as<ResidualSaved>(saved, "BasicResidualBlock");
   dy.check_same_shape(c.out, "BasicResidualBlock backward: dy");
-  Tensor d = Tensor::empty(dy.shape(), dy.dtype(), dy.device());  // d out / d (y + shortcut)
-  relu_backward(c.out, dy, d, s);
-  Tensor g = se_->backward(d, *c.se, true, s);
-  g = conv2_->backward(bn2_->backward(g, *c.bn2, true, s), *c.conv2, true, s);
+  // Through relu(r * g + shortcut): d = dy * (out > 0) to the shortcut, d * g to r, and
+  // sum_hw d * r to the gate, which the SE's excitation MLP takes back (adding its part to dr).
+  const Tensor& gate = SEBlock::saved_gate(*c.se);
+  Tensor d = Tensor::empty(dy.shape(), dy.dtype(), dy.device());  // d out / d (r g + shortcut)
+  Tensor dr = Tensor::empty(c.r.shape(), c.r.dtype(), c.r.device());
+  Tensor dg = Tensor::empty(gate.shape(), gate.dtype(), gate.device());
+  se_scale_residual_relu_backward(c.r, gate, c.out, dy, dr, dg, d, s);
+  se_->gate_backward(dg, *c.se, dr, s);
+  Tensor g = conv2_->backward(bn2_->backward(dr, *c.bn2, true, s), *c.conv2, true, s);
   Tensor dx = conv1_->backward(bn1_->backward(g, *c.bn1, true, s), *c.conv1, need_input_grad, s);
   if (down_) {
     Tensor dshort = down_->backward(d, *c.down, need_input_grad, s);

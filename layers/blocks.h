@@ -17,6 +17,17 @@ class SEBlock : public Module {
   int channels() const { return c_; }
   int hidden() const { return h_; }
 
+  // The excitation alone, for a block that fuses the channel scale into what follows it
+  // (BasicResidualBlock: kernels/fused.h se_scale_residual_relu): g [N, C] =
+  // sigmoid(fc2(relu(fc1(avgpool(x))))), in x's dtype; `saved` gets what gate_backward needs.
+  // forward(x) is x * gate_forward(x).
+  Tensor gate_forward(const Tensor& x, SavedPtr* saved, const Stream& s);
+  // From dg = dL/dg [N, C]: the parameter gradients of fc1 and fc2 (accumulated), and, when dx
+  // is defined, the gate path's part of dL/dx added into dx (dx += avgpool_backward(...)).
+  void gate_backward(const Tensor& dg, Saved& saved, Tensor& dx, const Stream& s);
+  // The gate saved by gate_forward (needed by the fused backward).
+  static const Tensor& saved_gate(const Saved& saved);
+
  protected:
   Tensor forward_impl(const Tensor& x, SavedPtr* saved, const Stream& s) override;
   Tensor backward_impl(const Tensor& dy, Saved& saved, bool need_input_grad, const Stream& s) override;
@@ -30,6 +41,8 @@ class SEBlock : public Module {
 
 // The basic residual block with SE attention:
 //   y = se(bn2(conv2(relu(bn1(conv1(x))))));  out = relu(y + shortcut(x))
+// (the SE's channel scale, the residual add and the final ReLU run as one fused op,
+// kernels/fused.h se_scale_residual_relu: bit for bit the unfused composition on the CPU.)
 // (bn1 carries the ReLU: BatchNorm2d::set_fused_relu.)
 // conv1 3x3 stride `stride`, conv2 3x3, no biases. shortcut = x, or down.0 (conv 1x1, stride)
 // -> down.1 (BatchNorm) when stride != 1 or in_channels != out_channels.
