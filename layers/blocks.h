@@ -68,8 +68,8 @@ class BasicResidualBlock : public Module {
 };
 
 // The multi-dilated (ASPP-style) context block on C channels with branch width b:
-//   branches.k = Sequential(conv, BatchNorm, ReLU), C -> b: k = 0: 1x1; k = 1, 2, 3: 3x3 with
-//   dilation k (padding k); concatenated (branch 0 first) -> project.0 conv 1x1 4b -> C ->
+//   branches.k = Sequential(conv, BatchNorm with the ReLU folded in), C -> b: k = 0: 1x1;
+//   k = 1, 2, 3: 3x3 with dilation k (padding k); concatenated (branch 0 first) -> project.0 conv 1x1 4b -> C ->
 //   project.1 BatchNorm; out = relu(project + x).
 class ContextBlock : public Module {
  public:
