@@ -85,3 +85,9 @@ mb=$(( $(stat -c %s "$KIT/kit.tar.xz") / 1048576 ))
 echo "gpu_kit: $KIT/kit.tar.xz: ${#targets[@]} binaries, ${#seen[@]} libraries, $mb MiB"
 cat "$KIT/paths"
 (( mb <= KIT_MAX_MB )) || { echo "gpu_kit: the kit is $mb MiB, over KIT_MAX_MB=$KIT_MAX_MB" >&2; exit 1; }
+# What travels to the device machine: the working tree (tracked files and untracked ones git
+# does not ignore) plus the carried kit, 64 MiB at most.
+tree=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } | xargs -0 -r stat -c %s 2>/dev/null |
+        awk '{s += $1} END {print int(s / 1048576)}')
+echo "gpu_kit: working tree $tree MiB + kit $mb MiB = $((tree + mb)) MiB of the 64 MiB a device call may carry"
+(( tree + mb < 64 )) || { echo "gpu_kit: over the 64 MiB a device call carries: shrink the kit or the tree" >&2; exit 1; }
