@@ -226,7 +226,7 @@ void run_bench(const BenchArgs& a, Communicator& comm) {
                "bench: --precision " << tc.precision << " on the CPU: fp16/bf16 are emulated there (rounding in "
                                      << "software, for correctness, not speed); benchmark them with --device cuda");
   const int ranks = comm.size();
-  check_train_device(device, precision, ranks, /*pipelined=*/false);
+  check_train_device(device, precision, ranks);
   set_conv_autotune(tc.cudnn_autotune);
   set_allow_tf32(tc.allow_tf32);
   const int threads = threads_per_rank(tc.threads, comm);

@@ -62,7 +62,7 @@ void register_eval(CLI::App& app) {
     // 16-bit tensors on a GPU (layers/module.h); the report is computed from FP32 probabilities.
     const Device device = parse_device(tc.device);
     const DType precision = parse_dtype(tc.precision);
-    check_train_device(device, precision, /*ranks=*/1, /*pipelined=*/false);
+    check_train_device(device, precision, /*ranks=*/1);
     const Stream s{device, nullptr};
     auto model = load_model(a->weights);
     model->to(device);

@@ -370,7 +370,7 @@ double epoch_metric(const std::string& name, double train_loss, double train_acc
 // What a CUDA run needs that is not there yet fails here, before any data is read, naming the
 // setting. The GPU path: one GPU per process (fp32, fp16 or bf16; pipeline stages both on it),
 // several ranks only with the NCCL backend built (comm/nccl/).
-void check_train_device(Device device, DType precision, int ranks, bool pipelined) {
+void check_train_device(Device device, DType precision, int ranks) {
   if (device.is_cpu()) return;
 #ifdef LANCET_WITH_CUDA
   const auto gpus = cuda_devices();
@@ -386,9 +386,8 @@ void check_train_device(Device device, DType precision, int ranks, bool pipeline
   LANCET_CHECK(ranks == 1 || nccl_available(), "train.device " << device.str() << " with " << ranks
                                                                 << " ranks: this build of lancet has no NCCL (GPU gradients "
                                                                    "across ranks need it); use --device cpu");
-  // Pipeline stages on a GPU: the one-GPU mode (both stages on this GPU, each with its own
+  // Pipeline stages on a GPU run in the one-GPU mode (both stages on this GPU, each with its own
   // stream and memory pool); pipeline.devices naming other devices is refused by the Pipeline.
-  (void)pipelined;
 }
 
 TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& log) {
@@ -404,7 +403,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   const LossScalerConfig lsc = loss_scaler_config(config);
   const DType precision = parse_dtype(tc.precision);
   const Device device = rank_device(tc.device, comm);  // "cuda": this rank's own GPU on its node
-  check_train_device(device, precision, ranks, pipelined);
+  check_train_device(device, precision, ranks);
   set_conv_autotune(tc.cudnn_autotune);
   set_allow_tf32(tc.allow_tf32);
   // Threads: all cores for one process; 1 per rank when several ranks share a node.

@@ -111,10 +111,10 @@ struct TrainSummary {
   size_t peak_bytes = 0;
 };
 
-// Refuses, naming the setting, a device / precision / rank count / pipeline combination this
-// build cannot train with (a missing GPU, a build without CUDA, ...), before any data is read.
-// A CPU device always passes.
-void check_train_device(Device device, DType precision, int ranks, bool pipelined);
+// Refuses, naming the setting, a device / precision / rank count combination this build cannot
+// train with (a missing GPU, a build without CUDA, several GPU ranks without NCCL), before any
+// data is read. A CPU device always passes.
+void check_train_device(Device device, DType precision, int ranks);
 
 // Runs a whole training job from a resolved config: data, model, epochs, per-epoch validation,
 // DIR/metrics.jsonl and DIR/final.h5 when train.out is set. Progress goes to `log`.
