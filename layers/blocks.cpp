@@ -6,6 +6,7 @@
 #include "kernels/elementwise.h"
 #include "kernels/fused.h"
 #include "kernels/pool.h"
+#include "kernels/trace.h"
 
 namespace lancet {
 
@@ -128,7 +129,11 @@ Tensor BasicResidualBlock::forward_impl(const Tensor& x, SavedPtr* saved, const 
   const Tensor r = bn2_->forward(conv2_->forward(r1, c ? &c->conv2 : nullptr, s), c ? &c->bn2 : nullptr, s);
   // The SE gate, then relu(r * g + shortcut) in one pass (kernels/fused.h; on the CPU bit for
   // bit the unfused channel scale, add and ReLU).
-  const Tensor g = se_->gate_forward(r, c ? &c->se : nullptr, s);
+  Tensor g;
+  {
+    TraceScope trace("SEBlock", "forward");  // the span Module::forward would have given it
+    g = se_->gate_forward(r, c ? &c->se : nullptr, s);
+  }
   const Tensor shortcut = down_ ? down_->forward(x, c ? &c->down : nullptr, s) : x;
   Tensor y = Tensor::empty(r.shape(), r.dtype(), r.device());
   se_scale_residual_relu_forward(r, g, shortcut, y, s);
@@ -150,7 +155,10 @@ Tensor BasicResidualBlock::backward_impl(const Tensor& dy, Saved& saved, bool ne
   Tensor dr = Tensor::empty(c.r.shape(), c.r.dtype(), c.r.device());
   Tensor dg = Tensor::empty(gate.shape(), gate.dtype(), gate.device());
   se_scale_residual_relu_backward(c.r, gate, c.out, dy, dr, dg, d, s);
-  se_->gate_backward(dg, *c.se, dr, s);
+  {
+    TraceScope trace("SEBlock", "backward");
+    se_->gate_backward(dg, *c.se, dr, s);
+  }
   Tensor g = conv2_->backward(bn2_->backward(dr, *c.bn2, true, s), *c.conv2, true, s);
   Tensor dx = conv1_->backward(bn1_->backward(g, *c.bn1, true, s), *c.conv1, need_input_grad, s);
   if (down_) {
