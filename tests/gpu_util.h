@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/dtype.h"
 #include "kernels/tensor.h"
 #ifdef LANCET_WITH_CUDA
 #include "kernels/cuda/runtime.h"
@@ -41,6 +42,20 @@ inline const char* no_gpu_reason() {
 
 inline Tensor to_gpu(const Tensor& t) { return t.defined() ? t.to(Device::cuda(0)) : Tensor(); }
 inline Tensor to_cpu(const Tensor& t) { return t.defined() ? t.to(Device::cpu()) : Tensor(); }
+// The CPU f32 tensor `t` stored as dtype dt (f32, f16, bf16) on the GPU, each value converted
+// by half_t / bfloat16_t (round to nearest even); undefined stays undefined.
+inline Tensor to_gpu_as(const Tensor& t, DType dt) {
+  if (!t.defined() || dt == DType::f32) return to_gpu(t);
+  Tensor h = Tensor::empty(t.shape(), dt);
+  const float* p = t.data<float>();
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    if (dt == DType::f16)
+      h.data<half_t>()[i] = half_t(p[i]);
+    else
+      h.data<bfloat16_t>()[i] = bfloat16_t(p[i]);
+  }
+  return to_gpu(h);
+}
 
 // Element-wise |gpu - cpu| <= atol + rtol * |cpu| for f32 tensors (gpu may be on either
 // device); reports the first few failures with their flat index, and the worst one.

@@ -47,19 +47,7 @@ Tensor rounded(const Tensor& t, DType dt) {
 }
 
 // A GPU tensor of dtype dt holding the CPU f32 tensor's values (rounded to dt).
-Tensor gpu_as(const Tensor& t, DType dt = DType::f32) {
-  if (!t.defined()) return Tensor();
-  if (dt == DType::f32) return t.to(Device::cuda(0));
-  Tensor h = Tensor::empty(t.shape(), dt);
-  const float* p = t.data<float>();
-  for (int64_t i = 0; i < t.numel(); ++i) {
-    if (dt == DType::f16)
-      h.data<half_t>()[i] = half_t(p[i]);
-    else
-      h.data<bfloat16_t>()[i] = bfloat16_t(p[i]);
-  }
-  return h.to(Device::cuda(0));
-}
+Tensor gpu_as(const Tensor& t, DType dt = DType::f32) { return testing::to_gpu_as(t, dt); }
 
 // A GPU tensor of NaNs: any element a kernel fails to write shows up in the comparison.
 Tensor gpu_nan(const Shape& shape, DType dt = DType::f32) {

@@ -36,6 +36,7 @@ using testing::expect_error;
 using testing::random_tensor;
 using testing::to_cpu;
 using testing::to_gpu;
+using testing::to_gpu_as;
 
 const Stream kCpu = Stream::cpu();
 const Stream kGpu{Device::cuda(0), nullptr};
@@ -57,18 +58,6 @@ void expect_same_bits(const Tensor& cpu, const Tensor& gpu, const std::string& w
     }
 }
 
-// f32 CPU tensor `t` stored as dtype dt (f16/bf16) on the GPU; t must already be rounded to dt.
-Tensor to_gpu_as(const Tensor& t, DType dt) {
-  Tensor h = Tensor::empty(t.shape(), dt);
-  const float* p = t.data<float>();
-  for (int64_t i = 0; i < t.numel(); ++i) {
-    if (dt == DType::f16)
-      h.data<half_t>()[i] = half_t(p[i]);
-    else
-      h.data<bfloat16_t>()[i] = bfloat16_t(p[i]);
-  }
-  return h.to(Device::cuda(0));
-}
 
 // A GPU f16/bf16 tensor as a CPU f32 tensor (exact widening).
 Tensor to_cpu_f32(const Tensor& g) {
