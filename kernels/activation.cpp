@@ -1,4 +1,5 @@
-// activation.cpp — CPU ReLU, sigmoid and dropout; elementwise, parallel over fixed chunks.
+// activation.cpp — CPU ReLU, sigmoid and dropout; elementwise over memory, parallel over fixed
+// chunks, so either memory format works (all tensors of a call in one).
 #include "kernels/activation.h"
 
 #include <cmath>
@@ -14,7 +15,7 @@ namespace {
 
 void check_unary(const char* op, const char* in_name, const Tensor& x, const char* out_name, const Tensor& y,
                  const Stream& s, std::initializer_list<const Tensor*> others = {}) {
-  cpu::require_cpu(op, s, x, others);
+  cpu::require_cpu_any_format(op, s, x, others);
   cpu::require_dtype(op, in_name, x, DType::f32);
   cpu::require_like(op, out_name, y, x, in_name);
 }
@@ -87,6 +88,7 @@ void dropout_forward(float p, uint64_t seed, uint64_t offset, const Tensor& x, T
   check_p(op, p);
   cpu::require_shape(op, "mask", mask, x.shape(), cpu::desc("x", x));
   cpu::require_dtype(op, "mask", mask, DType::u8);
+  cpu::require_same_format(op, "mask", mask, x, "x");
   const float* xp = x.data<float>();
   float* yp = y.data<float>();
   uint8_t* mp = mask.data<uint8_t>();
@@ -109,6 +111,7 @@ void dropout_backward(float p, const Tensor& mask, const Tensor& dy, Tensor& dx,
   check_p(op, p);
   cpu::require_shape(op, "mask", mask, dy.shape(), cpu::desc("dy", dy));
   cpu::require_dtype(op, "mask", mask, DType::u8);
+  cpu::require_same_format(op, "mask", mask, dy, "dy");
   const float scale = p == 1.f ? 0.f : 1.f / (1.f - p);
   const uint8_t* mp = mask.data<uint8_t>();
   const float* dyp = dy.data<float>();

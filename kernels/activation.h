@@ -1,5 +1,7 @@
 // activation.h — ReLU, sigmoid, dropout (see conv.h for the common contract).
-// Any shape; x and y (and dy, dx) have the same shape. y may alias x (in place) for forward.
+// Any shape; x and y (and dy, dx, mask) have the same shape and memory format (nchw or
+// channels_last: the ops work element by element over memory). y may alias x (in place) for
+// forward.
 #pragma once
 #include <cstdint>
 
@@ -17,7 +19,9 @@ void sigmoid_backward(const Tensor& y, const Tensor& dy, Tensor& dx, const Strea
 // Inverted dropout: keep element i when uniform(seed, offset + i) >= p, scaling kept values by
 // 1/(1-p). The uniform comes from a counter-based hash of (seed, counter), so the same
 // (seed, offset) gives the same mask on every device and thread count. mask: u8, same shape.
-// p == 0 copies x and sets the mask to all ones.
+// p == 0 copies x and sets the mask to all ones. The counter i is the element's MEMORY position,
+// so a channels_last 4-D tensor draws a different mask than its nchw twin (MedicalCNN drops out
+// only the 2-D head features, which have no memory format).
 // Exactly (so CUDA and CPU masks agree bit for bit), with mix64 = splitmix64's finaliser
 //   z ^= z >> 30; z *= 0xBF58476D1CE4E5B9; z ^= z >> 27; z *= 0x94D049BB133111EB; z ^= z >> 31
 // and all arithmetic mod 2^64:

@@ -1,6 +1,8 @@
 // batchnorm.cpp — CPU BatchNorm2d. Parallel over channels; every channel's statistics are
 // reduced by one task in a fixed order (two passes, in double), so results do not depend on
-// the thread count.
+// the thread count. Either memory format: a channel's elements are visited image by image,
+// each (n, c) plane in h * W + w order (cpu::Planes: contiguous in nchw, stride C in
+// channels_last), so both formats give the same sums and bit-identical results.
 #include "kernels/batchnorm.h"
 
 #include <cmath>
@@ -14,9 +16,7 @@
 namespace lancet {
 namespace {
 
-struct Dims {
-  int64_t N, C, HW;
-};
+using Dims = cpu::Planes;
 
 void require_channel_vec(const char* op, const char* name, const Tensor& t, int64_t C, const Tensor& x) {
   cpu::require_shape(op, name, t, {C}, cpu::desc("the channels of input", x));
@@ -26,10 +26,10 @@ void require_channel_vec(const char* op, const char* name, const Tensor& t, int6
 // Checks the common arguments; gamma and beta may be undefined (affine = false: 1 and 0).
 Dims check_common(const char* op, const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& y,
                   const Stream& s) {
-  cpu::require_cpu(op, s, x, {&gamma, &beta, &y});
+  cpu::require_cpu_any_format(op, s, x, {&gamma, &beta, &y});
   cpu::require_dtype(op, "input", x, DType::f32);
   LANCET_CHECK(x.ndim() == 4, op << ": input must be 4-D [N, C, H, W], got " << x.shape_str());
-  const Dims d{x.dim(0), x.dim(1), x.dim(2) * x.dim(3)};
+  const Dims d = cpu::planes_of(x);
   if (gamma.defined()) require_channel_vec(op, "gamma", gamma, d.C, x);
   if (beta.defined()) require_channel_vec(op, "beta", beta, d.C, x);
   if (y.defined()) cpu::require_like(op, "output", y, x, "input");
@@ -40,10 +40,11 @@ Dims check_common(const char* op, const Tensor& x, const Tensor& gamma, const Te
 void normalize_channel(const Dims& d, int64_t c, const float* x, float mean, float invstd, float gamma, float beta,
                        float* y) {
   const float scale = invstd * gamma, shift = beta - mean * scale;
+  const int64_t st = d.step;
   for (int64_t n = 0; n < d.N; ++n) {
-    const float* xp = x + (n * d.C + c) * d.HW;
-    float* yp = y + (n * d.C + c) * d.HW;
-    for (int64_t i = 0; i < d.HW; ++i) yp[i] = xp[i] * scale + shift;
+    const float* xp = x + d.offset(n, c);
+    float* yp = y + d.offset(n, c);
+    for (int64_t i = 0; i < d.HW; ++i) yp[i * st] = xp[i * st] * scale + shift;
   }
 }
 
@@ -52,12 +53,13 @@ inline void dy_channel_sums(const float* xp, const float* dyp, const Dims& d, in
                             double& sum_dy_xmu) {
   sum_dy = 0;
   sum_dy_xmu = 0;
+  const int64_t st = d.step;
   for (int64_t n = 0; n < d.N; ++n) {
-    const float* xq = xp + (n * d.C + c) * d.HW;
-    const float* dq = dyp + (n * d.C + c) * d.HW;
+    const float* xq = xp + d.offset(n, c);
+    const float* dq = dyp + d.offset(n, c);
     for (int64_t i = 0; i < d.HW; ++i) {
-      sum_dy += dq[i];
-      sum_dy_xmu += dq[i] * (xq[i] - mu);
+      sum_dy += dq[i * st];
+      sum_dy_xmu += dq[i * st] * (xq[i * st] - mu);
     }
   }
 }
@@ -76,7 +78,7 @@ void batchnorm2d_forward_train(const BatchNormParams& p, const Tensor& x, const 
                                                 saved_mean, saved_invstd, s));
   const char* op = "batchnorm2d_forward_train";
   const Dims d = check_common(op, x, gamma, beta, y, s);
-  cpu::require_cpu(op, s, x, {&running_mean, &running_var, &saved_mean, &saved_invstd});
+  cpu::require_cpu_any_format(op, s, x, {&running_mean, &running_var, &saved_mean, &saved_invstd});
   cpu::require_defined(op, "output", y);
   require_channel_vec(op, "saved_mean", saved_mean, d.C, x);
   require_channel_vec(op, "saved_invstd", saved_invstd, d.C, x);
@@ -94,18 +96,19 @@ void batchnorm2d_forward_train(const BatchNormParams& p, const Tensor& x, const 
   float* sinv = saved_invstd.data<float>();
   float* rm = update_running ? running_mean.data<float>() : nullptr;
   float* rv = update_running ? running_var.data<float>() : nullptr;
+  const int64_t st = d.step;
   parallel_for(d.C, channel_grain(d), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       double sum = 0;
       for (int64_t n = 0; n < d.N; ++n) {
-        const float* q = xp + (n * d.C + c) * d.HW;
-        for (int64_t i = 0; i < d.HW; ++i) sum += q[i];
+        const float* q = xp + d.offset(n, c);
+        for (int64_t i = 0; i < d.HW; ++i) sum += q[i * st];
       }
       const double mean = sum / static_cast<double>(m);
       double ss = 0;
       for (int64_t n = 0; n < d.N; ++n) {
-        const float* q = xp + (n * d.C + c) * d.HW;
-        for (int64_t i = 0; i < d.HW; ++i) ss += (q[i] - mean) * (q[i] - mean);
+        const float* q = xp + d.offset(n, c);
+        for (int64_t i = 0; i < d.HW; ++i) ss += (q[i * st] - mean) * (q[i * st] - mean);
       }
       const double var = ss / static_cast<double>(m);  // biased: normalises
       const double invstd = 1.0 / std::sqrt(var + p.eps);
@@ -127,7 +130,7 @@ void batchnorm2d_forward_eval(const BatchNormParams& p, const Tensor& x, const T
                                                saved_invstd, s));
   const char* op = "batchnorm2d_forward_eval";
   const Dims d = check_common(op, x, gamma, beta, y, s);
-  cpu::require_cpu(op, s, x, {&running_mean, &running_var, &saved_mean, &saved_invstd});
+  cpu::require_cpu_any_format(op, s, x, {&running_mean, &running_var, &saved_mean, &saved_invstd});
   cpu::require_defined(op, "output", y);
   require_channel_vec(op, "running_mean", running_mean, d.C, x);
   require_channel_vec(op, "running_var", running_var, d.C, x);
@@ -155,9 +158,10 @@ void batchnorm2d_backward(bool batch_stats, const Tensor& x, const Tensor& dy, c
                           Tensor& dbeta, const Stream& s) {
   LANCET_CUDA_TWIN(x, batchnorm2d_backward(batch_stats, x, dy, gamma, saved_mean, saved_invstd, dx, dgamma, dbeta, s));
   const char* op = "batchnorm2d_backward";
-  const Dims d = check_common(op, x, gamma, Tensor(), dx, s);
-  cpu::require_cpu(op, s, x, {&dy, &saved_mean, &saved_invstd, &dgamma, &dbeta});
+  const Dims d = check_common(op, x, gamma, Tensor(), Tensor(), s);
+  cpu::require_cpu_any_format(op, s, x, {&dy, &dx, &saved_mean, &saved_invstd, &dgamma, &dbeta});
   cpu::require_like(op, "dy", dy, x, "input");
+  if (dx.defined()) cpu::require_like(op, "dx", dx, x, "input");
   require_channel_vec(op, "saved_mean", saved_mean, d.C, x);
   require_channel_vec(op, "saved_invstd", saved_invstd, d.C, x);
   if (dgamma.defined()) require_channel_vec(op, "dgamma", dgamma, d.C, x);
@@ -186,11 +190,12 @@ void batchnorm2d_backward(bool batch_stats, const Tensor& x, const Tensor& dy, c
       const float mdy = batch_stats ? static_cast<float>(sum_dy / m) : 0.f;
       const float proj = batch_stats ? static_cast<float>(sum_dy_xhat / m * invstd) : 0.f;  // per (x - mean)
       const float muf = mean[c];
+      const int64_t st = d.step;
       for (int64_t n = 0; n < d.N; ++n) {
-        const float* xq = xp + (n * d.C + c) * d.HW;
-        const float* dq = dyp + (n * d.C + c) * d.HW;
-        float* o = dxp + (n * d.C + c) * d.HW;
-        for (int64_t i = 0; i < d.HW; ++i) o[i] = k * (dq[i] - mdy - (xq[i] - muf) * proj);
+        const float* xq = xp + d.offset(n, c);
+        const float* dq = dyp + d.offset(n, c);
+        float* o = dxp + d.offset(n, c);
+        for (int64_t i = 0; i < d.HW; ++i) o[i * st] = k * (dq[i * st] - mdy - (xq[i * st] - muf) * proj);
       }
     }
   });
@@ -202,14 +207,15 @@ void batchnorm2d_channel_sums(const Tensor& x, std::vector<double>& out, const S
   const Dims d = check_common(op, x, Tensor(), Tensor(), Tensor(), s);
   out.assign(static_cast<size_t>(2 * d.C + 1), 0.0);
   const float* xp = x.data<float>();
+  const int64_t st = d.step;
   parallel_for(d.C, channel_grain(d), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       double sum = 0, sq = 0;
       for (int64_t n = 0; n < d.N; ++n) {
-        const float* q = xp + (n * d.C + c) * d.HW;
+        const float* q = xp + d.offset(n, c);
         for (int64_t i = 0; i < d.HW; ++i) {
-          sum += q[i];
-          sq += static_cast<double>(q[i]) * q[i];
+          sum += q[i * st];
+          sq += static_cast<double>(q[i * st]) * q[i * st];
         }
       }
       out[static_cast<size_t>(c)] = sum;
@@ -224,7 +230,7 @@ void batchnorm2d_backward_sums(const Tensor& x, const Tensor& dy, const Tensor& 
   LANCET_CUDA_TWIN(x, batchnorm2d_backward_sums(x, dy, mean, invstd, out, s));
   const char* op = "batchnorm2d_backward_sums";
   const Dims d = check_common(op, x, Tensor(), Tensor(), Tensor(), s);
-  cpu::require_cpu(op, s, x, {&dy, &mean, &invstd});
+  cpu::require_cpu_any_format(op, s, x, {&dy, &mean, &invstd});
   cpu::require_like(op, "dy", dy, x, "input");
   require_channel_vec(op, "mean", mean, d.C, x);
   require_channel_vec(op, "invstd", invstd, d.C, x);
@@ -248,10 +254,10 @@ void batchnorm2d_backward_dx(const Tensor& x, const Tensor& dy, const Tensor& ga
                              const Stream& s) {
   LANCET_CUDA_TWIN(x, batchnorm2d_backward_dx(x, dy, gamma, mean, invstd, global_sums, count, dx, s));
   const char* op = "batchnorm2d_backward_dx";
-  const Dims d = check_common(op, x, gamma, Tensor(), dx, s);
-  cpu::require_cpu(op, s, x, {&dy, &mean, &invstd});
-  cpu::require_defined(op, "dx", dx);
+  const Dims d = check_common(op, x, gamma, Tensor(), Tensor(), s);
+  cpu::require_cpu_any_format(op, s, x, {&dy, &dx, &mean, &invstd});
   cpu::require_like(op, "dy", dy, x, "input");
+  cpu::require_like(op, "dx", dx, x, "input");
   require_channel_vec(op, "mean", mean, d.C, x);
   require_channel_vec(op, "invstd", invstd, d.C, x);
   LANCET_CHECK(static_cast<int64_t>(global_sums.size()) == 2 * d.C,
@@ -270,11 +276,12 @@ void batchnorm2d_backward_dx(const Tensor& x, const Tensor& dy, const Tensor& ga
       const float mdy = static_cast<float>(global_sums[static_cast<size_t>(c)] / count);
       const float proj = static_cast<float>(global_sums[static_cast<size_t>(d.C + c)] / count * inv);
       const float muf = mp[c];
+      const int64_t st = d.step;
       for (int64_t n = 0; n < d.N; ++n) {
-        const float* xq = xp + (n * d.C + c) * d.HW;
-        const float* dq = dyp + (n * d.C + c) * d.HW;
-        float* o = dxp + (n * d.C + c) * d.HW;
-        for (int64_t i = 0; i < d.HW; ++i) o[i] = k * (dq[i] - mdy - (xq[i] - muf) * proj);
+        const float* xq = xp + d.offset(n, c);
+        const float* dq = dyp + d.offset(n, c);
+        float* o = dxp + d.offset(n, c);
+        for (int64_t i = 0; i < d.HW; ++i) o[i * st] = k * (dq[i * st] - mdy - (xq[i * st] - muf) * proj);
       }
     }
   });

@@ -1,6 +1,8 @@
 // batchnorm.h — BatchNorm2d with PyTorch semantics (see conv.h for the common contract).
 //
-// x, y, dx: [N, C, H, W]; gamma, beta, running_mean, running_var, saved_mean, saved_invstd: [C].
+// x, y, dy, dx: [N, C, H, W], all nchw or all channels_last (on the CPU, channels_last results
+// equal the nchw ones bit for bit: the same per-channel sums in the same order);
+// gamma, beta, running_mean, running_var, saved_mean, saved_invstd: [C].
 // Training: batch mean and biased variance normalise; when update_running is set,
 //   running = (1 - momentum) * running + momentum * batch, with the UNBIASED variance
 //   (n / (n - 1)) for running_var, as torch does.

@@ -16,6 +16,10 @@
 // 3x3 stride-1 convs with enough channels take the Winograd path instead (conv_winograd.h).
 // Scratch slots per task: 0 column matrix, 1 gathered dy / GEMM output, 2 padded planes; the
 // calling thread's slot 3 holds the partial dw of backward_dw_partials.
+// Memory formats: the kernels below are written for nchw. A channels_last x / y / dy / dx (one
+// format for the four) or w / dw (each either format) is converted to an nchw copy, the nchw
+// code runs on the copies, and the results are converted back (dw: its values are copied in
+// first and the gradient accumulated onto them), so every bit equals the nchw call's.
 #include "kernels/conv.h"
 
 #include <atomic>
@@ -24,6 +28,7 @@
 #include "kernels/conv_winograd.h"
 #include "kernels/cpu_util.h"
 #include "kernels/cuda_twin.h"
+#include "kernels/elementwise.h"
 #include "kernels/trace.h"
 #ifdef LANCET_WITH_CUDA
 #include "kernels/cuda/conv.h"
@@ -355,6 +360,15 @@ void check_params(const Conv2dParams& p) {
                                                      << p.dilation_w << ", groups " << p.groups);
 }
 
+// The nchw forward: y overwritten.
+void forward_nchw(const Geom& g, bool winograd, const float* x, const float* w, const float* b, float* y) {
+  if (winograd) return cpu::winograd_forward(winograd_shape(g), x, w, b, y);
+  cpu::BlasSerial serial;
+  parallel_for(forward_task_count(g), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) forward_task_run(g, forward_task(g, t), x, w, b, y);
+  });
+}
+
 std::atomic<bool> g_conv_autotune{false};
 std::atomic<bool> g_allow_tf32{false};
 
@@ -388,7 +402,7 @@ void conv2d_forward(const Conv2dParams& p, const Tensor& x, const Tensor& w, con
                     const Stream& s) {
   LANCET_CUDA_TWIN(x, conv2d_forward(p, x, w, b, y, s));
   const char* op = "conv2d_forward";
-  cpu::require_cpu(op, s, x, {&w, &b, &y});
+  cpu::require_cpu_any_format(op, s, x, {&w, &b, &y});
   cpu::require_defined(op, "weight", w);
   cpu::require_dtype(op, "input", x, DType::f32);
   cpu::require_dtype(op, "weight", w, DType::f32);
@@ -396,54 +410,62 @@ void conv2d_forward(const Conv2dParams& p, const Tensor& x, const Tensor& w, con
   cpu::require_shape(op, "output", y, {g.N, g.Co, g.Ho, g.Wo},
                      cpu::desc("input", x) + " and " + cpu::desc("weight", w));
   cpu::require_dtype(op, "output", y, DType::f32);
+  cpu::require_same_format(op, "output", y, x, "input");
   if (b.defined()) {
     cpu::require_shape(op, "bias", b, {g.Co}, cpu::desc("weight", w));
     cpu::require_dtype(op, "bias", b, DType::f32);
   }
   if (y.numel() == 0) return;
   add_thread_flops(2 * g.N * g.Co * g.P * g.Cg * g.KH * g.KW);
-  const float* xp = x.data<float>();
-  const float* wp = w.data<float>();
-  const float* bp = b.defined() ? b.data<float>() : nullptr;
-  float* yp = y.data<float>();
-  if (cpu::winograd_applies(p, x.shape(), w.shape())) return cpu::winograd_forward(winograd_shape(g), xp, wp, bp, yp);
-  cpu::BlasSerial serial;
-  parallel_for(forward_task_count(g), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) forward_task_run(g, forward_task(g, t), xp, wp, bp, yp);
-  });
+  const Tensor xn = to_format(x, MemoryFormat::nchw, s), wn = to_format(w, MemoryFormat::nchw, s);
+  Tensor yn = y.format() == MemoryFormat::nchw ? y : Tensor::empty(y.shape());
+  forward_nchw(g, cpu::winograd_applies(p, x.shape(), w.shape()), xn.data<float>(), wn.data<float>(),
+               b.defined() ? b.data<float>() : nullptr, yn.data<float>());
+  if (y.format() != MemoryFormat::nchw) convert_format(yn, y, s);
 }
 
 void conv2d_backward(const Conv2dParams& p, const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx, Tensor& dw,
                      Tensor& db, const Stream& s) {
   LANCET_CUDA_TWIN(x, conv2d_backward(p, x, w, dy, dx, dw, db, s));
   const char* op = "conv2d_backward";
-  cpu::require_cpu(op, s, x, {&w, &dy, &dx, &dw, &db});
+  cpu::require_cpu_any_format(op, s, x, {&w, &dy, &dx, &dw, &db});
   cpu::require_defined(op, "weight", w);
   cpu::require_dtype(op, "input", x, DType::f32);
   cpu::require_dtype(op, "weight", w, DType::f32);
   const Geom g = make_geom(p, x.shape(), w.shape());
   cpu::require_shape(op, "dy", dy, {g.N, g.Co, g.Ho, g.Wo}, cpu::desc("input", x) + " and " + cpu::desc("weight", w));
   cpu::require_dtype(op, "dy", dy, DType::f32);
+  cpu::require_same_format(op, "dy", dy, x, "input");
   if (dx.defined()) cpu::require_like(op, "dx", dx, x, "input");
-  if (dw.defined()) cpu::require_like(op, "dw", dw, w, "weight");
+  if (dw.defined()) {  // either format, independently of w's
+    cpu::require_shape(op, "dw", dw, w.shape(), cpu::desc("weight", w));
+    cpu::require_dtype(op, "dw", dw, DType::f32);
+  }
   if (db.defined()) {
     cpu::require_shape(op, "db", db, {g.Co}, cpu::desc("weight", w));
     cpu::require_dtype(op, "db", db, DType::f32);
   }
   if (x.numel() == 0) return;
-  const float* dyp = dy.data<float>();
+  const Tensor dyn = to_format(dy, MemoryFormat::nchw, s);
+  const float* dyp = dyn.data<float>();
   const bool winograd = cpu::winograd_applies(p, x.shape(), w.shape());
   if (dx.defined()) {
+    const Tensor wn = to_format(w, MemoryFormat::nchw, s);
+    Tensor dxn = dx.format() == MemoryFormat::nchw ? dx : Tensor::empty(dx.shape());
     if (winograd)
-      cpu::winograd_backward_data(winograd_shape(g), w.data<float>(), dyp, dx.data<float>());
+      cpu::winograd_backward_data(winograd_shape(g), wn.data<float>(), dyp, dxn.data<float>());
     else
-      backward_dx(g, w.data<float>(), dyp, dx.data<float>());
+      backward_dx(g, wn.data<float>(), dyp, dxn.data<float>());
+    if (dx.format() != MemoryFormat::nchw) convert_format(dxn, dx, s);
   }
   if (dw.defined()) {
+    const Tensor xn = to_format(x, MemoryFormat::nchw, s);
+    Tensor dwn = to_format(dw, MemoryFormat::nchw, s);  // accumulates onto dw's values
     if (winograd)
-      cpu::winograd_backward_weight(winograd_shape(g), x.data<float>(), dyp, dw.data<float>());
+      cpu::winograd_backward_weight(winograd_shape(g), xn.data<float>(), dyp, dwn.data<float>());
     else
-      backward_dw(g, x.data<float>(), dyp, dw.data<float>());
+      backward_dw(g, xn.data<float>(), dyp, dwn.data<float>());
+    if (dw.format() != MemoryFormat::nchw) convert_format(dwn, dw, s);
   }
   if (db.defined()) backward_db(g, dyp, db.data<float>());
 }

@@ -11,6 +11,8 @@
 //     f32), b and db stay f32. Mixed precision: with f16/bf16 operands dw may also be f32 (the
 //     FP32 master weight's gradient; the 16-bit gradient is added to it).
 // Layout: x [N, Cin, H, W], w [Cout, Cin/groups, KH, KW], b [Cout], y [N, Cout, Ho, Wo].
+// Memory formats: x, y, dy, dx share one (nchw or channels_last); w and dw may each be either.
+// On the CPU channels_last operands give bit for bit the nchw results (computed on nchw copies).
 #pragma once
 #include "kernels/tensor.h"
 

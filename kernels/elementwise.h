@@ -1,5 +1,11 @@
-// elementwise.h — add, scale, concat/split along channels, SE channel scale, and small
-// tensor utilities (see conv.h for the common contract).
+// elementwise.h — add, scale, concat/split along channels, SE channel scale, memory-format
+// conversion and small tensor utilities (see conv.h for the common contract).
+//
+// Memory formats: every op takes nchw or channels_last 4-D tensors as long as all the 4-D
+// tensors of one call share the format (2-D g / dg [N, C] have none); otherwise it throws
+// naming both. On the CPU a channels_last call gives, element by logical index, bit for bit the
+// nchw call's result (sum_squares too: it adds in logical order). The CUDA twins state their
+// own format support (kernels/cuda/elementwise.h).
 #pragma once
 #include <vector>
 
@@ -35,9 +41,18 @@ void cast(const Tensor& src, Tensor& dst, const Stream& s);
 // memory format) filled by cast().
 Tensor cast_to(const Tensor& src, DType t, const Stream& s);
 
-// Sum of squares of all elements (f32, computed in double on CPU); used for gradient norms.
+// Sum of squares of all elements (f32, computed in double on CPU, in logical nchw order for
+// either format); used for gradient norms.
 double sum_squares(const Tensor& x, const Stream& s);
 // True when every element is finite.
 bool all_finite(const Tensor& x, const Stream& s);
+
+// dst = src laid out in dst's memory format: same shape and dtype (any dtype on the CPU; f32,
+// f16 or bf16 when the formats differ on a GPU), element copied by logical [N, C, H, W] index;
+// a plain copy when the formats match. src and dst must not overlap.
+void convert_format(const Tensor& src, Tensor& dst, const Stream& s);
+// x itself when it already has format f (a tensor that is not 4-D is always nchw), else a new
+// tensor in format f (same shape, dtype and device) filled by convert_format().
+Tensor to_format(const Tensor& x, MemoryFormat f, const Stream& s);
 
 }  // namespace lancet

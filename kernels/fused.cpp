@@ -7,6 +7,8 @@
 //     an FMA);
 //   * the SE backward is one pass per plane whose arithmetic is, operation for operation, that
 //     of relu_backward followed by channel_scale_backward (see the loop).
+// Either memory format (one per call), as the composed ops; the SE backward walks a plane in
+// the order channel_scale_backward does (cpu::Planes), so it matches in both formats.
 #include "kernels/fused.h"
 
 #include "kernels/activation.h"
@@ -30,7 +32,7 @@ void require_channel_vec(const char* op, const char* name, const Tensor& t, int6
 // y_name: the forward's output ("output") or, in the backward, its saved copy ("y").
 int64_t check_bn(const char* op, const Tensor& x, const Tensor& gamma, const Tensor& beta, const char* y_name,
                  const Tensor& y, const Stream& s, std::initializer_list<const Tensor*> others) {
-  cpu::require_cpu(op, s, x, others);
+  cpu::require_cpu_any_format(op, s, x, others);
   cpu::require_dtype(op, "input", x, DType::f32);
   LANCET_CHECK(x.ndim() == 4, op << ": input must be 4-D [N, C, H, W], got " << x.shape_str());
   const int64_t C = x.dim(1);
@@ -42,15 +44,12 @@ int64_t check_bn(const char* op, const Tensor& x, const Tensor& gamma, const Ten
   return C;
 }
 
-// x [N, C, H, W] f32 and g [N, C] f32, as channel_scale_* check them. Returns {N, C, HW}.
-struct Nchw {
-  int64_t N, C, HW;
-};
-Nchw check_se(const char* op, const Tensor& x, const Tensor& g) {
+// x [N, C, H, W] f32 and g [N, C] f32, as channel_scale_* check them. Returns x's planes.
+cpu::Planes check_se(const char* op, const Tensor& x, const Tensor& g) {
   cpu::require_defined(op, "x", x);
   cpu::require_dtype(op, "x", x, DType::f32);
   LANCET_CHECK(x.ndim() == 4, op << ": x must be 4-D [N, C, H, W], got " << x.shape_str());
-  const Nchw d{x.dim(0), x.dim(1), x.dim(2) * x.dim(3)};
+  const cpu::Planes d = cpu::planes_of(x);
   cpu::require_shape(op, "g", g, {d.N, d.C}, cpu::desc("x", x));
   cpu::require_dtype(op, "g", g, DType::f32);
   return d;
@@ -115,7 +114,7 @@ void batchnorm_relu_backward(bool batch_stats, const Tensor& x, const Tensor& y,
   if (dgamma.defined()) require_channel_vec(op, "dgamma", dgamma, C, x);
   if (dbeta.defined()) require_channel_vec(op, "dbeta", dbeta, C, x);
   // The CPU twin materialises the masked gradient; the CUDA twin masks dy as it loads it.
-  Tensor masked = Tensor::empty(x.shape(), DType::f32, x.device());
+  Tensor masked = Tensor::empty_like(x);
   relu_backward(y, dy, masked, s);
   batchnorm2d_backward(batch_stats, x, masked, gamma, saved_mean, saved_invstd, dx, dgamma, dbeta, s);
 }
@@ -124,7 +123,7 @@ void se_scale_residual_relu_forward(const Tensor& x, const Tensor& g, const Tens
                                     const Stream& s) {
   LANCET_CUDA_TWIN(x, se_scale_residual_relu_forward(x, g, shortcut, y, s));
   const char* op = "se_scale_residual_relu_forward";
-  cpu::require_cpu(op, s, x, {&g, &shortcut, &y});
+  cpu::require_cpu_any_format(op, s, x, {&g, &shortcut, &y});
   check_se(op, x, g);
   cpu::require_like(op, "shortcut", shortcut, x, "x");
   cpu::require_like(op, "y", y, x, "x");
@@ -139,8 +138,8 @@ void se_scale_residual_relu_backward(const Tensor& x, const Tensor& g, const Ten
                                      Tensor& dg, Tensor& dshortcut, const Stream& s) {
   LANCET_CUDA_TWIN(x, se_scale_residual_relu_backward(x, g, y, dy, dx, dg, dshortcut, s));
   const char* op = "se_scale_residual_relu_backward";
-  cpu::require_cpu(op, s, x, {&g, &y, &dy, &dx, &dg, &dshortcut});
-  const Nchw d = check_se(op, x, g);
+  cpu::require_cpu_any_format(op, s, x, {&g, &y, &dy, &dx, &dg, &dshortcut});
+  const cpu::Planes d = check_se(op, x, g);
   cpu::require_like(op, "y", y, x, "x");
   cpu::require_like(op, "dy", dy, x, "x");
   if (dx.defined()) cpu::require_like(op, "dx", dx, x, "x");
@@ -165,14 +164,15 @@ void se_scale_residual_relu_backward(const Tensor& x, const Tensor& g, const Ten
   parallel_for(d.N * d.C, std::max<int64_t>(1, cpu::kElementwiseGrain / std::max<int64_t>(1, d.HW)),
                [&](int64_t begin, int64_t end) {
                  for (int64_t pl = begin; pl < end; ++pl) {
-                   const int64_t o = pl * d.HW;
+                   const int64_t o = d.offset(pl / d.C, pl % d.C), st = d.step;
                    const float gv = gp[pl];
                    double sum = 0;
                    for (int64_t i = 0; i < d.HW; ++i) {
-                     const float t = yp[o + i] > 0.f ? dyp[o + i] : 0.f;
-                     if (dsp) dsp[o + i] = t;
-                     if (dxp) dxp[o + i] = t * gv;
-                     sum += static_cast<double>(t) * xp[o + i];
+                     const int64_t k = o + i * st;
+                     const float t = yp[k] > 0.f ? dyp[k] : 0.f;
+                     if (dsp) dsp[k] = t;
+                     if (dxp) dxp[k] = t * gv;
+                     sum += static_cast<double>(t) * xp[k];
                    }
                    if (dgp) dgp[pl] = static_cast<float>(sum);
                  }

@@ -6,6 +6,8 @@
 // layer may switch between fused and unfused without changing a training result on the CPU.
 // The CUDA twins (kernels/cuda/fused.h) fold the pieces into one kernel and agree with the CPU
 // to rounding.
+// Memory formats: the 4-D tensors of one call (x, y, dy, dx, shortcut, dshortcut) are all nchw or
+// all channels_last; on the CPU channels_last results equal the nchw ones bit for bit.
 #pragma once
 #include "kernels/batchnorm.h"
 #include "kernels/tensor.h"

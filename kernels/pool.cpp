@@ -1,4 +1,6 @@
-// pool.cpp — CPU MaxPool2d and global average pooling, parallel over (n, c) planes.
+// pool.cpp — CPU MaxPool2d and global average pooling, parallel over (n, c) planes. Either
+// memory format: a plane's elements are visited in h * W + w order through cpu::Planes
+// (contiguous in nchw, stride C in channels_last), so both formats give the same results.
 #include "kernels/pool.h"
 
 #include <atomic>
@@ -35,24 +37,29 @@ Shape maxpool2d_output_shape(const MaxPool2dParams& p, const Shape& x) {
 void maxpool2d_forward(const MaxPool2dParams& p, const Tensor& x, Tensor& y, Tensor& argmax, const Stream& s) {
   LANCET_CUDA_TWIN(x, maxpool2d_forward(p, x, y, argmax, s));
   const char* op = "maxpool2d_forward";
-  cpu::require_cpu(op, s, x, {&y, &argmax});
+  cpu::require_cpu_any_format(op, s, x, {&y, &argmax});
   cpu::require_dtype(op, "input", x, DType::f32);
   const Shape ys = maxpool2d_output_shape(p, x.shape());
   cpu::require_shape(op, "output", y, ys, cpu::desc("input", x));
   cpu::require_dtype(op, "output", y, DType::f32);
+  cpu::require_same_format(op, "output", y, x, "input");
   cpu::require_shape(op, "argmax", argmax, ys, cpu::desc("input", x));
   cpu::require_dtype(op, "argmax", argmax, DType::i32);
+  cpu::require_same_format(op, "argmax", argmax, x, "input");
   const int64_t H = x.dim(2), W = x.dim(3), Ho = ys[2], Wo = ys[3];
   LANCET_CHECK(H * W <= std::numeric_limits<int32_t>::max(),
                op << ": plane of " << x.shape_str() << " too large for i32 argmax");
   const float* xp = x.data<float>();
   float* yp = y.data<float>();
   int32_t* ap = argmax.data<int32_t>();
+  const cpu::Planes px = cpu::planes_of(x), py = cpu::planes_of(y);  // argmax is laid out as y
+  const int64_t xst = px.step, yst = py.step;
   parallel_for(ys[0] * ys[1], plane_grain(H * W), [&](int64_t begin, int64_t end) {
     for (int64_t pl = begin; pl < end; ++pl) {
-      const float* xq = xp + pl * H * W;
-      float* yq = yp + pl * Ho * Wo;
-      int32_t* aq = ap + pl * Ho * Wo;
+      const int64_t n = pl / px.C, c = pl % px.C;
+      const float* xq = xp + px.offset(n, c);
+      float* yq = yp + py.offset(n, c);
+      int32_t* aq = ap + py.offset(n, c);
       for (int64_t oh = 0; oh < Ho; ++oh) {
         const int64_t h0 = std::max<int64_t>(0, oh * p.stride - p.pad),
                       h1 = std::min(H, oh * p.stride - p.pad + p.kernel);
@@ -64,11 +71,11 @@ void maxpool2d_forward(const MaxPool2dParams& p, const Tensor& x, Tensor& y, Ten
           // Row-major scan with torch's rule: strict '>' (the first maximum wins) or NaN.
           for (int64_t h = h0; h < h1; ++h)
             for (int64_t w = w0; w < w1; ++w) {
-              const float v = xq[h * W + w];
+              const float v = xq[(h * W + w) * xst];
               if (v > best || std::isnan(v)) best = v, idx = h * W + w;
             }
-          yq[oh * Wo + ow] = best;
-          aq[oh * Wo + ow] = static_cast<int32_t>(idx);
+          yq[(oh * Wo + ow) * yst] = best;
+          aq[(oh * Wo + ow) * yst] = static_cast<int32_t>(idx);
         }
       }
     }
@@ -78,30 +85,37 @@ void maxpool2d_forward(const MaxPool2dParams& p, const Tensor& x, Tensor& y, Ten
 void maxpool2d_backward(const MaxPool2dParams& p, const Tensor& dy, const Tensor& argmax, Tensor& dx, const Stream& s) {
   LANCET_CUDA_TWIN(dy, maxpool2d_backward(p, dy, argmax, dx, s));
   const char* op = "maxpool2d_backward";
-  cpu::require_cpu(op, s, dy, {&argmax, &dx});
+  cpu::require_cpu_any_format(op, s, dy, {&argmax, &dx});
   cpu::require_dtype(op, "dy", dy, DType::f32);
   cpu::require_defined(op, "dx", dx);
   cpu::require_dtype(op, "dx", dx, DType::f32);
   const Shape ys = maxpool2d_output_shape(p, dx.shape());
   cpu::require_shape(op, "dy", dy, ys, cpu::desc("dx", dx));
+  cpu::require_same_format(op, "dx", dx, dy, "dy");
   cpu::require_shape(op, "argmax", argmax, ys, cpu::desc("dx", dx));
   cpu::require_dtype(op, "argmax", argmax, DType::i32);
+  cpu::require_same_format(op, "argmax", argmax, dy, "dy");
   const int64_t HW = dx.dim(2) * dx.dim(3), P = ys[2] * ys[3];
   const float* dyp = dy.data<float>();
   const int32_t* ap = argmax.data<int32_t>();
   float* dxp = dx.data<float>();
+  const cpu::Planes px = cpu::planes_of(dx), py = cpu::planes_of(dy);  // argmax is laid out as dy
+  const int64_t xst = px.step, yst = py.step;
   std::atomic<bool> bad_index{false};  // no throwing inside a parallel region
   parallel_for(ys[0] * ys[1], plane_grain(HW), [&](int64_t begin, int64_t end) {
     for (int64_t pl = begin; pl < end; ++pl) {
-      float* dq = dxp + pl * HW;
-      std::fill(dq, dq + HW, 0.f);
+      const int64_t n = pl / px.C, c = pl % px.C;
+      float* dq = dxp + px.offset(n, c);
+      const float* gq = dyp + py.offset(n, c);
+      const int32_t* aq = ap + py.offset(n, c);
+      for (int64_t i = 0; i < HW; ++i) dq[i * xst] = 0.f;
       for (int64_t i = 0; i < P; ++i) {
-        const int32_t a = ap[pl * P + i];
+        const int32_t a = aq[i * yst];
         if (a < 0 || a >= HW) {
           bad_index = true;
           continue;
         }
-        dq[a] += dyp[pl * P + i];
+        dq[a * xst] += gq[i * yst];
       }
     }
   });
@@ -111,7 +125,7 @@ void maxpool2d_backward(const MaxPool2dParams& p, const Tensor& dy, const Tensor
 void global_avgpool_forward(const Tensor& x, Tensor& y, const Stream& s) {
   LANCET_CUDA_TWIN(x, global_avgpool_forward(x, y, s));
   const char* op = "global_avgpool_forward";
-  cpu::require_cpu(op, s, x, {&y});
+  cpu::require_cpu_any_format(op, s, x, {&y});
   cpu::require_dtype(op, "input", x, DType::f32);
   LANCET_CHECK(x.ndim() == 4, op << ": input must be 4-D [N, C, H, W], got " << x.shape_str());
   cpu::require_shape(op, "output", y, {x.dim(0), x.dim(1)}, cpu::desc("input", x));
@@ -119,10 +133,12 @@ void global_avgpool_forward(const Tensor& x, Tensor& y, const Stream& s) {
   const int64_t HW = x.dim(2) * x.dim(3);
   const float* xp = x.data<float>();
   float* yp = y.data<float>();
+  const cpu::Planes d = cpu::planes_of(x);
   parallel_for(y.numel(), plane_grain(HW), [&](int64_t begin, int64_t end) {
     for (int64_t pl = begin; pl < end; ++pl) {
+      const float* xq = xp + d.offset(pl / d.C, pl % d.C);
       double sum = 0;
-      for (int64_t i = 0; i < HW; ++i) sum += xp[pl * HW + i];
+      for (int64_t i = 0; i < HW; ++i) sum += xq[i * d.step];
       yp[pl] = static_cast<float>(sum / static_cast<double>(HW));
     }
   });
@@ -131,7 +147,7 @@ void global_avgpool_forward(const Tensor& x, Tensor& y, const Stream& s) {
 void global_avgpool_backward(const Tensor& dy, Tensor& dx, const Stream& s) {
   LANCET_CUDA_TWIN(dy, global_avgpool_backward(dy, dx, s));
   const char* op = "global_avgpool_backward";
-  cpu::require_cpu(op, s, dy, {&dx});
+  cpu::require_cpu_any_format(op, s, dy, {&dx});
   cpu::require_dtype(op, "dy", dy, DType::f32);
   cpu::require_defined(op, "dx", dx);
   cpu::require_dtype(op, "dx", dx, DType::f32);
@@ -141,8 +157,13 @@ void global_avgpool_backward(const Tensor& dy, Tensor& dx, const Stream& s) {
   const float inv = HW > 0 ? 1.f / static_cast<float>(HW) : 0.f;
   const float* dyp = dy.data<float>();
   float* dxp = dx.data<float>();
+  const cpu::Planes d = cpu::planes_of(dx);
   parallel_for(dy.numel(), plane_grain(HW), [&](int64_t begin, int64_t end) {
-    for (int64_t pl = begin; pl < end; ++pl) std::fill(dxp + pl * HW, dxp + (pl + 1) * HW, dyp[pl] * inv);
+    for (int64_t pl = begin; pl < end; ++pl) {
+      float* dq = dxp + d.offset(pl / d.C, pl % d.C);
+      const float v = dyp[pl] * inv;
+      for (int64_t i = 0; i < HW; ++i) dq[i * d.step] = v;
+    }
   });
 }
 

@@ -1,4 +1,7 @@
 // pool.h — MaxPool2d and global average pooling (see conv.h for the common contract).
+// Memory formats: the 4-D tensors of one call (x, y, argmax; dy, argmax, dx) are all nchw or
+// all channels_last; on the CPU channels_last results equal the nchw ones bit for bit. The
+// [N, C] tensors of global average pooling have no format (either for its 4-D side).
 #pragma once
 #include "kernels/tensor.h"
 
@@ -11,7 +14,8 @@ struct MaxPool2dParams {
 Shape maxpool2d_output_shape(const MaxPool2dParams& p, const Shape& x);
 
 // x [N, C, H, W] -> y [N, C, Ho, Wo]; argmax [N, C, Ho, Wo] i32 holds the flat h*W+w index of
-// the chosen input element within its (n, c) plane (first maximum wins, as in PyTorch).
+// the chosen input element within its (n, c) plane (first maximum wins, as in PyTorch), in
+// either memory format (argmax is laid out like y; the index is logical, not a memory offset).
 void maxpool2d_forward(const MaxPool2dParams& p, const Tensor& x, Tensor& y, Tensor& argmax, const Stream& s);
 // dx [N, C, H, W] overwritten.
 void maxpool2d_backward(const MaxPool2dParams& p, const Tensor& dy, const Tensor& argmax, Tensor& dx,

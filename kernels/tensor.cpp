@@ -58,6 +58,13 @@ Tensor Tensor::empty(const Shape& shape, DType dtype, Allocator& a) {
   return t;
 }
 
+Tensor Tensor::empty_like(const Tensor& t) { return empty_like(t, t.shape()); }
+
+Tensor Tensor::empty_like(const Tensor& t, const Shape& shape) {
+  LANCET_CHECK(t.defined(), "empty_like of an undefined tensor");
+  return empty(shape, t.dtype(), t.device(), shape.size() == 4 ? t.format() : MemoryFormat::nchw);
+}
+
 Tensor Tensor::zeros(const Shape& shape, DType dtype, Device device) {
   Tensor t = empty(shape, dtype, device);
   t.zero_();

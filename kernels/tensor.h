@@ -56,6 +56,11 @@ class Tensor {
                       MemoryFormat format = MemoryFormat::nchw);
   // An nchw tensor whose memory comes from `a` (on a.device()); `a` must outlive the storage.
   static Tensor empty(const Shape& shape, DType dtype, Allocator& a);
+  // Same dtype, device and memory format as `t`; with `shape`, that shape instead of t's (the
+  // format is kept for a 4-D shape, nchw otherwise). How layers allocate outputs and gradients,
+  // so a channels_last activation stays channels_last through the model.
+  static Tensor empty_like(const Tensor& t);
+  static Tensor empty_like(const Tensor& t, const Shape& shape);
   static Tensor zeros(const Shape& shape, DType dtype = DType::f32, Device device = Device::cpu());
   static Tensor full(const Shape& shape, float value, Device device = Device::cpu());
   // A CPU f32 tensor holding a copy of `values` (numel must match).

@@ -9,11 +9,14 @@
 #include "kernels/conv_winograd.h"
 #include "kernels/parallel.h"
 #include "tests/gradcheck.h"
+#include "tests/kernel_test_util.h"
 
 namespace lancet {
 namespace {
 
 using testing::check_gradient;
+using testing::conv_params;
+using testing::ConvCase;
 using testing::dot;
 using testing::expect_error;
 using testing::expect_near_all;
@@ -21,15 +24,6 @@ using testing::random_tensor;
 using testing::sin_tensor;
 
 const Stream kCpu = Stream::cpu();
-
-Conv2dParams params(int stride, int pad, int dilation = 1, int groups = 1) {
-  Conv2dParams p;
-  p.stride_h = p.stride_w = stride;
-  p.pad_h = p.pad_w = pad;
-  p.dilation_h = p.dilation_w = dilation;
-  p.groups = groups;
-  return p;
-}
 
 // Direct convolution in double: forward, and the input/weight gradients for a given dy.
 struct Reference {
@@ -128,7 +122,7 @@ TEST(Conv2d, ForwardMatchesTorch) {
   Tensor x = sin_tensor({1, 2, 5, 5}, 0.37, 0.1), w = sin_tensor({3, 2, 3, 3}, 0.53, 0.2, 0.5);
   Tensor b = Tensor::from_vector({0.1f, -0.2f, 0.3f}, {3});
   Tensor y = Tensor::empty({1, 3, 3, 3});
-  conv2d_forward(params(2, 1), x, w, b, y, kCpu);
+  conv2d_forward(conv_params(2, 1), x, w, b, y, kCpu);
   expect_near_all(y, {-1.0096273f, -0.85728365f, 0.4554638f,    2.0173042f,   0.97741562f,   -0.88901258f, -0.83413088f,
                       0.17371386f, 0.94759363f,  0.893206f,     0.89646143f,  -0.42215109f,  -2.1444027f,  -1.2880963f,
                       0.67715484f, 0.84407616f,  -0.070179105f, -0.97495681f, -0.76228696f,  -0.92109871f, 0.38589221f,
@@ -141,7 +135,7 @@ TEST(Conv2d, GroupedDilatedForwardMatchesTorch) {
   // [2,4,5,5], w = 0.5 sin(0.53 i + 0.2) [4,2,3,3] (torch 2.x, one python run).
   Tensor x = sin_tensor({2, 4, 5, 5}, 0.37, 0.1), w = sin_tensor({4, 2, 3, 3}, 0.53, 0.2, 0.5);
   Tensor y = Tensor::empty({2, 4, 5, 5});
-  conv2d_forward(params(1, 2, 2, 2), x, w, Tensor(), y, kCpu);
+  conv2d_forward(conv_params(1, 2, 2, 2), x, w, Tensor(), y, kCpu);
   std::vector<float> row;  // y[0, :, 1, :]
   for (int c = 0; c < 4; ++c)
     for (int j = 0; j < 5; ++j) row.push_back(y.data<float>()[(c * 5 + 1) * 5 + j]);
@@ -153,81 +147,77 @@ TEST(Conv2d, GroupedDilatedForwardMatchesTorch) {
 }
 
 TEST(Conv2d, MatchesReferenceAcrossConfigurations) {
-  check_against_reference(params(1, 1), {2, 3, 7, 7}, {4, 3, 3, 3}, true, 1);
-  check_against_reference(params(2, 1), {2, 3, 9, 7}, {5, 3, 3, 3}, false, 2);
-  check_against_reference(params(1, 2, 2), {1, 2, 9, 9}, {3, 2, 3, 3}, true, 3);
-  check_against_reference(params(1, 3, 3), {2, 2, 8, 8}, {2, 2, 3, 3}, false, 4);
-  check_against_reference(params(1, 1, 1, 2), {2, 4, 6, 6}, {6, 2, 3, 3}, true, 5);
-  check_against_reference(params(2, 2, 2, 3), {2, 6, 9, 9}, {3, 2, 3, 3}, false, 6);
-  check_against_reference(params(1, 0), {2, 5, 4, 4}, {3, 5, 1, 1}, true, 7);    // 1x1
-  check_against_reference(params(2, 0), {2, 4, 5, 5}, {6, 4, 1, 1}, false, 8);   // 1x1 downsample
-  check_against_reference(params(2, 3), {1, 3, 11, 11}, {4, 3, 7, 7}, true, 9);  // stem-like
-  Conv2dParams odd;                                                              // non-square everything
+  check_against_reference(conv_params(1, 1), {2, 3, 7, 7}, {4, 3, 3, 3}, true, 1);
+  check_against_reference(conv_params(2, 1), {2, 3, 9, 7}, {5, 3, 3, 3}, false, 2);
+  check_against_reference(conv_params(1, 2, 2), {1, 2, 9, 9}, {3, 2, 3, 3}, true, 3);
+  check_against_reference(conv_params(1, 3, 3), {2, 2, 8, 8}, {2, 2, 3, 3}, false, 4);
+  check_against_reference(conv_params(1, 1, 1, 2), {2, 4, 6, 6}, {6, 2, 3, 3}, true, 5);
+  check_against_reference(conv_params(2, 2, 2, 3), {2, 6, 9, 9}, {3, 2, 3, 3}, false, 6);
+  check_against_reference(conv_params(1, 0), {2, 5, 4, 4}, {3, 5, 1, 1}, true, 7);    // 1x1
+  check_against_reference(conv_params(2, 0), {2, 4, 5, 5}, {6, 4, 1, 1}, false, 8);   // 1x1 downsample
+  check_against_reference(conv_params(2, 3), {1, 3, 11, 11}, {4, 3, 7, 7}, true, 9);  // stem-like
+  Conv2dParams odd;                                                                   // non-square everything
   odd.stride_h = 1, odd.stride_w = 2, odd.pad_h = 0, odd.pad_w = 2, odd.dilation_h = 1, odd.dilation_w = 2;
   check_against_reference(odd, {2, 3, 6, 9}, {2, 3, 2, 3}, true, 10);
 }
 
 TEST(Conv2d, MatchesReferenceOnEveryWorkSplit) {
   // Planes split into blocks within an image (large P), with a 1x1 variant.
-  check_against_reference(params(1, 1), {2, 3, 20, 20}, {4, 3, 3, 3}, true, 11);
-  check_against_reference(params(1, 0), {2, 8, 20, 20}, {5, 8, 1, 1}, false, 12);
+  check_against_reference(conv_params(1, 1), {2, 3, 20, 20}, {4, 3, 3, 3}, true, 11);
+  check_against_reference(conv_params(1, 0), {2, 8, 20, 20}, {5, 8, 1, 1}, false, 12);
   // Many small images batched into one GEMM, with a partial last chunk; 1x1 and grouped too.
-  check_against_reference(params(1, 1), {40, 8, 2, 2}, {6, 8, 3, 3}, true, 13);
-  check_against_reference(params(1, 0), {40, 8, 2, 2}, {6, 8, 1, 1}, false, 14);
-  check_against_reference(params(1, 1, 1, 2), {24, 8, 4, 4}, {4, 4, 3, 3}, true, 15);
+  check_against_reference(conv_params(1, 1), {40, 8, 2, 2}, {6, 8, 3, 3}, true, 13);
+  check_against_reference(conv_params(1, 0), {40, 8, 2, 2}, {6, 8, 1, 1}, false, 14);
+  check_against_reference(conv_params(1, 1, 1, 2), {24, 8, 4, 4}, {4, 4, 3, 3}, true, 15);
   // dx split into input-channel blocks (dcol above the workspace target).
-  check_against_reference(params(1, 1), {1, 32, 64, 64}, {4, 32, 3, 3}, false, 16);
+  check_against_reference(conv_params(1, 1), {1, 32, 64, 64}, {4, 32, 3, 3}, false, 16);
   // dw from per-task partials: one image per step, several images per step (dy gathered),
   // grouped, and several steps per task.
-  check_against_reference(params(1, 1), {3, 3, 64, 64}, {64, 3, 3, 3}, false, 17);
-  check_against_reference(params(1, 1), {16, 4, 6, 6}, {2, 4, 3, 3}, true, 18);
-  check_against_reference(params(1, 1, 1, 2), {16, 4, 6, 6}, {4, 2, 3, 3}, false, 19);
-  check_against_reference(params(1, 1), {16, 32, 64, 64}, {8, 32, 3, 3}, false, 20);
+  check_against_reference(conv_params(1, 1), {3, 3, 64, 64}, {64, 3, 3, 3}, false, 17);
+  check_against_reference(conv_params(1, 1), {16, 4, 6, 6}, {2, 4, 3, 3}, true, 18);
+  check_against_reference(conv_params(1, 1, 1, 2), {16, 4, 6, 6}, {4, 2, 3, 3}, false, 19);
+  check_against_reference(conv_params(1, 1), {16, 32, 64, 64}, {8, 32, 3, 3}, false, 20);
   // dw by row blocks reduced over several image chunks, the last one partial.
-  check_against_reference(params(1, 1), {4, 8, 32, 32}, {300, 8, 3, 3}, false, 21);
+  check_against_reference(conv_params(1, 1), {4, 8, 32, 32}, {300, 8, 3, 3}, false, 21);
 }
 
 TEST(Conv2d, WinogradPathMatchesReference) {
   // 3x3 stride-1 convs that take the Winograd path: even and odd planes, padding 0 to 3 and
   // asymmetric, a 2x2 plane (one tile per image), several image chunks, bias.
-  struct Case {
-    Conv2dParams p;
-    Shape x, w;
-  };
-  Conv2dParams asym = params(1, 1);
+  Conv2dParams asym = conv_params(1, 1);
   asym.pad_w = 0;
-  const std::vector<Case> cases = {
-      {params(1, 1), {8, 16, 6, 6}, {16, 16, 3, 3}},  {params(1, 1), {10, 16, 7, 5}, {24, 16, 3, 3}},
-      {params(1, 0), {10, 20, 7, 8}, {16, 20, 3, 3}}, {params(1, 2), {6, 16, 5, 5}, {16, 16, 3, 3}},
-      {params(1, 1), {56, 64, 2, 2}, {32, 64, 3, 3}}, {params(1, 1), {3, 64, 64, 64}, {16, 64, 3, 3}},
+  const std::vector<ConvCase> cases = {
+      {conv_params(1, 1), {8, 16, 6, 6}, {16, 16, 3, 3}},  {conv_params(1, 1), {10, 16, 7, 5}, {24, 16, 3, 3}},
+      {conv_params(1, 0), {10, 20, 7, 8}, {16, 20, 3, 3}}, {conv_params(1, 2), {6, 16, 5, 5}, {16, 16, 3, 3}},
+      {conv_params(1, 1), {56, 64, 2, 2}, {32, 64, 3, 3}}, {conv_params(1, 1), {3, 64, 64, 64}, {16, 64, 3, 3}},
       {asym, {13, 16, 5, 6}, {16, 16, 3, 3}},
-      {params(1, 3), {6, 16, 4, 4}, {16, 16, 3, 3}}};  // the input gradient pads by 2 - 3 < 0
+      {conv_params(1, 3), {6, 16, 4, 4}, {16, 16, 3, 3}}};  // the input gradient pads by 2 - 3 < 0
   uint32_t seed = 51;
-  for (const Case& c : cases) {
+  for (const ConvCase& c : cases) {
     EXPECT_TRUE(cpu::winograd_applies(c.p, c.x, c.w)) << shape_str(c.x);
     check_against_reference(c.p, c.x, c.w, seed % 2 == 1, seed);
     ++seed;
   }
-  EXPECT_FALSE(cpu::winograd_applies(params(1, 1), {32, 512, 2, 2}, {512, 512, 3, 3}));  // im2col is cheaper
-  EXPECT_FALSE(cpu::winograd_applies(params(2, 1), {32, 64, 16, 16}, {64, 64, 3, 3}));
-  EXPECT_FALSE(cpu::winograd_applies(params(1, 2, 2), {32, 64, 16, 16}, {64, 64, 3, 3}));
+  EXPECT_FALSE(cpu::winograd_applies(conv_params(1, 1), {32, 512, 2, 2}, {512, 512, 3, 3}));  // im2col is cheaper
+  EXPECT_FALSE(cpu::winograd_applies(conv_params(2, 1), {32, 64, 16, 16}, {64, 64, 3, 3}));
+  EXPECT_FALSE(cpu::winograd_applies(conv_params(1, 2, 2), {32, 64, 16, 16}, {64, 64, 3, 3}));
 }
 
 TEST(Conv2d, GradientsMatchFiniteDifferences) {
-  check_conv_gradients(params(1, 1), {2, 3, 5, 5}, {4, 3, 3, 3}, true, 21);
-  check_conv_gradients(params(2, 1), {2, 2, 7, 6}, {3, 2, 3, 3}, true, 22);        // stride 2, odd sizes
-  check_conv_gradients(params(1, 2, 2), {1, 2, 7, 7}, {2, 2, 3, 3}, false, 23);    // dilation 2, batch 1
-  check_conv_gradients(params(1, 3, 3), {2, 2, 7, 7}, {2, 2, 3, 3}, true, 24);     // dilation 3
-  check_conv_gradients(params(1, 1, 1, 2), {2, 4, 5, 5}, {4, 2, 3, 3}, true, 25);  // groups 2
-  check_conv_gradients(params(1, 0), {2, 4, 3, 3}, {3, 4, 1, 1}, true, 26);        // 1x1
-  check_conv_gradients(params(2, 0), {2, 4, 5, 5}, {3, 4, 1, 1}, false, 27);       // 1x1 stride 2
-  check_conv_gradients(params(2, 3), {1, 3, 9, 9}, {2, 3, 7, 7}, false, 28);       // stem-like
-  ASSERT_TRUE(cpu::winograd_applies(params(1, 1), {13, 16, 5, 4}, {16, 16, 3, 3}));
-  check_conv_gradients(params(1, 1), {13, 16, 5, 4}, {16, 16, 3, 3}, true, 29);  // Winograd path
+  check_conv_gradients(conv_params(1, 1), {2, 3, 5, 5}, {4, 3, 3, 3}, true, 21);
+  check_conv_gradients(conv_params(2, 1), {2, 2, 7, 6}, {3, 2, 3, 3}, true, 22);        // stride 2, odd sizes
+  check_conv_gradients(conv_params(1, 2, 2), {1, 2, 7, 7}, {2, 2, 3, 3}, false, 23);    // dilation 2, batch 1
+  check_conv_gradients(conv_params(1, 3, 3), {2, 2, 7, 7}, {2, 2, 3, 3}, true, 24);     // dilation 3
+  check_conv_gradients(conv_params(1, 1, 1, 2), {2, 4, 5, 5}, {4, 2, 3, 3}, true, 25);  // groups 2
+  check_conv_gradients(conv_params(1, 0), {2, 4, 3, 3}, {3, 4, 1, 1}, true, 26);        // 1x1
+  check_conv_gradients(conv_params(2, 0), {2, 4, 5, 5}, {3, 4, 1, 1}, false, 27);       // 1x1 stride 2
+  check_conv_gradients(conv_params(2, 3), {1, 3, 9, 9}, {2, 3, 7, 7}, false, 28);       // stem-like
+  ASSERT_TRUE(cpu::winograd_applies(conv_params(1, 1), {13, 16, 5, 4}, {16, 16, 3, 3}));
+  check_conv_gradients(conv_params(1, 1), {13, 16, 5, 4}, {16, 16, 3, 3}, true, 29);  // Winograd path
 }
 
 TEST(Conv2d, BackwardSkipsUndefinedOutputs) {
-  const Conv2dParams p = params(1, 1);
+  const Conv2dParams p = conv_params(1, 1);
   Tensor x = random_tensor({2, 3, 5, 5}, 31), w = random_tensor({4, 3, 3, 3}, 32), dy = random_tensor({2, 4, 5, 5}, 33);
   Tensor dx = Tensor::empty({2, 3, 5, 5}), dw = Tensor::zeros({4, 3, 3, 3}), none;
   conv2d_backward(p, x, w, dy, none, dw, none, kCpu);  // first layer: no dx
@@ -239,17 +229,13 @@ TEST(Conv2d, BackwardSkipsUndefinedOutputs) {
 
 // Forward and backward of MedicalCNN-like shapes, bit-identical on 1 and 2 threads.
 TEST(Conv2d, IdenticalOnOneAndTwoThreads) {
-  struct Case {
-    Conv2dParams p;
-    Shape x, w;
-  };
-  const std::vector<Case> cases = {
-      {params(2, 3), {2, 3, 64, 64}, {64, 3, 7, 7}},    {params(1, 1), {4, 64, 16, 16}, {64, 64, 3, 3}},
-      {params(2, 0), {4, 64, 16, 16}, {128, 64, 1, 1}}, {params(1, 1), {8, 256, 2, 2}, {256, 256, 3, 3}},
-      {params(1, 1), {16, 64, 4, 4}, {64, 64, 3, 3}},  // Winograd
-      {params(1, 2, 2), {8, 64, 4, 4}, {16, 64, 3, 3}}};
+  const std::vector<ConvCase> cases = {
+      {conv_params(2, 3), {2, 3, 64, 64}, {64, 3, 7, 7}},    {conv_params(1, 1), {4, 64, 16, 16}, {64, 64, 3, 3}},
+      {conv_params(2, 0), {4, 64, 16, 16}, {128, 64, 1, 1}}, {conv_params(1, 1), {8, 256, 2, 2}, {256, 256, 3, 3}},
+      {conv_params(1, 1), {16, 64, 4, 4}, {64, 64, 3, 3}},  // Winograd
+      {conv_params(1, 2, 2), {8, 64, 4, 4}, {16, 64, 3, 3}}};
   const int saved = num_threads();
-  for (const Case& c : cases) {
+  for (const ConvCase& c : cases) {
     SCOPED_TRACE("x " + shape_str(c.x) + " w " + shape_str(c.w));
     Tensor x = random_tensor(c.x, 41), w = random_tensor(c.w, 42), b = random_tensor({c.w[0]}, 43);
     const Shape ys = conv2d_output_shape(c.p, c.x, c.w);
@@ -268,29 +254,31 @@ TEST(Conv2d, IdenticalOnOneAndTwoThreads) {
 }
 
 TEST(Conv2d, OutputShapeAndErrors) {
-  EXPECT_EQ(conv2d_output_shape(params(2, 3), {32, 3, 64, 64}, {64, 3, 7, 7}), (Shape{32, 64, 32, 32}));
-  EXPECT_EQ(conv2d_output_shape(params(1, 3, 3), {1, 512, 2, 2}, {64, 512, 3, 3}), (Shape{1, 64, 2, 2}));
-  expect_error([] { conv2d_output_shape(params(1, 1), {2, 3, 8, 8}, {4, 2, 3, 3}); }, {"[2, 3, 8, 8]", "[4, 2, 3, 3]"});
+  EXPECT_EQ(conv2d_output_shape(conv_params(2, 3), {32, 3, 64, 64}, {64, 3, 7, 7}), (Shape{32, 64, 32, 32}));
+  EXPECT_EQ(conv2d_output_shape(conv_params(1, 3, 3), {1, 512, 2, 2}, {64, 512, 3, 3}), (Shape{1, 64, 2, 2}));
+  expect_error([] { conv2d_output_shape(conv_params(1, 1), {2, 3, 8, 8}, {4, 2, 3, 3}); },
+               {"[2, 3, 8, 8]", "[4, 2, 3, 3]"});
   expect_error(
       [] {
-        conv2d_output_shape(params(1, 1, 1, 2), {2, 4, 8, 8}, {3, 2, 3, 3});
+        conv2d_output_shape(conv_params(1, 1, 1, 2), {2, 4, 8, 8}, {3, 2, 3, 3});
       },
       {"[2, 4, 8, 8]", "[3, 2, 3, 3]"});
-  expect_error([] { conv2d_output_shape(params(1, 0), {2, 3, 4, 4}, {4, 3, 5, 5}); }, {"[2, 3, 4, 4]", "[4, 3, 5, 5]"});
-  expect_error([] { conv2d_output_shape(params(1, 0), {3, 4, 4}, {4, 3, 3, 3}); }, {"[3, 4, 4]", "[4, 3, 3, 3]"});
-  expect_error([] { conv2d_output_shape(params(0, 0), {1, 3, 4, 4}, {4, 3, 3, 3}); }, {"stride 0"});
+  expect_error([] { conv2d_output_shape(conv_params(1, 0), {2, 3, 4, 4}, {4, 3, 5, 5}); },
+               {"[2, 3, 4, 4]", "[4, 3, 5, 5]"});
+  expect_error([] { conv2d_output_shape(conv_params(1, 0), {3, 4, 4}, {4, 3, 3, 3}); }, {"[3, 4, 4]", "[4, 3, 3, 3]"});
+  expect_error([] { conv2d_output_shape(conv_params(0, 0), {1, 3, 4, 4}, {4, 3, 3, 3}); }, {"stride 0"});
 
   Tensor x = Tensor::zeros({2, 3, 8, 8}), w = Tensor::zeros({4, 3, 3, 3});
   Tensor bad_y = Tensor::empty({2, 4, 7, 7}), none;
-  expect_error([&] { conv2d_forward(params(1, 1), x, w, none, bad_y, kCpu); }, {"[2, 4, 7, 7]", "[2, 4, 8, 8]"});
+  expect_error([&] { conv2d_forward(conv_params(1, 1), x, w, none, bad_y, kCpu); }, {"[2, 4, 7, 7]", "[2, 4, 8, 8]"});
   Tensor bad_b = Tensor::zeros({3}), y = Tensor::empty({2, 4, 8, 8});
-  expect_error([&] { conv2d_forward(params(1, 1), x, w, bad_b, y, kCpu); }, {"bias [3]", "[4]"});
+  expect_error([&] { conv2d_forward(conv_params(1, 1), x, w, bad_b, y, kCpu); }, {"bias [3]", "[4]"});
   Tensor xi = Tensor::zeros({2, 3, 8, 8}, DType::i32);
-  expect_error([&] { conv2d_forward(params(1, 1), xi, w, none, y, kCpu); }, {"[2, 3, 8, 8]", "f32", "i32"});
+  expect_error([&] { conv2d_forward(conv_params(1, 1), xi, w, none, y, kCpu); }, {"[2, 3, 8, 8]", "f32", "i32"});
   Tensor bad_dx = Tensor::empty({2, 3, 8, 7}), dw = Tensor::zeros({4, 3, 3, 3});
-  expect_error([&] { conv2d_backward(params(1, 1), x, w, y, bad_dx, dw, none, kCpu); },
+  expect_error([&] { conv2d_backward(conv_params(1, 1), x, w, y, bad_dx, dw, none, kCpu); },
                {"[2, 3, 8, 7]", "[2, 3, 8, 8]"});
-  expect_error([&] { conv2d_backward(params(1, 1), x, w, bad_y, bad_dx, dw, none, kCpu); },
+  expect_error([&] { conv2d_backward(conv_params(1, 1), x, w, bad_y, bad_dx, dw, none, kCpu); },
                {"[2, 4, 7, 7]", "[2, 4, 8, 8]"});
 }
 

@@ -3,51 +3,26 @@
 // counts that are not multiples of 8; and the argument errors name the op and the shapes.
 #include <gtest/gtest.h>
 
-#include <cstring>
-
 #include "kernels/activation.h"
 #include "kernels/batchnorm.h"
 #include "kernels/elementwise.h"
 #include "kernels/fused.h"
 #include "tests/gradcheck.h"
+#include "tests/kernel_test_util.h"
 
 namespace lancet {
 namespace {
 
+using testing::BnParams;
 using testing::expect_error;
+using testing::expect_same_bits;
 using testing::random_tensor;
 
 const Stream kCpu = Stream::cpu();
 
 const std::vector<Shape> kShapes = {{2, 3, 4, 5}, {1, 5, 7, 9}, {3, 13, 1, 1}, {1, 13, 33, 17}, {4, 8, 16, 16}};
 
-// Same shape and the same bits in every element (so -0 vs +0 and NaN payloads count).
-void expect_bitwise(const Tensor& expected, const Tensor& got, const std::string& what) {
-  ASSERT_TRUE(expected.defined() && got.defined()) << what;
-  ASSERT_EQ(expected.shape(), got.shape()) << what;
-  const float* a = expected.data<float>();
-  const float* b = got.data<float>();
-  int64_t bad = 0;
-  for (int64_t i = 0; i < expected.numel(); ++i)
-    if (std::memcmp(&a[i], &b[i], sizeof(float)) != 0 && bad++ < 5)
-      ADD_FAILURE() << what << "[" << i << "]: unfused " << a[i] << " fused " << b[i];
-  EXPECT_EQ(bad, 0) << what << ": elements that differ";
-}
-
 std::string name_of(const Shape& s) { return shape_str(s); }
-
-// One BatchNorm's parameters and statistics; `affine` false leaves gamma and beta undefined.
-struct BnParams {
-  Tensor gamma, beta, rm, rv;
-  BnParams(int64_t C, bool affine) {
-    if (affine) {
-      gamma = random_tensor({C}, 7, 0.5f, 1.5f);
-      beta = random_tensor({C}, 8);
-    }
-    rm = random_tensor({C}, 9, -0.5f, 0.5f);
-    rv = random_tensor({C}, 10, 0.5f, 2.f);
-  }
-};
 
 TEST(FusedBatchNormRelu, ForwardTrainEqualsBatchNormThenRelu) {
   for (const Shape& xs : kShapes)
@@ -62,11 +37,11 @@ TEST(FusedBatchNormRelu, ForwardTrainEqualsBatchNormThenRelu) {
         relu_forward(y0, y0, kCpu);
         Tensor y1 = Tensor::empty(xs), m1 = Tensor::empty({C}), v1 = Tensor::empty({C});
         batchnorm_relu_forward_train({}, x, b.gamma, b.beta, b.rm, b.rv, update, y1, m1, v1, kCpu);
-        expect_bitwise(y0, y1, "y");
-        expect_bitwise(m0, m1, "saved_mean");
-        expect_bitwise(v0, v1, "saved_invstd");
-        expect_bitwise(a.rm, b.rm, "running_mean");
-        expect_bitwise(a.rv, b.rv, "running_var");
+        expect_same_bits(y0, y1, "y");
+        expect_same_bits(m0, m1, "saved_mean");
+        expect_same_bits(v0, v1, "saved_invstd");
+        expect_same_bits(a.rm, b.rm, "running_mean");
+        expect_same_bits(a.rv, b.rv, "running_var");
       }
 }
 
@@ -81,9 +56,9 @@ TEST(FusedBatchNormRelu, ForwardEvalEqualsBatchNormThenRelu) {
     relu_forward(y0, y0, kCpu);
     Tensor y1 = Tensor::empty(xs), m1 = Tensor::empty({C}), v1 = Tensor::empty({C});
     batchnorm_relu_forward_eval({}, x, p.gamma, p.beta, p.rm, p.rv, y1, m1, v1, kCpu);
-    expect_bitwise(y0, y1, "y");
-    expect_bitwise(m0, m1, "saved_mean");
-    expect_bitwise(v0, v1, "saved_invstd");
+    expect_same_bits(y0, y1, "y");
+    expect_same_bits(m0, m1, "saved_mean");
+    expect_same_bits(v0, v1, "saved_invstd");
   }
 }
 
@@ -107,9 +82,9 @@ TEST(FusedBatchNormRelu, BackwardEqualsReluBackwardThenBatchNormBackward) {
         Tensor dx1 = with_dx ? Tensor::empty(xs) : Tensor();
         Tensor dg1 = random_tensor({C}, 5), db1 = random_tensor({C}, 6);
         batchnorm_relu_backward(batch_stats, x, y, dy, p.gamma, mean, invstd, dx1, dg1, db1, kCpu);
-        if (with_dx) expect_bitwise(dx0, dx1, "dx");
-        expect_bitwise(dg0, dg1, "dgamma");
-        expect_bitwise(db0, db1, "dbeta");
+        if (with_dx) expect_same_bits(dx0, dx1, "dx");
+        expect_same_bits(dg0, dg1, "dgamma");
+        expect_same_bits(db0, db1, "dbeta");
       }
 }
 
@@ -123,7 +98,7 @@ TEST(FusedBatchNormRelu, BackwardWithoutParameterGradients) {
   relu_backward(y, dy, t, kCpu);
   batchnorm2d_backward(true, x, t, p.gamma, mean, invstd, dx0, none, none, kCpu);
   batchnorm_relu_backward(true, x, y, dy, p.gamma, mean, invstd, dx1, none, none, kCpu);
-  expect_bitwise(dx0, dx1, "dx");
+  expect_same_bits(dx0, dx1, "dx");
 }
 
 // The SE gate lies in (0, 1) (a sigmoid); the shortcut has either sign so ReLU cuts.
@@ -145,7 +120,7 @@ TEST(FusedSeResidualRelu, ForwardEqualsChannelScaleAddRelu) {
     relu_forward(y0, y0, kCpu);
     Tensor y1 = Tensor::empty(xs);
     se_scale_residual_relu_forward(se.x, se.g, se.shortcut, y1, kCpu);
-    expect_bitwise(y0, y1, "y");
+    expect_same_bits(y0, y1, "y");
   }
 }
 
@@ -161,17 +136,17 @@ TEST(FusedSeResidualRelu, BackwardEqualsReluBackwardThenChannelScaleBackward) {
     // Outputs start as garbage: all three are overwritten.
     Tensor dx1 = Tensor::full(xs, 7.f), dg1 = Tensor::full(se.g.shape(), 7.f), ds1 = Tensor::full(xs, 7.f);
     se_scale_residual_relu_backward(se.x, se.g, y, dy, dx1, dg1, ds1, kCpu);
-    expect_bitwise(t, ds1, "dshortcut");
-    expect_bitwise(dx0, dx1, "dx");
-    expect_bitwise(dg0, dg1, "dg");
+    expect_same_bits(t, ds1, "dshortcut");
+    expect_same_bits(dx0, dx1, "dx");
+    expect_same_bits(dg0, dg1, "dg");
     // Each output may be left out; the others do not change.
     Tensor none, dx2 = Tensor::empty(xs), dg2 = Tensor::empty(se.g.shape()), ds2 = Tensor::empty(xs);
     se_scale_residual_relu_backward(se.x, se.g, y, dy, none, dg2, none, kCpu);
-    expect_bitwise(dg0, dg2, "dg alone");
+    expect_same_bits(dg0, dg2, "dg alone");
     se_scale_residual_relu_backward(se.x, se.g, y, dy, dx2, none, none, kCpu);
-    expect_bitwise(dx0, dx2, "dx alone");
+    expect_same_bits(dx0, dx2, "dx alone");
     se_scale_residual_relu_backward(se.x, se.g, y, dy, none, none, ds2, kCpu);
-    expect_bitwise(t, ds2, "dshortcut alone");
+    expect_same_bits(t, ds2, "dshortcut alone");
   }
 }
 
