@@ -38,7 +38,10 @@ namespace {
 using testing::expect_close;
 using testing::expect_error;
 using testing::random_tensor;
+using testing::rounded;
+using testing::to_cpu_nchw_f32;
 using testing::to_gpu;
+using testing::to_gpu_as;
 
 const Stream kCpu = Stream::cpu();
 const Stream kGpu{Device::cuda(0), nullptr};  // the legacy default stream, ordered with Tensor copies
@@ -48,56 +51,6 @@ double tol_for(DType dt) { return dt == DType::f32 ? 1e-4 : dt == DType::f16 ? 1
 
 void expect_close_r(const Tensor& cpu, const Tensor& gpu, double tol, int64_t R, const std::string& what) {
   expect_close(cpu, gpu, tol, tol * std::sqrt(static_cast<double>(R)), what);
-}
-
-// The CPU f32 tensor t rounded to dt in place (f32: unchanged), so both twins see one value.
-Tensor rounded(Tensor t, DType dt) {
-  round_to_dtype_inplace(t.data<float>(), t.numel(), dt);
-  return t;
-}
-
-// A GPU copy of the CPU f32 NCHW tensor t, stored as dt (values must already be representable)
-// in memory format f.
-Tensor to_gpu_as(const Tensor& t, DType dt, MemoryFormat f = kNchw) {
-  Tensor h = Tensor::empty(t.shape(), dt, Device::cpu(), f);
-  const float* src = t.data<float>();
-  const int64_t n = t.numel();
-  std::vector<float> v(src, src + n);
-  if (f == kNhwc) {  // v[((n * H + h) * W + w) * C + c] = t[n, c, h, w]
-    const int64_t N = t.dim(0), C = t.dim(1), H = t.dim(2), W = t.dim(3);
-    for (int64_t a = 0; a < N; ++a)
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t y = 0; y < H; ++y)
-          for (int64_t x = 0; x < W; ++x) v[((a * H + y) * W + x) * C + c] = src[((a * C + c) * H + y) * W + x];
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    if (dt == DType::f32) h.data<float>()[i] = v[i];
-    if (dt == DType::f16) h.data<half_t>()[i] = half_t(v[i]);
-    if (dt == DType::bf16) h.data<bfloat16_t>()[i] = bfloat16_t(v[i]);
-  }
-  return h.to(Device::cuda(0));
-}
-
-// A CPU f32 NCHW copy of a GPU tensor of any float dtype and memory format.
-Tensor to_cpu_f32(const Tensor& g) {
-  const Tensor h = g.to(Device::cpu());
-  const int64_t n = h.numel();
-  std::vector<float> v(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) {
-    if (h.dtype() == DType::f32) v[i] = h.data<float>()[i];
-    if (h.dtype() == DType::f16) v[i] = static_cast<float>(h.data<half_t>()[i]);
-    if (h.dtype() == DType::bf16) v[i] = static_cast<float>(h.data<bfloat16_t>()[i]);
-  }
-  Tensor t = Tensor::from_vector(v, h.shape());
-  if (h.format() == kNhwc) {
-    const int64_t N = h.dim(0), C = h.dim(1), H = h.dim(2), W = h.dim(3);
-    float* d = t.data<float>();
-    for (int64_t a = 0; a < N; ++a)
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t y = 0; y < H; ++y)
-          for (int64_t x = 0; x < W; ++x) d[((a * C + c) * H + y) * W + x] = v[((a * H + y) * W + x) * C + c];
-  }
-  return t;
 }
 
 // Restores the process-wide convolution settings a test changes.
@@ -167,10 +120,10 @@ void check_conv(const ConvCase& c, DType dt, MemoryFormat xf, MemoryFormat wf, d
   for (int i = 0; i < 2; ++i) conv2d_backward(c.p, gx, gw, gdy, gdx, gdw, gdb, kGpu);
 
   const int64_t K = c.w[1] * c.w[2] * c.w[3], Kx = Co / c.p.groups * c.w[2] * c.w[3], P = shape_numel(ys) / Co;
-  expect_close_r(y, to_cpu_f32(gy), tol, K, "y");
-  if (c.want_dx) expect_close_r(dx, to_cpu_f32(gdx), tol, Kx, "dx");
-  expect_close_r(dw, to_cpu_f32(gdw), tol, 2 * P, "dw");
-  expect_close_r(db, to_cpu_f32(gdb), tol, 2 * P, "db");
+  expect_close_r(y, to_cpu_nchw_f32(gy), tol, K, "y");
+  if (c.want_dx) expect_close_r(dx, to_cpu_nchw_f32(gdx), tol, Kx, "dx");
+  expect_close_r(dw, to_cpu_nchw_f32(gdw), tol, 2 * P, "dw");
+  expect_close_r(db, to_cpu_nchw_f32(gdb), tol, 2 * P, "db");
 }
 
 TEST(GpuConv, MatchesCpuF32) {
@@ -244,7 +197,7 @@ TEST(GpuConv, RunsOnANonDefaultStream) {
   CudaStream stream(Device::cuda(0));
   conv2d_forward(c.p, gx, gw, gb, gy, stream.stream());
   stream.synchronize();
-  expect_close_r(y, to_cpu_f32(gy), tol_for(DType::f32), c.w[1] * 9, "y");
+  expect_close_r(y, to_cpu_nchw_f32(gy), tol_for(DType::f32), c.w[1] * 9, "y");
 #endif
 }
 
@@ -299,10 +252,10 @@ void check_linear(const LinearCase& c, DType dt, double tol) {
   linear_forward(gx, gw, gb, gy, kGpu);
   for (int i = 0; i < 2; ++i) linear_backward(gx, gw, gdy, gdx, gdw, gdb, kGpu);
 
-  expect_close_r(y, to_cpu_f32(gy), tol, c.in, "y");
-  expect_close_r(dx, to_cpu_f32(gdx), tol, c.out, "dx");
-  expect_close_r(dw, to_cpu_f32(gdw), tol, 2 * c.N, "dw");
-  expect_close_r(db, to_cpu_f32(gdb), tol, 2 * c.N, "db");
+  expect_close_r(y, to_cpu_nchw_f32(gy), tol, c.in, "y");
+  expect_close_r(dx, to_cpu_nchw_f32(gdx), tol, c.out, "dx");
+  expect_close_r(dw, to_cpu_nchw_f32(gdw), tol, 2 * c.N, "dw");
+  expect_close_r(db, to_cpu_nchw_f32(gdb), tol, 2 * c.N, "db");
 }
 
 // N = 1, sizes not multiples of 8, several row chunks of the db reduction (N 1500), and x at

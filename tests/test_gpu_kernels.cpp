@@ -17,7 +17,6 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -27,14 +26,17 @@
 #include "kernels/pool.h"
 #include "tests/gpu_util.h"
 #include "tests/gradcheck.h"
+#include "tests/kernel_test_util.h"
 
 namespace lancet {
 namespace {
 
 using testing::expect_close;
 using testing::expect_error;
+using testing::expect_same_bits;
 using testing::random_tensor;
-using testing::to_cpu;
+using testing::rounded;
+using testing::to_cpu_f32;
 using testing::to_gpu;
 using testing::to_gpu_as;
 
@@ -42,38 +44,6 @@ const Stream kCpu = Stream::cpu();
 const Stream kGpu{Device::cuda(0), nullptr};
 
 Tensor gpu_empty(const Shape& shape, DType dt = DType::f32) { return Tensor::empty(shape, dt, Device::cuda(0)); }
-
-// Same bytes element by element (any dtype; NaNs compare by bits); reports the first mismatch.
-void expect_same_bits(const Tensor& cpu, const Tensor& gpu, const std::string& what) {
-  ASSERT_EQ(cpu.shape(), gpu.shape()) << what;
-  ASSERT_EQ(cpu.dtype(), gpu.dtype()) << what;
-  const Tensor a = to_cpu(cpu), b = to_cpu(gpu);
-  const size_t es = dtype_size(a.dtype());
-  const auto* pa = static_cast<const unsigned char*>(a.raw_data());
-  const auto* pb = static_cast<const unsigned char*>(b.raw_data());
-  for (int64_t i = 0; i < a.numel(); ++i)
-    if (std::memcmp(pa + i * es, pb + i * es, es) != 0) {
-      ADD_FAILURE() << what << ": first difference at flat index " << i << " of " << a.numel();
-      return;
-    }
-}
-
-
-// A GPU f16/bf16 tensor as a CPU f32 tensor (exact widening).
-Tensor to_cpu_f32(const Tensor& g) {
-  const Tensor h = to_cpu(g);
-  Tensor f = Tensor::empty(h.shape());
-  for (int64_t i = 0; i < h.numel(); ++i)
-    f.data<float>()[i] = h.dtype() == DType::f16 ? static_cast<float>(h.data<half_t>()[i])
-                                                 : static_cast<float>(h.data<bfloat16_t>()[i]);
-  return f;
-}
-
-Tensor rounded(const Tensor& t, DType dt) {
-  Tensor r = t.clone();
-  round_to_dtype_inplace(r.data<float>(), r.numel(), dt);
-  return r;
-}
 
 // Odd shapes: a single element, odd H/W and channels, a size needing ~1200 blocks of 256.
 const std::vector<Shape> kShapes = {{1, 1, 1, 1}, {2, 3, 5, 7}, {1, 13, 17, 19}, {3, 11, 97, 93}};

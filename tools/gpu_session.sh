@@ -8,7 +8,8 @@
 #                                    BatchNorm and optimizer tests, racecheck/synccheck over the
 #                                    kernel tests
 #   tools/gpu_session.sh bench       lancet vs PyTorch side by side (tools/reference/
-#                                    side_by_side.py), 224x224, batch 256, per precision
+#                                    side_by_side.py), 224x224, batch 256, per precision, both
+#                                    channels_last (MEMORY_FORMAT=nchw for the other layout)
 #   tools/gpu_session.sh lab [ARGS]  every kernel-lab binary (lab_*, kernels/lab/): each version
 #                                    checked against the CPU twin, then timed (ARGS: e.g. --quick)
 #   tools/gpu_session.sh sweep       lancet sweep on the GPU: fp32 / fp16 / bf16 x batch 64, 256
@@ -108,18 +109,21 @@ sanitize() {
   local rc=0 t
   command -v compute-sanitizer >/dev/null || { echo "gpu_session: no compute-sanitizer on PATH" | tee "$LOG/sanitize.log"; return 1; }
   : >"$LOG/sanitize.log"
-  for t in test_gpu_kernels test_gpu_conv_linear test_gpu_batchnorm test_gpu_optim; do
+  for t in test_gpu_kernels test_gpu_conv_linear test_gpu_batchnorm test_gpu_channels_last test_gpu_optim; do
     [[ -x "$BUILD/bin/$t" ]] || continue
     echo "== memcheck $t" | tee -a "$LOG/sanitize.log"
     timeout -k 10 "$STEP_TIMEOUT" compute-sanitizer --tool memcheck --leak-check full --error-exitcode 3 \
       "$BUILD/bin/$t" --gtest_color=no >>"$LOG/sanitize.log" 2>&1 || rc=1
     tail -n 3 "$LOG/sanitize.log" | sed "s|^|  |"
   done
+  # The shared-memory reductions: block sums (kernels) and the channels_last column sums.
   for tool in racecheck synccheck; do
-    echo "== $tool test_gpu_kernels" | tee -a "$LOG/sanitize.log"
-    timeout -k 10 "$STEP_TIMEOUT" compute-sanitizer --tool $tool --error-exitcode 3 \
-      "$BUILD/bin/test_gpu_kernels" --gtest_color=no >>"$LOG/sanitize.log" 2>&1 || rc=1
-    tail -n 3 "$LOG/sanitize.log" | sed "s|^|  |"
+    for t in test_gpu_kernels test_gpu_channels_last; do
+      echo "== $tool $t" | tee -a "$LOG/sanitize.log"
+      timeout -k 10 "$STEP_TIMEOUT" compute-sanitizer --tool $tool --error-exitcode 3 \
+        "$BUILD/bin/$t" --gtest_color=no >>"$LOG/sanitize.log" 2>&1 || rc=1
+      tail -n 3 "$LOG/sanitize.log" | sed "s|^|  |"
+    done
   done
   return $rc
 }

@@ -5,8 +5,12 @@
 // gamma, beta, running_mean, running_var, saved_mean, saved_invstd, dgamma, dbeta stay f32
 // (the mixed-precision rule: BatchNorm statistics in f32). Per-channel sums accumulate in
 // double, as the CPU twin's do.
-// Layout: nchw only. Every reduction uses a launch geometry that depends on the shape alone and
-// sums its partials in a fixed order, so results are deterministic run to run.
+// Layout: x in nchw or channels_last; the 4-D tensors of a call (x, y, dy, dx) share x's memory
+// format, else the op throws naming both ("...: dx [..] is nchw but the input [..] is
+// channels_last"). channels_last reads run along C (coalesced); both layouts give the same
+// results up to the order of the double sums. Every reduction uses a launch geometry that
+// depends on the shape and layout alone and sums its partials in a fixed order, so results are
+// deterministic run to run.
 // All ops are asynchronous on `s` except channel_sums and backward_sums, which return host
 // vectors: they copy the sums back and synchronise `s`. backward_dx copies its host sums to the
 // device and synchronises `s` until that pageable copy is done (the caller may free them).

@@ -1,6 +1,7 @@
 // cuda/common.cuh — what every CUDA twin in kernels/cuda/*.cu shares (not a public API):
 // argument checks with the CPU ops' message shape, the element types and their float
-// conversions, launch sizes and the elementwise launch, warp/block reductions.
+// conversions, launch sizes and the elementwise launch, warp/block reductions, and the
+// channels_last column tiling of the per-channel kernels (ColumnGrid).
 //
 // Element types: kernels are templates over T in {float, __half, __nv_bfloat16} (the storage of
 // DType f32, f16, bf16); arithmetic is in float (load_f / store_f), statistics and reductions
@@ -51,12 +52,6 @@ inline void require_cuda(const char* op, const Stream& s, const Tensor& x,
   }
 }
 
-inline void require_nchw(const char* op, std::initializer_list<const Tensor*> ts) {
-  for (const Tensor* t : ts)
-    LANCET_CHECK(!t->defined() || t->format() == MemoryFormat::nchw,
-                 op << ": channels_last tensor " << t->shape_str() << " is not supported by this kernel");
-}
-
 inline void require_dtype(const char* op, const char* name, const Tensor& t, DType dt) {
   LANCET_CHECK(t.dtype() == dt, op << ": " << name << " " << t.shape_str() << " must be " << dtype_name(dt)
                                    << ", got " << dtype_name(t.dtype()));
@@ -70,6 +65,24 @@ inline void require_same(const char* op, const char* name, const Tensor& t, cons
   require_dtype(op, name, t, ref.dtype());
   LANCET_CHECK(t.format() == ref.format(), op << ": " << name << " " << t.shape_str() << " and " << ref_name << " "
                                               << ref.shape_str() << " differ in memory format");
+}
+
+// The memory format's name in messages.
+inline const char* memory_format_name(MemoryFormat f) {
+  return f == MemoryFormat::channels_last ? "channels_last" : "nchw";
+}
+
+// The per-channel ops' layout rule: every 4-D operand of a call shares the memory format of
+// `ref` (the op's input). Undefined tensors and tensors of another rank (statistics [C], gates
+// [N, C]: always nchw) are not checked here; their shape checks cover them. The message names
+// the op and both tensors: "op: output [2, 3, 4, 4] is channels_last but the input [..] is nchw"
+// (ref_name "the input"), worded as the CPU twins' (cpu::require_same_format).
+inline void require_format_of(const char* op, const char* name, const Tensor& t, const char* ref_name,
+                              const Tensor& ref) {
+  if (!t.defined() || t.ndim() != 4) return;
+  LANCET_CHECK(t.format() == ref.format(), op << ": " << name << " " << t.shape_str() << " is "
+                                              << memory_format_name(t.format()) << " but " << ref_name << " "
+                                              << ref.shape_str() << " is " << memory_format_name(ref.format()));
 }
 
 // ---- element types --------------------------------------------------------------------------
@@ -138,6 +151,146 @@ template <typename A> __device__ A block_sum(A v, A* shared) {
   __syncthreads();
   v = lane < warps ? shared[lane] : A(0);
   return warp_sum(v);
+}
+
+// ---- channels_last column reductions -----------------------------------------------------------
+// A channels_last activation is rows of C contiguous channels: [N, C, H, W] stored N, H, W, C is
+// [B, R, C] with B = N, R = H * W (per-(n, c) ops: average pooling, SE gates) or B = 1,
+// R = N * H * W (BatchNorm's per-channel statistics). A ColumnGrid tiles it so that reads run
+// along C: block (blockDim.x = ct, blockDim.y = rp) with ct * rp = kBlock; thread (tx, ty) of
+// block (x, y, z) owns channel c = x * ct + tx of batch b = z and the rows r0 + ty, r0 + ty + rp,
+// ... below r1, where [r0, r1) = [y * chunk, min(R, (y + 1) * chunk)) is chunk y of the rows. A
+// warp thus reads 32 / ct consecutive rows' ct adjacent channels: one contiguous run of memory
+// when C <= ct, ct contiguous elements of each row otherwise.
+// The geometry depends on (B, R, C) alone, so a reduction that sums each thread's rows in order,
+// then the column over ty in a fixed tree (column_sum), then chunk y's partials in order is
+// deterministic run to run.
+struct ColumnGrid {
+  int64_t B, R, C;
+  int64_t chunk;    // rows per chunk (gridDim.y chunks; each non-empty)
+  unsigned tiles;   // channel tiles: gridDim.x = ceil(C / ct)
+  unsigned splits;  // row chunks: gridDim.y, at most 65535
+  int ct, rp;       // blockDim: ct channels (a power of two <= 32) x rp rows, ct * rp = kBlock
+};
+
+// Requires B, R, C > 0 and B <= 65535 (gridDim.z). About `target_blocks` blocks in all, each
+// at least `min_passes` passes of rp rows where the rows allow it.
+inline ColumnGrid column_grid(int64_t B, int64_t R, int64_t C, int64_t target_blocks = 2048, int64_t min_passes = 4) {
+  ColumnGrid g{};
+  g.B = B;
+  g.R = R;
+  g.C = C;
+  g.ct = 1;
+  while (g.ct < 32 && g.ct < C) g.ct *= 2;  // small C: whole rows per warp, few idle lanes
+  g.rp = kBlock / g.ct;
+  const int64_t tiles = (C + g.ct - 1) / g.ct;
+  const int64_t want = (target_blocks + tiles * B - 1) / (tiles * B);
+  const int64_t by_rows = (R + min_passes * g.rp - 1) / (min_passes * g.rp);
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({want, by_rows, 65535}));
+  g.chunk = (R + splits - 1) / splits;
+  g.splits = static_cast<unsigned>((R + g.chunk - 1) / g.chunk);  // <= splits: every chunk non-empty
+  g.tiles = static_cast<unsigned>(tiles);
+  return g;
+}
+// The launch: <<<column_blocks(g), column_threads(g), 0, stream>>>.
+inline dim3 column_blocks(const ColumnGrid& g) { return dim3(g.tiles, g.splits, static_cast<unsigned>(g.B)); }
+inline dim3 column_threads(const ColumnGrid& g) {
+  return dim3(static_cast<unsigned>(g.ct), static_cast<unsigned>(g.rp));
+}
+
+// This thread's channel (may be >= C in the last tile: such threads load nothing but still
+// take part in column_sum) and its (b, c) index into a [B, C] output.
+__device__ __forceinline__ int64_t column_channel() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ int64_t column_output(const ColumnGrid& g, int64_t c) {
+  return static_cast<int64_t>(blockIdx.z) * g.C + c;
+}
+// The slot of this block's partial for output `o` ([B, C] index) among gridDim.y chunks:
+// partials of one output are contiguous, in chunk order.
+__device__ __forceinline__ int64_t column_partial(int64_t o) { return o * gridDim.y + blockIdx.y; }
+
+// Walks this thread's rows in row order, offset o = (b * R + r) * C + c: use(o, load(o)) for
+// each. Rows go in batches of kColumnBatch whose loads are all issued before the first use, so a
+// thread has several loads in flight even when use() stores (which the compiler may not move a
+// later load above: outputs may alias inputs). load(o) reads the row's inputs (a float or a
+// small struct); use(o, v) computes, stores and accumulates — in row order, so sums are
+// deterministic. An element is loaded before it is used, so an output may be its input. Nothing
+// for a channel >= C. Contains no barrier.
+constexpr int kColumnBatch = 4;
+template <typename Load, typename Use>
+__device__ __forceinline__ void for_column_rows(const ColumnGrid& g, Load&& load, Use&& use) {
+  const int64_t c = column_channel();
+  if (c >= g.C) return;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * g.chunk;
+  const int64_t r1 = r0 + g.chunk < g.R ? r0 + g.chunk : g.R;
+  const int64_t base = static_cast<int64_t>(blockIdx.z) * g.R * g.C + c;
+  const int64_t step = blockDim.y;
+  int64_t r = r0 + threadIdx.y;
+  for (; r + (kColumnBatch - 1) * step < r1; r += kColumnBatch * step) {  // kColumnBatch whole rows
+    decltype(load(base)) v[kColumnBatch];
+#pragma unroll
+    for (int k = 0; k < kColumnBatch; ++k) v[k] = load(base + (r + k * step) * g.C);
+#pragma unroll
+    for (int k = 0; k < kColumnBatch; ++k) use(base + (r + k * step) * g.C, v[k]);
+  }
+  for (; r < r1; r += step) use(base + r * g.C, load(base + r * g.C));  // the last few
+}
+
+// The sum of v over the block's threads with this threadIdx.x (its column of rp rows), in a
+// fixed tree (blockDim.y a power of two); every thread gets its column's sum. `shared` holds
+// blockDim.x * blockDim.y values. Contains __syncthreads: call from all threads.
+template <typename A> __device__ A column_sum(A v, A* shared) {
+  const int t = threadIdx.y * blockDim.x + threadIdx.x;
+  __syncthreads();  // `shared` may still be read by a previous call
+  shared[t] = v;
+  __syncthreads();
+  for (int s = blockDim.y / 2; s > 0; s >>= 1) {
+    if (static_cast<int>(threadIdx.y) < s) shared[t] += shared[t + s * blockDim.x];
+    __syncthreads();
+  }
+  return shared[threadIdx.x];
+}
+
+// The end of this thread's one-sum column reduction for output o (call where threadIdx.y == 0
+// and c < C): with one chunk (gridDim.y == 1) the result itself, out[o] = sum / divisor rounded
+// to T; otherwise the chunk's partial, for column_partials_sum_kernel (partials: B * C * splits).
+template <typename T>
+__device__ __forceinline__ void store_column_result(double sum, int64_t o, double divisor, double* partials, T* out) {
+  if (gridDim.y == 1)
+    out[o] = store_f<T>(static_cast<float>(sum / divisor));
+  else
+    partials[column_partial(o)] = sum;
+}
+
+// out[o] = (sum of output o's `splits` partials, in chunk order) / divisor, rounded to T; the
+// second pass of a [B, C] column reduction (o = b * C + c), launched when splits > 1; with one
+// chunk store_column_result has written the same value (0 + sum: exact).
+template <typename T>
+__global__ void column_partials_sum_kernel(const double* partials, int64_t splits, int64_t outputs, double divisor,
+                                           T* out) {
+  for (int64_t o = first_index(); o < outputs; o += grid_stride()) {
+    double sum = 0;
+    for (int64_t k = 0; k < splits; ++k) sum += partials[o * splits + k];
+    out[o] = store_f<T>(static_cast<float>(sum / divisor));
+  }
+}
+
+// The host side of a one-sum column reduction: scratch for its partials (B * C * splits doubles
+// in i64 storage, from the caching allocator; none with one chunk), and the second pass.
+inline Tensor column_partials_scratch(const ColumnGrid& g, Device device) {
+  static_assert(sizeof(double) == sizeof(int64_t), "doubles are stored in i64 tensors");
+  return g.splits > 1 ? Tensor::empty({g.B * g.C * static_cast<int64_t>(g.splits)}, DType::i64, device) : Tensor();
+}
+inline double* column_partials_ptr(Tensor& scratch) {
+  return scratch.defined() ? static_cast<double*>(scratch.raw_data()) : nullptr;
+}
+template <typename T>
+void finish_column_sum(const ColumnGrid& g, const double* partials, double divisor, T* out, cudaStream_t st) {
+  if (g.splits == 1) return;
+  const int64_t outputs = g.B * g.C;
+  column_partials_sum_kernel<T><<<grid_for(outputs), kBlock, 0, st>>>(partials, g.splits, outputs, divisor, out);
+  LANCET_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace lancet::cuda

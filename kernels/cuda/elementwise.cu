@@ -1,7 +1,10 @@
 // cuda/elementwise.cu — CUDA add/axpy/scale, channel concat, SE channel scale and the two
 // reductions (see cuda/elementwise.h). Elementwise kernels are grid-stride loops over memory;
-// per-plane reductions use one block per (n, c) plane; sum_squares is a two-pass reduction
-// whose grid depends on numel only, so its result is the same on every run and GPU.
+// per-plane reductions use one block per (n, c) plane (nchw) or a ColumnGrid over [N, H * W, C]
+// (channels_last, common.cuh); sum_squares is a two-pass reduction whose grid depends on numel
+// only, so its result is the same on every run and GPU.
+#include <string>
+
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/elementwise.h"
 
@@ -63,6 +66,13 @@ __global__ void channel_scale_forward_kernel(const T* x, const T* g, T* y, int64
   for (int64_t i = first_index(); i < n; i += grid_stride()) y[i] = store_f<T>(load_f(x[i]) * load_f(g[i / hw]));
 }
 
+// channels_last: element i = (n * HW + r) * C + c scales by g[n, c] (hwc = HW * C).
+template <typename T>
+__global__ void channel_scale_forward_nhwc_kernel(const T* x, const T* g, T* y, int64_t C, int64_t hwc, int64_t n) {
+  for (int64_t i = first_index(); i < n; i += grid_stride())
+    y[i] = store_f<T>(load_f(x[i]) * load_f(g[(i / hwc) * C + i % C]));
+}
+
 // One block per (n, c) plane (blockIdx.x); dx or dg may be null (uniform per launch, so every
 // thread reaches block_sum or none does).
 template <typename T>
@@ -82,6 +92,27 @@ __global__ void channel_scale_backward_kernel(const T* x, const T* g, const T* d
     sum = block_sum(sum, shared);
     if (threadIdx.x == 0) dg[plane] = store_f<T>(static_cast<float>(sum));
   }
+}
+
+// channels_last: a ColumnGrid over [N, HW, C]; thread (n = blockIdx.z, c) walks its rows of the
+// block's chunk, writing dx and adding dy * x in double; dg[n, c] through store_column_result
+// (and column_partials_sum_kernel when the rows are split). dx or dg may be null (uniform).
+template <typename T>
+__global__ void channel_scale_backward_nhwc_kernel(const T* x, const T* g, const T* dy, T* dx, T* dg, ColumnGrid cg,
+                                                   double* partials) {
+  __shared__ double shared[kBlock];
+  const int64_t c = column_channel(), o = column_output(cg, c);
+  const float gv = c < cg.C ? load_f(g[o]) : 0.f;
+  double sum = 0;
+  for_column_rows(
+      cg, [&](int64_t i) { return make_float2(load_f(dy[i]), dg ? load_f(x[i]) : 0.f); },
+      [&](int64_t i, float2 v) {  // {dy, x}
+        if (dg) sum += static_cast<double>(v.x) * v.y;
+        if (dx) dx[i] = store_f<T>(v.x * gv);
+      });
+  if (!dg) return;
+  sum = column_sum(sum, shared);
+  if (threadIdx.y == 0 && c < cg.C) store_column_result(sum, o, 1.0, partials, dg);
 }
 
 // ---- reductions ----
@@ -127,10 +158,12 @@ void axpy_impl(const char* op, float alpha, const Tensor& x, Tensor& y, const St
   });
 }
 
-// Copies between y [N, sum C_i, HW] and the parts xs[i] [N, C_i, HW]; to_y picks the direction.
+// Copies between y [N, sum C_i, H, W] and the parts xs[i] [N, C_i, H, W]; to_y picks the
+// direction. In memory y is `outer` rows of C * inner elements and part i `outer` rows of
+// C_i * inner, the part's slice of a y row starting at first_i * inner: nchw outer N, inner HW;
+// channels_last outer N * HW, inner 1 (conv_util.h's channel view).
 void concat_copy(const char* op, const std::vector<Tensor>& xs, const Tensor& y, bool to_y, const Stream& s) {
   require_cuda(op, s, y);
-  require_nchw(op, {&y});
   const Nchw d = nchw_of(op, "concatenated tensor", y);
   LANCET_CHECK(!xs.empty(), op << ": no parts to concatenate into " << y.shape_str());
   int64_t total = 0;
@@ -138,28 +171,30 @@ void concat_copy(const char* op, const std::vector<Tensor>& xs, const Tensor& y,
     const Tensor& x = xs[i];
     LANCET_CHECK(x.defined(), op << ": part " << i << " is an undefined tensor");
     require_cuda(op, s, y, {&x});
-    require_nchw(op, {&x});
     require_dtype(op, "part", x, y.dtype());
     LANCET_CHECK(x.ndim() == 4 && x.dim(0) == d.N && x.dim(2) * x.dim(3) == d.HW && x.dim(2) == y.dim(2),
                  op << ": part " << i << " " << x.shape_str() << " does not fit the concatenated tensor "
                     << y.shape_str() << " (N, H, W must match)");
+    require_format_of(op, ("part " + std::to_string(i)).c_str(), x, "the concatenated tensor", y);
     total += x.dim(1);
   }
   LANCET_CHECK(total == d.C, op << ": parts have " << total << " channels in all but the concatenated tensor "
                                 << y.shape_str() << " has " << d.C);
   CudaDeviceGuard g(s.device.index);
+  const bool nhwc = y.format() == MemoryFormat::channels_last;
+  const int64_t outer = nhwc ? d.N * d.HW : d.N, inner = nhwc ? 1 : d.HW;
   int64_t first = 0;  // first channel of part i in y
   for (const Tensor& x : xs) {
-    const int64_t ci = x.dim(1), len = ci * d.HW;
-    if (len > 0 && d.N > 0) {
+    const int64_t ci = x.dim(1), len = ci * inner;
+    if (len > 0 && outer > 0) {
       LANCET_CUDA_FLOAT_TYPES(y.dtype(), op, {
         // Tensors are handles: the destination side is written through raw_data().
-        scalar_t* yp = static_cast<scalar_t*>(y.raw_data()) + first * d.HW;
+        scalar_t* yp = static_cast<scalar_t*>(y.raw_data()) + first * inner;
         scalar_t* xp = static_cast<scalar_t*>(x.raw_data());
         if (to_y)
-          copy_rows_kernel<<<grid_for(d.N * len), kBlock, 0, native(s)>>>(xp, len, yp, d.C * d.HW, d.N, len);
+          copy_rows_kernel<<<grid_for(outer * len), kBlock, 0, native(s)>>>(xp, len, yp, d.C * inner, outer, len);
         else
-          copy_rows_kernel<<<grid_for(d.N * len), kBlock, 0, native(s)>>>(yp, d.C * d.HW, xp, len, d.N, len);
+          copy_rows_kernel<<<grid_for(outer * len), kBlock, 0, native(s)>>>(yp, d.C * inner, xp, len, outer, len);
       });
       LANCET_CUDA_LAUNCH_CHECK();
     }
@@ -167,9 +202,15 @@ void concat_copy(const char* op, const std::vector<Tensor>& xs, const Tensor& y,
   }
 }
 
-// The checks of both channel_scale ops: x [N, C, H, W] nchw, g [N, C] of x's dtype.
+// `t` like x (require_same); a memory format other than x's is reported in the per-channel ops'
+// words ("dy [..] is nchw but x [..] is channels_last").
+void require_like_x(const char* op, const char* name, const Tensor& t, const Tensor& x) {
+  if (t.defined() && t.shape() == x.shape()) require_format_of(op, name, t, "x", x);
+  require_same(op, name, t, x, "x");
+}
+
+// The checks of both channel_scale ops: x [N, C, H, W] (either format), g [N, C] of x's dtype.
 Nchw check_channel_scale(const char* op, const Tensor& x, const Tensor& g) {
-  require_nchw(op, {&x});
   const Nchw d = nchw_of(op, "x", x);
   LANCET_CHECK(g.defined(), op << ": g is an undefined tensor");
   LANCET_CHECK(g.shape() == Shape({d.N, d.C}), op << ": g " << g.shape_str() << " does not match x " << x.shape_str()
@@ -252,11 +293,16 @@ void channel_scale_forward(const Tensor& x, const Tensor& g, Tensor& y, const St
   const char* op = "channel_scale_forward";
   require_cuda(op, s, x, {&g, &y});
   const Nchw d = check_channel_scale(op, x, g);
-  require_same(op, "y", y, x, "x");
+  require_like_x(op, "y", y, x);
   const int64_t n = x.numel();
+  const bool nhwc = x.format() == MemoryFormat::channels_last;
   launch_elementwise(op, x.dtype(), n, s, [&](auto t, const ElementwiseLaunch& L) {
     using T = decltype(t);
-    channel_scale_forward_kernel<<<L.grid, L.block, 0, L.stream>>>(ptr<T>(x), ptr<T>(g), ptr<T>(y), d.HW, n);
+    if (nhwc)
+      channel_scale_forward_nhwc_kernel<<<L.grid, L.block, 0, L.stream>>>(ptr<T>(x), ptr<T>(g), ptr<T>(y), d.C,
+                                                                           d.HW * d.C, n);
+    else
+      channel_scale_forward_kernel<<<L.grid, L.block, 0, L.stream>>>(ptr<T>(x), ptr<T>(g), ptr<T>(y), d.HW, n);
   });
 }
 
@@ -265,11 +311,27 @@ void channel_scale_backward(const Tensor& x, const Tensor& g, const Tensor& dy, 
   const char* op = "channel_scale_backward";
   require_cuda(op, s, x, {&g, &dy, &dx, &dg});
   const Nchw d = check_channel_scale(op, x, g);
-  require_same(op, "dy", dy, x, "x");
-  if (dx.defined()) require_same(op, "dx", dx, x, "x");
+  require_like_x(op, "dy", dy, x);
+  if (dx.defined()) require_like_x(op, "dx", dx, x);
   if (dg.defined()) require_same(op, "dg", dg, g, "g");
   const int64_t planes = d.N * d.C;
   if (planes == 0 || (!dx.defined() && !dg.defined())) return;
+  // Empty planes (HW == 0) take the nchw kernel in either layout: it reads nothing, dg = 0.
+  if (x.format() == MemoryFormat::channels_last && d.HW > 0) {
+    LANCET_CHECK(d.N <= 65535, op << ": batch of " << x.shape_str() << " exceeds the grid of one launch");
+    CudaDeviceGuard guard(s.device.index);
+    const ColumnGrid cg = column_grid(d.N, d.HW, d.C);
+    Tensor partials = dg.defined() ? column_partials_scratch(cg, s.device) : Tensor();
+    LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
+      scalar_t* dxp = dx.defined() ? ptr<scalar_t>(dx) : nullptr;
+      scalar_t* dgp = dg.defined() ? ptr<scalar_t>(dg) : nullptr;
+      channel_scale_backward_nhwc_kernel<<<column_blocks(cg), column_threads(cg), 0, native(s)>>>(
+          ptr<scalar_t>(x), ptr<scalar_t>(g), ptr<scalar_t>(dy), dxp, dgp, cg, column_partials_ptr(partials));
+      LANCET_CUDA_LAUNCH_CHECK();
+      if (dgp) finish_column_sum(cg, column_partials_ptr(partials), 1.0, dgp, native(s));
+    });
+    return;
+  }
   LANCET_CHECK(planes <= 0x7fffffffLL, op << ": " << x.shape_str() << " has too many planes for one grid");
   CudaDeviceGuard guard(s.device.index);
   LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {

@@ -4,7 +4,9 @@
 // excepted)
 // (arithmetic in float; sums of products accumulate in double like the CPU twins).
 // Elementwise ops (fill, add, axpy, ...) need one memory format across their tensors; the
-// per-channel ops (concat, channel_scale) need nchw.
+// per-channel ops (concat, channel_scale) take nchw or channels_last, shared by all their 4-D
+// tensors (g, dg [N, C] have none), and give the nchw results (dg: up to the order of its
+// double sum) — channels_last reads run along C.
 // All ops are asynchronous on `s` except sum_squares and all_finite, which return a host
 // value: they copy 8 (4) bytes back and synchronise `s` only.
 #pragma once

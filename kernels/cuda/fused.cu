@@ -7,6 +7,10 @@
 // y + splits, ... . Block size and split count depend on the shape only, so dg (a per-plane sum
 // in double: block partials, then a second kernel adding a plane's partials in split order) is
 // deterministic. Forward and backward are one pass each over the activations.
+// channels_last: a ColumnGrid (common.cuh) over [N, H * W, C]: thread (n = blockIdx.z, c) keeps
+// its gate g[n, c] in a register and walks its rows of the block's chunk (reads along C:
+// coalesced); dg[n, c] is the chunk sums (column_sum, a fixed tree) added in chunk order, so it
+// is deterministic too. The per-element arithmetic is the nchw kernels'.
 #include <algorithm>
 
 #include "kernels/cuda/common.cuh"
@@ -89,19 +93,55 @@ __global__ void se_dg_kernel(const double* partials, int splits, int64_t planes,
   }
 }
 
+// se_forward_kernel in channels_last.
+template <typename T>
+__global__ void se_forward_nhwc_kernel(const T* x, const T* gate, const T* shortcut, ColumnGrid cg, T* y) {
+  const int64_t c = column_channel();
+  if (c >= cg.C) return;
+  const float gv = load_f(gate[column_output(cg, c)]);
+  for_column_rows(
+      cg, [&](int64_t i) { return make_float2(load_f(x[i]), load_f(shortcut[i])); },
+      [&](int64_t i, float2 a) {
+        const float v = a.x * gv + a.y;
+        y[i] = store_f<T>(v < 0.f ? 0.f : v);
+      });
+}
+
+// se_backward_kernel in channels_last; dg (non-null: partials from column_partials_scratch)
+// through store_column_result. dx, dshortcut, dg may be null (uniform over the grid).
+template <typename T>
+__global__ void se_backward_nhwc_kernel(const T* x, const T* gate, const T* y, const T* dy, ColumnGrid cg, T* dx,
+                                        T* dshortcut, T* dg, double* partials) {
+  __shared__ double shared[kBlock];
+  const int64_t c = column_channel(), o = column_output(cg, c);
+  const float gv = c < cg.C ? load_f(gate[o]) : 0.f;
+  double sum = 0;
+  for_column_rows(
+      cg, [&](int64_t i) { return make_float2(load_f(y[i]) > 0.f ? load_f(dy[i]) : 0.f, dg ? load_f(x[i]) : 0.f); },
+      [&](int64_t i, float2 v) {  // {t, x}
+        if (dshortcut) dshortcut[i] = store_f<T>(v.x);
+        if (dx) dx[i] = store_f<T>(v.x * gv);
+        if (dg) sum += static_cast<double>(v.x) * static_cast<double>(v.y);
+      });
+  if (!dg) return;  // uniform over the block: the barriers below are reached by all or none
+  sum = column_sum(sum, shared);
+  if (threadIdx.y == 0 && c < cg.C) store_column_result(sum, o, 1.0, partials, dg);
+}
+
 // ---- argument checks (channel_scale_*'s messages) ---------------------------------------------
 
 struct Nchw {
   int64_t N, C, HW;
 };
 
-// t: defined, with ref's shape and x's dtype.
+// t: defined, with ref's shape, x's dtype and (4-D) ref's memory format.
 void require_like(const char* op, const char* name, const Tensor& t, const Tensor& ref, const char* ref_name,
                   DType dt) {
   LANCET_CHECK(t.defined(), op << ": " << name << " is an undefined tensor");
   LANCET_CHECK(t.shape() == ref.shape(),
                op << ": " << name << " " << t.shape_str() << " does not match " << ref_name << " " << ref.shape_str());
   require_dtype(op, name, t, dt);
+  require_format_of(op, name, t, ref_name, ref);
 }
 
 void require_distinct(const char* op, const char* out_name, const Tensor& out, const char* in_name, const Tensor& in) {
@@ -109,12 +149,11 @@ void require_distinct(const char* op, const char* out_name, const Tensor& out, c
                op << ": " << out_name << " " << out.shape_str() << " must not alias " << in_name);
 }
 
-// Device, layout, x [N, C, H, W] of a float dtype and g [N, C] of x's dtype.
+// Device, x [N, C, H, W] (either format) of a float dtype and g [N, C] of x's dtype. The other
+// activations' formats are checked with their shapes (require_like).
 Nchw check_se(const char* op, const Tensor& x, const Tensor& g, const Stream& s,
               std::initializer_list<const Tensor*> all) {
   require_cuda(op, s, x, all);
-  require_nchw(op, {&x});
-  require_nchw(op, all);
   LANCET_CHECK(x.dtype() == DType::f32 || x.dtype() == DType::f16 || x.dtype() == DType::bf16,
                op << ": x " << x.shape_str() << " must be f32, f16 or bf16, got " << dtype_name(x.dtype()));
   LANCET_CHECK(x.ndim() == 4, op << ": x must be 4-D [N, C, H, W], got " << x.shape_str());
@@ -124,6 +163,8 @@ Nchw check_se(const char* op, const Tensor& x, const Tensor& g, const Stream& s,
                                                   << " (expected [" << d.N << ", " << d.C << "])");
   require_dtype(op, "g", g, x.dtype());
   LANCET_CHECK(d.N * d.C <= 0x7fffffff, op << ": " << d.N * d.C << " planes exceed the grid of one launch");
+  LANCET_CHECK(x.format() == MemoryFormat::nchw || d.N <= 65535,
+               op << ": batch of " << x.shape_str() << " exceeds the grid of one launch");
   return d;
 }
 
@@ -141,6 +182,15 @@ void se_scale_residual_relu_forward(const Tensor& x, const Tensor& g, const Tens
   require_distinct(op, "y", y, "shortcut", shortcut);
   if (x.numel() == 0) return;
   CudaDeviceGuard guard(s.device.index);
+  if (x.format() == MemoryFormat::channels_last) {
+    const ColumnGrid cg = column_grid(d.N, d.HW, d.C);
+    LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
+      se_forward_nhwc_kernel<scalar_t><<<column_blocks(cg), column_threads(cg), 0, native(s)>>>(
+          ptr<scalar_t>(x), ptr<scalar_t>(g), ptr<scalar_t>(shortcut), cg, ptr<scalar_t>(y));
+      LANCET_CUDA_LAUNCH_CHECK();
+    });
+    return;
+  }
   const PlaneGrid pg = plane_grid(d.N * d.C, d.HW);
   LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
     se_forward_kernel<scalar_t><<<grid_of(pg), pg.block, 0, native(s)>>>(
@@ -169,6 +219,18 @@ void se_scale_residual_relu_backward(const Tensor& x, const Tensor& g, const Ten
   const cudaStream_t st = native(s);
   if (d.HW == 0) {  // empty planes: dg is a sum over nothing
     if (dg.defined()) LANCET_CUDA_CHECK(cudaMemsetAsync(dg.raw_data(), 0, dg.nbytes(), st));
+    return;
+  }
+  if (x.format() == MemoryFormat::channels_last) {
+    const ColumnGrid cg = column_grid(d.N, d.HW, d.C);
+    Tensor partials = dg.defined() ? column_partials_scratch(cg, s.device) : Tensor();
+    LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
+      se_backward_nhwc_kernel<scalar_t><<<column_blocks(cg), column_threads(cg), 0, st>>>(
+          ptr<scalar_t>(x), ptr<scalar_t>(g), ptr<scalar_t>(y), ptr<scalar_t>(dy), cg, mptr<scalar_t>(dx),
+          mptr<scalar_t>(dshortcut), mptr<scalar_t>(dg), column_partials_ptr(partials));
+      LANCET_CUDA_LAUNCH_CHECK();
+      if (dg.defined()) finish_column_sum(cg, column_partials_ptr(partials), 1.0, ptr<scalar_t>(dg), st);
+    });
     return;
   }
   const PlaneGrid pg = plane_grid(d.N * d.C, d.HW);

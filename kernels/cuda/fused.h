@@ -7,6 +7,9 @@
 // Where defined: the BatchNorm+ReLU twins in batchnorm.cu (the BatchNorm kernels with the
 // ReLU folded in: the mask is applied to dy as it is loaded, nothing is materialised); the SE
 // twins in fused.cu. All are asynchronous on `s`.
+// Layout: nchw or channels_last, shared by every 4-D tensor of a call (else the op throws naming
+// both); channels_last kernels read along C and give the nchw results up to the order of the
+// double sums (BatchNorm statistics and gradients, dg).
 #pragma once
 #include "kernels/fused.h"
 

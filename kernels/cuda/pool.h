@@ -1,7 +1,10 @@
 // cuda/pool.h — the CUDA twins of kernels/pool.h (same arguments and contract; see that
 // header). Host-only: no CUDA header, so kernels/pool.cpp can include it.
-// Element types: x, y, dy, dx are f32, f16 or bf16, all of one dtype; argmax stays i32. nchw.
-// Asynchronous on `s`; nothing synchronises with the host.
+// Element types: x, y, dy, dx are f32, f16 or bf16, all of one dtype; argmax stays i32.
+// Layout: nchw or channels_last, shared by the 4-D tensors of a call (x, y, argmax; dy, argmax,
+// dx), else the op throws naming both. maxpool gives the same y, argmax (logical h * W + w) and
+// dx in both layouts; global_avgpool's mean may differ in the last bit (another order of the
+// double sum). Asynchronous on `s`; nothing synchronises with the host.
 #pragma once
 #include "kernels/pool.h"
 #include "kernels/tensor.h"
