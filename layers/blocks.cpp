@@ -56,13 +56,13 @@ Tensor SEBlock::gate_forward(const Tensor& x, SavedPtr* saved, const Stream& s) 
 void SEBlock::gate_backward(const Tensor& dg, Saved& saved, Tensor& dx, const Stream& s) {
   auto& c = saved_as<SESaved>(saved, "SEBlock");
   dg.check_same_shape(c.g, "SEBlock gate backward: dg");
-  Tensor da = Tensor::empty(dg.shape(), dg.dtype(), dg.device());
+  Tensor da = Tensor::empty_like(dg);
   sigmoid_backward(c.g, dg, da, s);
   Tensor dh = fc2_->backward(da, *c.fc2, true, s);
   relu_backward(c.h, dh, dh, s);
   Tensor dsqueeze = fc1_->backward(dh, *c.fc1, dx.defined(), s);
   if (dx.defined()) {
-    Tensor dpool = Tensor::empty(c.x.shape(), c.x.dtype(), c.x.device());
+    Tensor dpool = Tensor::empty_like(c.x);
     global_avgpool_backward(dsqueeze, dpool, s);
     add_inplace(dx, dpool, s);
   }
@@ -76,7 +76,7 @@ const Tensor& SEBlock::saved_gate(const Saved& saved) {
 
 Tensor SEBlock::forward_impl(const Tensor& x, SavedPtr* saved, const Stream& s) {
   const Tensor g = gate_forward(x, saved, s);
-  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  Tensor y = Tensor::empty_like(x);
   channel_scale_forward(x, g, y, s);
   return y;
 }
@@ -85,8 +85,8 @@ Tensor SEBlock::backward_impl(const Tensor& dy, Saved& saved, bool need_input_gr
   auto& c = saved_as<SESaved>(saved, "SEBlock");
   dy.check_same_shape(c.x, "SEBlock backward: dy");
   // y = x * g: the direct path to x, and the gate's path back through the excitation MLP.
-  Tensor dx = need_input_grad ? Tensor::empty(c.x.shape(), c.x.dtype(), c.x.device()) : Tensor();
-  Tensor dg = Tensor::empty(c.g.shape(), c.g.dtype(), c.g.device());
+  Tensor dx = need_input_grad ? Tensor::empty_like(c.x) : Tensor();
+  Tensor dg = Tensor::empty_like(c.g);
   channel_scale_backward(c.x, c.g, dy, dx, dg, s);
   gate_backward(dg, saved, dx, s);
   return dx;
@@ -135,7 +135,7 @@ Tensor BasicResidualBlock::forward_impl(const Tensor& x, SavedPtr* saved, const 
     g = se_->gate_forward(r, c ? &c->se : nullptr, s);
   }
   const Tensor shortcut = down_ ? down_->forward(x, c ? &c->down : nullptr, s) : x;
-  Tensor y = Tensor::empty(r.shape(), r.dtype(), r.device());
+  Tensor y = Tensor::empty_like(r);
   se_scale_residual_relu_forward(r, g, shortcut, y, s);
   if (c) {
     c->r = r;
@@ -151,9 +151,9 @@ Tensor BasicResidualBlock::backward_impl(const Tensor& dy, Saved& saved, bool ne
   // Through relu(r * g + shortcut): d = dy * (out > 0) to the shortcut, d * g to r, and
   // sum_hw d * r to the gate, which the SE's excitation MLP takes back (adding its part to dr).
   const Tensor& gate = SEBlock::saved_gate(*c.se);
-  Tensor d = Tensor::empty(dy.shape(), dy.dtype(), dy.device());  // d out / d (r g + shortcut)
-  Tensor dr = Tensor::empty(c.r.shape(), c.r.dtype(), c.r.device());
-  Tensor dg = Tensor::empty(gate.shape(), gate.dtype(), gate.device());
+  Tensor d = Tensor::empty_like(dy);  // d out / d (r g + shortcut)
+  Tensor dr = Tensor::empty_like(c.r);
+  Tensor dg = Tensor::empty_like(gate);
   se_scale_residual_relu_backward(c.r, gate, c.out, dy, dr, dg, d, s);
   {
     TraceScope trace("SEBlock", "backward");
@@ -210,7 +210,7 @@ Tensor ContextBlock::forward_impl(const Tensor& x, SavedPtr* saved, const Stream
   if (c) c->branches.resize(kContextBranches);
   std::vector<Tensor> outs(kContextBranches);
   for (int k = 0; k < kContextBranches; ++k) outs[k] = (*branches_)[k].forward(x, c ? &c->branches[k] : nullptr, s);
-  Tensor cat = Tensor::empty({x.dim(0), kContextBranches * b_, x.dim(2), x.dim(3)}, x.dtype(), x.device());
+  Tensor cat = Tensor::empty_like(x, {x.dim(0), kContextBranches * b_, x.dim(2), x.dim(3)});
   concat_channels_forward(outs, cat, s);
   Tensor y = project_->forward(cat, c ? &c->project : nullptr, s);  // ends in BatchNorm: fresh
   add_inplace(y, x, s);
@@ -225,12 +225,12 @@ Tensor ContextBlock::forward_impl(const Tensor& x, SavedPtr* saved, const Stream
 Tensor ContextBlock::backward_impl(const Tensor& dy, Saved& saved, bool need_input_grad, const Stream& s) {
   auto& c = saved_as<ContextSaved>(saved, "ContextBlock");
   dy.check_same_shape(c.out, "ContextBlock backward: dy");
-  Tensor d = Tensor::empty(dy.shape(), dy.dtype(), dy.device());  // d out / d (project + x)
+  Tensor d = Tensor::empty_like(dy);  // d out / d (project + x)
   relu_backward(c.out, dy, d, s);
   Tensor dcat = project_->backward(d, *c.project, true, s);
   std::vector<Tensor> dbranch;
   for (int k = 0; k < kContextBranches; ++k)
-    dbranch.push_back(Tensor::empty({dy.dim(0), b_, dy.dim(2), dy.dim(3)}, dy.dtype(), dy.device()));
+    dbranch.push_back(Tensor::empty_like(dy, {dy.dim(0), b_, dy.dim(2), dy.dim(3)}));
   concat_channels_backward(dcat, dbranch, s);
   Tensor dx;
   for (int k = 0; k < kContextBranches; ++k) {

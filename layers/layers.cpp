@@ -61,7 +61,7 @@ void Conv2d::check_input(const Tensor& x) const {
 }
 
 Tensor Conv2d::forward_impl(const Tensor& x, SavedPtr* saved, const Stream& s) {
-  Tensor y = Tensor::empty(conv2d_output_shape(p_, x.shape(), weight_->value.shape()), x.dtype(), x.device());
+  Tensor y = Tensor::empty_like(x, conv2d_output_shape(p_, x.shape(), weight_->value.shape()));
   conv2d_forward(p_, x, weight_->value, bias_ ? bias_->value : Tensor(), y, s);
   if (auto c = make_saved<TensorSaved>(saved)) {
     c->t = x;
@@ -73,7 +73,7 @@ Tensor Conv2d::forward_impl(const Tensor& x, SavedPtr* saved, const Stream& s) {
 Tensor Conv2d::backward_impl(const Tensor& dy, Saved& saved, bool need_input_grad, const Stream& s) {
   const Tensor& x = saved_as<TensorSaved>(saved, "Conv2d").t;
   dy.check_shape(conv2d_output_shape(p_, x.shape(), weight_->value.shape()), "Conv2d backward: dy");
-  Tensor dx = need_input_grad ? Tensor::empty(x.shape(), x.dtype(), x.device()) : Tensor();
+  Tensor dx = need_input_grad ? Tensor::empty_like(x) : Tensor();
   Tensor db = bias_ ? bias_->grad : Tensor();
   conv2d_backward(p_, x, weight_->value, dy, dx, weight_->grad, db, s);
   return dx;
@@ -108,7 +108,7 @@ void BatchNorm2d::check_input(const Tensor& x) const {
 }
 
 Tensor BatchNorm2d::forward_impl(const Tensor& x, SavedPtr* saved, const Stream& s) {
-  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  Tensor y = Tensor::empty_like(x);
   Tensor mean = Tensor::empty({c_}, DType::f32, x.device());
   Tensor invstd = Tensor::empty({c_}, DType::f32, x.device());
   double sync_count = 0;
@@ -172,7 +172,7 @@ Tensor BatchNorm2d::forward_impl(const Tensor& x, SavedPtr* saved, const Stream&
 Tensor BatchNorm2d::backward_impl(const Tensor& dy_out, Saved& saved, bool need_input_grad, const Stream& s) {
   auto& c = saved_as<BatchNormSaved>(saved, "BatchNorm2d");
   dy_out.check_same_shape(c.x, "BatchNorm2d backward: dy");
-  Tensor dx = need_input_grad ? Tensor::empty(c.x.shape(), c.x.dtype(), c.x.device()) : Tensor();
+  Tensor dx = need_input_grad ? Tensor::empty_like(c.x) : Tensor();
   Tensor dy = dy_out;
   if (c.y.defined()) {  // the fused ReLU
     if (c.sync_count == 0) {
@@ -180,7 +180,7 @@ Tensor BatchNorm2d::backward_impl(const Tensor& dy_out, Saved& saved, bool need_
                               bias_->grad, s);
       return dx;
     }
-    dy = Tensor::empty(dy_out.shape(), dy_out.dtype(), dy_out.device());  // SyncBatchNorm: the mask first
+    dy = Tensor::empty_like(dy_out);  // SyncBatchNorm: the mask first
     relu_backward(c.y, dy_out, dy, s);
   }
   if (c.sync_count > 0) {
@@ -212,7 +212,7 @@ Tensor BatchNorm2d::backward_impl(const Tensor& dy_out, Saved& saved, bool need_
 // ---- ReLU -----------------------------------------------------------------------------------
 
 Tensor ReLU::forward_impl(const Tensor& x, SavedPtr* saved, const Stream& s) {
-  Tensor y = inplace_ ? x : Tensor::empty(x.shape(), x.dtype(), x.device());
+  Tensor y = inplace_ ? x : Tensor::empty_like(x);
   relu_forward(x, y, s);
   if (auto c = make_saved<TensorSaved>(saved)) {
     c->t = y;
@@ -225,7 +225,7 @@ Tensor ReLU::backward_impl(const Tensor& dy, Saved& saved, bool need_input_grad,
   const Tensor& y = saved_as<TensorSaved>(saved, "ReLU").t;
   dy.check_same_shape(y, "ReLU backward: dy");
   if (!need_input_grad) return Tensor();
-  Tensor dx = Tensor::empty(y.shape(), y.dtype(), y.device());
+  Tensor dx = Tensor::empty_like(y);
   relu_backward(y, dy, dx, s);
   return dx;
 }
@@ -254,8 +254,8 @@ void MaxPool2d::check_input(const Tensor& x) const {
 
 Tensor MaxPool2d::forward_impl(const Tensor& x, SavedPtr* saved, const Stream& s) {
   const Shape ys = maxpool2d_output_shape(p_, x.shape());
-  Tensor y = Tensor::empty(ys, x.dtype(), x.device());
-  Tensor argmax = Tensor::empty(ys, DType::i32, x.device());
+  Tensor y = Tensor::empty_like(x, ys);
+  Tensor argmax = Tensor::empty(ys, DType::i32, x.device(), x.format());  // laid out as y
   maxpool2d_forward(p_, x, y, argmax, s);
   if (auto c = make_saved<MaxPoolSaved>(saved)) {
     c->x_shape = x.shape();
@@ -269,7 +269,7 @@ Tensor MaxPool2d::backward_impl(const Tensor& dy, Saved& saved, bool need_input_
   auto& c = saved_as<MaxPoolSaved>(saved, "MaxPool2d");
   dy.check_same_shape(c.argmax, "MaxPool2d backward: dy");
   if (!need_input_grad) return Tensor();
-  Tensor dx = Tensor::empty(c.x_shape, dy.dtype(), dy.device());
+  Tensor dx = Tensor::empty_like(dy, c.x_shape);
   maxpool2d_backward(p_, dy, c.argmax, dx, s);
   return dx;
 }
@@ -279,6 +279,7 @@ Tensor MaxPool2d::backward_impl(const Tensor& dy, Saved& saved, bool need_input_
 namespace {
 struct ShapeSaved : Saved {
   Shape x_shape;
+  MemoryFormat x_format = MemoryFormat::nchw;
 };
 }  // namespace
 
@@ -291,16 +292,18 @@ Tensor GlobalAvgPool::forward_impl(const Tensor& x, SavedPtr* saved, const Strea
   global_avgpool_forward(x, y, s);
   if (auto c = make_saved<ShapeSaved>(saved)) {
     c->x_shape = x.shape();
+    c->x_format = x.format();
     *saved = std::move(c);
   }
   return y;
 }
 
 Tensor GlobalAvgPool::backward_impl(const Tensor& dy, Saved& saved, bool need_input_grad, const Stream& s) {
-  const Shape& xs = saved_as<ShapeSaved>(saved, "GlobalAvgPool").x_shape;
+  const auto& c = saved_as<ShapeSaved>(saved, "GlobalAvgPool");
+  const Shape& xs = c.x_shape;
   dy.check_shape({xs[0], xs[1]}, "GlobalAvgPool backward: dy");
   if (!need_input_grad) return Tensor();
-  Tensor dx = Tensor::empty(xs, dy.dtype(), dy.device());
+  Tensor dx = Tensor::empty(xs, dy.dtype(), dy.device(), c.x_format);  // laid out as the input was
   global_avgpool_backward(dy, dx, s);
   return dx;
 }
@@ -339,7 +342,7 @@ Tensor Linear::forward_impl(const Tensor& x, SavedPtr* saved, const Stream& s) {
 Tensor Linear::backward_impl(const Tensor& dy, Saved& saved, bool need_input_grad, const Stream& s) {
   const Tensor& x = saved_as<TensorSaved>(saved, "Linear").t;
   dy.check_shape({x.dim(0), out_}, "Linear backward: dy");
-  Tensor dx = need_input_grad ? Tensor::empty(x.shape(), x.dtype(), x.device()) : Tensor();
+  Tensor dx = need_input_grad ? Tensor::empty_like(x) : Tensor();
   Tensor db = bias_ ? bias_->grad : Tensor();
   linear_backward(x, weight_->value, dy, dx, weight_->grad, db, s);
   return dx;
@@ -361,8 +364,8 @@ Dropout::Dropout(float p) : p_(p) {
 Tensor Dropout::forward_impl(const Tensor& x, SavedPtr* saved, const Stream& s) {
   Tensor y = x, mask;
   if (training() && enabled_ && p_ > 0.0f) {
-    y = Tensor::empty(x.shape(), x.dtype(), x.device());
-    mask = Tensor::empty(x.shape(), DType::u8, x.device());
+    y = Tensor::empty_like(x);
+    mask = Tensor::empty(x.shape(), DType::u8, x.device(), x.format());
     dropout_forward(p_, seed_, counter_, x, y, mask, s);
     counter_ += static_cast<uint64_t>(x.numel());
   }
@@ -379,7 +382,7 @@ Tensor Dropout::backward_impl(const Tensor& dy, Saved& saved, bool need_input_gr
   dy.check_shape(c.shape, "Dropout backward: dy");
   if (!need_input_grad) return Tensor();
   if (!c.mask.defined()) return dy.clone();  // input gradients are fresh tensors
-  Tensor dx = Tensor::empty(dy.shape(), dy.dtype(), dy.device());
+  Tensor dx = Tensor::empty_like(dy);
   dropout_backward(p_, c.mask, dy, dx, s);
   return dx;
 }

@@ -52,15 +52,15 @@ Tensor Module::forward(const Tensor& x, SavedPtr* saved, const Stream& s) {
   const bool emulated = low && device_.is_cpu();  // else 16-bit tensors on the GPU
   Tensor y;
   {
-    SwappedWeights weights(low_precision_weights(s));
+    SwappedWeights weights(compute_weights(s));
     Tensor in = x;
-    if (rounds_entry_) in = emulated ? rounded(x, precision_, /*copy=*/true) : cast_to(x, precision_, s);
+    if (edge_) in = to_compute(x, s);
     y = forward_impl(in, saved, s);
   }
   LANCET_CHECK(!saved || *saved, type_name() << ": forward_impl saved nothing for backward");
   // In place: y is this call's own output (or a view of an input that is rounded already).
   if (emulated) rounded(y, precision_, /*copy=*/false);
-  if (low && !emulated && rounds_entry_) y = cast_to(y, DType::f32, s);  // a fresh FP32 tensor
+  if (edge_) y = from_compute(y, s);  // FP32 nchw (a fresh tensor when it converts)
   return y;
 }
 
@@ -73,14 +73,14 @@ Tensor Module::backward(const Tensor& dy, Saved& saved, bool need_input_grad, co
   const bool emulated = low && device_.is_cpu();
   Tensor dx;
   {
-    SwappedWeights weights(low_precision_weights(s));
+    SwappedWeights weights(compute_weights(s));
     Tensor in = dy;
-    if (rounds_entry_) in = emulated ? rounded(dy, precision_, /*copy=*/true) : cast_to(dy, precision_, s);
+    if (edge_) in = to_compute(dy, s);
     dx = backward_impl(in, saved, need_input_grad, s);
   }
   LANCET_CHECK(!need_input_grad || dx.defined(), type_name() << ": backward_impl returned no input gradient");
   if (emulated && need_input_grad) rounded(dx, precision_, /*copy=*/false);
-  if (low && !emulated && rounds_entry_ && need_input_grad) dx = cast_to(dx, DType::f32, s);
+  if (edge_ && need_input_grad) dx = from_compute(dx, s);
   if (grad_ready_hook_)
     for (auto& p : params_) (*grad_ready_hook_)(*p.second);
   return need_input_grad ? dx : Tensor();
@@ -155,35 +155,71 @@ void Module::to(Device device) {
 void Module::set_precision(DType t) {
   LANCET_CHECK(t == DType::f32 || t == DType::f16 || t == DType::bf16,
                type_name() << ": precision " << dtype_name(t) << " (expected f32, f16 or bf16)");
-  apply([t](const std::string&, Module& m) {
-    m.precision_ = t;
-    m.weight_copies_.clear();
-    const std::string type = m.type_name();
-    m.rounds_weights_ = t != DType::f32 && (type == "Conv2d" || type == "Linear");  // the GEMM operands
-    m.rounds_entry_ = false;
-  });
-  rounds_entry_ = t != DType::f32;
+  set_compute([t](Module& m) { m.precision_ = t; });
 }
 
-std::vector<std::pair<Parameter*, Tensor>> Module::low_precision_weights(const Stream& s) {
+void Module::set_memory_format(MemoryFormat f) {
+  set_compute([f](Module& m) { m.memory_format_ = f; });
+}
+
+void Module::set_compute(const std::function<void(Module&)>& set) {
+  apply([&set](const std::string&, Module& m) {
+    set(m);
+    m.weight_copies_.clear();  // made for the old settings
+    m.mark_gemm();
+    m.edge_ = false;
+  });
+  edge_ = true;  // this module (the model) converts at its edges
+}
+
+void Module::mark_gemm() {
+  const std::string type = type_name();
+  gemm_ = type == "Conv2d" || type == "Linear";  // the layers whose weights are GEMM operands
+}
+
+Tensor Module::to_compute(const Tensor& t, const Stream& s) const {
+  Tensor r = t;
+  if (precision_ != DType::f32)
+    r = device_.is_cpu() ? rounded(t, precision_, /*copy=*/true) : cast_to(t, precision_, s);
+  if (r.ndim() == 4 && r.format() != memory_format_) r = to_format(r, memory_format_, s);
+  return r;
+}
+
+Tensor Module::from_compute(const Tensor& t, const Stream& s) const {
+  Tensor r = t;
+  if (r.ndim() == 4 && r.format() != MemoryFormat::nchw) r = to_format(r, MemoryFormat::nchw, s);  // in 16 bits: fewer bytes
+  if (r.dtype() != DType::f32 && device_.is_cuda()) r = cast_to(r, DType::f32, s);
+  return r;
+}
+
+std::vector<std::pair<Parameter*, Tensor>> Module::compute_weights(const Stream& s) {
   std::vector<std::pair<Parameter*, Tensor>> out;
-  if (!rounds_weights_) return out;
+  if (!gemm_) return out;
   if (device_.is_cpu()) {  // the emulation: a rounded copy of every parameter, per call
-    for (auto& p : params_) out.emplace_back(p.second.get(), rounded(p.second->value, precision_, /*copy=*/true));
-    return out;
+    if (precision_ != DType::f32)
+      for (auto& p : params_) out.emplace_back(p.second.get(), rounded(p.second->value, precision_, /*copy=*/true));
+    return out;  // (a CPU convolution takes an nchw weight whatever the activations' format)
   }
-  // GPU: the GEMM operands (weights) as cached 16-bit copies; biases stay FP32, as the conv
-  // and linear kernels take them.
+  // GPU: the GEMM operands (weights) as cached copies in the precision and, for a convolution's
+  // 4-D weight, the memory format the layer computes in; biases stay FP32 as the conv and
+  // linear kernels take them.
   weight_copies_.resize(params_.size());
   for (size_t i = 0; i < params_.size(); ++i) {
     Parameter& p = *params_[i].second;
     if (p.value.ndim() < 2) continue;
+    const MemoryFormat format = p.value.ndim() == 4 ? memory_format_ : MemoryFormat::nchw;
+    if (precision_ == p.value.dtype() && format == p.value.format()) continue;  // computes with the master
     WeightCopy& c = weight_copies_[i];
     const bool fits = c.low.defined() && c.low.dtype() == precision_ && c.low.shape() == p.value.shape() &&
-                      c.low.format() == p.value.format();
-    if (!fits) c.low = Tensor::empty(p.value.shape(), precision_, p.value.device(), p.value.format());
+                      c.low.format() == format;
+    if (!fits) c.low = Tensor::empty(p.value.shape(), precision_, p.value.device(), format);
     if (!fits || c.master != p.value.raw_data() || c.version != p.version) {
-      cast(p.value, c.low, s);  // ordered on s after whatever last wrote value (the optimizer)
+      // Ordered on s after whatever last wrote value (the optimizer): cast, then lay out.
+      if (format == p.value.format()) {
+        cast(p.value, c.low, s);
+      } else {
+        convert_format(cast_to(p.value, precision_, s), c.low, s);
+      }
       c.master = p.value.raw_data();
       c.version = p.version;
     }

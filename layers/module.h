@@ -100,6 +100,28 @@ class Module {
   void set_precision(DType t);
   DType precision() const { return precision_; }
 
+  // Memory format of the activations inside the module (kernels/tensor.h): with channels_last,
+  // the module it is called on (the model) converts its 4-D input and incoming gradient to
+  // channels_last at entry and its 4-D output and input gradient back to nchw at exit, and
+  // every layer inside allocates its outputs and gradients in its input's format
+  // (Tensor::empty_like), so the whole forward and backward run NHWC — what cuDNN's tensor-core
+  // convolutions want — with layout conversions only at the edges. Parameters, their
+  // gradients, checkpoints and weight files stay nchw (PyTorch's layout); on a GPU, Conv2d
+  // computes with a cached channels_last copy of its weight (refreshed as the 16-bit copies
+  // are). On the CPU every kernel gives the same bits in either format (the CPU convolution
+  // converts to nchw internally), which is what tests check the layout logic against. Call
+  // set_precision and set_memory_format on the same module (the model).
+  void set_memory_format(MemoryFormat f);
+  MemoryFormat memory_format() const { return memory_format_; }
+
+  // What the model does to a tensor entering it (its input, or the loss gradient entering its
+  // backward) and leaving it (its output, its input gradient): entry rounds (CPU emulation) or
+  // casts (GPU) to the low precision and converts a 4-D tensor to the memory format; exit casts
+  // back to FP32 (GPU) and converts a 4-D tensor back to nchw. Identity for f32 and nchw. A
+  // pipeline runs the model's units directly and calls these at its ends.
+  Tensor to_compute(const Tensor& t, const Stream& s) const;
+  Tensor from_compute(const Tensor& t, const Stream& s) const;
+
   // Sets (or, with an empty function, clears) the gradient-ready hook of this module and every
   // descendant.
   using GradReadyHook = std::function<void(Parameter&)>;
@@ -134,14 +156,21 @@ class Module {
   bool training_ = true;
   Device device_ = Device::cpu();
   DType precision_ = DType::f32;
-  bool rounds_weights_ = false;  // Conv2d / Linear under f16 or bf16
-  bool rounds_entry_ = false;    // the module set_precision was called on
+  bool gemm_ = false;  // Conv2d / Linear: computes with rounded / cached copies of its weights (mark_gemm)
+  MemoryFormat memory_format_ = MemoryFormat::nchw;
+  bool edge_ = false;  // the module set_precision / set_memory_format was called on: converts at entry and exit
   std::shared_ptr<const GradReadyHook> grad_ready_hook_;
   // The parameters to compute with during one forward or backward: under mixed precision the
-  // rounded (CPU) or cached 16-bit (GPU) weights that Conv2d / Linear swap in; else none.
-  std::vector<std::pair<Parameter*, Tensor>> low_precision_weights(const Stream& s);
-  // GPU mixed precision: per entry of params_, the 16-bit copy of value and what it was cast
-  // from (value's storage and version); undefined for parameters kept in FP32 (biases).
+  // rounded (CPU) weights, on a GPU the cached compute copies (16-bit, channels_last) that
+  // Conv2d / Linear swap in; else none.
+  std::vector<std::pair<Parameter*, Tensor>> compute_weights(const Stream& s);
+  void mark_gemm();
+  // set_precision / set_memory_format: `set` on this module and every descendant, their
+  // weight copies dropped, this module the one converting at the edges.
+  void set_compute(const std::function<void(Module&)>& set);
+  // GPU: per entry of params_, the copy of value that Conv2d / Linear compute with (16-bit
+  // under mixed precision; channels_last for a 4-D weight under channels_last) and what it was
+  // made from (value's storage and version); undefined for parameters used as they are (biases).
   struct WeightCopy {
     Tensor low;
     const void* master = nullptr;

@@ -80,9 +80,10 @@ using Factory = std::function<std::unique_ptr<Module>()>;
 
 // Two copies of the same module (same construction and weights), one on the GPU, both at
 // precision t; the same FP32 input and output gradient through both; every result compared.
-void compare_module(const Factory& make, const Shape& x_shape, bool training, DType t, double rtol,
+void compare_module(const Factory& make, const Shape& x_shape, bool training, DType t, MemoryFormat f, double rtol,
                     const std::string& what) {
-  SCOPED_TRACE(what + " " + dtype_name(t) + (training ? " (train)" : " (eval)"));
+  SCOPED_TRACE(what + " " + dtype_name(t) + (training ? " (train)" : " (eval)") +
+               (f == MemoryFormat::channels_last ? " channels_last" : ""));
   auto cpu = make();
   randomize_batchnorms(*cpu, 17);
   auto gpu = make();
@@ -92,12 +93,14 @@ void compare_module(const Factory& make, const Shape& x_shape, bool training, DT
     m->train(training);
     m->set_precision(t);
   }
+  gpu->set_memory_format(f);  // the CPU's channels_last gives its nchw bits
   const Tensor x = random_tensor(x_shape, 5);
   SavedPtr saved_c, saved_g;
   const Tensor yc = cpu->forward(x, &saved_c, kCpu);
   const Tensor yg = gpu->forward(to_gpu(x), &saved_g, kGpu);
   ASSERT_TRUE(yg.device().is_cuda());
   ASSERT_EQ(yg.dtype(), DType::f32) << "the model's output leaves in FP32";
+  ASSERT_EQ(yg.format(), MemoryFormat::nchw) << "and in nchw";
   expect_close_lowp(yc, yg, rtol, "output");
 
   const Tensor dy = random_tensor(yc.shape(), 6);
@@ -127,7 +130,8 @@ void compare_module(const Factory& make, const Shape& x_shape, bool training, DT
 
 void compare_all(const Factory& make, const Shape& x_shape, const Rtol& rtol, const std::string& what) {
   for (const DType t : {DType::f16, DType::bf16})
-    for (const bool training : {true, false}) compare_module(make, x_shape, training, t, rtol(t), what);
+    for (const MemoryFormat f : {MemoryFormat::nchw, MemoryFormat::channels_last})
+      for (const bool training : {true, false}) compare_module(make, x_shape, training, t, f, rtol(t), what);
 }
 
 template <typename M, typename... Args> Factory seeded(Args... args) {

@@ -44,15 +44,19 @@ void expect_close_scaled(const Tensor& cpu, const Tensor& gpu, double rtol, cons
 
 using Factory = std::function<std::unique_ptr<Module>()>;
 
-// Two copies of the same module (same construction, same weights), one moved to the GPU; the
-// same input and output gradient through both; every result compared.
-void compare_module(const Factory& make, const Shape& x_shape, bool training, double rtol, const std::string& what) {
-  SCOPED_TRACE(what + (training ? " (train)" : " (eval)"));
+// Two copies of the same module (same construction, same weights), one moved to the GPU and run
+// in memory format `f` (channels_last: NHWC activations inside, converted at the module's edges;
+// the CPU copy stays nchw, which gives the CPU's channels_last bits anyway); the same input and
+// output gradient through both; every result compared.
+void compare_module(const Factory& make, const Shape& x_shape, bool training, MemoryFormat f, double rtol,
+                    const std::string& what) {
+  SCOPED_TRACE(what + (training ? " (train)" : " (eval)") + (f == MemoryFormat::channels_last ? " channels_last" : ""));
   auto cpu = make();
   randomize_batchnorms(*cpu, 17);
   auto gpu = make();
   randomize_batchnorms(*gpu, 17);
   gpu->to(Device::cuda(0));
+  gpu->set_memory_format(f);
   cpu->train(training);
   gpu->train(training);
 
@@ -61,6 +65,7 @@ void compare_module(const Factory& make, const Shape& x_shape, bool training, do
   const Tensor yc = cpu->forward(x, &saved_c, kCpu);
   const Tensor yg = gpu->forward(to_gpu(x), &saved_g, kGpu);
   ASSERT_TRUE(yg.device().is_cuda());
+  ASSERT_EQ(yg.format(), MemoryFormat::nchw) << "the module's output leaves in nchw";
   expect_close_scaled(yc, yg, rtol, "output");
 
   const Tensor dy = random_tensor(yc.shape(), 6);
@@ -82,9 +87,10 @@ void compare_module(const Factory& make, const Shape& x_shape, bool training, do
   for (size_t i = 0; i < bc.size(); ++i) expect_close_scaled(*bc[i].second, *bg[i].second, rtol, bc[i].first);
 }
 
+// Training and eval mode, nchw and channels_last.
 void compare_both_modes(const Factory& make, const Shape& x_shape, double rtol, const std::string& what) {
-  compare_module(make, x_shape, true, rtol, what);
-  compare_module(make, x_shape, false, rtol, what);
+  for (const MemoryFormat f : {MemoryFormat::nchw, MemoryFormat::channels_last})
+    for (const bool training : {true, false}) compare_module(make, x_shape, training, f, rtol, what);
 }
 
 template <typename M, typename... Args> Factory seeded(Args... args) {

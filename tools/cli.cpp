@@ -20,6 +20,7 @@ const Flag kFlags[] = {
     {"--device", "train.device", "cpu or cuda[:N]", false},
     {"--threads", "train.threads", "CPU threads (0 = all cores; 1 = serial baseline)", false},
     {"--precision", "train.precision", "fp32 | fp16 | bf16", false},
+    {"--memory-format", "train.memory_format", "auto (channels_last for fp16/bf16 on a GPU) | nchw | channels_last", false},
     {"--seed", "train.seed", "seed for initialisation, shuffling and dropout", false},
     {"--out", "train.out", "run folder: final.h5, metrics.jsonl, config.json, checkpoints/", true},
     {"--profile", "train.profile", "write a Chrome trace of step phases and layers to this file", true},

@@ -261,6 +261,8 @@ void run_bench(const BenchArgs& a, Communicator& comm) {
   x = x.to(device);
   y = y.to(device);
   if (precision != DType::f32) model->set_precision(precision);
+  const MemoryFormat format = resolve_memory_format(tc.memory_format, device, precision);
+  model->set_memory_format(format);
 
   std::unique_ptr<Optimizer> opt;
   std::unique_ptr<GradSync> sync;
@@ -352,6 +354,7 @@ void run_bench(const BenchArgs& a, Communicator& comm) {
               {"ranks", ranks},
               {"binding", binding},
               {"precision", tc.precision},
+              {"memory_format", memory_format_name(format)},
               {"optimizer", train ? oc.name : std::string("none")},
               {"bucket_mb", dist.bucket_mb},
               {"overlap", dist.overlap},

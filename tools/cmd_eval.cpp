@@ -67,6 +67,7 @@ void register_eval(CLI::App& app) {
     auto model = load_model(a->weights);
     model->to(device);
     model->set_precision(precision);
+    model->set_memory_format(resolve_memory_format(tc.memory_format, device, precision));
     const int in_ch = model->config().in_channels;
     const int k = model->config().num_classes;
     // Fail before the (long) evaluation pass when the options cannot apply.

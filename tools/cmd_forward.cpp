@@ -7,13 +7,14 @@
 #include "kernels/loss.h"
 #include "kernels/parallel.h"
 #include "tools/cli.h"
+#include "trainer/trainer.h"
 #include "trainer/weights.h"
 
 namespace lancet::cli {
 
 namespace {
 struct ForwardArgs {
-  std::string weights, input, output, mode = "eval", device = "cpu", precision = "fp32";
+  std::string weights, input, output, mode = "eval", device = "cpu", precision = "fp32", memory_format = "auto";
   bool grads = false;
   int threads = 0;
 };
@@ -28,6 +29,7 @@ void run_forward(const ForwardArgs& a) {
   // weights rounded to the 16-bit type), 16-bit tensors and tensor-core GEMMs on a GPU;
   // BatchNorm, softmax and the loss in FP32 either way, logits and gradients written as FP32.
   model->set_precision(parse_dtype(a.precision));
+  model->set_memory_format(resolve_memory_format(a.memory_format, device, parse_dtype(a.precision)));
   const MedicalCNNConfig& mc = model->config();
 
   H5File in = H5File::open_read(a.input);
@@ -102,6 +104,8 @@ void register_forward(CLI::App& app) {
   sub->add_option("--device", a->device, "cpu or cuda[:N]")->capture_default_str();
   sub->add_option("--precision", a->precision, "fp32 | fp16 | bf16")->check(CLI::IsMember({"fp32", "fp16", "bf16"}))
       ->capture_default_str();
+  sub->add_option("--memory-format", a->memory_format, "auto (channels_last for fp16/bf16 on a GPU) | nchw | channels_last")
+      ->check(CLI::IsMember({"auto", "nchw", "channels_last"}));
   sub->add_option("--threads", a->threads, "CPU threads (0 = all cores)");
   sub->callback([a]() { run_forward(*a); });
 }

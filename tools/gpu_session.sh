@@ -136,6 +136,7 @@ bench() {
     timeout -k 10 $((STEP_TIMEOUT * 2)) python3 tools/reference/side_by_side.py "$LANCET" --device cuda \
       --precision "$p" --batch-size "${BATCH:-256}" --image-size "${IMAGE:-224}" --threads "$(nproc)" \
       --rounds "${ROUNDS:-2}" --cudnn-autotune --torch-steps 20 --lancet-extra "--warmup 3 --steps 20" \
+      --memory-format "${MEMORY_FORMAT:-channels_last}" \
       --json-out "$LOG/bench_$p.json" >>"$LOG/bench.md" 2>&1 || rc=1
     tail -n 20 "$LOG/bench.md" | grep -E "^\| [0-9]|WARNING|failed" | sed "s|^|  |"
   done

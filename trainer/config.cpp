@@ -33,7 +33,7 @@ Json default_config() {
       "device": "cpu", "threads": 0, "precision": "fp32", "out": "", "log_every": 10,
       "checkpoint_every": 0, "keep_checkpoints": 3, "resume": "", "clip_grad_norm": 0.0,
       "profile": "", "nsys_steps": "", "tensorboard": true, "grad_accum_steps": 1,
-      "cudnn_autotune": false, "allow_tf32": false
+      "cudnn_autotune": false, "allow_tf32": false, "memory_format": "auto"
     },
     "amp": {
       "loss_scaling": "auto", "init_scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
@@ -292,6 +292,9 @@ TrainConfig train_config(const Json& c) {
   t.grad_accum_steps = get<int>(c, "train", "grad_accum_steps");
   t.cudnn_autotune = get<bool>(c, "train", "cudnn_autotune");
   t.allow_tf32 = get<bool>(c, "train", "allow_tf32");
+  t.memory_format = get<std::string>(c, "train", "memory_format");
+  LANCET_CHECK(t.memory_format == "auto" || t.memory_format == "nchw" || t.memory_format == "channels_last",
+               "train.memory_format must be auto, nchw or channels_last, got '" << t.memory_format << "'");
   LANCET_CHECK(t.grad_accum_steps >= 1, "train.grad_accum_steps must be at least 1, got " << t.grad_accum_steps);
   const std::string nsys = get<std::string>(c, "train", "nsys_steps");
   if (!nsys.empty()) {

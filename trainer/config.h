@@ -81,6 +81,8 @@ struct TrainConfig {
   // f32 convolutions and GEMMs on tensor cores with TF32 inputs (PyTorch's default for cuDNN
   // convolutions); off keeps GPU f32 results within f32 tolerances of the CPU reference.
   bool allow_tf32 = false;
+  // Activations' memory format: auto | nchw | channels_last (resolve_memory_format, trainer.h).
+  std::string memory_format = "auto";
 };
 // Data parallelism (mpirun / srun with several tasks). train.batch_size is the GLOBAL batch:
 // each of R ranks takes batch_size / R samples per step, so a run's optimisation does not

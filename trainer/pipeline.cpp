@@ -152,8 +152,9 @@ int choose_cut(const std::string& cut, const std::string& balance, const Units& 
   LANCET_CHECK(scratch_units.size() == units.size(), "choose_cut: the scratch model has " << scratch_units.size()
                                                                                           << " units, the model " << units.size());
   scratch->train();
-  // On a GPU with fp16 / bf16 the units take 16-bit activations (the model casts at its entry).
-  const Tensor input = x.device().is_cuda() && scratch->precision() != DType::f32 ? cast_to(x, scratch->precision(), s) : x;
+  // The units take what the model's entry makes of x (16-bit on a GPU under fp16 / bf16,
+  // channels_last under that memory format).
+  const Tensor input = scratch->to_compute(x, s);
   std::vector<double> cost;
   std::exception_ptr err;
   std::thread measure([&] {
@@ -463,7 +464,6 @@ struct Pipeline::StepContext {
   const Loss* loss = nullptr;
   std::vector<double> weight;
   float scale = 1.f;
-  DType precision = DType::f32;
   Stream main;  // the training thread's stream: the step's inputs were produced on it
   // Written by the last stage, read after the step.
   std::vector<float> losses;
@@ -606,16 +606,9 @@ void Pipeline::run_stage(int s, StepContext& ctx) {
   const int m = static_cast<int>(ctx.xs->size());
   std::vector<SavedPtr> saved(static_cast<size_t>(m));
   std::vector<Tensor> dlogits(static_cast<size_t>(m));
-  const bool low = ctx.precision != DType::f32;
-  // What the model's own forward / backward do on entry under fp16 / bf16: the CPU emulation
-  // rounds a copy, a GPU casts to the 16-bit type (Module::forward).
-  auto entry = [&](const Tensor& t) {
-    if (!low) return t;
-    if (gpu) return cast_to(t, ctx.precision, stream);
-    Tensor r = t.clone();
-    round_to_dtype_inplace(r.data<float>(), r.numel(), ctx.precision);
-    return r;
-  };
+  // What the model's own forward / backward do at its entry and exit (Module::to_compute,
+  // from_compute): precision and memory format.
+  auto entry = [&](const Tensor& t) { return model_.to_compute(t, stream); };
   auto hand_back = [](Mailbox& box) {
     return [&box](Tensor t, std::shared_ptr<StageEvent> copied) { box.hand_back(std::move(t), std::move(copied)); };
   };
@@ -634,7 +627,7 @@ void Pipeline::run_stage(int s, StepContext& ctx) {
         Tensor h = chain_forward(st.modules, x, &saved[i], stream);
         x = Tensor();
         if (last) {
-          if (gpu && low) h = cast_to(h, DType::f32, stream);  // the model's exit cast: FP32 logits
+          h = model_.from_compute(h, stream);  // the model's exit: FP32 logits
           ctx.losses[i] = micro_batch_loss(h, (*ctx.ys)[i], *ctx.loss, ctx.weight[i], ctx.scale, dlogits[i], stream);
           ctx.correct[i] = count_correct(host_copy(h, stream), host_copy((*ctx.ys)[i], stream));
         } else {
@@ -693,7 +686,6 @@ StepStats Pipeline::train_step(Optimizer& opt, const std::vector<Tensor>& xs, co
   for (const Tensor& x : xs) ctx.weight.push_back(m > 1 ? static_cast<double>(x.dim(0)) / static_cast<double>(total) : 1.0);
   LossScaler* scaler = options.loss_scaler && options.loss_scaler->enabled() ? options.loss_scaler : nullptr;
   ctx.scale = scaler ? scaler->scale() : 1.f;
-  ctx.precision = model_.precision();
   ctx.main = main_stream();
   ctx.losses.assign(static_cast<size_t>(m), 0.f);
   ctx.correct.assign(static_cast<size_t>(m), 0);

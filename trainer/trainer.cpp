@@ -390,6 +390,15 @@ void check_train_device(Device device, DType precision, int ranks) {
   // stream and memory pool); pipeline.devices naming other devices is refused by the Pipeline.
 }
 
+MemoryFormat resolve_memory_format(const std::string& setting, Device device, DType precision) {
+  if (setting == "nchw") return MemoryFormat::nchw;
+  if (setting == "channels_last") return MemoryFormat::channels_last;
+  LANCET_CHECK(setting == "auto", "train.memory_format must be auto, nchw or channels_last, got '" << setting << "'");
+  return device.is_cuda() && precision != DType::f32 ? MemoryFormat::channels_last : MemoryFormat::nchw;
+}
+
+const char* memory_format_name(MemoryFormat f) { return f == MemoryFormat::channels_last ? "channels_last" : "nchw"; }
+
 TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& log) {
   const DataConfig dc = data_config(config);
   const TrainConfig tc = train_config(config);
@@ -445,6 +454,8 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   model->train();
   // fp16 / bf16: emulated on the CPU (layers/module.h); FP32 master weights and optimizer state.
   model->set_precision(precision);
+  const MemoryFormat format = resolve_memory_format(tc.memory_format, device, precision);
+  model->set_memory_format(format);
   LossScaler scaler(lsc);
   auto opt = make_optimizer(oc, model->named_parameters());
   const Loss loss = make_loss(lc, num_classes, device);
@@ -541,6 +552,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
       auto m = make_model(model_cfg, tc.seed);
       m->to(device);
       m->set_precision(precision);
+      m->set_memory_format(format);
       return m;
     };
     const Shape ss = data.train->sample_shape();
@@ -628,6 +640,9 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
                             : " on " + device.str() + " (16-bit activations, tensor-core convolutions and GEMMs")
         << ", FP32 master weights, BatchNorm and loss); loss scaling "
         << (scaler.enabled() ? "dynamic from " + Json(scaler.scale()).dump() : std::string("off")) << "\n";
+  if (format != MemoryFormat::nchw)
+    log << "memory format: " << memory_format_name(format) << " activations inside the model (converted at its input; "
+        << "weights and checkpoints stay nchw)\n";
   if (pipeline)
     log << "pipeline: 2 stages, " << pc.schedule << " schedule, " << micro << " micro-batches per step"
         << (ranks > 1 ? " per rank" : "") << "; cut before " << model->units()[static_cast<size_t>(pipeline->cut())].first

@@ -116,6 +116,13 @@ struct TrainSummary {
 // data is read. A CPU device always passes.
 void check_train_device(Device device, DType precision, int ranks);
 
+// train.memory_format resolved for a run on `device` at `precision`: "auto" is channels_last
+// for fp16 / bf16 on a GPU (cuDNN's tensor-core convolutions take NHWC natively, as PyTorch AMP
+// users set model.to(memory_format=torch.channels_last)) and nchw otherwise (the CPU kernels
+// are fastest in nchw; channels_last there converts around every convolution).
+MemoryFormat resolve_memory_format(const std::string& setting, Device device, DType precision);
+const char* memory_format_name(MemoryFormat f);  // "nchw" | "channels_last"
+
 // Runs a whole training job from a resolved config: data, model, epochs, per-epoch validation,
 // DIR/metrics.jsonl and DIR/final.h5 when train.out is set. Progress goes to `log`.
 TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& log);

@@ -155,6 +155,9 @@ def main(argv=None):
     ap.add_argument("--cudnn-autotune", action="store_true",
                     help="lancet --cudnn-autotune and PyTorch cudnn.benchmark=True (else heuristics on both)")
     ap.add_argument("--channels", type=int, default=3)
+    ap.add_argument("--memory-format", choices=["nchw", "channels_last"], default=None,
+                    help="activation layout for both (lancet --memory-format, PyTorch --channels-last); "
+                         "default channels_last on cuda (PyTorch AMP practice), nchw on cpu")
     ap.add_argument("--torch-warmup", type=int, default=3)
     ap.add_argument("--torch-steps", type=int, default=10)
     ap.add_argument("--lancet-extra", default="",
@@ -168,6 +171,8 @@ def main(argv=None):
     if not a.torch_only and not a.lancet:
         ap.error("give the lancet binary path, or --torch-only")
     lancet = None if a.torch_only else os.path.abspath(a.lancet)
+    if a.memory_format is None:
+        a.memory_format = "channels_last" if a.device == "cuda" else "nchw"
     threads_list = [int(t) for t in a.threads.split(",") if t.strip()]
     try:
         extra_env = dict(kv.split("=", 1) for kv in a.env)
@@ -184,7 +189,8 @@ def main(argv=None):
         return mpirun() + [lancet, "bench", a.mode, "--device", a.device, "--precision", a.precision,
                 "--batch-size", str(a.batch_size),
                 "--image-size", str(a.image_size), "--channels", str(a.channels),
-                "--threads", str(t), "--json"] + (["--cudnn-autotune"] if a.cudnn_autotune else []) + \
+                "--threads", str(t), "--memory-format", a.memory_format, "--json"] + \
+            (["--cudnn-autotune"] if a.cudnn_autotune else []) + \
             a.lancet_extra.split()
 
     def torch_cmd(t):
@@ -192,7 +198,7 @@ def main(argv=None):
                 "--image-size", str(a.image_size), "--channels", str(a.channels), "--threads", str(t),
                 "--warmup", str(a.torch_warmup), "--steps", str(a.torch_steps), "--precision", a.precision,
                 "--device", a.device, "--mode", a.mode, "--cudnn-benchmark", str(int(a.cudnn_autotune)),
-                "--ranks", str(a.ranks)]
+                "--ranks", str(a.ranks), "--channels-last", str(int(a.memory_format == "channels_last"))]
 
     info = machine_info(lancet)
     if extra_env:
@@ -226,7 +232,7 @@ def main(argv=None):
     print(f"{a.ranks} rank(s) x T threads, global batch {a.batch_size}, {a.image_size}x{a.image_size}, "
           f"{a.channels} channels, {'Adam' if a.mode == 'train' else 'eval mode'}, {a.precision}"
           f"{' (PyTorch: autocast' + (' + GradScaler' if a.precision == 'fp16' else '') + ')' if a.precision != 'fp32' else ''}, "
-          f"cuDNN {'autotuned' if a.cudnn_autotune else 'heuristics'}, "
+          f"{a.memory_format}, cuDNN {'autotuned' if a.cudnn_autotune else 'heuristics'}, "
           f"{a.rounds} alternating rounds; img/s (higher is better)\n")
     print(table)
     print()
