@@ -1,19 +1,27 @@
 // The training loop end to end on a small job: the run folder holds metrics.jsonl and
 // final.h5, the saved weights reproduce the reported validation figures when loaded again,
-// the same seed gives the same weights, and CLI errors are one clear line. (Learning to a
-// stated accuracy is test_slow_default_job.cpp.)
+// the same seed gives the same weights, and CLI errors are one clear line. evaluate() fed by
+// the loader gives the per-batch results bit for bit with any worker count, and a bad image
+// file is one clear line naming it. (Learning to a stated accuracy is test_slow_default_job.cpp.)
 #include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <numeric>
+#include <opencv2/imgcodecs.hpp>
+#include <random>
 #include <sstream>
 
 #include "cli_util.h"
 #include "comm/communicator.h"
+#include "data/dataset.h"
+#include "data/image_dataset.h"
 #include "data/image_folder.h"
 #include "data/h5file.h"
+#include "kernels/loss.h"
+#include "tests/expect_error.h"
 #include "trainer/schedule.h"
 #include "trainer/trainer.h"
 #include "trainer/weights.h"
@@ -195,4 +203,176 @@ TEST(Training, ScheduleClippingEarlyStoppingLogsAndTrace) {
   }
   EXPECT_TRUE(phase_forward);
   EXPECT_TRUE(conv_backward);
+}
+
+namespace {
+
+// A small MedicalCNN (dropout and BatchNorm active in training mode, so eval mode matters).
+std::unique_ptr<MedicalCNN> eval_model(int in_channels, int num_classes) {
+  return make_model(Json{{"widths", {8, 8, 16, 16}}, {"depths", {1, 1, 1, 1}}, {"head_hidden", 16},
+                         {"in_channels", in_channels}, {"num_classes", num_classes}},
+                    5);
+}
+
+// n random 1x24x24 images, labels i * 7 % 3.
+InMemoryDataset random_dataset(int64_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  Tensor images = Tensor::empty({n, 1, 24, 24});
+  for (int64_t i = 0; i < images.numel(); ++i) images.data<float>()[i] = normal(rng);
+  std::vector<int64_t> labels;
+  for (int64_t i = 0; i < n; ++i) labels.push_back(i * 7 % 3);
+  return InMemoryDataset(images, labels, {"normal", "effusion", "nodule"});
+}
+
+// evaluate() as it was before the loader fed it: make_batch for each batch of batch_size (the
+// last one partial) in this thread, one forward per batch, the per-batch mean loss re-weighted by
+// the batch size, softmax in double from the row maximum, argmax into the confusion matrix.
+EvalResult per_batch_reference(Module& model, const Dataset& ds, int batch_size, const Loss& loss) {
+  const bool was_training = model.training();
+  model.eval();
+  EvalResult r;
+  r.cm = ConfusionMatrix(ds.num_classes());
+  const Shape ss = ds.sample_shape();
+  double loss_sum = 0;
+  for (int64_t start = 0; start < ds.size(); start += batch_size) {
+    const int64_t b = std::min<int64_t>(batch_size, ds.size() - start);
+    std::vector<int64_t> idx(static_cast<size_t>(b));
+    std::iota(idx.begin(), idx.end(), start);
+    Tensor x = Tensor::empty({b, ss[0], ss[1], ss[2]});
+    Tensor y = Tensor::empty({b}, DType::i64);
+    make_batch(ds, idx, x, y);
+    const Tensor logits = model.forward(x, nullptr, Stream::cpu());
+    Tensor none1, none2;
+    loss_sum += static_cast<double>(softmax_cross_entropy(logits, y, Tensor(), loss.label_smoothing, none1, none2,
+                                                          Stream::cpu())) *
+                b;
+    const std::vector<float> l = logits.to_vector();
+    const int64_t k = logits.dim(1);
+    const auto pred = argmax_rows(l.data(), b, k);
+    for (int64_t i = 0; i < b; ++i) {
+      r.cm.add(y.data<int64_t>()[i], pred[static_cast<size_t>(i)]);
+      r.labels.push_back(y.data<int64_t>()[i]);
+      const float* row = l.data() + i * k;
+      const double mx = row[pred[static_cast<size_t>(i)]];
+      double sum = 0;
+      for (int64_t j = 0; j < k; ++j) sum += std::exp(static_cast<double>(row[j]) - mx);
+      for (int64_t j = 0; j < k; ++j) r.probs.push_back(static_cast<float>(std::exp(row[j] - mx) / sum));
+    }
+  }
+  r.loss = ds.size() ? loss_sum / ds.size() : 0;
+  model.train(was_training);
+  return r;
+}
+
+// Bit for bit: loss, probabilities, labels and every confusion-matrix cell.
+void expect_same_result(const EvalResult& got, const EvalResult& want, const std::string& what) {
+  EXPECT_EQ(got.loss, want.loss) << what;
+  EXPECT_TRUE(got.probs == want.probs) << what << ": probabilities differ";
+  EXPECT_EQ(got.labels, want.labels) << what;
+  ASSERT_EQ(got.cm.num_classes(), want.cm.num_classes()) << what;
+  EXPECT_EQ(got.cm.total(), want.cm.total()) << what;
+  for (int a = 0; a < want.cm.num_classes(); ++a)
+    for (int p = 0; p < want.cm.num_classes(); ++p) EXPECT_EQ(got.cm.at(a, p), want.cm.at(a, p)) << what;
+}
+
+}  // namespace
+
+// The loader (0, 1 or 3 workers, prefetch 1 or 2) feeds evaluate() the make_batch batches: the
+// per-batch reference's result bit for bit, a partial last batch (or one batch larger than the
+// set) included, with the samples in dataset order; the model's mode comes back; a profiler
+// sees one step per batch.
+TEST(Evaluate, LoaderFedResultIsThePerBatchOneForAnyWorkerCount) {
+  const InMemoryDataset ds = random_dataset(23, 17);
+  auto model = eval_model(1, 3);
+  model->train();
+  Loss loss;
+  loss.label_smoothing = 0.1f;
+  std::vector<int64_t> labels;
+  for (int64_t i = 0; i < ds.size(); ++i) labels.push_back(ds.label(i));
+  for (int bs : {5, 8, 23, 64}) {  // 4 x 5 + 3, 2 x 8 + 7, one batch, one batch of fewer rows
+    const EvalResult want = per_batch_reference(*model, ds, bs, loss);
+    ASSERT_EQ(want.labels, labels);
+    ASSERT_EQ(want.probs.size(), static_cast<size_t>(23 * 3));
+    for (int workers : {0, 1, 3}) {
+      for (int prefetch : {1, 2}) {
+        const std::string what = "batch " + std::to_string(bs) + ", " + std::to_string(workers) + " workers, prefetch " +
+                                 std::to_string(prefetch);
+        EvalLoading loading;
+        loading.workers = workers;
+        loading.prefetch = prefetch;
+        StepProfiler prof;
+        expect_same_result(evaluate(*model, ds, bs, loss, Stream::cpu(), &prof, loading), want, what);
+        EXPECT_EQ(prof.steps(), (23 + bs - 1) / bs) << what;
+        EXPECT_TRUE(model->training()) << what;
+      }
+    }
+    EvalLoading three;
+    three.workers = 3;
+    auto comm = make_single_process_communicator();
+    expect_same_result(evaluate_sharded(*model, ds, bs, loss, Stream::cpu(), *comm, three), want,
+                       "evaluate_sharded, batch " + std::to_string(bs));
+  }
+  // An empty set (a rank's empty shard): nothing to evaluate, whatever the loading.
+  EvalLoading three;
+  three.workers = 3;
+  const EvalResult none = evaluate(*model, random_dataset(0, 1), 4, loss, Stream::cpu(), nullptr, three);
+  EXPECT_EQ(none.loss, 0.0);
+  EXPECT_EQ(none.cm.total(), 0);
+  EXPECT_TRUE(none.probs.empty() && none.labels.empty());
+  // The config's loading: data.workers and data.prefetch, no pinned memory on the CPU.
+  Json c = default_config();
+  apply_override(c, "data.workers=3");
+  apply_override(c, "data.prefetch=4");
+  const EvalLoading from_config = eval_loading(data_config(c), Device::cpu());
+  EXPECT_EQ(from_config.workers, 3);
+  EXPECT_EQ(from_config.prefetch, 4);
+  EXPECT_EQ(from_config.allocator, nullptr);
+  expect_error([&] { evaluate(*model, ds, 0, loss, Stream::cpu()); }, {"evaluate", "batch size 0"});
+  EvalLoading bad;
+  bad.workers = -1;
+  expect_error([&] { evaluate(*model, ds, 4, loss, Stream::cpu(), nullptr, bad); }, {"data.workers", "-1"});
+  EXPECT_TRUE(model->training());
+}
+
+// An image folder read as it goes (data.cache false): evaluate() gives the cached dataset's
+// result with any worker count; a file that no longer decodes stops it with one line naming
+// the file, from a worker or from a batch built in parallel in the evaluating thread, and the
+// model's mode comes back.
+TEST(Evaluate, BadImageFileIsOneLineNamingIt) {
+  TempDir tmp("eval_bad");
+  std::mt19937 rng(8);
+  for (int k = 0; k < 2; ++k) {
+    const std::filesystem::path dir = tmp.path / "src" / "val" / ("c" + std::to_string(k));
+    std::filesystem::create_directories(dir);
+    for (int i = 0; i < 5; ++i) {
+      cv::Mat img(20, 24, CV_8UC1);
+      for (size_t b = 0; b < img.total(); ++b) img.data[b] = static_cast<uint8_t>(rng() % 256);
+      ASSERT_TRUE(cv::imwrite((dir / ("i0" + std::to_string(i) + ".png")).string(), img));
+    }
+  }
+  ImageLoadOptions lo;
+  lo.channels = 1;
+  lo.image_size = 24;
+  const auto cached = load_cached_dataset(tmp / "src", "val", lo);
+  const auto streamed = load_cached_dataset(tmp / "src", "val", lo, BadSample::error, nullptr, /*stream=*/true);
+  ASSERT_EQ(streamed->size(), 10);
+  auto model = eval_model(1, 2);
+  model->train();
+  const EvalResult want = per_batch_reference(*model, *cached, 6, Loss{});
+  for (int workers : {0, 2}) {
+    EvalLoading loading;
+    loading.workers = workers;
+    expect_same_result(evaluate(*model, *streamed, 6, Loss{}, Stream::cpu(), nullptr, loading), want,
+                       "streamed, " + std::to_string(workers) + " workers");
+  }
+  // c0/i03.png is sample 3: in the first batch of 6 rows, which workers 0 builds over threads.
+  const std::string bad = tmp / "src/val/c0/i03.png";
+  std::ofstream(bad, std::ios::trunc) << "not a png at all";
+  for (int workers : {0, 2}) {
+    EvalLoading loading;
+    loading.workers = workers;
+    expect_error([&] { evaluate(*model, *streamed, 6, Loss{}, Stream::cpu(), nullptr, loading); }, {bad, "cannot decode"});
+    EXPECT_TRUE(model->training()) << workers << " workers";
+  }
 }

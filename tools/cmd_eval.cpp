@@ -83,13 +83,17 @@ void register_eval(CLI::App& app) {
     const Loss loss = make_loss(loss_config(config), data.val->num_classes(), device);
     StepProfiler prof;
     prof.set_stream(s);
-    const EvalResult r = evaluate(*model, *data.val, tc.batch_size, loss, s, &prof);
+    // Fed as training is: data.workers threads decode ahead, and on a GPU each pinned batch is
+    // copied on a stream of its own while the batch before runs (trainer.h, evaluate).
+    const EvalResult r = evaluate(*model, *data.val, tc.batch_size, loss, s, &prof, eval_loading(dc, device));
     ReportOptions options;
     options.threshold = a->threshold;
     options.target_sensitivity = a->target_sensitivity;
     const ClassificationReport report = classification_report(r.probs, r.labels, k, data.val->class_names(), options);
     std::cout << std::fixed << std::setprecision(4) << "loss              " << r.loss << "\n" << report.to_text();
-    std::cerr << "inference profile (" << prof.steps() << " batches of " << tc.batch_size << ")\n" << prof.table();
+    std::cerr << "inference profile (" << prof.steps() << " batches of " << tc.batch_size << ", " << dc.workers
+              << " loader worker(s))\n"
+              << prof.table();
     if (!a->report.empty()) {
       Json j = report.to_json();
       j["loss"] = r.loss;

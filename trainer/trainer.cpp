@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <deque>
 #include <filesystem>
 #include <functional>
 #include <fstream>
@@ -160,41 +161,87 @@ StepStats train_step_micro(Module& model, Optimizer& opt, Communicator& comm, co
   return st;
 }
 
+EvalLoading eval_loading(const DataConfig& data, Device device) {
+  EvalLoading l;
+  l.workers = data.workers;
+  l.prefetch = data.prefetch;
+#ifdef LANCET_WITH_CUDA
+  if (!device.is_cpu()) l.allocator = &pinned_host_allocator();
+#else
+  (void)device;
+#endif
+  return l;
+}
+
 EvalResult evaluate(Module& model, const Dataset& ds, int batch_size, const Loss& loss, const Stream& s,
-                    StepProfiler* prof) {
+                    StepProfiler* prof, const EvalLoading& loading) {
+  LANCET_CHECK(batch_size >= 1, "evaluate: batch size " << batch_size << " must be >= 1");
+  LANCET_CHECK(s.device == model.device(),
+               "evaluate: stream on " << s.device.str() << ", model on " << model.device().str());
   StepProfiler unused;
   StepProfiler& timer = prof ? *prof : unused;
-  const bool was_training = model.training();
+  struct ModeGuard {  // the caller's mode comes back however the pass ends (a bad file, say)
+    Module& m;
+    bool training;
+    ~ModeGuard() { m.train(training); }
+  } mode{model, model.training()};
   model.eval();
   EvalResult r;
   r.cm = ConfusionMatrix(ds.num_classes());
-  const Shape ss = ds.sample_shape();
-  double loss_sum = 0;
-  for (int64_t start = 0; start < ds.size(); start += batch_size) {
-    const int64_t b = std::min<int64_t>(batch_size, ds.size() - start);
-    std::vector<int64_t> idx(static_cast<size_t>(b));
+  const int64_t n = ds.size();
+  std::vector<std::vector<int64_t>> batches;
+  for (int64_t start = 0; start < n; start += batch_size) {
+    std::vector<int64_t>& idx = batches.emplace_back(static_cast<size_t>(std::min<int64_t>(batch_size, n - start)));
     std::iota(idx.begin(), idx.end(), start);
-    Tensor x = Tensor::empty({b, ss[0], ss[1], ss[2]});
-    Tensor y = Tensor::empty({b}, DType::i64);
-    timer.begin_step();
+  }
+  const int64_t steps = static_cast<int64_t>(batches.size());
+  LoaderOptions lo;  // no augmentation: a batch is make_batch's bytes whatever the worker count
+  lo.workers = loading.workers;
+  lo.prefetch = loading.prefetch;
+  lo.allocator = loading.allocator;
+  DataLoader loader(ds, lo);
+  loader.start_epoch(0, std::move(batches));
+  // As in training: on a GPU batch k+1 is taken from the loader and its copy started on the
+  // prefetcher's stream before batch k's forward is queued, so the copy overlaps that forward
+  // (and the workers decode further ahead meanwhile); h2d times only the forward's wait for its
+  // copy. The CPU takes one batch at a time, passed through.
+  DevicePrefetcher prefetcher(s, std::max<int64_t>(1, std::min<int64_t>(batch_size, n)), ds.sample_shape(), 2);
+  const bool gpu = !s.device.is_cpu();
+  std::deque<Tensor> host_labels;  // the pushed batches' labels on the host, oldest first
+  auto fetch = [&] {
+    Batch batch;
     {
       auto scope = timer.phase(Phase::data_wait);
-      make_batch(ds, idx, x, y);
+      LANCET_CHECK(loader.next(batch), "evaluate: data loader out of step");
     }
-    if (!model.device().is_cpu()) {
+    host_labels.push_back(batch.y);
+    prefetcher.push(std::move(batch));
+  };
+  double loss_sum = 0;
+  for (int64_t step = 0; step < steps; ++step) {
+    timer.begin_step();
+    if (prefetcher.queued() == 0) fetch();
+    if (gpu && step + 1 < steps) fetch();
+    Batch batch;
+    if (gpu) {
       auto scope = timer.phase(Phase::h2d);
-      x = x.to(model.device());
+      batch = prefetcher.pop();
+    } else {
+      batch = prefetcher.pop();
     }
     Tensor logits;
     {
       auto scope = timer.phase(Phase::forward);
-      logits = model.forward(x, nullptr, s);
+      logits = model.forward(batch.x, nullptr, s);
     }
     timer.end_step();
+    const int64_t b = batch.x.dim(0);
     Tensor none1, none2;
-    const Tensor yd = model.device().is_cpu() ? y : y.to(model.device());
     // Unweighted per-batch mean, re-weighted by batch size: the dataset mean of the loss.
-    loss_sum += static_cast<double>(softmax_cross_entropy(logits, yd, Tensor(), loss.label_smoothing, none1, none2, s)) * b;
+    loss_sum += static_cast<double>(softmax_cross_entropy(logits, batch.y, Tensor(), loss.label_smoothing, none1, none2, s)) * b;
+    prefetcher.release();  // after the last use of the batch's device buffers (the loss above)
+    const Tensor y = std::move(host_labels.front());
+    host_labels.pop_front();
     const std::vector<float> l = logits.to_vector();
     const int64_t k = logits.dim(1);
     const auto pred = argmax_rows(l.data(), b, k);
@@ -210,8 +257,7 @@ EvalResult evaluate(Module& model, const Dataset& ds, int batch_size, const Loss
       for (int64_t j = 0; j < k; ++j) r.probs.push_back(static_cast<float>(std::exp(row[j] - mx) / sum));
     }
   }
-  r.loss = ds.size() ? loss_sum / ds.size() : 0;
-  model.train(was_training);
+  r.loss = n ? loss_sum / n : 0;
   return r;
 }
 
@@ -292,15 +338,15 @@ class RangeDataset final : public Dataset {
 }  // namespace
 
 EvalResult evaluate_sharded(Module& model, const Dataset& ds, int batch_size, const Loss& loss, const Stream& s,
-                            Communicator& comm) {
+                            Communicator& comm, const EvalLoading& loading) {
   const int R = comm.size();
-  if (R == 1) return evaluate(model, ds, batch_size, loss, s);
+  if (R == 1) return evaluate(model, ds, batch_size, loss, s, nullptr, loading);
   // Rank r evaluates the contiguous shard [n r / R, n (r + 1) / R); the shards are gathered
   // (padded to the largest) and joined in rank order, i.e. dataset order.
   const int64_t n = ds.size(), k = ds.num_classes();
   auto lo = [&](int r) { return n * r / R; };
   const RangeDataset shard(ds, lo(comm.rank()), lo(comm.rank() + 1));
-  EvalResult mine = evaluate(model, shard, batch_size, loss, s);
+  EvalResult mine = evaluate(model, shard, batch_size, loss, s, nullptr, loading);
   const int64_t most = (n + R - 1) / R;
   const Stream cpu{Device::cpu(), nullptr};
   Tensor probs = Tensor::zeros({most * k}), all_probs = Tensor::empty({R * most * k});
@@ -828,7 +874,8 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     state.train_seconds += epoch_s;
     if (state.step_in_epoch < steps_per_epoch) break;  // stopped by max_steps inside the epoch
     sync_buffers();
-    EvalResult ev = evaluate_sharded(*model, *data.val, std::max<int>(tc.batch_size, 64), loss, stream, comm);
+    EvalResult ev = evaluate_sharded(*model, *data.val, std::max<int>(tc.batch_size, 64), loss, stream, comm,
+                                     eval_loading(dc, device));
     const double train_loss = state.epoch_loss_sum / state.epoch_seen;
     const double train_acc = static_cast<double>(state.epoch_correct) / state.epoch_seen;
     const ClassificationReport report =
@@ -922,7 +969,8 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   summary.stopped_early = stop_early;
   if (summary.final_eval.cm.total() == 0) {  // nothing was validated in this session
     sync_buffers();
-    summary.final_eval = evaluate_sharded(*model, *data.val, std::max<int>(tc.batch_size, 64), loss, stream, comm);
+    summary.final_eval = evaluate_sharded(*model, *data.val, std::max<int>(tc.batch_size, 64), loss, stream, comm,
+                                          eval_loading(dc, device));
   }
 
   // Final validation report, indented under its title.

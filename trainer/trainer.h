@@ -90,14 +90,31 @@ struct EvalResult {
   std::vector<float> probs;
   std::vector<int64_t> labels;
 };
-// Eval-mode pass over a dataset in order (restores the model's mode afterwards). With a
-// profiler, each batch is a step with data_wait, h2d and forward phases: the inference profile.
+// How evaluate() reads its batches: a DataLoader (data/loader.h) without augmentation. The
+// default builds each batch in the evaluating thread, as when no data config is at hand.
+struct EvalLoading {
+  int workers = 0;                 // loader threads; 0 = each batch built in evaluate() itself
+  int prefetch = 2;                // batches prepared ahead per worker, >= 1
+  Allocator* allocator = nullptr;  // host batch buffers; null = the CPU allocator
+};
+// A data config's loading (data.workers, data.prefetch), with pinned host batches for a GPU
+// `device` as the training loader has: what run_training's validation and lancet eval use.
+EvalLoading eval_loading(const DataConfig& data, Device device);
+
+// Eval-mode pass over a dataset in order (restores the model's mode afterwards, also when it
+// throws): contiguous batches of batch_size (>= 1), the last one partial. `s` must be on the
+// model's device. The result depends on the batches only, never on `loading` (the loader's
+// batches are the same bytes for any worker count). On a GPU batch k+1's host->device copy runs
+// on a copy stream of its own during batch k's forward (data/device_prefetch.h) while the workers
+// decode further ahead. A dataset read error ("<file>: <reason>") is rethrown as it is. With a
+// profiler, each batch is a step with data_wait (the loader), h2d (the forward's wait for its
+// copy; GPU only) and forward phases: the inference profile.
 EvalResult evaluate(Module& model, const Dataset& ds, int batch_size, const Loss& loss, const Stream& s,
-                    StepProfiler* prof = nullptr);
+                    StepProfiler* prof = nullptr, const EvalLoading& loading = {});
 // The same over the ranks of a data-parallel job: each rank evaluates its contiguous share and
 // every rank gets the whole result, in dataset order. Every rank must call it.
 EvalResult evaluate_sharded(Module& model, const Dataset& ds, int batch_size, const Loss& loss, const Stream& s,
-                            Communicator& comm);
+                            Communicator& comm, const EvalLoading& loading = {});
 
 
 struct TrainSummary {
