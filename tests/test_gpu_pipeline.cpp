@@ -17,6 +17,7 @@
 #include <iostream>
 #include <random>
 #include <string>
+#include <utility>
 
 #include "comm/communicator.h"
 #include "kernels/allocator.h"
@@ -44,11 +45,12 @@ MedicalCNNConfig small_config() {
   return c;  // dropout on: its counters must advance as without the pipeline
 }
 
-std::unique_ptr<MedicalCNN> gpu_model(DType precision) {
+std::unique_ptr<MedicalCNN> gpu_model(DType precision, MemoryFormat format = MemoryFormat::nchw) {
   auto net = std::make_unique<MedicalCNN>(small_config(), 7);
   net->to(Device::cuda(0));
   net->train();
   net->set_precision(precision);
+  net->set_memory_format(format);
   return net;
 }
 
@@ -108,10 +110,15 @@ TEST(GpuPipeline, OneGpuEqualsGradientAccumulation) {
   auto comm = make_single_process_communicator();
   for (const PipeSchedule sched : {PipeSchedule::gpipe, PipeSchedule::one_f_one_b}) {
     for (const int m : {1, 4}) {
-      for (const DType precision : {DType::f32, DType::bf16}) {
+      // bf16 in channels_last too: NHWC 16-bit activations handed between the stages.
+      for (const auto& [precision, format] : {std::pair{DType::f32, MemoryFormat::nchw},
+                                              std::pair{DType::bf16, MemoryFormat::nchw},
+                                              std::pair{DType::bf16, MemoryFormat::channels_last}}) {
+        const bool nhwc = format == MemoryFormat::channels_last;
         SCOPED_TRACE(std::string(pipe_schedule_name(sched)) + ", " + std::to_string(m) + " micro-batches, " +
-                     dtype_name(precision));
-        auto ref = gpu_model(precision), again = gpu_model(precision), piped = gpu_model(precision);
+                     dtype_name(precision) + (nhwc ? " channels_last" : ""));
+        auto ref = gpu_model(precision, format), again = gpu_model(precision, format),
+             piped = gpu_model(precision, format);
         const auto a = train(*ref, nullptr, m, precision);
         train(*again, nullptr, m, precision);
         Pipeline pipe(*piped, piped->units(), options(sched, 2), *comm);
