@@ -106,7 +106,10 @@ bool mpi_available();
 // is nothing to reduce). Otherwise make_cpu_communicator(backend). backend: "auto", "mpi",
 // "single", "nccl". Throws naming the setting for combinations that cannot work (nccl on a
 // CPU or without NCCL, several ranks on GPUs without NCCL or with backend mpi).
-std::unique_ptr<Communicator> make_communicator(const std::string& backend, const std::string& device);
+// timeout_s > 0 (dist.timeout_s) is set before anything collective after the launch, so it
+// bounds the NCCL bootstrap too; <= 0 keeps the communicator's default.
+std::unique_ptr<Communicator> make_communicator(const std::string& backend, const std::string& device,
+                                                double timeout_s = 0);
 
 // True when this build has the NCCL backend (CUDA tensors across ranks).
 bool nccl_available();

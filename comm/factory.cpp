@@ -82,17 +82,23 @@ Device rank_device(const std::string& device, const Communicator& comm) {
   return Device::cuda(choose_cuda_device(device, comm.local_rank(), comm.local_size(), n));
 }
 
-std::unique_ptr<Communicator> make_communicator(const std::string& backend, const std::string& device) {
+std::unique_ptr<Communicator> make_communicator(const std::string& backend, const std::string& device,
+                                                double timeout_s) {
   LANCET_CHECK(backend == "auto" || backend == "mpi" || backend == "single" || backend == "nccl",
                "communicator backend '" << backend << "': expected auto, mpi, single or nccl");
   const bool cuda = parse_device(device).is_cuda();
   LANCET_CHECK(cuda || backend != "nccl",
                "dist.backend nccl needs train.device cuda (NCCL reduces GPU tensors), got train.device " << device);
-  if (!cuda) return make_cpu_communicator(backend);
+  if (!cuda) {
+    std::unique_ptr<Communicator> c = make_cpu_communicator(backend);
+    if (timeout_s > 0) c->set_timeout(timeout_s);
+    return c;
+  }
   LANCET_CHECK(backend != "nccl" || nccl_available(),
                "dist.backend nccl: this build of lancet has no NCCL (found at build time with the CUDA toolkit, in "
                "NCCL_ROOT or on CMAKE_PREFIX_PATH)");
   std::unique_ptr<Communicator> host = make_cpu_communicator(backend == "nccl" ? "auto" : backend);
+  if (timeout_s > 0) host->set_timeout(timeout_s);  // the NCCL communicator below takes it over
   if (backend == "mpi" || !nccl_available()) {
     LANCET_CHECK(host->size() == 1, "train.device " << device << " with " << host->size() << " ranks needs NCCL: "
                                                     << (nccl_available() ? "set dist.backend auto or nccl"

@@ -154,6 +154,8 @@ TEST(Comm, CommunicatorForTheTrainingDevice) {
   EXPECT_EQ(cpu->backend(), comm().size() > 1 ? "mpi" : "single");
   EXPECT_EQ(cpu->size(), comm().size());
   EXPECT_TRUE(rank_device("cpu", *cpu) == Device::cpu());
+  EXPECT_EQ(make_communicator("auto", "cpu", 42.5)->timeout(), 42.5);  // dist.timeout_s from the start
+  EXPECT_EQ(make_communicator("auto", "cuda", 7)->timeout(), 7);      // (NCCL's bootstrap waits that long)
   if (comm().size() == 1) {
     // One process on a GPU: nothing to reduce, no NCCL; its GPU is cuda:0 (also where none is
     // visible: the trainer's device check then names the problem).

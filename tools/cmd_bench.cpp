@@ -425,7 +425,8 @@ void run_bench_any(const BenchArgs& a) {
   // bench comm measures the CPU (MPI) all-reduce; train/infer take the device's communicator
   // (NCCL between GPU ranks).
   auto comm = a.what == "comm" ? make_cpu_communicator(dist_config(config).backend)
-                               : make_communicator(dist_config(config).backend, train_config(config).device);
+                               : make_communicator(dist_config(config).backend, train_config(config).device,
+                                                  dist_config(config).timeout_s);
   try {
     if (a.what == "comm")
       run_bench_comm(a, *comm);
