@@ -75,7 +75,8 @@ case "${1:-}" in
     (cd "$BUILD_DIR" && ctest --output-on-failure -j "$JOBS")
     if [[ "${SKIP_SANITIZE:-0}" != 1 ]]; then
       echo "dev.sh: AddressSanitizer + UndefinedBehaviorSanitizer build of the CPU tests"
-      # -O1 -g1 (line tables), as the sanitizer docs advise: a third of -O2 -g's compile time.
+      # -O1 -g1 (line tables), as the sanitizer docs advise: a third of -O2 -g's compile time
+      # (the test bodies at -O0: tests/CMakeLists.txt).
       # Without MPI by default (CI time); ASAN_MPI=1 adds comm/mpi and the mpirun tests:
       # LeakSanitizer then skips Open MPI's init-time allocations (tests/lsan.supp), Open MPI
       # must not dlclose its components (or the reports lose their stacks), and the MPI tests

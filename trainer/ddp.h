@@ -70,7 +70,9 @@ class GradSync {
   // calls), recording when each completed. For a caller waiting on something else.
   void progress();
   // After the backward of a sync step: reduces what the hooks did not start, waits for all.
-  // Returns the seconds spent waiting here (the part of communication not hidden).
+  // Returns the seconds spent waiting here (the part of communication not hidden). On a GPU the
+  // wait is the compute stream's (NCCL events, no host block), so this is the host's time to
+  // queue it; the device-side wait is the step profiler's grad_sync phase (CUDA events).
   double finish(const Stream& s);
 
   int num_buckets() const { return static_cast<int>(buckets_.size()); }
@@ -80,7 +82,10 @@ class GradSync {
   // When each bucket's work happened in the last backward, in seconds since begin_backward:
   // ready = its last gradient became final (recorded with one rank too, so a single-process
   // run measures what a scaling prediction needs); start = its all-reduce was started, done =
-  // the all-reduce was seen complete (-1 when there was none: one rank or sync off).
+  // the all-reduce was seen complete (-1 when there was none: one rank or sync off). Host
+  // clock times: on a GPU they are when the work was queued, not when the device ran it (a
+  // device-timed version, CUDA events per bucket, is still to do), so a scaling prediction
+  // should start from a CPU run's timings or a GPU run's phase times.
   struct BucketTiming {
     int64_t bytes = 0;
     double ready_s = -1, start_s = -1, done_s = -1;
