@@ -20,8 +20,6 @@
 
 namespace lancet::cpu {
 
-inline const char* format_name(MemoryFormat f) { return f == MemoryFormat::channels_last ? "channels_last" : "nchw"; }
-
 // Device dispatch for ops that have only a CPU implementation so far. `x` is the tensor the op
 // dispatches on; every other defined tensor and the stream must be on the same device. Either
 // memory format passes: an op that accepts channels_last then checks that its 4-D operands
@@ -55,8 +53,8 @@ inline void require_cpu(const char* op, const Stream& s, const Tensor& x,
 inline void require_same_format(const char* op, const char* name, const Tensor& t, const Tensor& ref,
                                 const char* ref_name) {
   LANCET_CHECK(t.format() == ref.format(), op << ": " << name << " " << t.shape_str() << " is "
-                                              << format_name(t.format()) << " but " << ref_name << " "
-                                              << ref.shape_str() << " is " << format_name(ref.format()));
+                                              << memory_format_name(t.format()) << " but " << ref_name << " "
+                                              << ref.shape_str() << " is " << memory_format_name(ref.format()));
 }
 
 inline void require_dtype(const char* op, const char* name, const Tensor& t, DType dt) {

@@ -58,6 +58,8 @@ Tensor Tensor::empty(const Shape& shape, DType dtype, Allocator& a) {
   return t;
 }
 
+const char* memory_format_name(MemoryFormat f) { return f == MemoryFormat::channels_last ? "channels_last" : "nchw"; }
+
 Tensor Tensor::empty_like(const Tensor& t) { return empty_like(t, t.shape()); }
 
 Tensor Tensor::empty_like(const Tensor& t, const Shape& shape) {

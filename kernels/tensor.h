@@ -26,6 +26,7 @@ std::string shape_str(const Shape& s);  // "[2, 3, 4]"
 int64_t shape_numel(const Shape& s);
 
 enum class MemoryFormat : uint8_t { nchw, channels_last };
+const char* memory_format_name(MemoryFormat f);  // "nchw" | "channels_last"
 
 // Owns one allocation on one device.
 class Storage {

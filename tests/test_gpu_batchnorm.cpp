@@ -58,7 +58,7 @@ class GpuBatchNorm : public ::testing::TestWithParam<MemoryFormat> {};
 class GpuFusedSe : public ::testing::TestWithParam<MemoryFormat> {};
 
 std::string format_param_name(const ::testing::TestParamInfo<MemoryFormat>& info) {
-  return info.param == MemoryFormat::channels_last ? "channels_last" : "nchw";
+  return memory_format_name(info.param);
 }
 
 // N = 1, C = 1, odd H/W, C % 8 != 0, HW = 1, planes smaller and larger than a block, C over

@@ -443,8 +443,6 @@ MemoryFormat resolve_memory_format(const std::string& setting, Device device, DT
   return device.is_cuda() && precision != DType::f32 ? MemoryFormat::channels_last : MemoryFormat::nchw;
 }
 
-const char* memory_format_name(MemoryFormat f) { return f == MemoryFormat::channels_last ? "channels_last" : "nchw"; }
-
 TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& log) {
   const DataConfig dc = data_config(config);
   const TrainConfig tc = train_config(config);

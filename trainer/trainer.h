@@ -138,7 +138,6 @@ void check_train_device(Device device, DType precision, int ranks);
 // users set model.to(memory_format=torch.channels_last)) and nchw otherwise (the CPU kernels
 // are fastest in nchw; channels_last there converts around every convolution).
 MemoryFormat resolve_memory_format(const std::string& setting, Device device, DType precision);
-const char* memory_format_name(MemoryFormat f);  // "nchw" | "channels_last"
 
 // Runs a whole training job from a resolved config: data, model, epochs, per-epoch validation,
 // DIR/metrics.jsonl and DIR/final.h5 when train.out is set. Progress goes to `log`.

@@ -67,11 +67,6 @@ inline void require_same(const char* op, const char* name, const Tensor& t, cons
                                               << ref.shape_str() << " differ in memory format");
 }
 
-// The memory format's name in messages.
-inline const char* memory_format_name(MemoryFormat f) {
-  return f == MemoryFormat::channels_last ? "channels_last" : "nchw";
-}
-
 // The per-channel ops' layout rule: every 4-D operand of a call shares the memory format of
 // `ref` (the op's input). Undefined tensors and tensors of another rank (statistics [C], gates
 // [N, C]: always nchw) are not checked here; their shape checks cover them. The message names

@@ -19,12 +19,10 @@
 namespace lancet::cuda {
 namespace {
 
-const char* format_name(MemoryFormat f) { return f == MemoryFormat::channels_last ? "channels_last" : "nchw"; }
-
 void require_format(const char* op, const char* name, const Tensor& t, const Tensor& x) {
-  LANCET_CHECK(t.format() == x.format(), op << ": " << name << " " << t.shape_str() << " is " << format_name(t.format())
+  LANCET_CHECK(t.format() == x.format(), op << ": " << name << " " << t.shape_str() << " is " << memory_format_name(t.format())
                                             << " but the input " << x.shape_str() << " is "
-                                            << format_name(x.format()));
+                                            << memory_format_name(x.format()));
 }
 
 // `t` with x's shape, dtype and memory format (dx).

@@ -108,7 +108,7 @@ cudnnMathType_t requested_math(DType dt, bool tf32) {
   const Conv2dParams& p = c.p;
   LANCET_FAIL(c.op << ": no cuDNN " << direction_name(c.dir) << " algorithm for input " << c.x.shape_str() << " "
                    << dtype_name(c.x.dtype())
-                   << (c.x.format() == MemoryFormat::channels_last ? " channels_last" : " nchw") << " and weight "
+                   << " " << memory_format_name(c.x.format()) << " and weight "
                    << c.w.shape_str() << " (stride " << p.stride_h << "x" << p.stride_w << ", padding " << p.pad_h
                    << "x" << p.pad_w << ", dilation " << p.dilation_h << "x" << p.dilation_w << ", groups "
                    << p.groups << "): " << why);
