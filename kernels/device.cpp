@@ -5,19 +5,23 @@
 namespace lancet {
 
 std::string Device::str() const {
-  return is_cpu() ? std::string("cpu") : "cuda:" + std::to_string(index);
+  if (is_cpu()) return index == 0 ? std::string("cpu") : "cpu:" + std::to_string(index);
+  return "cuda:" + std::to_string(index);
 }
 
 Device parse_device(const std::string& s) {
   if (s == "cpu") return Device::cpu();
   if (s == "cuda" || s == "gpu") return Device::cuda(0);
-  if (s.rfind("cuda:", 0) == 0) {
-    const std::string idx = s.substr(5);
-    LANCET_CHECK(!idx.empty() && idx.find_first_not_of("0123456789") == std::string::npos,
-                 "bad device '" << s << "': expected cpu, cuda or cuda:N");
-    return Device::cuda(std::stoi(idx));
+  for (const char* prefix : {"cuda:", "cpu:"}) {
+    const std::string p = prefix;
+    if (s.rfind(p, 0) != 0) continue;
+    const std::string idx = s.substr(p.size());
+    LANCET_CHECK(!idx.empty() && idx.size() <= 4 && idx.find_first_not_of("0123456789") == std::string::npos,
+                 "bad device '" << s << "': expected cpu, cpu:N, cuda or cuda:N");
+    const int i = std::stoi(idx);
+    return p == "cpu:" ? Device::cpu(i) : Device::cuda(i);
   }
-  LANCET_FAIL("bad device '" << s << "': expected cpu, cuda or cuda:N");
+  LANCET_FAIL("bad device '" << s << "': expected cpu, cpu:N, cuda or cuda:N");
 }
 
 #ifndef LANCET_WITH_CUDA

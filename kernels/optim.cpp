@@ -195,9 +195,9 @@ std::vector<double> map_blocks(const std::vector<const Tensor*>& ts, F&& block_f
 
 }  // namespace
 
-double global_l2_norm(const std::vector<const Tensor*>& tensors, const Stream& s) {
-  LANCET_CUDA_TWIN(first_defined(tensors), global_l2_norm(tensors, s));
-  const auto ts = checked_list("global_l2_norm", tensors, s);
+double sum_of_squares(const std::vector<const Tensor*>& tensors, const Stream& s) {
+  LANCET_CUDA_TWIN(first_defined(tensors), sum_of_squares(tensors, s));
+  const auto ts = checked_list("sum_of_squares", tensors, s);
   const auto partial = map_blocks(ts, [&ts](size_t t, int64_t begin, int64_t end) {
     const float* x = ts[t]->data<float>();
     double acc = 0;
@@ -206,7 +206,13 @@ double global_l2_norm(const std::vector<const Tensor*>& tensors, const Stream& s
   });
   double total = 0;
   for (double p : partial) total += p;
-  return std::sqrt(total);
+  return total;
+}
+
+double global_l2_norm(const std::vector<const Tensor*>& tensors, const Stream& s) {
+  LANCET_CUDA_TWIN(first_defined(tensors), global_l2_norm(tensors, s));
+  checked_list("global_l2_norm", tensors, s);  // errors name this op
+  return std::sqrt(sum_of_squares(tensors, s));
 }
 
 bool all_finite(const std::vector<const Tensor*>& tensors, const Stream& s) {
@@ -248,15 +254,22 @@ float clip_grad_norm(const std::vector<Tensor*>& grads, float max_norm, const St
   LANCET_CHECK(max_norm > 0, "clip_grad_norm: max_norm must be positive, got " << max_norm);
   const std::vector<const Tensor*> list(grads.begin(), grads.end());
   const float total = static_cast<float>(global_l2_norm(list, s));
+  clip_grads_to_norm(grads, max_norm, total, s);
+  return total;
+}
+
+void clip_grads_to_norm(const std::vector<Tensor*>& grads, float max_norm, float total_norm, const Stream& s) {
+  LANCET_CUDA_TWIN(first_defined(grads), clip_grads_to_norm(grads, max_norm, total_norm, s));
+  LANCET_CHECK(max_norm > 0, "clip_grad_norm: max_norm must be positive, got " << max_norm);
+  checked_list("clip_grad_norm", std::vector<const Tensor*>(grads.begin(), grads.end()), s);
   // torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1 (NaN stays NaN), in float32.
-  const float coef = max_norm / (total + 1e-6f);
-  if (coef >= 1.f) return total;
+  const float coef = max_norm / (total_norm + 1e-6f);
+  if (coef >= 1.f) return;
   for (Tensor* g : grads) {
     if (!g->defined()) continue;
     float* x = g->data<float>();
     for_each_index(g->numel(), [&](int64_t i) { x[i] = x[i] * coef; });
   }
-  return total;
 }
 
 }  // namespace lancet

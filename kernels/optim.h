@@ -51,6 +51,10 @@ void adam_step_multi(const AdamParams& p, int64_t step, const std::vector<Tensor
 // count and on every run; CPU and GPU agree to about 1e-15 relative, not bit for bit.
 // The L2 norm of all elements of all tensors together, sqrt(sum over tensors of |t|^2).
 double global_l2_norm(const std::vector<const Tensor*>& tensors, const Stream& s);
+// The sum under that root: global_l2_norm(l) == sqrt(sum_of_squares(l)) bit for bit. With
+// tensors on several devices (a model spread over two GPUs), the global norm is the root of the
+// per-device sums added on the host.
+double sum_of_squares(const std::vector<const Tensor*>& tensors, const Stream& s);
 // True when no element is NaN or +-inf.
 bool all_finite(const std::vector<const Tensor*>& tensors, const Stream& s);
 // Dynamic loss scaling (torch's _amp_foreach_non_finite_check_and_unscale_): multiplies every
@@ -62,5 +66,8 @@ bool unscale_and_check_finite(const std::vector<Tensor*>& grads, float inv_scale
 // there) and returns total_norm, the norm before clipping (rounded to float as torch returns
 // it). max_norm must be positive.
 float clip_grad_norm(const std::vector<Tensor*>& grads, float max_norm, const Stream& s);
+// Its second half, for a total norm computed over several devices: scales the gradients by
+// max_norm / (total_norm + 1e-6) when that is below 1, as clip_grad_norm does.
+void clip_grads_to_norm(const std::vector<Tensor*>& grads, float max_norm, float total_norm, const Stream& s);
 
 }  // namespace lancet

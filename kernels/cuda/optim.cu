@@ -388,8 +388,9 @@ void adam_step_multi(const AdamParams& p, int64_t step, const std::vector<Tensor
   launch_adam(p, step, rows, grad_scale_inv, s);
 }
 
-double global_l2_norm(const std::vector<const Tensor*>& tensors, const Stream& s) {
-  const auto rows = list_rows("global_l2_norm", tensors, s);
+namespace {
+double squares(const char* op, const std::vector<const Tensor*>& tensors, const Stream& s) {
+  const auto rows = list_rows(op, tensors, s);
   int64_t chunks = 0;
   for (const auto& r : rows) chunks += total_chunks(r.numel);
   if (chunks == 0) return 0.0;  // nothing to sum: no launch, no wait
@@ -408,7 +409,16 @@ double global_l2_norm(const std::vector<const Tensor*>& tensors, const Stream& s
   double host = 0;
   copy_async(&host, Device::cpu(), total, s.device, sizeof host, s);
   synchronize(s);
-  return std::sqrt(host);
+  return host;
+}
+}  // namespace
+
+double global_l2_norm(const std::vector<const Tensor*>& tensors, const Stream& s) {
+  return std::sqrt(squares("global_l2_norm", tensors, s));
+}
+
+double sum_of_squares(const std::vector<const Tensor*>& tensors, const Stream& s) {
+  return squares("sum_of_squares", tensors, s);
 }
 
 bool all_finite(const std::vector<const Tensor*>& tensors, const Stream& s) {
@@ -423,16 +433,21 @@ float clip_grad_norm(const std::vector<Tensor*>& grads, float max_norm, const St
   LANCET_CHECK(max_norm > 0, "clip_grad_norm: max_norm must be positive, got " << max_norm);
   const std::vector<const Tensor*> list(grads.begin(), grads.end());
   const float total = static_cast<float>(cuda::global_l2_norm(list, s));  // qualified: ADL also finds lancet::
+  cuda::clip_grads_to_norm(grads, max_norm, total, s);
+  return total;
+}
+
+void clip_grads_to_norm(const std::vector<Tensor*>& grads, float max_norm, float total_norm, const Stream& s) {
+  LANCET_CHECK(max_norm > 0, "clip_grad_norm: max_norm must be positive, got " << max_norm);
   // As optim.cpp (torch): float32 arithmetic on the host, so a NaN norm scales by NaN.
-  const float coef = max_norm / (total + 1e-6f);
-  if (coef >= 1.f) return total;
+  const float coef = max_norm / (total_norm + 1e-6f);
+  if (coef >= 1.f) return;
   const auto rows = list_rows("clip_grad_norm", grads, s);
   CudaDeviceGuard guard(s.device.index);
   for_each_table(rows, [&](const TensorTable<1>& t, int blocks) {
     check_scale_kernel<false, true><<<blocks, kThreads, 0, native(s)>>>(t, coef, nullptr);
     LANCET_CUDA_LAUNCH_CHECK();
   });
-  return total;
 }
 
 }  // namespace lancet::cuda
