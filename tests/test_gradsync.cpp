@@ -121,6 +121,40 @@ TEST(GradSync, AveragesGradientsDuringTheBackward) {
   }
 }
 
+TEST(GradSync, TimingsOnTheCpuAreHostClockTimesInTheBackward) {
+  auto model = make_model(small_model(), 1);
+  model->train();
+  GradSyncOptions o;
+  o.bucket_mb = 0.01;
+  GradSync sync(*model, comm(), o);
+  EXPECT_FALSE(sync.device_timed());
+  const auto t0 = std::chrono::steady_clock::now();
+  sync.begin_backward(true);
+  local_backward(*model, 0);
+  sync.finish(kCpu);
+  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const auto& t = sync.timings();
+  const auto elements = sync.bucket_elements();
+  ASSERT_EQ(t.size(), elements.size());
+  for (size_t i = 0; i < t.size(); ++i) {
+    EXPECT_EQ(t[i].bytes, elements[i] * 4) << i;
+    EXPECT_GE(t[i].ready_s, 0) << i;
+    if (comm().size() == 1) {
+      EXPECT_EQ(t[i].start_s, -1) << "one rank: nothing to reduce";
+      EXPECT_EQ(t[i].done_s, -1) << i;
+      EXPECT_LE(t[i].ready_s, elapsed) << i;
+    } else {
+      // A bucket starts once it is ready, in bucket order, and is seen done after it started.
+      EXPECT_GE(t[i].start_s, t[i].ready_s) << i;
+      EXPECT_GE(t[i].done_s, t[i].start_s) << i;
+      EXPECT_LE(t[i].done_s, elapsed) << i;
+      if (i > 0) {
+        EXPECT_GE(t[i].start_s, t[i - 1].start_s) << i;
+      }
+    }
+  }
+}
+
 TEST(GradSync, AccumulationSynchronisesOnlyTheSum) {
   auto model = make_model(small_model(), 1);
   model->train();

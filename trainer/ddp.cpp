@@ -38,6 +38,99 @@ void copy_on(Tensor& dst, const Tensor& src, const Stream& s) {
 
 }  // namespace
 
+#ifdef LANCET_WITH_CUDA
+// A GPU's bucket timings (see timings() in ddp.h): timing events for one backward, recorded as
+// the step is queued and turned into seconds once they have completed. It also owns the comm
+// stream the all-reduces are issued from, which is what lets start and done be timed.
+struct GradSync::DeviceClock {
+  struct Marks {  // one bucket's events, and which of them this backward recorded
+    std::unique_ptr<CudaEvent> ready, start, done;
+    bool has_ready = false, has_start = false, has_done = false;
+  };
+
+  explicit DeviceClock(Device d) : device(d), comm(d), origin(d, /*timing=*/true), order(d), end(d) {}
+
+  void resize(size_t buckets) {
+    marks.clear();
+    for (size_t i = 0; i < buckets; ++i) {
+      Marks m;
+      m.ready = std::make_unique<CudaEvent>(device, /*timing=*/true);
+      m.start = std::make_unique<CudaEvent>(device, /*timing=*/true);
+      m.done = std::make_unique<CudaEvent>(device, /*timing=*/true);
+      marks.push_back(std::move(m));
+    }
+  }
+
+  void begin(const Stream& compute) {
+    origin.record(compute);
+    for (Marks& m : marks) m.has_ready = m.has_start = m.has_done = false;
+    unresolved = true;
+  }
+
+  // Called from the gradient-ready hook, which runs after the gradient's kernels were queued.
+  void ready(size_t b, const Stream& compute) {
+    marks[b].ready->record(compute);
+    marks[b].has_ready = true;
+  }
+
+  // The comm stream goes on once `s` has passed the bucket's gradients and its own previous
+  // all-reduce (it waited for that). Its start event is therefore when NCCL's stream, which
+  // waits for the comm stream's work so far and runs one all-reduce at a time, can begin this
+  // one; its done event follows the wait for the all-reduce. The host blocks nowhere.
+  std::unique_ptr<Work> all_reduce(size_t b, Communicator& c, Tensor& flat, const Stream& s) {
+    order.record(s);
+    order.wait_on(comm.stream());
+    marks[b].start->record(comm.stream());
+    marks[b].has_start = true;
+    std::unique_ptr<Work> work = c.all_reduce_async(flat, ReduceOp::mean, comm.stream());
+    work->wait();
+    marks[b].done->record(comm.stream());
+    marks[b].has_done = true;
+    return work;
+  }
+
+  // `s` waits for every all-reduce issued so far (the Works ordered the comm stream, not `s`).
+  void order_after_all_reduces(const Stream& s) {
+    end.record(comm.stream());
+    end.wait_on(s);
+  }
+
+  // Seconds since the origin (-1 where not recorded), blocking until each event has completed.
+  void resolve(std::vector<BucketTiming>& timings) {
+    if (!unresolved) return;
+    origin.synchronize();
+    auto since_origin = [this](const CudaEvent& e) {
+      e.synchronize();
+      return e.elapsed_ms_since(origin) * 1e-3;
+    };
+    for (size_t i = 0; i < timings.size(); ++i) {
+      timings[i].ready_s = marks[i].has_ready ? since_origin(*marks[i].ready) : -1;
+      timings[i].start_s = marks[i].has_start ? since_origin(*marks[i].start) : -1;
+      timings[i].done_s = marks[i].has_done ? since_origin(*marks[i].done) : -1;
+    }
+    unresolved = false;
+  }
+
+  Device device;
+  CudaStream comm;   // non-blocking: its waits for the all-reduces must not hold back the legacy stream
+  CudaEvent origin;  // begin_backward, on the compute stream
+  CudaEvent order;   // compute stream -> comm stream before each all-reduce (no timing)
+  CudaEvent end;     // comm stream -> finish()'s stream
+  std::vector<Marks> marks;
+  bool unresolved = false;  // events recorded since resolve() last turned them into seconds
+};
+#else
+// Never made (no CUDA, no GPU); the calls only have to compile.
+struct GradSync::DeviceClock {
+  void resize(size_t) {}
+  void begin(const Stream&) {}
+  void ready(size_t, const Stream&) {}
+  std::unique_ptr<Work> all_reduce(size_t, Communicator&, Tensor&, const Stream&) { return nullptr; }
+  void order_after_all_reduces(const Stream&) {}
+  void resolve(std::vector<BucketTiming>&) {}
+};
+#endif
+
 GradSync::GradSync(Module& model, Communicator& comm, const GradSyncOptions& options)
     : GradSync(std::vector<Module*>{&model}, comm, options) {}
 
@@ -60,6 +153,9 @@ GradSync::GradSync(std::vector<Module*> parts, Communicator& comm, const GradSyn
                                                             << ", expected f32");
     order.push_back(it->second);
   }
+#ifdef LANCET_WITH_CUDA
+  if (device_.is_cuda()) clock_ = std::make_unique<DeviceClock>(device_);
+#endif
   layout(order);
   if (options_.hooks)
     for (Module* m : parts_) m->set_grad_ready_hook([this](Parameter& p) { on_ready(p); });
@@ -121,6 +217,7 @@ void GradSync::layout(const std::vector<Parameter*>& order) {
   timings_.assign(buckets_.size(), BucketTiming{});
   for (size_t i = 0; i < buckets_.size(); ++i)
     timings_[i].bytes = buckets_[i].flat.numel() * static_cast<int64_t>(sizeof(float));
+  if (clock_) clock_->resize(buckets_.size());
   ++layout_version_;
 }
 
@@ -155,6 +252,15 @@ void GradSync::rebuild() {
 GradSync::~GradSync() {
   if (options_.hooks)
     for (Module* m : parts_) m->set_grad_ready_hook(nullptr);
+  // On a GPU the Works were waited on by the comm stream, so destroying them orders nothing: the
+  // compute stream must wait for the all-reduces in flight before the buckets' memory goes back
+  // to its pool (as an unwaited Work's destructor would have made it).
+  if (clock_ && std::any_of(buckets_.begin(), buckets_.end(), [](const Bucket& b) { return b.work != nullptr; })) {
+    try {
+      clock_->order_after_all_reduces(stream_);
+    } catch (...) {  // a destructor never throws; a broken device has failed the step already
+    }
+  }
   for (auto& b : buckets_) b.work.reset();  // waits for anything still in flight
 }
 
@@ -198,6 +304,11 @@ void GradSync::broadcast_parameters(const Stream& s) { broadcast_packed(comm_, s
 
 void GradSync::broadcast_buffers(const Stream& s) { broadcast_packed(comm_, named_buffers(), device_, s); }
 
+const std::vector<GradSync::BucketTiming>& GradSync::timings() {
+  if (clock_) clock_->resolve(timings_);
+  return timings_;
+}
+
 double GradSync::since_t0() const {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
 }
@@ -215,10 +326,15 @@ void GradSync::begin_backward(bool sync) {
     LANCET_CHECK(!b.work, "GradSync: begin_backward while a reduction is still in flight (finish() was not called)");
     b.pending = static_cast<int>(b.params.size());
   }
+  if (clock_) clock_->begin(stream_);
 }
 
 void GradSync::start(size_t b, const Stream& s) {
   TraceScope trace("all_reduce", "comm");
+  if (clock_) {
+    buckets_[b].work = clock_->all_reduce(b, comm_, buckets_[b].flat, s);
+    return;
+  }
   timings_[b].start_s = since_t0();
   buckets_[b].work = comm_.all_reduce_async(buckets_[b].flat, ReduceOp::mean, s);
 }
@@ -229,7 +345,10 @@ void GradSync::on_ready(Parameter& p) {
   if (!rebuilt_) ready_order_.push_back(&p);
   Bucket& b = buckets_[it->second];
   if (--b.pending > 0) return;
-  timings_[it->second].ready_s = since_t0();
+  if (clock_)
+    clock_->ready(it->second, stream_);
+  else
+    timings_[it->second].ready_s = since_t0();
   if (!sync_ || !options_.overlap) return;
   // Start complete buckets in bucket order only, so every rank issues the same sequence.
   while (next_to_start_ < buckets_.size() && buckets_[next_to_start_].pending <= 0) {
@@ -240,9 +359,11 @@ void GradSync::on_ready(Parameter& p) {
 }
 
 void GradSync::progress() {
-  // Open MPI moves nonblocking collectives along inside MPI calls: test what is in flight.
+  // Open MPI moves nonblocking collectives along inside MPI calls: test what is in flight. (On a
+  // GPU the done events time them; done() still reports a failed communicator.)
   for (size_t i = 0; i < next_to_start_; ++i)
-    if (buckets_[i].work && timings_[i].done_s < 0 && buckets_[i].work->done()) timings_[i].done_s = since_t0();
+    if (buckets_[i].work && timings_[i].done_s < 0 && buckets_[i].work->done() && !clock_)
+      timings_[i].done_s = since_t0();
 }
 
 void GradSync::start_all(const Stream& s) {
@@ -257,8 +378,9 @@ double GradSync::finish(const Stream& s) {
   for (size_t i = 0; i < buckets_.size(); ++i) {
     buckets_[i].work->wait();
     buckets_[i].work.reset();
-    if (timings_[i].done_s < 0) timings_[i].done_s = since_t0();
+    if (timings_[i].done_s < 0 && !clock_) timings_[i].done_s = since_t0();
   }
+  if (clock_) clock_->order_after_all_reduces(s);
   sync_ = false;
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }

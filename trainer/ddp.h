@@ -24,7 +24,10 @@
 // stream (the legacy default stream); each bucket's all-reduce runs on NCCL's own stream once
 // the compute stream has passed its last gradient, and finish() makes the compute stream wait
 // for them (the optimizer's kernels come after): the host blocks nowhere, so finish()'s
-// seconds are only what enqueuing took.
+// seconds are only what enqueuing took. The all-reduces are issued from a communication stream
+// of GradSync's own, which waits for each one at once (Work::wait orders the issuing stream):
+// it follows NCCL's stream step by step, so timing events recorded on it bracket every bucket's
+// all-reduce without comm/ exposing NCCL's stream.
 #pragma once
 #include <chrono>
 #include <cstdint>
@@ -82,19 +85,29 @@ class GradSync {
   // When each bucket's work happened in the last backward, in seconds since begin_backward:
   // ready = its last gradient became final (recorded with one rank too, so a single-process
   // run measures what a scaling prediction needs); start = its all-reduce was started, done =
-  // the all-reduce was seen complete (-1 when there was none: one rank or sync off). Host
-  // clock times: on a GPU they are when the work was queued, not when the device ran it (a
-  // device-timed version, CUDA events per bucket, is still to do), so a scaling prediction
-  // should start from a CPU run's timings or a GPU run's phase times.
+  // the all-reduce was complete (-1 when there was none: one rank or sync off).
+  // The clock depends on the device. CPU: the host's (steady_clock), when the hook ran, the
+  // all-reduce was started, and its completion was seen (at a hook, progress() or finish()).
+  // GPU: the device's, from CUDA events with timing: the origin is recorded on the compute
+  // stream at begin_backward, ready on the compute stream at the bucket's last gradient (the
+  // device has passed that gradient's kernels), start and done on the communication stream
+  // around the all-reduce (start: the compute stream has passed the bucket and the previous
+  // all-reduce is done, so NCCL can begin it). That is when the device ran the work, not when
+  // the host queued it, and on the same clock as the step profiler's phase times.
+  // On a GPU the events are resolved here, on the first call after they were recorded: it
+  // blocks the host until they have completed (each event, not the device), so call it after
+  // the step (bench does, after synchronising the stream), not inside it.
   struct BucketTiming {
     int64_t bytes = 0;
     double ready_s = -1, start_s = -1, done_s = -1;
   };
-  const std::vector<BucketTiming>& timings() const { return timings_; }
+  const std::vector<BucketTiming>& timings();
+  bool device_timed() const { return clock_ != nullptr; }  // true on a GPU: see timings()
   // Changes when the buckets are laid out anew (once, at the second backward: see below).
   int64_t layout_version() const { return layout_version_; }
 
  private:
+  struct DeviceClock;  // the CUDA events and communication stream of a GPU's timings (ddp.cpp)
   struct Bucket {
     Tensor flat;
     std::vector<Parameter*> params;
@@ -126,6 +139,7 @@ class GradSync {
   int64_t layout_version_ = 0;
   std::chrono::steady_clock::time_point t0_;
   double since_t0() const;
+  std::unique_ptr<DeviceClock> clock_;  // GPU only; null on the CPU (host clock)
 };
 
 // Checks that every rank runs the same job: `fields` (name -> value, e.g. "train.batch_size"
