@@ -420,9 +420,13 @@ Tensor chain_forward(const std::vector<Module*>& ms, const Tensor& x, SavedPtr* 
   auto c = make_saved<ChainSaved>(saved);
   if (c) c->items.resize(ms.size());
   Tensor h = x;
-  for (size_t i = 0; i < ms.size(); ++i) h = ms[i]->forward(h, c ? &c->items[i] : nullptr, s);
+  for (size_t i = 0; i < ms.size(); ++i) {
+    const Device d = ms[i]->device();
+    if (h.device() != d) h = h.to(d);
+    h = ms[i]->forward(h, c ? &c->items[i] : nullptr, stream_on(d, s));
+  }
   if (c) *saved = std::move(c);
-  return h;
+  return h.device() == x.device() ? h : h.to(x.device());
 }
 
 Tensor chain_backward(const std::vector<Module*>& ms, const Tensor& dy, Saved& saved, bool need_input_grad,
@@ -432,8 +436,12 @@ Tensor chain_backward(const std::vector<Module*>& ms, const Tensor& dy, Saved& s
                "chain backward: saved context has " << c.items.size() << " entries for " << ms.size() << " modules");
   if (ms.empty()) return need_input_grad ? dy.clone() : Tensor();
   Tensor g = dy;
-  for (size_t i = ms.size(); i-- > 0;) g = ms[i]->backward(g, *c.items[i], i > 0 || need_input_grad, s);
-  return g;
+  for (size_t i = ms.size(); i-- > 0;) {
+    const Device d = ms[i]->device();
+    if (g.device() != d) g = g.to(d);
+    g = ms[i]->backward(g, *c.items[i], i > 0 || need_input_grad, stream_on(d, s));
+  }
+  return !g.defined() || g.device() == dy.device() ? g : g.to(dy.device());
 }
 
 std::vector<Module*> Sequential::modules() const {

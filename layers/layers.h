@@ -226,6 +226,11 @@ class ModuleList : public Module {
 // The loop of Sequential, for any chain of modules (a model's named parts, a pipeline stage's
 // slice of a model): forward runs ms in order, backward in reverse; the first module gets
 // need_input_grad, the others always compute their input gradient.
+// A chain may span devices (a model whose pipeline stages were placed on their own devices,
+// run whole for validation or inference): each module runs on its own device, on stream_on(its
+// device, s); the tensor is copied to it when it crosses (Tensor::to: on GPUs a peer copy
+// ordered after the work on both devices' default streams); the output comes back to x's device
+// and the input gradient to dy's, so from outside the chain is on one device.
 Tensor chain_forward(const std::vector<Module*>& ms, const Tensor& x, SavedPtr* saved, const Stream& s);
 Tensor chain_backward(const std::vector<Module*>& ms, const Tensor& dy, Saved& saved, bool need_input_grad,
                       const Stream& s);

@@ -2,8 +2,8 @@
 // cuda:0, each with its own stream and memory pool — trains like unpipelined gradient
 // accumulation over the same micro-batches on the same GPU, for both schedules and in bf16;
 // 1F1B's stage-0 pool peaks lower than GPipe's; a failing stage stops the step with its error
-// and the pipeline runs the next one. Two different GPUs are refused for now (naming
-// pipeline.devices); that test skips unless two GPUs are visible.
+// and the pipeline runs the next one. Stages on two GPUs train like accumulation on one (skips
+// unless two GPUs are visible).
 //
 // Bitwise or not: lancet's own kernels and cuBLASLt (user-owned workspace) are deterministic,
 // but the cuDNN algorithm chosen for a convolution's backward may accumulate with atomics. So
@@ -190,17 +190,66 @@ TEST(GpuPipeline, AFailingStageStopsTheStepWithItsErrorAndTheNextStepRuns) {
   EXPECT_TRUE(std::isfinite(st.loss));
 }
 
-// Stages on two GPUs (pipeline.devices [cuda:0, cuda:1]) are not supported yet: refused with a
-// message naming the setting. When they land, this becomes the two-GPU equivalence test.
-TEST(GpuPipeline, TwoGpusAreRefusedNamingTheSetting) {
+// Stages on two GPUs (pipeline.devices [cuda:0, cuda:1], one process): stage 1's units placed on
+// cuda:1, activations and gradients handed over by peer copies, the optimizer, clipping and the
+// loss scaler per device — trains like unpipelined accumulation on cuda:0, for both schedules, in
+// fp32 and bf16 channels_last; the model used whole (validation) runs across both GPUs and gives
+// the one-GPU logits. Skips unless two GPUs are visible. (The same logic runs in CI on the
+// logical host devices [cpu, cpu:1]: tests/test_pipeline.cpp TwoDevices*.)
+TEST(GpuPipeline, TwoGpusEqualGradientAccumulationOnOne) {
   LANCET_REQUIRE_GPU();
 #ifdef LANCET_WITH_CUDA
   if (cuda_devices().size() < 2) GTEST_SKIP() << "needs two visible GPUs, " << cuda_devices().size() << " visible";
 #endif
   auto comm = make_single_process_communicator();
+  const std::vector<Device> devices = {Device::cuda(0), Device::cuda(1)};
+  for (const PipeSchedule sched : {PipeSchedule::gpipe, PipeSchedule::one_f_one_b}) {
+    for (const auto& [precision, format] : {std::pair{DType::f32, MemoryFormat::nchw},
+                                            std::pair{DType::bf16, MemoryFormat::channels_last}}) {
+      SCOPED_TRACE(std::string(pipe_schedule_name(sched)) + ", " + dtype_name(precision));
+      auto ref = gpu_model(precision, format), piped = gpu_model(precision, format);
+      place_pipeline_stages(piped->units(), 2, devices);
+      for (auto& [name, p] : piped->named_parameters()) {
+        const bool stage1 = name.rfind("stem", 0) != 0 && name.rfind("stages.0.", 0) != 0;
+        EXPECT_EQ(p->value.device(), stage1 ? Device::cuda(1) : Device::cuda(0)) << name;
+      }
+      PipelineOptions po = options(sched, 2);
+      po.devices = devices;
+      Pipeline pipe(*piped, piped->units(), po, *comm);
+      const auto a = train(*ref, nullptr, 4, precision);
+      const auto p = train(*piped, &pipe, 4, precision);
+      synchronize(Stream{Device::cuda(1), nullptr});
+      const double rtol = precision == DType::f32 ? 1e-4 : 2e-2, atol = precision == DType::f32 ? 1e-5 : 2e-3;
+      expect_close_weights(*ref, *piped, rtol, atol);
+      for (size_t i = 0; i < a.size(); ++i) {
+        EXPECT_NEAR(a[i].loss, p[i].loss, 1e-3 * std::max(1.0, std::fabs(a[i].loss))) << "step " << i;
+        EXPECT_NEAR(a[i].grad_norm, p[i].grad_norm, 1e-3 * std::max(1.0, std::fabs(a[i].grad_norm))) << "step " << i;
+        EXPECT_EQ(a[i].count, p[i].count);
+      }
+      const PipelineStats st = pipe.stats();
+      ASSERT_EQ(st.stage.size(), 2u);
+      EXPECT_NE(st.stage[0].device.find("cuda:0"), std::string::npos) << st.stage[0].device;
+      EXPECT_NE(st.stage[1].device.find("cuda:1"), std::string::npos) << st.stage[1].device;
+      for (const auto& q : st.stage) {
+        EXPECT_GT(q.busy_s, 0);
+        EXPECT_GT(q.peak_bytes, 0);  // each stage's own pool on its own GPU
+      }
+      // The whole model across both GPUs (evaluation): input and logits on cuda:0.
+      ref->eval();
+      piped->eval();
+      const MicroBatches x = make_batch(5, 1, 24, 77, Device::cuda(0));
+      const Tensor want = ref->forward(x.xs[0], nullptr, kMain), got = piped->forward(x.xs[0], nullptr, kMain);
+      EXPECT_EQ(got.device(), Device::cuda(0));
+      expect_close(to_cpu(want), got, rtol, atol, "logits");
+    }
+  }
+  // Stage 0 elsewhere than the model, a GPU that is not there, units left unplaced: refused.
   auto net = gpu_model(DType::f32);
   PipelineOptions po = options(PipeSchedule::one_f_one_b, 2);
-  po.devices = {Device::cuda(0), Device::cuda(1)};
-  expect_error([&] { Pipeline p(*net, net->units(), po, *comm); },
-               {"pipeline.devices [cuda:0, cuda:1]", "not supported yet"});
+  po.devices = {Device::cuda(1), Device::cuda(0)};
+  expect_error([&] { Pipeline p(*net, net->units(), po, *comm); }, {"stage 0 must be on the model's device"});
+  po.devices = {Device::cuda(0), Device::cuda(64)};
+  expect_error([&] { Pipeline p(*net, net->units(), po, *comm); }, {"pipeline.devices names cuda:64"});
+  po.devices = devices;
+  expect_error([&] { Pipeline p(*net, net->units(), po, *comm); }, {"is on cuda:0, its stage on cuda:1", "place_pipeline_stages"});
 }

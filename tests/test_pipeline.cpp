@@ -181,6 +181,112 @@ TEST_F(Pipelines, EqualGradientAccumulationBitwise) {
   }
 }
 
+// Stages on two devices: [cpu, cpu:1] (cpu:1 a logical host device whose tensors every kernel
+// keeps apart from cpu's, kernels/device.h) runs the two-GPU mode's logic — stage 1's units,
+// gradients and optimizer state on the second device, hand-offs copied across, the loss on the
+// last stage's device, the loss scaler / clipping / optimizer per device, the whole model run
+// across both — and must train exactly like one device.
+TEST_F(Pipelines, TwoDevicesEqualOneDeviceBitwise) {
+  const std::vector<Device> devices = {Device::cpu(), Device::cpu(1)};
+  const Stream s{Device::cpu(), nullptr};
+  Loss loss;
+  loss.class_weights = Tensor::from_vector({1.f, 2.f, 0.5f}, {3});  // on cpu; the loss is on cpu:1
+  for (const PipeSchedule sched : {PipeSchedule::gpipe, PipeSchedule::one_f_one_b}) {
+    for (const DType precision : {DType::f32, DType::f16}) {
+      SCOPED_TRACE(std::string(pipe_schedule_name(sched)) + ", " + dtype_name(precision));
+      MedicalCNN ref(small_config(), 7), piped(small_config(), 7), naive(small_config(), 7);
+      for (MedicalCNN* net : {&ref, &piped, &naive}) {
+        net->train();
+        net->set_precision(precision);
+      }
+      place_pipeline_stages(piped.units(), 2, devices);
+      place_pipeline_stages(naive.units(), 2, devices);  // split, but run whole (no pipeline)
+      for (auto& [name, p] : piped.named_parameters()) {
+        const bool stage1 = name.rfind("stem", 0) != 0 && name.rfind("stages.0.", 0) != 0;
+        ASSERT_EQ(p->value.device(), stage1 ? Device::cpu(1) : Device::cpu()) << name;
+        ASSERT_EQ(p->grad.device(), p->value.device()) << name;
+      }
+      auto opt_ref = make_optimizer(optim("adam", 1e-2f), ref.named_parameters());
+      auto opt_pipe = make_optimizer(optim("adam", 1e-2f), piped.named_parameters());
+      auto opt_naive = make_optimizer(optim("adam", 1e-2f), naive.named_parameters());
+      for (auto& [name, t] : opt_pipe->state())
+        EXPECT_EQ(t->device(), name.rfind("stem", 0) != 0 && name.rfind("stages.0.", 0) != 0 ? Device::cpu(1) : Device::cpu())
+            << name;
+      LossScalerConfig lsc;
+      lsc.enabled = precision == DType::f16;
+      lsc.init_scale = 1024.f;
+      lsc.growth_interval = 2;
+      LossScaler scaler_ref(lsc), scaler_pipe(lsc), scaler_naive(lsc);
+      PipelineOptions po;
+      po.schedule = sched;
+      po.cut = 2;
+      po.devices = devices;
+      Pipeline pipe(piped, piped.units(), po, *comm_);
+      for (int step = 0; step < 3; ++step) {
+        const MicroBatches b = make_batch(11, 3, 16, 200 + static_cast<uint32_t>(step));
+        StepOptions so_ref, so_pipe, so_naive;
+        so_ref.loss_scaler = &scaler_ref;
+        so_pipe.loss_scaler = &scaler_pipe;
+        so_naive.loss_scaler = &scaler_naive;
+        so_ref.clip_grad_norm = so_pipe.clip_grad_norm = so_naive.clip_grad_norm = 1.0f;
+        const StepStats a = train_step_micro(ref, *opt_ref, *comm_, b.xs, b.ys, loss, s, so_ref);
+        const StepStats p = pipe.train_step(*opt_pipe, b.xs, b.ys, loss, so_pipe);
+        const StepStats q = train_step_micro(naive, *opt_naive, *comm_, b.xs, b.ys, loss, s, so_naive);
+        for (const StepStats* o : {&p, &q}) {
+          EXPECT_EQ(a.loss, o->loss);
+          EXPECT_EQ(a.correct, o->correct);
+          // The root of two per-device sums: the same norm up to the double's last bits.
+          EXPECT_NEAR(a.grad_norm, o->grad_norm, 1e-12 * a.grad_norm);
+          EXPECT_EQ(a.loss_scale, o->loss_scale);
+        }
+      }
+      expect_bitwise_equal(ref, piped);
+      expect_bitwise_equal(ref, naive);
+      EXPECT_EQ(scaler_ref.scale(), scaler_pipe.scale());
+      const PipelineStats st = pipe.stats();
+      EXPECT_EQ(st.stage[0].device, "cpu (1 thread)");
+      EXPECT_EQ(st.stage[1].device, "cpu:1 (1 thread)");
+      EXPECT_NE(pipe.describe().find("on cpu:1 (1 thread)"), std::string::npos) << pipe.describe();
+      // The model run whole across both devices (validation): input and logits on cpu.
+      ref.eval();
+      piped.eval();
+      const MicroBatches x = make_batch(5, 1, 16, 99);
+      const Tensor want = ref.forward(x.xs[0], nullptr, s), got = piped.forward(x.xs[0], nullptr, s);
+      EXPECT_EQ(got.device(), Device::cpu());
+      EXPECT_EQ(want.to_vector(), got.to_vector());
+    }
+  }
+}
+
+TEST_F(Pipelines, TwoDevicesRefusedWhereTheyCannotRun) {
+  MedicalCNN net(small_config(), 3);
+  PipelineOptions po;
+  po.cut = 2;
+  po.devices = {Device::cpu(), Device::cpu(1)};
+  expect_error([&] { Pipeline p(net, net.units(), po, *comm_); },
+               {"unit stages.1.0 of stage 1 is on cpu, its stage on cpu:1", "place_pipeline_stages"});
+  po.devices = {Device::cpu(1), Device::cpu()};
+  expect_error([&] { Pipeline p(net, net.units(), po, *comm_); }, {"[cpu:1, cpu]", "stage 0 must be on the model's device"});
+  po.devices = {Device::cpu(), Device::cuda(0)};
+  expect_error([&] { Pipeline p(net, net.units(), po, *comm_); }, {"both stages on CPUs or both on GPUs"});
+  po.devices = {Device::cpu()};
+  expect_error([&] { Pipeline p(net, net.units(), po, *comm_); }, {"1 device(s) for 2 stages"});
+  // A kernel keeps the logical devices apart: a cpu:1 tensor on a cpu stream is refused.
+  place_pipeline_stages(net.units(), 2, {Device::cpu(), Device::cpu(1)});
+  const MicroBatches b = make_batch(4, 1, 16, 1, Device::cpu(1));
+  expect_error([&] { net.units()[2].second->forward(b.xs[0], nullptr, Stream{Device::cpu(), nullptr}); },
+               {"stream on cpu but the module is on cpu:1"});
+  // An optimizer made before the stages were placed holds its state on the old device.
+  MedicalCNN late(small_config(), 3);
+  auto opt = make_optimizer(optim("sgd", 0.1f), late.named_parameters());
+  place_pipeline_stages(late.units(), 2, {Device::cpu(), Device::cpu(1)});
+  expect_error([&] { opt->step(Stream{Device::cpu(), nullptr}); }, {"optimizer: parameter", "is on cpu:1 but was on cpu"});
+  EXPECT_EQ(parse_device("cpu:1"), Device::cpu(1));
+  EXPECT_EQ(Device::cpu(1).str(), "cpu:1");
+  EXPECT_EQ(Device::cpu().str(), "cpu");
+  expect_error([] { parse_device("cpu:x"); }, {"bad device 'cpu:x'", "cpu:N"});
+}
+
 TEST_F(Pipelines, OneFOneBHoldsLessActivationMemoryThanGpipe) {
   int64_t peak[2] = {0, 0};
   for (const PipeSchedule sched : {PipeSchedule::gpipe, PipeSchedule::one_f_one_b}) {
@@ -275,6 +381,15 @@ TEST_F(PipelineCli, TrainsLikeAccumulationAndCheckpointsMoveBothWays) {
   EXPECT_NE(r.output.find("% measured ("), std::string::npos) << r.output;  // the per-epoch report
   EXPECT_NE(r.output.find("pipeline "), std::string::npos) << r.output;     // the phase table row
   expect_same_weights(dir / "acc/final.h5", dir / "pipe/final.h5");
+  // Stage 1 on a second (logical host) device: the same weights; evaluation runs across both.
+  r = run_lancet_env(env(), args(dir / "dev", piped(2, "1f1b") + " --set pipeline.devices=[cpu,cpu:1]"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("stages.2.0 .. head"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("on cpu:1 (1 thread)"), std::string::npos) << r.output;
+  expect_same_weights(dir / "acc/final.h5", dir / "dev/final.h5");
+  r = run_lancet_env(env(), args(dir / "devx", "--set pipeline.stages=2 --set pipeline.devices=[cpu:1,cpu]"));
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("stage 0 must be on the model's device"), std::string::npos) << r.output;
 
   // Pipelined (GPipe) for one epoch, resumed without the pipeline; and the other way round.
   r = run_lancet_env(env(), args(dir / "a", piped(1, "gpipe")));
@@ -312,6 +427,31 @@ TEST_F(PipelineCli, TrainsLikeAccumulationAndCheckpointsMoveBothWays) {
   EXPECT_NE(r.output.find("pipeline.stages must be 1"), std::string::npos) << r.output;
 }
 
+// lancet bench train with a pipeline: the pipelined step against the unpipelined model on one
+// device; with pipeline.devices the stages on their own devices (the two-GPU benchmark's path,
+// here on [cpu, cpu:1]).
+TEST_F(PipelineCli, BenchReportsThePipelineAgainstOneDevice) {
+  const std::string tiny = "--set model.widths=[8,16,16,16] --set model.depths=[1,1,1,1] --set model.head_hidden=16 "
+                           "--set data.image_size=32 --batch-size 8 --steps 2 --warmup 1 --threads 2 "
+                           "--set pipeline.stages=2 --set pipeline.micro_batches=2 --set pipeline.cut=stages.2.0";
+  RunResult r = run_lancet("bench train --json " + tiny + " --set pipeline.devices=[cpu,cpu:1]");
+  ASSERT_EQ(r.status, 0) << r.output;
+  const Json j = Json::parse(r.output.substr(r.output.find('{')));
+  EXPECT_EQ(j.at("benchmark"), "train_pipeline");
+  EXPECT_EQ(j.at("config").at("devices"), Json({"cpu", "cpu:1"}));
+  EXPECT_EQ(j.at("pipeline").at("stage").at(1).at("device"), "cpu:1 (1 thread)");
+  EXPECT_EQ(j.at("cut"), "stages.2.0");
+  EXPECT_GT(j.at("speedup_vs_one_device").get<double>(), 0);
+  EXPECT_GT(j.at("peak_bytes").get<int64_t>(), 0);
+  EXPECT_EQ(j.at("one_device").at("device"), "cpu");
+  r = run_lancet("bench train " + tiny);
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("one device (cpu, 1 thread, no pipeline)"), std::string::npos) << r.output;
+  r = run_lancet("bench train " + tiny + " --precision fp16");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("fp16/bf16 on the CPU are emulated"), std::string::npos) << r.output;
+}
+
 // Data parallelism over pipelines: 2 ranks, each a two-stage pipeline, train like 2 ranks with
 // gradient accumulation (each stage's gradients averaged on their own).
 TEST_F(PipelineCli, EachRankAPipelineUnderMpirun) {
@@ -328,6 +468,12 @@ TEST_F(PipelineCli, EachRankAPipelineUnderMpirun) {
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("each a two-stage pipeline"), std::string::npos) << r.output;
   expect_same_weights(dir / "acc2/final.h5", dir / "pipe2/final.h5");
+  // Each rank's stage 1 on a second (logical host) device: gradients reduced per stage there.
+  r = mpirun(args(dir / "dev2", "--epochs 1 --threads 2 --set pipeline.stages=2 --set pipeline.micro_batches=2 "
+                                "--set pipeline.threads_per_stage=1 --set dist.bucket_mb=0.01 "
+                                "--set pipeline.devices=[cpu,cpu:1]"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  expect_same_weights(dir / "acc2/final.h5", dir / "dev2/final.h5");
 }
 
 // What the per-stage figures rest on: a block is charged to its allocating thread's memory

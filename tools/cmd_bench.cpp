@@ -17,6 +17,7 @@
 #include "kernels/parallel.h"
 #include "tools/cli.h"
 #include "trainer/ddp.h"
+#include "trainer/loss_scaler.h"
 #include "trainer/pipeline.h"
 #include "trainer/profiler.h"
 #include "trainer/scaling.h"
@@ -60,21 +61,54 @@ Json gpu_info(Device device, const TrainConfig& tc) {
 double p50(const std::vector<double>& v) { return compute_stats(v).p50_s; }
 double p95(const std::vector<double>& v) { return compute_stats(v).p95_s; }
 
+constexpr const char* kEmulatedPrecision =
+    "bench: fp16/bf16 on the CPU are emulated (rounding in software, for correctness, not speed); benchmark them "
+    "with --device cuda";
+
 // bench train with pipeline.stages 2: the two-stage pipeline against one device (the same
-// model and batch, unpipelined, on one stage's threads) and against the unpipelined model on
-// all the threads, one after the other in this process, on the same random batch.
+// model and batch, unpipelined, on stage 0's device and, on the CPU, one stage's threads) and,
+// on the CPU, against the unpipelined model on all the threads, one after the other in this
+// process, on the same random batch. On GPUs the stages are both on train.device (the one-GPU
+// mode) or, with pipeline.devices [cuda:0, cuda:1], on two GPUs: the glaucoma study's
+// model-parallel speedup. Mixed precision as lancet train runs it (fp16 with the loss scaler).
 void run_bench_pipeline(const BenchArgs& a, const Json& config) {
   const DataConfig dc = data_config(config);
   const TrainConfig tc = train_config(config);
   const OptimConfig oc = optim_config(config);
   const PipelineConfig pc = pipeline_config(config);
   auto single = make_single_process_communicator();
+  const Device device = rank_device(tc.device, *single);
+  const DType precision = parse_dtype(tc.precision);
+  LANCET_CHECK(precision == DType::f32 || device.is_cuda(), kEmulatedPrecision << " (" << tc.precision << ")");
+  check_train_device(device, precision, 1);
+  set_conv_autotune(tc.cudnn_autotune);
+  set_allow_tf32(tc.allow_tf32);
+  const MemoryFormat format = resolve_memory_format(tc.memory_format, device, precision);
+  std::vector<Device> devices(2, device);
+  if (!pc.devices.empty()) {
+    devices.clear();
+    for (const std::string& d : pc.devices) devices.push_back(parse_device(d));
+  }
+  check_pipeline_devices(devices, device);
+  const bool gpu = device.is_cuda();
   const int threads = threads_per_rank(tc.threads, *single);
   const int stage_threads = pc.threads_per_stage > 0 ? pc.threads_per_stage : std::max(1, threads / 2);
-  const Stream s{Device::cpu(), nullptr};
+  const Stream s{device, nullptr};
+  // A step's end on a GPU: every device the step ran on has finished its work.
+  auto synchronize_devices = [&] {
+    for (const Device& d : devices) synchronize(Stream{d, nullptr});
+  };
   Json model_cfg = config.at("model");
   if (!model_cfg.contains("in_channels")) model_cfg["in_channels"] = dc.channels;
   if (!model_cfg.contains("num_classes")) model_cfg["num_classes"] = 2;
+  auto make_on_device = [&] {
+    auto m = make_model(model_cfg, tc.seed);
+    m->to(device);
+    m->train();
+    m->set_precision(precision);
+    m->set_memory_format(format);
+    return m;
+  };
   const int64_t b = tc.batch_size;
   const int m = pc.micro_batches;
   LANCET_CHECK(m <= b, "bench: pipeline.micro_batches " << m << " exceeds train.batch_size " << b);
@@ -97,16 +131,26 @@ void run_bench_pipeline(const BenchArgs& a, const Json& config) {
     x_all.narrow(off, xs[static_cast<size_t>(i)].dim(0)).copy_from(xs[static_cast<size_t>(i)]);
     y_all.narrow(off, ys[static_cast<size_t>(i)].dim(0)).copy_from(ys[static_cast<size_t>(i)]);
   }
-  const Loss loss = make_loss(loss_config(config), k, Device::cpu());
+  // On a GPU the batch lives there from the start (the step is timed, not the host->device copy).
+  if (gpu) {
+    for (Tensor& t : xs) t = t.to(device);
+    for (Tensor& t : ys) t = t.to(device);
+    x_all = x_all.to(device);
+    y_all = y_all.to(device);
+  }
+  const Loss loss = make_loss(loss_config(config), k, device);
+  const LossScalerConfig lsc = loss_scaler_config(config);
 
   // Times `step` (warm-up first); the mean and percentiles in ms.
   auto time_steps = [&](const std::function<void()>& step, const std::function<void()>& after_warmup) {
     for (int i = 0; i < a.warmup; ++i) step();
+    synchronize_devices();
     if (after_warmup) after_warmup();
     std::vector<double> ms;
     for (int i = 0; i < a.steps; ++i) {
       const auto t = Clock::now();
       step();
+      synchronize_devices();  // a GPU step's time is its kernels' time, not the time to queue them
       ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t).count());
     }
     double mean = 0;
@@ -117,45 +161,65 @@ void run_bench_pipeline(const BenchArgs& a, const Json& config) {
                 {"step_ms_p50", p50(ms)},
                 {"step_ms_p95", p95(ms)}};
   };
-  // Unpipelined on `t` threads: the whole batch per step.
+  // Unpipelined on stage 0's device (on the CPU with `t` threads): the whole batch per step.
   auto unpipelined = [&](int t) {
     set_num_threads(t);
-    auto model = make_model(model_cfg, tc.seed);
-    model->train();
+    auto model = make_on_device();
     auto opt = make_optimizer(oc, model->named_parameters());
-    Allocator& alloc = allocator_for(Device::cpu());
+    LossScaler scaler(lsc);
+    StepOptions so;
+    so.loss_scaler = &scaler;
+    Allocator& alloc = allocator_for(device);
     const size_t before = alloc.current_bytes();
     alloc.reset_peak();
-    Json r = time_steps([&] { train_step(*model, *opt, *single, x_all, y_all, loss, s); }, nullptr);
+    Json r = time_steps([&] { train_step(*model, *opt, *single, x_all, y_all, loss, s, so); }, nullptr);
+    r["device"] = device.str();
     r["threads"] = t;
     r["peak_bytes"] = static_cast<int64_t>(alloc.peak_bytes() - before);  // activations and workspaces
     return r;
   };
 
-  auto model = make_model(model_cfg, tc.seed);
-  model->train();
+  auto model = make_on_device();
   std::string basis;
-  const int cut = choose_cut(pc.cut, pc.balance, model->units(), [&] { return make_model(model_cfg, tc.seed); }, xs[0], s,
-                             stage_threads, &basis);
+  const int cut = choose_cut(pc.cut, pc.balance, model->units(), make_on_device, xs[0], s, stage_threads, &basis);
   set_num_threads(threads);
+  place_pipeline_stages(model->units(), cut, devices);
   auto opt = make_optimizer(oc, model->named_parameters());
+  LossScaler scaler(lsc);
+  StepOptions so;
+  so.loss_scaler = &scaler;
   PipelineOptions po;
   po.schedule = parse_pipe_schedule(pc.schedule);
   po.cut = cut;
   po.threads_per_stage = stage_threads;
+  po.devices = devices;
   Pipeline pipe(*model, model->units(), po, *single);
-  // The pipeline's report covers the timed steps only; the allocator's peak (every stage, the
-  // weights and optimizer state too) likewise, as plain bench train reports it.
-  Allocator& alloc = allocator_for(Device::cpu());
-  Json piped = time_steps([&] { pipe.train_step(*opt, xs, ys, loss, StepOptions()); },
+  // The pipeline's report covers the timed steps only; so does the peak memory: on the CPU the
+  // host allocator's (every stage, the weights and optimizer state too), as plain bench train
+  // reports it; on GPUs the sum of the pools' peaks — each device's training-thread pool
+  // (weights, optimizer state) and each stage's own — an upper bound of what was held at once.
+  auto pools = [&] {
+    std::vector<Allocator*> v;
+    for (const Device& d : devices) {
+      v.push_back(&allocator_for(d, 0));
+      if (!gpu) break;  // one host allocator for every domain and logical device
+    }
+    if (gpu)
+      for (int stage = 1; stage <= 2; ++stage) v.push_back(&allocator_for(devices[static_cast<size_t>(stage - 1)], stage));
+    std::sort(v.begin(), v.end());
+    v.erase(std::unique(v.begin(), v.end()), v.end());
+    return v;
+  };
+  Json piped = time_steps([&] { pipe.train_step(*opt, xs, ys, loss, so); },
                           [&] {
                             pipe.reset_stats();
-                            alloc.reset_peak();
+                            for (Allocator* al : pools()) al->reset_peak();
                           });
-  const int64_t peak = static_cast<int64_t>(alloc.peak_bytes());
+  int64_t peak = 0;
+  for (Allocator* al : pools()) peak += static_cast<int64_t>(al->peak_bytes());
   const PipelineStats st = pipe.stats();
   Json one = unpipelined(stage_threads);
-  Json all = threads != stage_threads ? unpipelined(threads) : one;
+  Json all = !gpu && threads != stage_threads ? unpipelined(threads) : one;
   Json j = {{"benchmark", "train_pipeline"},
             {"images_per_s", piped["images_per_s"]},
             {"step_ms_mean", piped["step_ms_mean"]},
@@ -181,10 +245,14 @@ void run_bench_pipeline(const BenchArgs& a, const Json& config) {
               {"channels", dc.channels},
               {"threads", threads},
               {"threads_per_stage", stage_threads},
+              {"devices", {devices[0].str(), devices[1].str()}},
+              {"precision", tc.precision},
+              {"memory_format", memory_format_name(format)},
               {"optimizer", oc.name},
               {"warmup", a.warmup},
               {"steps", a.steps},
-              {"blas", blas_info()}}}};
+              {"blas", blas_info()},
+              {"gpu", gpu_info(device, tc)}}}};
   if (a.json) {
     std::cout << j.dump() << std::endl;
     return;
@@ -192,13 +260,15 @@ void run_bench_pipeline(const BenchArgs& a, const Json& config) {
   std::cout << std::fixed << std::setprecision(1) << "bench train, 2-stage pipeline (" << pc.schedule << ", " << m
             << " micro-batches, cut before " << j["cut"].get<std::string>() << "): " << j["images_per_s"].get<double>()
             << " img/s, step " << j["step_ms_mean"].get<double>() << " ms mean\n"
-            << st.text() << "one device (" << stage_threads << " thread" << (stage_threads == 1 ? "" : "s")
-            << ", no pipeline): " << one["images_per_s"].get<double>() << " img/s, step "
+            << st.text() << "one device (" << device.str();
+  if (!gpu) std::cout << ", " << stage_threads << " thread" << (stage_threads == 1 ? "" : "s");
+  std::cout << ", no pipeline): " << one["images_per_s"].get<double>() << " img/s, step "
             << one["step_ms_mean"].get<double>() << " ms, peak " << one["peak_bytes"].get<int64_t>() / 1048576.0
-            << " MiB -> pipeline speedup " << std::setprecision(2) << j["speedup_vs_one_device"].get<double>() << "x\n"
-            << std::setprecision(1) << "all " << threads << " threads, no pipeline: " << all["images_per_s"].get<double>()
-            << " img/s, step " << all["step_ms_mean"].get<double>() << " ms -> pipeline speedup " << std::setprecision(2)
-            << j["speedup_vs_all_threads"].get<double>() << "x\n";
+            << " MiB -> pipeline speedup " << std::setprecision(2) << j["speedup_vs_one_device"].get<double>() << "x\n";
+  if (!gpu)
+    std::cout << std::setprecision(1) << "all " << threads << " threads, no pipeline: " << all["images_per_s"].get<double>()
+              << " img/s, step " << all["step_ms_mean"].get<double>() << " ms -> pipeline speedup " << std::setprecision(2)
+              << j["speedup_vs_all_threads"].get<double>() << "x\n";
 }
 
 // Data parallel when launched with several tasks (mpirun, srun): train.batch_size is the
@@ -211,8 +281,6 @@ void run_bench(const BenchArgs& a, Communicator& comm) {
     LANCET_CHECK(a.what == "train" && comm.size() == 1,
                  "bench: pipeline.stages > 1 is benchmarked by `bench train` in one process (launched with "
                      << comm.size() << " tasks); data parallelism over pipelines runs in lancet train");
-    LANCET_CHECK(train_config(config).precision == "fp32" && parse_device(train_config(config).device).is_cpu(),
-                 "bench: the pipeline benchmark runs fp32 on the CPU in this build");
     return run_bench_pipeline(a, config);
   }
   const DataConfig dc = data_config(config);
@@ -222,9 +290,7 @@ void run_bench(const BenchArgs& a, Communicator& comm) {
   comm.set_timeout(dist.timeout_s);
   const Device device = rank_device(tc.device, comm);  // "cuda": this rank's own GPU on its node
   const DType precision = parse_dtype(tc.precision);
-  LANCET_CHECK(precision == DType::f32 || device.is_cuda(),
-               "bench: --precision " << tc.precision << " on the CPU: fp16/bf16 are emulated there (rounding in "
-                                     << "software, for correctness, not speed); benchmark them with --device cuda");
+  LANCET_CHECK(precision == DType::f32 || device.is_cuda(), kEmulatedPrecision << " (" << tc.precision << ")");
   const int ranks = comm.size();
   check_train_device(device, precision, ranks);
   set_conv_autotune(tc.cudnn_autotune);
@@ -282,30 +348,35 @@ void run_bench(const BenchArgs& a, Communicator& comm) {
   std::vector<GradSync::BucketTiming> bucket_sum(train ? static_cast<size_t>(sync->num_buckets()) : 0,
                                                  GradSync::BucketTiming{0, 0, 0, 0});
   int64_t layout_seen = train ? sync->layout_version() : 0, bucket_steps = 0;
+  LossScaler scaler(loss_scaler_config(config));  // fp16: as lancet train and PyTorch AMP's GradScaler
   auto step = [&](bool timed) {
     if (train) {
       StepOptions so;
       so.grad_sync = sync.get();
+      so.loss_scaler = &scaler;
       if (timed) prof.begin_step();
       train_step(*model, *opt, comm, x, y, loss, s, so, timed ? &prof : nullptr);
-      if (timed) {
-        prof.end_step();
-        const auto& t = sync->timings();
-        if (sync->layout_version() != layout_seen) {  // buckets laid out anew: start the sums again
-          layout_seen = sync->layout_version();
-          bucket_sum.assign(t.size(), GradSync::BucketTiming{0, 0, 0, 0});
-          bucket_steps = 0;
-        }
-        ++bucket_steps;
-        for (size_t i = 0; i < t.size(); ++i) {
-          bucket_sum[i].bytes = t[i].bytes;
-          bucket_sum[i].ready_s += t[i].ready_s;
-          bucket_sum[i].start_s += t[i].start_s;
-          bucket_sum[i].done_s += t[i].done_s;
-        }
-      }
+      if (timed) prof.end_step();
     } else {
       model->forward(x, nullptr, s);
+    }
+  };
+  // After a timed step, once its stream is synchronised: on a GPU timings() resolves the step's
+  // CUDA events, which must not cost the step a host wait of its own.
+  auto add_bucket_times = [&] {
+    if (!train) return;
+    const auto& t = sync->timings();
+    if (sync->layout_version() != layout_seen) {  // buckets laid out anew: start the sums again
+      layout_seen = sync->layout_version();
+      bucket_sum.assign(t.size(), GradSync::BucketTiming{0, 0, 0, 0});
+      bucket_steps = 0;
+    }
+    ++bucket_steps;
+    for (size_t i = 0; i < t.size(); ++i) {
+      bucket_sum[i].bytes = t[i].bytes;
+      bucket_sum[i].ready_s += t[i].ready_s;
+      bucket_sum[i].start_s += t[i].start_s;
+      bucket_sum[i].done_s += t[i].done_s;
     }
   };
   for (int i = 0; i < a.warmup; ++i) step(false);
@@ -320,6 +391,7 @@ void run_bench(const BenchArgs& a, Communicator& comm) {
     step(true);
     synchronize(s);  // a GPU step's time is its kernels' time, not the time to queue them
     ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t).count());
+    add_bucket_times();
   }
   const double total_s = std::chrono::duration<double>(Clock::now() - t0).count();
   double mean = 0;
@@ -365,6 +437,9 @@ void run_bench(const BenchArgs& a, Communicator& comm) {
   if (train) {
     j["profile"] = prof.to_json();
     j["buckets"] = buckets;
+    // The buckets' times (ms since the backward began): the host's clock on a CPU, CUDA events'
+    // on a GPU (GradSync::timings).
+    j["bucket_clock"] = sync->device_timed() ? "device" : "host";
   }
   if (!comm.is_root()) return;
   if (a.json) {

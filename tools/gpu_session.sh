@@ -140,6 +140,17 @@ bench() {
       --json-out "$LOG/bench_$p.json" >>"$LOG/bench.md" 2>&1 || rc=1
     tail -n 20 "$LOG/bench.md" | grep -E "^\| [0-9]|WARNING|failed" | sed "s|^|  |"
   done
+  # Pipeline stages on GPUs against the unpipelined model on one (issue 6's report): the one-GPU
+  # mode, and both stages on their own GPUs where two are visible.
+  local devs=("")
+  (( $(nvidia-smi -L 2>/dev/null | wc -l) >= 2 )) && devs+=("--set pipeline.devices=[cuda:0,cuda:1]")
+  for d in "${devs[@]}"; do
+    echo "== pipeline ${d:-one GPU}" | tee -a "$LOG/bench.md"
+    timeout -k 10 "$STEP_TIMEOUT" "$LANCET" bench train --device cuda --precision bf16 --batch-size "${BATCH:-256}" \
+      --set data.image_size="${IMAGE:-224}" --set data.channels=3 --set pipeline.stages=2 \
+      --set pipeline.micro_batches=4 --warmup 3 --steps 10 $d >>"$LOG/bench.md" 2>&1 || rc=1
+    tail -n 6 "$LOG/bench.md" | sed "s|^|  |"
+  done
   return $rc
 }
 

@@ -3,6 +3,8 @@
 // parameter. Every parameter is updated (Parameter::grad always exists; zero_grad zeroes it).
 #include "trainer/optimizer.h"
 
+#include <algorithm>
+
 #include "kernels/optim.h"
 
 namespace lancet {
@@ -18,14 +20,16 @@ class Sgd final : public Optimizer {
   }
   void step_impl(const Stream& s, float grad_scale_inv) override {
     p_.lr = lr_;
-    std::vector<Tensor*> values, bufs;
-    std::vector<const Tensor*> grads;
-    for (size_t i = 0; i < params_.size(); ++i) {
-      values.push_back(&params_[i].second->value);
-      grads.push_back(&params_[i].second->grad);
-      bufs.push_back(&buf_[i]);
+    for (const Group& g : groups_) {
+      std::vector<Tensor*> values, bufs;
+      std::vector<const Tensor*> grads;
+      for (size_t i : g.index) {
+        values.push_back(&params_[i].second->value);
+        grads.push_back(&params_[i].second->grad);
+        bufs.push_back(&buf_[i]);
+      }
+      sgd_step_multi(p_, steps_ == 0, values, grads, bufs, group_stream(g, s), grad_scale_inv);
     }
-    sgd_step_multi(p_, steps_ == 0, values, grads, bufs, s, grad_scale_inv);
     ++steps_;
   }
   std::vector<std::pair<std::string, Tensor*>> state() override {
@@ -55,15 +59,17 @@ class Adam final : public Optimizer {
   void step_impl(const Stream& s, float grad_scale_inv) override {
     p_.lr = lr_;
     ++steps_;
-    std::vector<Tensor*> values, ms, vs;
-    std::vector<const Tensor*> grads;
-    for (size_t i = 0; i < params_.size(); ++i) {
-      values.push_back(&params_[i].second->value);
-      grads.push_back(&params_[i].second->grad);
-      ms.push_back(&m_[i]);
-      vs.push_back(&v_[i]);
+    for (const Group& g : groups_) {
+      std::vector<Tensor*> values, ms, vs;
+      std::vector<const Tensor*> grads;
+      for (size_t i : g.index) {
+        values.push_back(&params_[i].second->value);
+        grads.push_back(&params_[i].second->grad);
+        ms.push_back(&m_[i]);
+        vs.push_back(&v_[i]);
+      }
+      adam_step_multi(p_, steps_, values, grads, ms, vs, group_stream(g, s), grad_scale_inv);
     }
-    adam_step_multi(p_, steps_, values, grads, ms, vs, s, grad_scale_inv);
   }
   std::vector<std::pair<std::string, Tensor*>> state() override {
     std::vector<std::pair<std::string, Tensor*>> out;
@@ -80,6 +86,24 @@ class Adam final : public Optimizer {
 };
 
 }  // namespace
+
+Optimizer::Optimizer(Params params, float lr) : params_(std::move(params)), lr_(lr) {
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const Device d = params_[i].second->value.device();
+    auto g = std::find_if(groups_.begin(), groups_.end(), [d](const Group& x) { return x.device == d; });
+    if (g == groups_.end()) g = groups_.insert(groups_.end(), Group{d, {}});
+    g->index.push_back(i);
+  }
+}
+
+Stream Optimizer::group_stream(const Group& g, const Stream& s) const {
+  for (size_t i : g.index)  // the state was made on that device
+    LANCET_CHECK(params_[i].second->value.device() == g.device,
+                 "optimizer: parameter " << params_[i].first << " is on " << params_[i].second->value.device().str()
+                                         << " but was on " << g.device.str()
+                                         << " when the optimizer was made (move the model before making it)");
+  return stream_on(g.device, s);
+}
 
 void Optimizer::step(const Stream& s, float grad_scale_inv) {
   step_impl(s, grad_scale_inv);

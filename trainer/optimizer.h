@@ -1,7 +1,10 @@
 // optimizer.h — torch.optim-compatible SGD, Adam and AdamW over a model's parameters.
-// State (momentum buffers, moments) is f32 and lives on the parameters' device; it is created,
-// zeroed, with the optimizer. A step is one multi-tensor update over all parameters
-// (sgd_step_multi / adam_step_multi in kernels/optim.h), issued on the step's stream.
+// State (momentum buffers, moments) is f32 and lives on each parameter's device; it is created,
+// zeroed, with the optimizer. A step is one multi-tensor update over all parameters of a device
+// (sgd_step_multi / adam_step_multi in kernels/optim.h), issued on the step's stream for the
+// device the step's stream is on and on the other devices' default streams (stream_on) for a
+// model spread over several (pipeline stages on their own GPUs). Parameters must stay on the
+// device they were on when the optimizer was made.
 #pragma once
 #include <memory>
 #include <string>
@@ -29,9 +32,17 @@ class Optimizer {
   virtual std::vector<std::pair<std::string, Tensor*>> state() = 0;
 
  protected:
-  Optimizer(Params params, float lr) : params_(std::move(params)), lr_(lr) {}
+  Optimizer(Params params, float lr);
   virtual void step_impl(const Stream& s, float grad_scale_inv) = 0;
+  // Indices into params_ per device, devices in order of first appearance (one group for a
+  // model on one device), and each group's stream for a step on `s`.
+  struct Group {
+    Device device;
+    std::vector<size_t> index;
+  };
+  Stream group_stream(const Group& g, const Stream& s) const;
   Params params_;
+  std::vector<Group> groups_;
   float lr_;
   int64_t steps_ = 0;
 };

@@ -266,7 +266,7 @@ class OpTimes {
 // clone (allocated in the receiver's memory domain); on a GPU a copy into the receiver's pool,
 // ordered after the sender's event, the source handed back to the sender with the copy's event.
 Tensor receive(Parcel p, const Stream& s, std::function<void(Tensor, std::shared_ptr<StageEvent>)> hand_back) {
-  if (!s.device.is_cuda()) return p.t.clone();
+  if (!s.device.is_cuda()) return p.t.to(s.device);  // the receiver's (logical) device
 #ifdef LANCET_WITH_CUDA
   p.ready->wait_on(s);
   Tensor mine = Tensor::empty(p.t.shape(), p.t.dtype(), s.device, p.t.format());
@@ -298,6 +298,7 @@ Tensor host_copy(const Tensor& t, const Stream& s) {
 struct Pipeline::StepContext {
   const std::vector<Tensor>* xs = nullptr;
   const std::vector<Tensor>* ys = nullptr;
+  std::vector<Tensor> labels;  // ys on the last stage's device (copied before the stages start)
   const Loss* loss = nullptr;
   std::vector<double> weight;
   float scale = 1.f;
@@ -321,17 +322,14 @@ Pipeline::Pipeline(Module& model, Units units, const PipelineOptions& options, C
   LANCET_CHECK(options_.threads_per_stage >= 1, "pipeline: threads_per_stage " << options_.threads_per_stage);
   const Device home = model_.device();
   std::vector<Device> devices = options_.devices.empty() ? std::vector<Device>(2, home) : options_.devices;
-  LANCET_CHECK(devices.size() == 2, "pipeline.devices: " << devices.size() << " device(s) for 2 stages");
-  for (const Device& d : devices)
-    LANCET_CHECK(d == home, "pipeline.devices [" << devices[0].str() << ", " << devices[1].str() << "] with the model on "
-                                                 << home.str()
-                                                 << ": every stage runs on the model's device (train.device) for now — "
-                                                    "stages on two different devices are not supported yet (the optimizer "
-                                                    "step, clipping and validation run on one device); leave "
-                                                    "pipeline.devices empty for the one-GPU mode");
-  for (const auto& u : units_)
-    LANCET_CHECK(u.second->device() == home, "pipeline: unit " << u.first << " is on " << u.second->device().str()
-                                                               << ", the model on " << home.str());
+  check_pipeline_devices(devices, home);
+  for (int i = 0; i < n; ++i) {
+    const Device want = devices[i < options_.cut ? 0 : 1];
+    const auto& u = units_[static_cast<size_t>(i)];
+    LANCET_CHECK(u.second->device() == want, "pipeline: unit " << u.first << " of stage " << (i < options_.cut ? 0 : 1)
+                                                               << " is on " << u.second->device().str() << ", its stage on "
+                                                               << want.str() << " (place_pipeline_stages first)");
+  }
   stages_.resize(2);
   for (int i = 0; i < n; ++i) {
     Stage& st = stages_[i < options_.cut ? 0 : 1];
@@ -360,6 +358,9 @@ Pipeline::Pipeline(Module& model, Units units, const PipelineOptions& options, C
     workers_.push_back(std::make_unique<Worker>(options_.threads_per_stage, s + 1));
   }
   if (comm_.size() > 1) {
+    LANCET_CHECK(devices[0] == devices[1] || !devices[1].is_cuda(),  // run_training refuses it sooner
+                 "pipeline on " << devices[0].str() << " and " << devices[1].str() << " with " << comm_.size()
+                                << " ranks: a stage on a second GPU needs an NCCL communicator of its own");
     GradSyncOptions gso;
     gso.bucket_mb = options_.bucket_mb;
     gso.hooks = false;
@@ -371,15 +372,13 @@ Pipeline::Pipeline(Module& model, Units units, const PipelineOptions& options, C
 Pipeline::~Pipeline() = default;
 
 void Pipeline::broadcast_parameters() {
-  const Stream s = main_stream();
   for (Stage& st : stages_)
-    if (st.sync) st.sync->broadcast_parameters(s);
+    if (st.sync) st.sync->broadcast_parameters(stream_on(st.device, main_stream()));
 }
 
 void Pipeline::broadcast_buffers() {
-  const Stream s = main_stream();
   for (Stage& st : stages_)
-    if (st.sync) st.sync->broadcast_buffers(s);
+    if (st.sync) st.sync->broadcast_buffers(stream_on(st.device, main_stream()));
 }
 
 std::vector<int> Pipeline::buckets_per_stage() const {
@@ -395,13 +394,14 @@ int64_t count_parameters(const std::vector<Module*>& ms) {
   for (Module* m : ms) n += m->num_parameters();
   return n;
 }
-std::string cpu_device(int threads) {
-  return "cpu (" + std::to_string(threads) + " thread" + (threads == 1 ? ")" : "s)");
+std::string cpu_threads(int threads) {
+  return " (" + std::to_string(threads) + " thread" + (threads == 1 ? ")" : "s)");
 }
 }  // namespace
 
 std::string Pipeline::stage_device(const Stage& st) const {
-  return st.device.is_cpu() ? cpu_device(options_.threads_per_stage) : st.device.str() + " (own stream and memory pool)";
+  return st.device.is_cpu() ? st.device.str() + cpu_threads(options_.threads_per_stage)
+                            : st.device.str() + " (own stream and memory pool)";
 }
 
 // A CPU stage's bytes are its host memory domain's; a GPU stage's, its pool's on the device.
@@ -465,8 +465,8 @@ void Pipeline::run_stage(int s, StepContext& ctx) {
         x = Tensor();
         if (last) {
           h = model_.from_compute(h, stream);  // the model's exit: FP32 logits
-          ctx.losses[i] = micro_batch_loss(h, (*ctx.ys)[i], *ctx.loss, ctx.weight[i], ctx.scale, dlogits[i], stream);
-          ctx.correct[i] = count_correct(host_copy(h, stream), host_copy((*ctx.ys)[i], stream));
+          ctx.losses[i] = micro_batch_loss(h, ctx.labels[i], *ctx.loss, ctx.weight[i], ctx.scale, dlogits[i], stream);
+          ctx.correct[i] = count_correct(host_copy(h, stream), host_copy(ctx.labels[i], stream));
         } else {
           activations_->put(op.micro, Parcel{std::move(h), StageEvent::record(stream)});
         }
@@ -519,12 +519,17 @@ StepStats Pipeline::train_step(Optimizer& opt, const std::vector<Tensor>& xs, co
   StepContext ctx;
   ctx.xs = &xs;
   ctx.ys = &ys;
-  ctx.loss = &loss;
   for (const Tensor& x : xs) ctx.weight.push_back(m > 1 ? static_cast<double>(x.dim(0)) / static_cast<double>(total) : 1.0);
   LossScaler* scaler = options.loss_scaler && options.loss_scaler->enabled() ? options.loss_scaler : nullptr;
   ctx.scale = scaler ? scaler->scale() : 1.f;
   ctx.main = main_stream();
   ctx.losses.assign(static_cast<size_t>(m), 0.f);
+  const Device last_device = stages_.back().device;
+  for (const Tensor& y : ys) ctx.labels.push_back(y.device() == last_device ? y : y.to(last_device));
+  Loss last_loss = loss;  // its class weights, too, where the last stage computes the loss
+  if (last_loss.class_weights.defined() && last_loss.class_weights.device() != last_device)
+    last_loss.class_weights = last_loss.class_weights.to(last_device);
+  ctx.loss = &last_loss;
   ctx.correct.assign(static_cast<size_t>(m), 0);
 
   if (micro_batches_ != m) {  // statistics are per micro-batch count
@@ -567,7 +572,7 @@ StepStats Pipeline::train_step(Optimizer& opt, const std::vector<Tensor>& xs, co
       if (workers_[s]->error()) failed = true;
       if (!failed && stages_[s].sync) {
         stages_[s].sync->begin_backward(/*sync=*/true);
-        stages_[s].sync->start_all(ctx.main);
+        stages_[s].sync->start_all(stream_on(stages_[s].device, ctx.main));
       }
     }
     wall = seconds_since(t0);
@@ -583,7 +588,7 @@ StepStats Pipeline::train_step(Optimizer& opt, const std::vector<Tensor>& xs, co
       activations_->reset();
       gradients_->reset();
       for (Stage& st : stages_)
-        if (st.sync) st.sync->finish(ctx.main);  // collectives started must complete on every rank
+        if (st.sync) st.sync->finish(stream_on(st.device, ctx.main));  // collectives started must complete on every rank
       std::string why;
       {
         std::lock_guard<std::mutex> lock(ctx.error_mu);
@@ -602,7 +607,7 @@ StepStats Pipeline::train_step(Optimizer& opt, const std::vector<Tensor>& xs, co
   if (scaler) out.loss_scale = scaler->scale();
   if (stages_.front().sync) {
     auto scope = timer.phase(Phase::grad_sync);
-    for (size_t s = stages_.size(); s-- > 0;) stages_[s].sync->finish(ctx.main);
+    for (size_t s = stages_.size(); s-- > 0;) stages_[s].sync->finish(stream_on(stages_[s].device, ctx.main));
   }
   finish_step(model_, opt, comm_, options, /*synced=*/stages_.front().sync != nullptr, out, timer, ctx.main);
   double loss_sum = 0;
@@ -664,6 +669,29 @@ PipelineStats Pipeline::stats() const {
     p.stage.push_back(q);
   }
   return p;
+}
+
+void check_pipeline_devices(const std::vector<Device>& devices, Device model_device) {
+  LANCET_CHECK(devices.size() == 2, "pipeline.devices: " << devices.size() << " device(s) for 2 stages");
+  LANCET_CHECK(devices[0] == model_device, "pipeline.devices [" << devices[0].str() << ", " << devices[1].str()
+                                                                << "]: stage 0 must be on the model's device (train.device "
+                                                                << model_device.str() << "), where the batches arrive");
+  LANCET_CHECK(devices[1].type == devices[0].type,
+               "pipeline.devices [" << devices[0].str() << ", " << devices[1].str() << "]: both stages on CPUs or both on GPUs");
+#ifdef LANCET_WITH_CUDA
+  if (devices[1].is_cuda()) {
+    const int n = static_cast<int>(cuda_devices().size());
+    LANCET_CHECK(devices[1].index < n, "pipeline.devices names " << devices[1].str() << " but " << n
+                                                                 << " CUDA device(s) are visible to this process");
+  }
+#endif
+}
+
+void place_pipeline_stages(const Units& units, int cut, const std::vector<Device>& devices) {
+  LANCET_CHECK(cut >= 1 && cut < static_cast<int>(units.size()),
+               "pipeline: cut " << cut << " out of range: stage 1 must start at a unit in [1, " << units.size() - 1 << "]");
+  LANCET_CHECK(devices.size() == 2, "pipeline.devices: " << devices.size() << " device(s) for 2 stages");
+  for (size_t i = 0; i < units.size(); ++i) units[i].second->to(devices[static_cast<int>(i) < cut ? 0 : 1]);
 }
 
 Json PipelineStats::to_json() const {

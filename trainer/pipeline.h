@@ -34,7 +34,24 @@
 // optimizer step) and is synchronised when the stage's work is done, so everything the training
 // thread runs after it (gradient all-reduce, loss scaler, clipping, optimizer) sees its results.
 // Busy times on a GPU are CUDA-event times of each forward and backward on the stage's stream;
-// peak memory is the stage's pool's. Two different GPUs are refused (pipeline.devices).
+// peak memory is the stage's pool's.
+//
+// Stages on two devices (pipeline.devices [cuda:0, cuda:1], one process driving both, as the
+// glaucoma study did): place_pipeline_stages moves stage 1's units — their parameters,
+// gradients, BatchNorm statistics — to the second device before the optimizer is made (so its
+// state is made there too). Stage 1's stream, pool and events are on its GPU; the hand-offs above
+// become peer copies (cudaMemcpyPeerAsync on the receiver's stream, ordered by the events,
+// which work across devices); the step's labels are copied to the last stage's device before the
+// stages start. After the step the training thread works per device (trainer.cpp finish_step:
+// the loss scaler's check, the global norm — the root of the per-device sums — clipping and
+// the optimizer each run on every device's default stream, stream_on), and the model used whole
+// (validation, lancet eval / forward on a checkpoint, the cut measurement) runs each unit on its
+// device with copies where the chain crosses (layers.h chain_forward). On the CPU, [cpu, cpu:1]
+// (cpu:1 a logical host device, kernels/device.h) runs exactly this logic — every kernel checks
+// that its tensors and stream share a device — so the tests check the placement and routing of
+// the two-device mode, bit for bit against one device, without two GPUs. With several ranks
+// a stage on a second GPU would need a second NCCL communicator per rank, which is not built:
+// refused, with the one-GPU mode (both stages on the rank's GPU) as the way to combine with DDP.
 //
 // Data parallelism: each rank owns a pipeline; each stage's gradients are bucketed and
 // all-reduced (GradSync without hooks) from the training thread as soon as that stage has run
@@ -69,8 +86,9 @@ struct PipelineOptions {
   PipeSchedule schedule = PipeSchedule::one_f_one_b;
   int cut = 1;                // index of stage 1's first unit
   int threads_per_stage = 1;  // CPU stages: kernel threads of each stage's worker
-  // The device of each stage; empty: both on the model's device. Both must be that device
-  // (two different GPUs are not supported yet).
+  // The device of each stage; empty: both on the model's device. Stage 0 is on the model's
+  // device; stage 1 on the same device or another of the same type (units placed there by
+  // place_pipeline_stages).
   std::vector<Device> devices;
   // Data parallelism over the communicator passed to the pipeline (when it has > 1 rank):
   // bucket size for each stage's gradient all-reduce.
@@ -102,9 +120,16 @@ struct PipelineStats {
   std::string text() const;
 };
 
+// Refuses stage devices a pipeline cannot run on, naming them: not two, stage 0 not on the
+// model's device, a CPU and a GPU mixed, a GPU this process does not see.
+void check_pipeline_devices(const std::vector<Device>& devices, Device model_device);
+// Moves units [0, cut) to devices[0] and [cut, n) to devices[1] (Module::to). Before the
+// optimizer and any GradSync are made: they hold the parameters' device-resident state.
+void place_pipeline_stages(const Units& units, int cut, const std::vector<Device>& devices);
+
 class Pipeline {
  public:
-  // `units` is the model's chain (MedicalCNN::units()), all on the model's device; the model
+  // `units` is the model's chain (MedicalCNN::units()), each on its stage's device; the model
   // is the whole (zero_grad, the optimizer's parameters, checkpoints are unchanged). With a
   // communicator of several ranks, every rank builds the same pipeline.
   Pipeline(Module& model, Units units, const PipelineOptions& options, Communicator& comm);

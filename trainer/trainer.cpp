@@ -90,8 +90,27 @@ void finish_step(Module& model, Optimizer& opt, Communicator& comm, const StepOp
     }
   }
   auto scope = timer.phase(Phase::optimizer);
-  std::vector<Tensor*> grads;
-  for (auto& [name, p] : model.named_parameters()) grads.push_back(&p->grad);
+  // The gradients per device, each group's work on that device's stream: one group for a model
+  // on one device; two for pipeline stages on their own devices, where the global norm is the
+  // root of the per-device sums and the finite flag their conjunction.
+  struct Group {
+    Stream s;
+    std::vector<Tensor*> grads;
+  };
+  std::vector<Group> groups;
+  for (auto& [name, p] : model.named_parameters()) {
+    const Device d = p->grad.device();
+    auto g = std::find_if(groups.begin(), groups.end(), [d](const Group& x) { return x.s.device == d; });
+    if (g == groups.end()) g = groups.insert(groups.end(), Group{stream_on(d, s), {}});
+    g->grads.push_back(&p->grad);
+  }
+  auto norm = [&groups] {
+    auto list = [](const Group& g) { return std::vector<const Tensor*>(g.grads.begin(), g.grads.end()); };
+    if (groups.size() == 1) return global_l2_norm(list(groups[0]), groups[0].s);
+    double sum = 0;
+    for (const Group& g : groups) sum += sum_of_squares(list(g), g.s);
+    return std::sqrt(sum);
+  };
   // Loss scaling: the gradients here are already averaged over the ranks (GradSync::finish
   // or the all-reduce above), identical everywhere, so every rank finds the same flag and
   // skips or takes the same step. Clipping and the norm see unscaled gradients.
@@ -102,13 +121,23 @@ void finish_step(Module& model, Optimizer& opt, Communicator& comm, const StepOp
   const bool fused_unscale = scaler && !model.device().is_cpu() && options.clip_grad_norm <= 0;
   const float grad_scale_inv = fused_unscale ? scaler->inv_scale() : 1.f;
   bool finite = true;
-  if (scaler) finite = fused_unscale ? scaler->check_finite(grads, s) : scaler->unscale_and_check(grads, s);
+  if (scaler)
+    for (const Group& g : groups) {  // every group unscaled, whatever an earlier one found
+      const bool ok = fused_unscale ? scaler->check_finite(g.grads, g.s) : scaler->unscale_and_check(g.grads, g.s);
+      finite = finite && ok;
+    }
   if (finite) {
     if (options.clip_grad_norm > 0) {
-      st.grad_norm = clip_grad_norm(grads, options.clip_grad_norm, s);
+      if (groups.size() == 1) {
+        st.grad_norm = clip_grad_norm(groups[0].grads, options.clip_grad_norm, groups[0].s);
+      } else {
+        const float total = static_cast<float>(norm());
+        for (const Group& g : groups) clip_grads_to_norm(g.grads, options.clip_grad_norm, total, g.s);
+        st.grad_norm = total;
+      }
     } else if (options.compute_grad_norm) {
       // Scaled gradients: the norm times 1/scale (exact for the power-of-two scales).
-      st.grad_norm = global_l2_norm(std::vector<const Tensor*>(grads.begin(), grads.end()), s) * grad_scale_inv;
+      st.grad_norm = norm() * grad_scale_inv;
     }
     opt.step(s, grad_scale_inv);
   }
@@ -414,8 +443,8 @@ double epoch_metric(const std::string& name, double train_loss, double train_acc
 }  // namespace
 
 // What a CUDA run needs that is not there yet fails here, before any data is read, naming the
-// setting. The GPU path: one GPU per process (fp32, fp16 or bf16; pipeline stages both on it),
-// several ranks only with the NCCL backend built (comm/nccl/).
+// setting. The GPU path: one GPU per process (fp32, fp16 or bf16; a pipeline's second stage on
+// it or on a second GPU), several ranks only with the NCCL backend built (comm/nccl/).
 void check_train_device(Device device, DType precision, int ranks) {
   if (device.is_cpu()) return;
 #ifdef LANCET_WITH_CUDA
@@ -432,8 +461,8 @@ void check_train_device(Device device, DType precision, int ranks) {
   LANCET_CHECK(ranks == 1 || nccl_available(), "train.device " << device.str() << " with " << ranks
                                                                 << " ranks: this build of lancet has no NCCL (GPU gradients "
                                                                    "across ranks need it); use --device cpu");
-  // Pipeline stages on a GPU run in the one-GPU mode (both stages on this GPU, each with its own
-  // stream and memory pool); pipeline.devices naming other devices is refused by the Pipeline.
+  // Pipeline stages run both on this GPU (each with its own stream and memory pool) or, with
+  // pipeline.devices, stage 1 on a second GPU (checked with the pipeline settings).
 }
 
 MemoryFormat resolve_memory_format(const std::string& setting, Device device, DType precision) {
@@ -468,11 +497,16 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
                                                                         "pipeline.micro_batches micro-batches itself; set one of them");
     LANCET_CHECK(!dist.sync_bn, "dist.sync_bn with pipeline.stages " << pc.stages
                                                                      << ": SyncBatchNorm inside pipeline stages is not supported");
-    for (const std::string& d : pc.devices)
-      LANCET_CHECK(parse_device(d) == device, "pipeline.devices names " << d << " but this rank trains on " << device.str()
-                                                                         << ": both stages run on train.device for now "
-                                                                            "(stages on two different devices are not "
-                                                                            "supported yet); leave pipeline.devices empty");
+    if (!pc.devices.empty()) {
+      std::vector<Device> ds;
+      for (const std::string& d : pc.devices) ds.push_back(parse_device(d));
+      check_pipeline_devices(ds, device);
+      LANCET_CHECK(ranks == 1 || ds[0] == ds[1] || !ds[1].is_cuda(),
+                   "pipeline.devices [" << ds[0].str() << ", " << ds[1].str() << "] with " << ranks
+                                        << " ranks: a stage on a second GPU needs an NCCL communicator of its own per rank, "
+                                           "which lancet does not create yet; with several ranks leave pipeline.devices "
+                                           "empty (both stages on the rank's GPU)");
+    }
   }
   const std::string binding = bind_rank_threads(dist.bind, comm, threads);
   set_num_threads(threads);
@@ -501,7 +535,6 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   const MemoryFormat format = resolve_memory_format(tc.memory_format, device, precision);
   model->set_memory_format(format);
   LossScaler scaler(lsc);
-  auto opt = make_optimizer(oc, model->named_parameters());
   const Loss loss = make_loss(lc, num_classes, device);
 
   // Data parallelism: train.batch_size is the global batch; rank r takes every R-th sample of
@@ -516,6 +549,59 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   const int micro = pipelined ? pc.micro_batches : tc.grad_accum_steps;
   LANCET_CHECK(micro <= bs, (pipelined ? "pipeline.micro_batches " : "train.grad_accum_steps ")
                                 << micro << " exceeds the " << bs << " samples each rank takes per step");
+  // Every rank must run the same job (compared before the first other collective: the cut).
+  if (ranks > 1)
+    check_same_on_all_ranks(comm, {{"the model", model_cfg.dump()},
+                                   {"the training data", std::to_string(n) + " images, " + shape_str(data.train->sample_shape()) +
+                                                             ", classes " + Json(data.train->class_names()).dump()},
+                                   {"the validation data", std::to_string(data.val->size()) + " images"},
+                                   {"data.sampler / augment / preprocess",
+                                    config.at("data").value("sampler", Json()).dump() + " / " +
+                                        config.at("data").value("augment", Json()).dump() + " / " +
+                                        config.at("data").value("preprocess", Json()).dump()},
+                                   {"train.batch_size", std::to_string(global_bs)},
+                                   {"train.grad_accum_steps", std::to_string(tc.grad_accum_steps)},
+                                   {"pipeline", config.at("pipeline").dump()},
+                                   {"train.precision", tc.precision},
+                                   {"amp", config.at("amp").dump()},
+                                   {"train.device", device.is_cpu() ? "cpu" : "cuda"},
+                                   {"train.epochs / max_steps", std::to_string(tc.epochs) + " / " + std::to_string(tc.max_steps)},
+                                   {"train.seed", std::to_string(tc.seed)},
+                                   {"optim", config.at("optim").dump()},
+                                   {"loss", config.at("loss").dump()},
+                                   {"schedule", config.at("schedule").dump()},
+                                   {"dist", config.at("dist").dump()}});
+  // Pipeline stages: the cut, and each stage's units on its device, before the optimizer makes
+  // its state on the parameters' devices (the Pipeline itself comes after a resume's loading).
+  std::string cut_basis;
+  PipelineOptions po;
+  if (pipelined) {
+    // Auto: costs measured on a scratch copy of the model, on a random micro-batch of the
+    // step's size; every rank cuts where rank 0's measurement says.
+    auto make_scratch = [&] {
+      auto m = make_model(model_cfg, tc.seed);
+      m->to(device);
+      m->set_precision(precision);
+      m->set_memory_format(format);
+      return m;
+    };
+    const Shape ss = data.train->sample_shape();
+    Tensor x = Tensor::empty({(bs + micro - 1) / micro, ss[0], ss[1], ss[2]});
+    std::mt19937 rng(static_cast<uint32_t>(tc.seed));
+    std::normal_distribution<float> nd;
+    for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = nd(rng);
+    if (!device.is_cpu()) x = x.to(device);
+    int cut = choose_cut(pc.cut, pc.balance, model->units(), make_scratch, x, stream, stage_threads, &cut_basis);
+    if (ranks > 1 && pc.cut == "auto") cut = static_cast<int>(comm.all_reduce_scalar(comm.is_root() ? cut : 0, ReduceOp::sum));
+    po.schedule = parse_pipe_schedule(pc.schedule);
+    po.cut = cut;
+    po.threads_per_stage = stage_threads;
+    for (const std::string& d : pc.devices) po.devices.push_back(parse_device(d));
+    po.bucket_mb = dist.bucket_mb;
+    place_pipeline_stages(model->units(), po.cut, po.devices.empty() ? std::vector<Device>(2, device) : po.devices);
+  }
+  auto opt = make_optimizer(oc, model->named_parameters());
+
   // data.sampler's epoch order (shuffle: DistributedSampler's), split over the ranks likewise.
   std::vector<int64_t> train_labels(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) train_labels[static_cast<size_t>(i)] = data.train->label(i);
@@ -563,58 +649,12 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     if (!state.loss_scaler.empty()) scaler.load_state(state.loss_scaler, resume_from);
   }
 
-  // Every rank must run the same job; then all start from rank 0's weights.
-  if (ranks > 1)
-    check_same_on_all_ranks(comm, {{"the model", model_cfg.dump()},
-                                   {"the training data", std::to_string(n) + " images, " + shape_str(data.train->sample_shape()) +
-                                                             ", classes " + Json(data.train->class_names()).dump()},
-                                   {"the validation data", std::to_string(data.val->size()) + " images"},
-                                   {"data.sampler / augment / preprocess",
-                                    config.at("data").value("sampler", Json()).dump() + " / " +
-                                        config.at("data").value("augment", Json()).dump() + " / " +
-                                        config.at("data").value("preprocess", Json()).dump()},
-                                   {"train.batch_size", std::to_string(global_bs)},
-                                   {"train.grad_accum_steps", std::to_string(tc.grad_accum_steps)},
-                                   {"pipeline", config.at("pipeline").dump()},
-                                   {"train.precision", tc.precision},
-                                   {"amp", config.at("amp").dump()},
-                                   {"train.device", device.is_cpu() ? "cpu" : "cuda"},
-                                   {"train.epochs / max_steps", std::to_string(tc.epochs) + " / " + std::to_string(tc.max_steps)},
-                                   {"train.seed", std::to_string(tc.seed)},
-                                   {"optim", config.at("optim").dump()},
-                                   {"loss", config.at("loss").dump()},
-                                   {"schedule", config.at("schedule").dump()},
-                                   {"dist", config.at("dist").dump()},
-                                   {"the resumed step", std::to_string(state.global_step)}});
+  // Every rank must have resumed from the same step (the job itself was compared above); then
+  // all start from rank 0's weights.
+  if (ranks > 1) check_same_on_all_ranks(comm, {{"the resumed step", std::to_string(state.global_step)}});
   std::unique_ptr<GradSync> grad_sync;
   std::unique_ptr<Pipeline> pipeline;
-  std::string cut_basis;
-  if (pipelined) {
-    // Auto: costs measured on a scratch copy of the model, on a random micro-batch of the
-    // step's size; every rank cuts where rank 0's measurement says.
-    auto make_scratch = [&] {
-      auto m = make_model(model_cfg, tc.seed);
-      m->to(device);
-      m->set_precision(precision);
-      m->set_memory_format(format);
-      return m;
-    };
-    const Shape ss = data.train->sample_shape();
-    Tensor x = Tensor::empty({(bs + micro - 1) / micro, ss[0], ss[1], ss[2]});
-    std::mt19937 rng(static_cast<uint32_t>(tc.seed));
-    std::normal_distribution<float> nd;
-    for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = nd(rng);
-    if (!device.is_cpu()) x = x.to(device);
-    int cut = choose_cut(pc.cut, pc.balance, model->units(), make_scratch, x, stream, stage_threads, &cut_basis);
-    if (ranks > 1 && pc.cut == "auto") cut = static_cast<int>(comm.all_reduce_scalar(comm.is_root() ? cut : 0, ReduceOp::sum));
-    PipelineOptions po;
-    po.schedule = parse_pipe_schedule(pc.schedule);
-    po.cut = cut;
-    po.threads_per_stage = stage_threads;
-    for (const std::string& d : pc.devices) po.devices.push_back(parse_device(d));
-    po.bucket_mb = dist.bucket_mb;
-    pipeline = std::make_unique<Pipeline>(*model, model->units(), po, comm);
-  }
+  if (pipelined) pipeline = std::make_unique<Pipeline>(*model, model->units(), po, comm);
   if (ranks > 1) {
     if (pipeline) {
       pipeline->broadcast_parameters();
