@@ -21,6 +21,7 @@
 
 #include "comm/communicator.h"
 #include "kernels/cuda/runtime.h"
+#include "tests/gradsync_fixtures.h"
 #include "tests/gpu_util.h"
 #include "trainer/ddp.h"
 #include "trainer/weights.h"
@@ -70,19 +71,6 @@ class TwoRankFacade final : public Communicator {
   std::unique_ptr<Communicator> one_;
 };
 
-Json small_model() {
-  return Json::parse(R"({"name": "medicalcnn", "in_channels": 1, "num_classes": 3, "widths": [8, 16, 16, 16],
-                         "depths": [1, 1, 1, 1], "head_hidden": 16, "dropout": [0.0, 0.0]})");
-}
-
-Tensor random_tensor(const Shape& shape, uint64_t seed) {
-  Tensor t = Tensor::empty(shape);
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> nd;
-  for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = nd(rng);
-  return t;
-}
-
 std::vector<float> flat_grads(Module& m) {
   std::vector<float> all;
   for (auto& [name, p] : m.named_parameters()) {
@@ -95,7 +83,7 @@ std::vector<float> flat_grads(Module& m) {
 // One model on cuda:0 with a GradSync of small buckets (several of them) over `comm`.
 struct Fixture {
   explicit Fixture(Communicator& c)
-      : comm(c), dev(Device::cuda(0)), s{dev, nullptr}, model(make_model(small_model(), 1)) {
+      : comm(c), dev(Device::cuda(0)), s{dev, nullptr}, model(make_model(small_gradsync_model(), 1)) {
     model->to(dev);
     model->train();
     GradSyncOptions o;

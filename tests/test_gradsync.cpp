@@ -11,6 +11,7 @@
 #include "comm/communicator.h"
 #include "layers/layers.h"
 #include "layers/medicalcnn.h"
+#include "tests/gradsync_fixtures.h"
 #include "tests/expect_error.h"
 #include "tests/job_comm.h"
 #include "trainer/ddp.h"
@@ -23,19 +24,6 @@ using lancet::testing::expect_error;
 namespace {
 
 const Stream kCpu = Stream::cpu();
-
-Json small_model() {
-  return Json::parse(R"({"name": "medicalcnn", "in_channels": 1, "num_classes": 3, "widths": [8, 16, 16, 16],
-                         "depths": [1, 1, 1, 1], "head_hidden": 16, "dropout": [0.0, 0.0]})");
-}
-
-Tensor random_tensor(const Shape& shape, uint64_t seed) {
-  Tensor t = Tensor::empty(shape);
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> nd;
-  for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = nd(rng);
-  return t;
-}
 
 // Forward and backward of a batch that depends on (rank, round); gradients accumulate.
 void local_backward(Module& m, int round) {
@@ -79,7 +67,7 @@ void expect_close(const std::vector<std::vector<float>>& a, const std::vector<st
 }  // namespace
 
 TEST(GradSync, BucketsCoverEveryParameterInReverseOrder) {
-  auto model = make_model(small_model(), 1);
+  auto model = make_model(small_gradsync_model(), 1);
   GradSyncOptions o;
   o.bucket_mb = 0.01;  // 2621 floats: several buckets
   GradSync sync(*model, comm(), o);
@@ -99,7 +87,7 @@ TEST(GradSync, BucketsCoverEveryParameterInReverseOrder) {
 
 TEST(GradSync, AveragesGradientsDuringTheBackward) {
   for (bool overlap : {true, false}) {
-    auto model = make_model(small_model(), 1);
+    auto model = make_model(small_gradsync_model(), 1);
     model->train();
     GradSyncOptions o;
     o.bucket_mb = 0.01;
@@ -122,7 +110,7 @@ TEST(GradSync, AveragesGradientsDuringTheBackward) {
 }
 
 TEST(GradSync, TimingsOnTheCpuAreHostClockTimesInTheBackward) {
-  auto model = make_model(small_model(), 1);
+  auto model = make_model(small_gradsync_model(), 1);
   model->train();
   GradSyncOptions o;
   o.bucket_mb = 0.01;
@@ -156,7 +144,7 @@ TEST(GradSync, TimingsOnTheCpuAreHostClockTimesInTheBackward) {
 }
 
 TEST(GradSync, AccumulationSynchronisesOnlyTheSum) {
-  auto model = make_model(small_model(), 1);
+  auto model = make_model(small_gradsync_model(), 1);
   model->train();
   GradSync sync(*model, comm(), {});
   sync.begin_backward(false);
@@ -175,11 +163,11 @@ TEST(GradSync, AccumulationSynchronisesOnlyTheSum) {
 }
 
 TEST(GradSync, BroadcastGivesEveryRankRankZerosState) {
-  auto model = make_model(small_model(), 1 + static_cast<uint64_t>(comm().rank()));  // rank-dependent init
+  auto model = make_model(small_gradsync_model(), 1 + static_cast<uint64_t>(comm().rank()));  // rank-dependent init
   for (auto& [name, t] : model->named_buffers()) t->fill_(static_cast<float>(comm().rank() + 1));
   GradSync sync(*model, comm(), {});
   sync.broadcast_parameters(kCpu);
-  auto rank0 = make_model(small_model(), 1);
+  auto rank0 = make_model(small_gradsync_model(), 1);
   auto mine = model->state_dict();
   auto ref = rank0->state_dict();
   ASSERT_EQ(mine.size(), ref.size());
