@@ -3,8 +3,6 @@
 // parameter. Every parameter is updated (Parameter::grad always exists; zero_grad zeroes it).
 #include "trainer/optimizer.h"
 
-#include <algorithm>
-
 #include "kernels/optim.h"
 
 namespace lancet {
@@ -20,7 +18,7 @@ class Sgd final : public Optimizer {
   }
   void step_impl(const Stream& s, float grad_scale_inv) override {
     p_.lr = lr_;
-    for (const Group& g : groups_) {
+    for (const DeviceGroup& g : groups_) {
       std::vector<Tensor*> values, bufs;
       std::vector<const Tensor*> grads;
       for (size_t i : g.index) {
@@ -59,7 +57,7 @@ class Adam final : public Optimizer {
   void step_impl(const Stream& s, float grad_scale_inv) override {
     p_.lr = lr_;
     ++steps_;
-    for (const Group& g : groups_) {
+    for (const DeviceGroup& g : groups_) {
       std::vector<Tensor*> values, ms, vs;
       std::vector<const Tensor*> grads;
       for (size_t i : g.index) {
@@ -87,16 +85,24 @@ class Adam final : public Optimizer {
 
 }  // namespace
 
-Optimizer::Optimizer(Params params, float lr) : params_(std::move(params)), lr_(lr) {
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const Device d = params_[i].second->value.device();
-    auto g = std::find_if(groups_.begin(), groups_.end(), [d](const Group& x) { return x.device == d; });
-    if (g == groups_.end()) g = groups_.insert(groups_.end(), Group{d, {}});
+std::vector<DeviceGroup> group_by_device(const std::vector<Device>& devices) {
+  std::vector<DeviceGroup> groups;
+  for (size_t i = 0; i < devices.size(); ++i) {
+    auto g = groups.begin();
+    while (g != groups.end() && g->device != devices[i]) ++g;
+    if (g == groups.end()) g = groups.insert(groups.end(), DeviceGroup{devices[i], {}});
     g->index.push_back(i);
   }
+  return groups;
 }
 
-Stream Optimizer::group_stream(const Group& g, const Stream& s) const {
+Optimizer::Optimizer(Params params, float lr) : params_(std::move(params)), lr_(lr) {
+  std::vector<Device> devices;
+  for (const auto& [name, p] : params_) devices.push_back(p->value.device());
+  groups_ = group_by_device(devices);
+}
+
+Stream Optimizer::group_stream(const DeviceGroup& g, const Stream& s) const {
   for (size_t i : g.index)  // the state was made on that device
     LANCET_CHECK(params_[i].second->value.device() == g.device,
                  "optimizer: parameter " << params_[i].first << " is on " << params_[i].second->value.device().str()

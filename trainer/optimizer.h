@@ -16,6 +16,15 @@
 
 namespace lancet {
 
+// The indices of `devices` per device, devices in order of first appearance, indices ascending:
+// how work over a model spread over several devices (its parameters, their gradients) is split
+// into one launch per device (the optimizer step, trainer.cpp's finish_step).
+struct DeviceGroup {
+  Device device;
+  std::vector<size_t> index;
+};
+std::vector<DeviceGroup> group_by_device(const std::vector<Device>& devices);
+
 class Optimizer {
  public:
   using Params = std::vector<std::pair<std::string, Parameter*>>;
@@ -34,15 +43,10 @@ class Optimizer {
  protected:
   Optimizer(Params params, float lr);
   virtual void step_impl(const Stream& s, float grad_scale_inv) = 0;
-  // Indices into params_ per device, devices in order of first appearance (one group for a
-  // model on one device), and each group's stream for a step on `s`.
-  struct Group {
-    Device device;
-    std::vector<size_t> index;
-  };
-  Stream group_stream(const Group& g, const Stream& s) const;
+  // Each group's stream for a step on `s` (checking its parameters have not moved).
+  Stream group_stream(const DeviceGroup& g, const Stream& s) const;
   Params params_;
-  std::vector<Group> groups_;
+  std::vector<DeviceGroup> groups_;  // indices into params_ per device (one group on one device)
   float lr_;
   int64_t steps_ = 0;
 };

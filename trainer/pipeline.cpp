@@ -297,7 +297,6 @@ Tensor host_copy(const Tensor& t, const Stream& s) {
 // What the stages of one step share.
 struct Pipeline::StepContext {
   const std::vector<Tensor>* xs = nullptr;
-  const std::vector<Tensor>* ys = nullptr;
   std::vector<Tensor> labels;  // ys on the last stage's device (copied before the stages start)
   const Loss* loss = nullptr;
   std::vector<double> weight;
@@ -518,7 +517,6 @@ StepStats Pipeline::train_step(Optimizer& opt, const std::vector<Tensor>& xs, co
 
   StepContext ctx;
   ctx.xs = &xs;
-  ctx.ys = &ys;
   for (const Tensor& x : xs) ctx.weight.push_back(m > 1 ? static_cast<double>(x.dim(0)) / static_cast<double>(total) : 1.0);
   LossScaler* scaler = options.loss_scaler && options.loss_scaler->enabled() ? options.loss_scaler : nullptr;
   ctx.scale = scaler ? scaler->scale() : 1.f;

@@ -98,11 +98,14 @@ void finish_step(Module& model, Optimizer& opt, Communicator& comm, const StepOp
     std::vector<Tensor*> grads;
   };
   std::vector<Group> groups;
-  for (auto& [name, p] : model.named_parameters()) {
-    const Device d = p->grad.device();
-    auto g = std::find_if(groups.begin(), groups.end(), [d](const Group& x) { return x.s.device == d; });
-    if (g == groups.end()) g = groups.insert(groups.end(), Group{stream_on(d, s), {}});
-    g->grads.push_back(&p->grad);
+  {
+    const auto params = model.named_parameters();
+    std::vector<Device> devices;
+    for (const auto& [name, p] : params) devices.push_back(p->grad.device());
+    for (const DeviceGroup& dg : group_by_device(devices)) {
+      Group& g = groups.emplace_back(Group{stream_on(dg.device, s), {}});
+      for (size_t i : dg.index) g.grads.push_back(&params[i].second->grad);
+    }
   }
   auto norm = [&groups] {
     auto list = [](const Group& g) { return std::vector<const Tensor*>(g.grads.begin(), g.grads.end()); };
