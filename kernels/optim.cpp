@@ -195,9 +195,10 @@ std::vector<double> map_blocks(const std::vector<const Tensor*>& ts, F&& block_f
 
 }  // namespace
 
-double sum_of_squares(const std::vector<const Tensor*>& tensors, const Stream& s) {
-  LANCET_CUDA_TWIN(first_defined(tensors), sum_of_squares(tensors, s));
-  const auto ts = checked_list("sum_of_squares", tensors, s);
+namespace {
+// The sum of squares of the checked list (errors name `op`), blocks added in list order.
+double squares(const char* op, const std::vector<const Tensor*>& tensors, const Stream& s) {
+  const auto ts = checked_list(op, tensors, s);
   const auto partial = map_blocks(ts, [&ts](size_t t, int64_t begin, int64_t end) {
     const float* x = ts[t]->data<float>();
     double acc = 0;
@@ -208,11 +209,16 @@ double sum_of_squares(const std::vector<const Tensor*>& tensors, const Stream& s
   for (double p : partial) total += p;
   return total;
 }
+}  // namespace
+
+double sum_of_squares(const std::vector<const Tensor*>& tensors, const Stream& s) {
+  LANCET_CUDA_TWIN(first_defined(tensors), sum_of_squares(tensors, s));
+  return squares("sum_of_squares", tensors, s);
+}
 
 double global_l2_norm(const std::vector<const Tensor*>& tensors, const Stream& s) {
   LANCET_CUDA_TWIN(first_defined(tensors), global_l2_norm(tensors, s));
-  checked_list("global_l2_norm", tensors, s);  // errors name this op
-  return std::sqrt(sum_of_squares(tensors, s));
+  return std::sqrt(squares("global_l2_norm", tensors, s));
 }
 
 bool all_finite(const std::vector<const Tensor*>& tensors, const Stream& s) {

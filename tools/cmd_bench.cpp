@@ -84,12 +84,7 @@ void run_bench_pipeline(const BenchArgs& a, const Json& config) {
   set_conv_autotune(tc.cudnn_autotune);
   set_allow_tf32(tc.allow_tf32);
   const MemoryFormat format = resolve_memory_format(tc.memory_format, device, precision);
-  std::vector<Device> devices(2, device);
-  if (!pc.devices.empty()) {
-    devices.clear();
-    for (const std::string& d : pc.devices) devices.push_back(parse_device(d));
-  }
-  check_pipeline_devices(devices, device);
+  const std::vector<Device> devices = pipeline_devices(pc.devices, device);
   const bool gpu = device.is_cuda();
   const int threads = threads_per_rank(tc.threads, *single);
   const int stage_threads = pc.threads_per_stage > 0 ? pc.threads_per_stage : std::max(1, threads / 2);

@@ -685,6 +685,14 @@ void check_pipeline_devices(const std::vector<Device>& devices, Device model_dev
 #endif
 }
 
+std::vector<Device> pipeline_devices(const std::vector<std::string>& names, Device model_device) {
+  std::vector<Device> devices;
+  for (const std::string& d : names) devices.push_back(parse_device(d));
+  if (devices.empty()) devices.assign(2, model_device);
+  check_pipeline_devices(devices, model_device);
+  return devices;
+}
+
 void place_pipeline_stages(const Units& units, int cut, const std::vector<Device>& devices) {
   LANCET_CHECK(cut >= 1 && cut < static_cast<int>(units.size()),
                "pipeline: cut " << cut << " out of range: stage 1 must start at a unit in [1, " << units.size() - 1 << "]");

@@ -123,6 +123,8 @@ struct PipelineStats {
 // Refuses stage devices a pipeline cannot run on, naming them: not two, stage 0 not on the
 // model's device, a CPU and a GPU mixed, a GPU this process does not see.
 void check_pipeline_devices(const std::vector<Device>& devices, Device model_device);
+// pipeline.devices as written (empty: both stages on the model's device), parsed and checked.
+std::vector<Device> pipeline_devices(const std::vector<std::string>& names, Device model_device);
 // Moves units [0, cut) to devices[0] and [cut, n) to devices[1] (Module::to). Before the
 // optimizer and any GradSync are made: they hold the parameters' device-resident state.
 void place_pipeline_stages(const Units& units, int cut, const std::vector<Device>& devices);

@@ -500,10 +500,8 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
                                                                         "pipeline.micro_batches micro-batches itself; set one of them");
     LANCET_CHECK(!dist.sync_bn, "dist.sync_bn with pipeline.stages " << pc.stages
                                                                      << ": SyncBatchNorm inside pipeline stages is not supported");
-    if (!pc.devices.empty()) {
-      std::vector<Device> ds;
-      for (const std::string& d : pc.devices) ds.push_back(parse_device(d));
-      check_pipeline_devices(ds, device);
+    {
+      const std::vector<Device> ds = pipeline_devices(pc.devices, device);
       LANCET_CHECK(ranks == 1 || ds[0] == ds[1] || !ds[1].is_cuda(),
                    "pipeline.devices [" << ds[0].str() << ", " << ds[1].str() << "] with " << ranks
                                         << " ranks: a stage on a second GPU needs an NCCL communicator of its own per rank, "
@@ -599,9 +597,9 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     po.schedule = parse_pipe_schedule(pc.schedule);
     po.cut = cut;
     po.threads_per_stage = stage_threads;
-    for (const std::string& d : pc.devices) po.devices.push_back(parse_device(d));
+    po.devices = pipeline_devices(pc.devices, device);
     po.bucket_mb = dist.bucket_mb;
-    place_pipeline_stages(model->units(), po.cut, po.devices.empty() ? std::vector<Device>(2, device) : po.devices);
+    place_pipeline_stages(model->units(), po.cut, po.devices);
   }
   auto opt = make_optimizer(oc, model->named_parameters());
 
