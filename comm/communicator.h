@@ -73,6 +73,15 @@ class Communicator {
   // (does nothing) in a 1-process job.
   virtual void abort(int code) noexcept = 0;
 
+  // A second communicator over the same ranks (same numbering, same timeout) for tensors on
+  // `d`, with its own message space: what a pipeline's second stage on another device of each
+  // rank reduces its gradients with. Collective: every rank calls it, each with its own d.
+  // single: another single-process one; MPI: a duplicate of its MPI communicator (any CPU
+  // device); NCCL: a new NCCL communicator on the CUDA device d (bootstrapped over a duplicate
+  // of its host communicator; NCCL compares the ranks' GPUs again), or the host's duplicate for
+  // a CPU device.
+  virtual std::unique_ptr<Communicator> for_device(Device d) = 0;
+
   bool is_root() const { return rank() == 0; }
 
  protected:
@@ -107,9 +116,10 @@ bool mpi_available();
 // "single", "nccl". Throws naming the setting for combinations that cannot work (nccl on a
 // CPU or without NCCL, several ranks on GPUs without NCCL or with backend mpi).
 // timeout_s > 0 (dist.timeout_s) is set before anything collective after the launch, so it
-// bounds the NCCL bootstrap too; <= 0 keeps the communicator's default.
+// bounds the NCCL bootstrap too; <= 0 keeps the communicator's default. gpus_per_rank: as
+// choose_cuda_device's (a pipeline with a GPU per stage), so that NCCL runs on the rank's first.
 std::unique_ptr<Communicator> make_communicator(const std::string& backend, const std::string& device,
-                                                double timeout_s = 0);
+                                                double timeout_s = 0, int gpus_per_rank = 1);
 
 // True when this build has the NCCL backend (CUDA tensors across ranks).
 bool nccl_available();
@@ -123,11 +133,19 @@ std::string nccl_version();
 // rank, when the node's ranks all see the same device_count > 1 GPUs. (With one visible GPU
 // per rank, as srun --gpus-per-task=1 arranges, several ranks per node are fine; the NCCL
 // communicator still compares the GPUs' UUIDs across ranks at start.) Pure: no CUDA calls.
-int choose_cuda_device(const std::string& device, int local_rank, int local_size, int device_count);
+//
+// gpus_per_rank > 1 (a pipeline's stages on GPUs of their own): with "cuda" rank i of a node
+// owns GPUs [i*k, i*k + k) when it sees the node's GPUs, or all k it sees when the launcher gave
+// it exactly k (srun --gpus-per-task=k); the first of them is returned.
+int choose_cuda_device(const std::string& device, int local_rank, int local_size, int device_count,
+                       int gpus_per_rank = 1);
+
+// True for train.device "cuda" (or "gpu"), with no index: each rank takes its own GPU(s).
+bool rank_picks_gpu(const std::string& device);
 
 // The device this rank trains on: CPU, or the CUDA device choose_cuda_device picks with the
 // communicator's local rank and the visible GPUs. Where no GPU is visible (or the build has no
 // CUDA) the device as written, so that the trainer's check names the problem.
-Device rank_device(const std::string& device, const Communicator& comm);
+Device rank_device(const std::string& device, const Communicator& comm, int gpus_per_rank = 1);
 
 }  // namespace lancet

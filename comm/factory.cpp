@@ -41,26 +41,38 @@ std::unique_ptr<Communicator> make_cpu_communicator(const std::string& backend) 
   return make_single_process_communicator();
 }
 
-int choose_cuda_device(const std::string& device, int local_rank, int local_size, int device_count) {
+bool rank_picks_gpu(const std::string& device) { return device == "cuda" || device == "gpu"; }
+
+int choose_cuda_device(const std::string& device, int local_rank, int local_size, int device_count,
+                       int gpus_per_rank) {
   const Device d = parse_device(device);
   LANCET_CHECK(d.is_cuda(), "choose_cuda_device: '" << device << "' is not a CUDA device");
   LANCET_CHECK(local_size >= 1 && local_rank >= 0 && local_rank < local_size,
                "choose_cuda_device: local rank " << local_rank << " of " << local_size);
+  LANCET_CHECK(gpus_per_rank >= 1, "choose_cuda_device: " << gpus_per_rank << " GPUs per rank");
   LANCET_CHECK(device_count > 0, "train.device " << device << ": no CUDA device is visible to this process");
-  const bool shared_view = local_size > 1 && device_count > 1;  // every rank sees the node's GPUs
-  if (device == "cuda" || device == "gpu") {  // parse_device's spellings without an index
-    LANCET_CHECK(!shared_view || local_size <= device_count,
-                 "train.device " << device << " with " << local_size << " ranks on this node but only " << device_count
-                                 << " GPUs: NCCL cannot run two ranks on one GPU; start at most " << device_count
-                                 << " ranks per node");
-    return local_rank % device_count;
+  const int k = gpus_per_rank;
+  const std::string each = k == 1 ? "one GPU per rank" : std::to_string(k) + " GPUs per rank";
+  // Every rank sees the node's GPUs (more than its own share); otherwise the launcher gave each
+  // rank its own (srun --gpus-per-task).
+  const bool shared_view = local_size > 1 && device_count > k;
+  if (rank_picks_gpu(device)) {  // parse_device's spellings without an index
+    LANCET_CHECK(device_count >= k, "train.device " << device << " with pipeline stages on " << k << " GPUs per rank, but "
+                                                    << device_count << " GPU(s) are visible to this process");
+    LANCET_CHECK(!shared_view || local_size * k <= device_count,
+                 "train.device " << device << " with " << local_size << " ranks on this node"
+                                 << (k == 1 ? "" : " (" + each + ")") << " but only "
+                                 << device_count << " GPUs: NCCL cannot run two ranks on one GPU; start at most "
+                                 << device_count / k << " ranks per node");
+    return shared_view || k == 1 ? (local_rank * k) % device_count : 0;
   }
   LANCET_CHECK(d.index < device_count,
                "train.device " << device << ": " << device_count << " CUDA device(s) visible to this process");
-  LANCET_CHECK(!shared_view, "train.device " << device << " with " << local_size << " ranks on this node puts all of them on GPU "
-                                             << d.index << " (NCCL needs one GPU per rank); use train.device cuda: "
-                                                           "rank i of a node takes cuda:(i mod "
-                                             << device_count << ")");
+  LANCET_CHECK(!(local_size > 1 && device_count > 1),
+               "train.device " << device << " with " << local_size << " ranks on this node puts all of them on GPU "
+                               << d.index << " (NCCL needs " << each << "); use train.device cuda: rank i of a node takes cuda:"
+                               << (k == 1 ? "(i mod " + std::to_string(device_count) + ")" : "(i*" + std::to_string(k) + ")")
+                               << (k == 1 ? "" : " onwards"));
   return d.index;
 }
 
@@ -74,16 +86,16 @@ int visible_cuda_devices() {
 }
 }  // namespace
 
-Device rank_device(const std::string& device, const Communicator& comm) {
+Device rank_device(const std::string& device, const Communicator& comm, int gpus_per_rank) {
   const Device d = parse_device(device);
   if (d.is_cpu()) return d;
   const int n = visible_cuda_devices();
   if (n == 0) return d;
-  return Device::cuda(choose_cuda_device(device, comm.local_rank(), comm.local_size(), n));
+  return Device::cuda(choose_cuda_device(device, comm.local_rank(), comm.local_size(), n, gpus_per_rank));
 }
 
 std::unique_ptr<Communicator> make_communicator(const std::string& backend, const std::string& device,
-                                                double timeout_s) {
+                                                double timeout_s, int gpus_per_rank) {
   LANCET_CHECK(backend == "auto" || backend == "mpi" || backend == "single" || backend == "nccl",
                "communicator backend '" << backend << "': expected auto, mpi, single or nccl");
   const bool cuda = parse_device(device).is_cuda();
@@ -116,7 +128,7 @@ std::unique_ptr<Communicator> make_communicator(const std::string& backend, cons
     return host;
   }
 #ifdef LANCET_WITH_NCCL
-  const int index = choose_cuda_device(device, host->local_rank(), host->local_size(), n);
+  const int index = choose_cuda_device(device, host->local_rank(), host->local_size(), n, gpus_per_rank);
   return make_nccl_communicator(std::move(host), Device::cuda(index));
 #else
   return host;  // unreachable: nccl_available() is false

@@ -45,6 +45,11 @@ class SingleProcessCommunicator final : public Communicator {
   void barrier() override {}
   void all_reduce_doubles(double*, int, ReduceOp) override {}
   void abort(int) noexcept override {}
+  std::unique_ptr<Communicator> for_device(Device) override {
+    auto c = std::make_unique<SingleProcessCommunicator>();
+    c->set_timeout(timeout_s_);
+    return c;
+  }
 };
 
 }  // namespace

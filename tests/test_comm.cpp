@@ -149,6 +149,57 @@ TEST(Comm, CudaDeviceByNodeLocalRank) {
   expect_error([] { choose_cuda_device("tpu", 0, 1, 1); }, {"bad device 'tpu'"});
 }
 
+// A pipeline over two GPUs per rank (pipeline.devices [cuda:0, cuda:1], train.device cuda):
+// rank i of a node owns GPUs [2i, 2i + 2), or the two it sees.
+TEST(Comm, CudaDevicesOfARankWithTwoGpus) {
+  for (int r = 0; r < 4; ++r) EXPECT_EQ(choose_cuda_device("cuda", r, 4, 8, 2), 2 * r);
+  EXPECT_EQ(choose_cuda_device("cuda", 1, 2, 8, 2), 2);  // a node of 8 GPUs, 2 ranks: cuda:2 and cuda:3 for rank 1
+  EXPECT_EQ(choose_cuda_device("cuda", 0, 1, 2, 2), 0);  // one process, two GPUs
+  EXPECT_EQ(choose_cuda_device("cuda", 0, 1, 8, 2), 0);
+  EXPECT_EQ(choose_cuda_device("cuda", 3, 4, 2, 2), 0);  // srun --gpus-per-task=2: each rank sees its own two
+  EXPECT_EQ(choose_cuda_device("gpu", 1, 2, 4, 2), 2);
+  expect_error([] { choose_cuda_device("cuda", 0, 1, 1, 2); }, {"2 GPUs per rank", "1 GPU(s) are visible"});
+  expect_error([] { choose_cuda_device("cuda", 1, 2, 3, 2); },
+               {"2 ranks on this node (2 GPUs per rank) but only 3 GPUs", "at most 1 ranks per node"});
+  expect_error([] { choose_cuda_device("cuda", 0, 4, 6, 2); }, {"4 ranks on this node", "at most 3 ranks per node"});
+  expect_error([] { choose_cuda_device("cuda:0", 1, 2, 4, 2); }, {"cuda:0 with 2 ranks", "2 GPUs per rank", "cuda:(i*2) onwards"});
+  expect_error([] { choose_cuda_device("cuda", 0, 1, 2, 0); }, {"0 GPUs per rank"});
+  // One GPU per rank is the default, unchanged.
+  EXPECT_EQ(choose_cuda_device("cuda", 3, 4, 8, 1), choose_cuda_device("cuda", 3, 4, 8));
+  EXPECT_TRUE(rank_picks_gpu("cuda") && rank_picks_gpu("gpu") && !rank_picks_gpu("cuda:0") && !rank_picks_gpu("cpu"));
+}
+
+// for_device: the communicator a pipeline's second stage reduces over. Its own message space
+// (MPI: a duplicate), the same ranks and timeout; collectives on both interleave freely.
+TEST(Comm, ASecondCommunicatorForAnotherDevice) {
+  const int p = comm().size();
+  auto base = make_communicator("auto", "cpu", 33);
+  auto other = base->for_device(Device::cpu(1));
+  EXPECT_EQ(other->backend(), base->backend());
+  EXPECT_EQ(other->rank(), base->rank());
+  EXPECT_EQ(other->size(), p);
+  EXPECT_EQ(other->local_rank(), base->local_rank());
+  EXPECT_EQ(other->timeout(), 33);
+  // Async all-reduces in flight on both at once, waited for in the other order.
+  Tensor a = rank_tensor(3000), b = rank_tensor(5).to(Device::cpu(1));
+  const Stream s1 = stream_on(Device::cpu(1), kCpu);
+  auto wa = base->all_reduce_async(a, ReduceOp::sum, kCpu);
+  auto wb = other->all_reduce_async(b, ReduceOp::mean, s1);
+  wb->wait();
+  wa->wait();
+  for (int64_t i : {int64_t(0), int64_t(4)}) {
+    double sum = 0;
+    for (int r = 0; r < p; ++r) sum += value(r, i);
+    EXPECT_NEAR(a.data<float>()[i], sum, 1e-3);
+    EXPECT_NEAR(b.data<float>()[i], sum / p, 1e-3);
+  }
+  EXPECT_DOUBLE_EQ(other->all_reduce_scalar(1.0, ReduceOp::sum), p);
+  auto third = other->for_device(Device::cpu());  // of a duplicate, again
+  EXPECT_DOUBLE_EQ(third->all_reduce_scalar(comm().rank(), ReduceOp::max), p - 1);
+  if (base->backend() == "mpi")
+    expect_error([&] { base->for_device(Device::cuda(0)); }, {"for_device cuda:0", "MPI communicator reduces CPU tensors"});
+}
+
 TEST(Comm, CommunicatorForTheTrainingDevice) {
   auto cpu = make_communicator("auto", "cpu");  // every rank calls it: an MPI communicator is collective
   EXPECT_EQ(cpu->backend(), comm().size() > 1 ? "mpi" : "single");

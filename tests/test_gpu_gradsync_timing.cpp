@@ -66,6 +66,7 @@ class TwoRankFacade final : public Communicator {
   void barrier() override { one_->barrier(); }
   void all_reduce_doubles(double* v, int n, ReduceOp op) override { one_->all_reduce_doubles(v, n, op); }
   void abort(int code) noexcept override { one_->abort(code); }
+  std::unique_ptr<Communicator> for_device(Device) override { LANCET_FAIL("TwoRankFacade: for_device"); }
 
  private:
   std::unique_ptr<Communicator> one_;

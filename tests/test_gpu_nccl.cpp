@@ -287,6 +287,32 @@ TEST(NcclOneRank, ACollectiveThatNeverCompletesFailsWithinTheTimeout) {
   expect_error([&] { nccl->all_reduce_doubles(nullptr, 0, ReduceOp::sum); }, {"not complete after"});
 }
 
+// for_device: the communicator a pipeline's stage 1 on its own GPU reduces over — another NCCL
+// communicator (on this GPU again here, on cuda:1 where there is one), or the host's for a CPU.
+TEST(NcclOneRank, ASecondCommunicatorOnAnotherDevice) {
+  LANCET_REQUIRE_GPU();
+  auto nccl = one_rank_nccl();
+  nccl->set_timeout(40);
+  std::vector<Device> devices = {Device::cuda(0)};
+  if (cuda_devices().size() > 1) devices.push_back(Device::cuda(1));
+  for (const Device d : devices) {
+    SCOPED_TRACE(d.str());
+    auto other = nccl->for_device(d);
+    EXPECT_EQ(other->backend(), "nccl");
+    EXPECT_EQ(other->size(), 1);
+    EXPECT_EQ(other->timeout(), 40);
+    const Stream s{d, nullptr};
+    Tensor t = pattern(DType::f32, 257, 0).to(d);
+    other->all_reduce_async(t, ReduceOp::mean, s)->wait();
+    other->all_reduce(t, ReduceOp::sum, s);
+    EXPECT_EQ(t.to_vector(), pattern(DType::f32, 257, 0).to_vector());
+    if (d.index != 0) expect_error([&] { nccl->all_reduce(t, ReduceOp::sum, s); }, {"this rank's NCCL communicator is on cuda:0"});
+  }
+  auto host = nccl->for_device(Device::cpu(1));
+  EXPECT_EQ(host->backend(), "single");
+  EXPECT_DOUBLE_EQ(host->all_reduce_scalar(2.5, ReduceOp::sum), 2.5);
+}
+
 TEST(NcclOneRank, TrainWithAOneRankNcclCommunicator) {
   LANCET_REQUIRE_GPU();
   TempDir tmp("nccl_train");
@@ -511,4 +537,38 @@ TEST_F(NcclTwoGpus, TrainingMatchesOneGpuAndAHungRankEndsTheJob) {
   EXPECT_NE(hung.status, 0) << hung.output;
   EXPECT_NE(hung.output.find("dist.timeout_s 3"), std::string::npos) << hung.output;
   EXPECT_LT(seconds_since(t0), 120) << hung.output;
+}
+
+// Data parallelism over pipelines of two GPUs each (the glaucoma study's DDP + model
+// parallelism): 2 ranks, rank i on cuda:2i and cuda:2i+1 (train.device cuda, pipeline.devices
+// [cuda:0, cuda:1] counted from each rank's first GPU), stage 1's gradients reduced over a
+// second NCCL communicator per rank. Trains like the same 2 ranks with 2-step gradient
+// accumulation on one GPU each. Skips unless 4 GPUs are visible.
+TEST(NcclFourGpus, EachRankAPipelineOverTwoGpus) {
+  LANCET_REQUIRE_GPU();
+  if (kMpiexec.empty()) GTEST_SKIP() << "this build has no MPI (libopenmpi-dev) or no mpirun";
+  if (cuda_devices().size() < 4) GTEST_SKIP() << "needs 4 GPUs (2 ranks x 2 stages); " << cuda_devices().size() << " visible";
+  TempDir dir("nccl_pipe");
+  const std::string run = "env LANCET_CACHE=" + (dir / "cache") + " " + kMpiexec + " --allow-run-as-root --oversubscribe -np 2 " +
+                          lancet_binary() +
+                          " train --device cuda --set model.widths=[8,16,16,16] --set model.depths=[1,1,1,1] "
+                          "--set model.head_hidden=16 --set model.dropout=[0.0,0.0] --set data.image_size=32 "
+                          "--set data.synth.size=32 --set data.synth.train=256 --set data.synth.val=64 --set train.epochs=1 "
+                          "--set train.batch_size=32 --set optim.name=sgd --set optim.lr=0.05 --set train.tensorboard=false "
+                          "--set dist.bucket_mb=0.01 ";
+  const RunResult acc = run_command(run + "--set train.grad_accum_steps=2 --out " + (dir / "acc"));
+  ASSERT_EQ(acc.status, 0) << acc.output;
+  const RunResult piped = run_command(run + "--set pipeline.stages=2 --set pipeline.micro_batches=2 "
+                                            "--set pipeline.cut=stages.2.0 --set pipeline.devices=[cuda:0,cuda:1] --out " +
+                                      (dir / "pipe"));
+  ASSERT_EQ(piped.status, 0) << piped.output;
+  EXPECT_NE(piped.output.find("each a two-stage pipeline"), std::string::npos) << piped.output;
+  EXPECT_NE(piped.output.find("on cuda:1"), std::string::npos) << piped.output;  // rank 0's stage 1
+  EXPECT_NE(piped.output.find("peak memory on cuda:0: "), std::string::npos) << piped.output;
+  EXPECT_LT(max_difference(dir / "acc/final.h5", dir / "pipe/final.h5"), 1e-3);
+  // A node with too few GPUs for 2 per rank is refused by name.
+  const RunResult three = run_command("env CUDA_VISIBLE_DEVICES=0,1,2 " + run + "--set pipeline.stages=2 "
+                                      "--set pipeline.devices=[cuda:0,cuda:1] --out " + (dir / "three"));
+  EXPECT_NE(three.status, 0);
+  EXPECT_NE(three.output.find("2 GPUs per rank) but only 3 GPUs"), std::string::npos) << three.output;
 }

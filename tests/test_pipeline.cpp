@@ -285,6 +285,17 @@ TEST_F(Pipelines, TwoDevicesRefusedWhereTheyCannotRun) {
   EXPECT_EQ(Device::cpu(1).str(), "cpu:1");
   EXPECT_EQ(Device::cpu().str(), "cpu");
   expect_error([] { parse_device("cpu:x"); }, {"bad device 'cpu:x'", "cpu:N"});
+  // pipeline.devices as lancet train reads them: as written, or with train.device cuda counted
+  // from the rank's first GPU (whose index the CUDA build checks against the visible GPUs).
+  EXPECT_EQ(pipeline_devices({}, Device::cpu()), (std::vector<Device>{Device::cpu(), Device::cpu()}));
+  EXPECT_EQ(pipeline_devices({"cpu", "cpu:1"}, Device::cpu(), /*rank_relative=*/true),
+            (std::vector<Device>{Device::cpu(), Device::cpu(1)}));
+  expect_error([] { pipeline_devices({"cuda:1", "cuda:2"}, Device::cuda(2), true); },
+               {"pipeline.devices starts with cuda:1", "count from each rank's first GPU (cuda:2 here)", "[cuda:0, cuda:1]"});
+  EXPECT_EQ(pipeline_gpus_per_rank({"cuda:0", "cuda:1"}), 2);
+  EXPECT_EQ(pipeline_gpus_per_rank({"cuda:0", "cuda:0"}), 1);
+  EXPECT_EQ(pipeline_gpus_per_rank({"cpu", "cpu:1"}), 1);
+  EXPECT_EQ(pipeline_gpus_per_rank({}), 1);
 }
 
 TEST_F(Pipelines, OneFOneBHoldsLessActivationMemoryThanGpipe) {

@@ -193,25 +193,14 @@ void run_bench_pipeline(const BenchArgs& a, const Json& config) {
   // host allocator's (every stage, the weights and optimizer state too), as plain bench train
   // reports it; on GPUs the sum of the pools' peaks — each device's training-thread pool
   // (weights, optimizer state) and each stage's own — an upper bound of what was held at once.
-  auto pools = [&] {
-    std::vector<Allocator*> v;
-    for (const Device& d : devices) {
-      v.push_back(&allocator_for(d, 0));
-      if (!gpu) break;  // one host allocator for every domain and logical device
-    }
-    if (gpu)
-      for (int stage = 1; stage <= 2; ++stage) v.push_back(&allocator_for(devices[static_cast<size_t>(stage - 1)], stage));
-    std::sort(v.begin(), v.end());
-    v.erase(std::unique(v.begin(), v.end()), v.end());
-    return v;
-  };
+  const std::vector<Allocator*> pools = training_memory_pools(devices[0], devices);
   Json piped = time_steps([&] { pipe.train_step(*opt, xs, ys, loss, so); },
                           [&] {
                             pipe.reset_stats();
-                            for (Allocator* al : pools()) al->reset_peak();
+                            for (Allocator* al : pools) al->reset_peak();
                           });
   int64_t peak = 0;
-  for (Allocator* al : pools()) peak += static_cast<int64_t>(al->peak_bytes());
+  for (Allocator* al : pools) peak += static_cast<int64_t>(al->peak_bytes());
   const PipelineStats st = pipe.stats();
   Json one = unpipelined(stage_threads);
   Json all = !gpu && threads != stage_threads ? unpipelined(threads) : one;
@@ -496,7 +485,7 @@ void run_bench_any(const BenchArgs& a) {
   // (NCCL between GPU ranks).
   auto comm = a.what == "comm" ? make_cpu_communicator(dist_config(config).backend)
                                : make_communicator(dist_config(config).backend, train_config(config).device,
-                                                  dist_config(config).timeout_s);
+                                                  dist_config(config).timeout_s, gpus_per_rank(config));
   try {
     if (a.what == "comm")
       run_bench_comm(a, *comm);

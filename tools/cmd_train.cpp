@@ -16,7 +16,7 @@ void register_train(CLI::App& app) {
     const Json config = resolve_config(*args, default_job_config());
     // NCCL for GPU ranks (bootstrapped over MPI), MPI for CPU ranks, or one process alone.
     auto comm = make_communicator(dist_config(config).backend, train_config(config).device,
-                                                  dist_config(config).timeout_s);
+                                                  dist_config(config).timeout_s, gpus_per_rank(config));
     // Only rank 0 talks; every rank reports its own errors.
     std::ostream quiet(nullptr);
     std::ostream& log = comm->is_root() ? std::cerr : quiet;

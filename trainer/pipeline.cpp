@@ -357,13 +357,16 @@ Pipeline::Pipeline(Module& model, Units units, const PipelineOptions& options, C
     workers_.push_back(std::make_unique<Worker>(options_.threads_per_stage, s + 1));
   }
   if (comm_.size() > 1) {
-    LANCET_CHECK(devices[0] == devices[1] || !devices[1].is_cuda(),  // run_training refuses it sooner
-                 "pipeline on " << devices[0].str() << " and " << devices[1].str() << " with " << comm_.size()
-                                << " ranks: a stage on a second GPU needs an NCCL communicator of its own");
+    // Stage 1 on a device of its own reduces over a communicator of its own there (NCCL: one
+    // per GPU; MPI: a duplicate), made here by every rank at once.
+    if (!(devices[1] == devices[0])) stage1_comm_ = comm_.for_device(devices[1]);
     GradSyncOptions gso;
     gso.bucket_mb = options_.bucket_mb;
     gso.hooks = false;
-    for (Stage& st : stages_) st.sync = std::make_unique<GradSync>(st.modules, comm_, gso);
+    for (size_t s = 0; s < stages_.size(); ++s) {
+      Communicator& c = s == 1 && stage1_comm_ ? *stage1_comm_ : comm_;
+      stages_[s].sync = std::make_unique<GradSync>(stages_[s].modules, c, gso);
+    }
   }
   reset_stats();
 }
@@ -685,12 +688,42 @@ void check_pipeline_devices(const std::vector<Device>& devices, Device model_dev
 #endif
 }
 
-std::vector<Device> pipeline_devices(const std::vector<std::string>& names, Device model_device) {
+std::vector<Device> pipeline_devices(const std::vector<std::string>& names, Device model_device, bool rank_relative) {
   std::vector<Device> devices;
-  for (const std::string& d : names) devices.push_back(parse_device(d));
+  for (const std::string& d : names) {
+    Device dev = parse_device(d);
+    if (rank_relative && dev.is_cuda() && model_device.is_cuda()) {
+      LANCET_CHECK(!devices.empty() || dev.index == 0,
+                   "pipeline.devices starts with " << d << " but with train.device cuda the GPUs count from each rank's first GPU "
+                                              << "(cuda:" << model_device.index << " here), where stage 0 runs: write [cuda:0, cuda:1]");
+      dev.index += model_device.index;
+    }
+    devices.push_back(dev);
+  }
   if (devices.empty()) devices.assign(2, model_device);
   check_pipeline_devices(devices, model_device);
   return devices;
+}
+
+std::vector<Allocator*> training_memory_pools(Device device, const std::vector<Device>& stage_devices) {
+  if (device.is_cpu()) return {&allocator_for(Device::cpu(), 0)};
+  std::vector<Allocator*> v{&allocator_for(device, 0)};
+  for (size_t s = 0; s < stage_devices.size(); ++s) {
+    v.push_back(&allocator_for(stage_devices[s], 0));
+    v.push_back(&allocator_for(stage_devices[s], static_cast<int>(s) + 1));
+  }
+  std::sort(v.begin(), v.end());
+  v.erase(std::unique(v.begin(), v.end()), v.end());
+  return v;
+}
+
+int pipeline_gpus_per_rank(const std::vector<std::string>& names) {
+  int k = 1;
+  for (const std::string& d : names) {
+    const Device dev = parse_device(d);
+    if (dev.is_cuda()) k = std::max(k, dev.index + 1);
+  }
+  return k;
 }
 
 void place_pipeline_stages(const Units& units, int cut, const std::vector<Device>& devices) {

@@ -50,8 +50,9 @@
 // (cpu:1 a logical host device, kernels/device.h) runs exactly this logic — every kernel checks
 // that its tensors and stream share a device — so the tests check the placement and routing of
 // the two-device mode, bit for bit against one device, without two GPUs. With several ranks
-// a stage on a second GPU would need a second NCCL communicator per rank, which is not built:
-// refused, with the one-GPU mode (both stages on the rank's GPU) as the way to combine with DDP.
+// each rank owns such a pair of GPUs (train.device cuda: rank i of a node takes cuda:2i and
+// cuda:2i+1, pipeline_devices), and stage 1 reduces its gradients over a communicator of its
+// own on its device (Communicator::for_device: a second NCCL communicator per rank).
 //
 // Data parallelism: each rank owns a pipeline; each stage's gradients are bucketed and
 // all-reduced (GradSync without hooks) from the training thread as soon as that stage has run
@@ -123,8 +124,22 @@ struct PipelineStats {
 // Refuses stage devices a pipeline cannot run on, naming them: not two, stage 0 not on the
 // model's device, a CPU and a GPU mixed, a GPU this process does not see.
 void check_pipeline_devices(const std::vector<Device>& devices, Device model_device);
-// pipeline.devices as written (empty: both stages on the model's device), parsed and checked.
-std::vector<Device> pipeline_devices(const std::vector<std::string>& names, Device model_device);
+// pipeline.devices (empty: both stages on the model's device), parsed and checked.
+// rank_relative (train.device "cuda": each rank picks its GPUs, comm/communicator.h
+// choose_cuda_device): CUDA indices count from the model's device, the rank's first GPU, so
+// [cuda:0, cuda:1] is cuda:0 and cuda:1 for one process and cuda:2 and cuda:3 for a node's
+// rank 1 that sees the node's GPUs.
+std::vector<Device> pipeline_devices(const std::vector<std::string>& names, Device model_device,
+                                     bool rank_relative = false);
+// The GPUs one rank's pipeline spans: 1 + the highest CUDA index in pipeline.devices (1 for
+// CPUs or none given): choose_cuda_device's gpus_per_rank.
+int pipeline_gpus_per_rank(const std::vector<std::string>& names);
+// The allocators a training step charges, to read and reset their peaks: on the CPU the host
+// allocator (every thread, domain and logical device); on GPUs the training thread's pool on
+// `device` and on each stage device (weights, optimizer state, gradients) and each pipeline
+// stage's own pool (stage s: domain s + 1). stage_devices empty: no pipeline. The sum of their
+// peaks bounds what was held at once from above.
+std::vector<Allocator*> training_memory_pools(Device device, const std::vector<Device>& stage_devices);
 // Moves units [0, cut) to devices[0] and [cut, n) to devices[1] (Module::to). Before the
 // optimizer and any GradSync are made: they hold the parameters' device-resident state.
 void place_pipeline_stages(const Units& units, int cut, const std::vector<Device>& devices);
@@ -188,6 +203,7 @@ class Pipeline {
   Units units_;
   PipelineOptions options_;
   Communicator& comm_;
+  std::unique_ptr<Communicator> stage1_comm_;  // stage 1's, on its own device (several ranks); outlives stages_
   std::vector<Stage> stages_;
   std::unique_ptr<Gpu> gpu_;  // null for CPU stages
   std::vector<std::unique_ptr<Worker>> workers_;

@@ -10,6 +10,7 @@
 #include <functional>
 #include <fstream>
 #include <iomanip>
+#include <map>
 #include <numeric>
 #include <random>
 #include <sstream>
@@ -475,6 +476,11 @@ MemoryFormat resolve_memory_format(const std::string& setting, Device device, DT
   return device.is_cuda() && precision != DType::f32 ? MemoryFormat::channels_last : MemoryFormat::nchw;
 }
 
+int gpus_per_rank(const Json& config) {
+  const PipelineConfig pc = pipeline_config(config);
+  return pc.stages > 1 && rank_picks_gpu(train_config(config).device) ? pipeline_gpus_per_rank(pc.devices) : 1;
+}
+
 TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& log) {
   const DataConfig dc = data_config(config);
   const TrainConfig tc = train_config(config);
@@ -487,7 +493,8 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   const int ranks = comm.size();
   const LossScalerConfig lsc = loss_scaler_config(config);
   const DType precision = parse_dtype(tc.precision);
-  const Device device = rank_device(tc.device, comm);  // "cuda": this rank's own GPU on its node
+  // "cuda": this rank's own GPU on its node, the first of its own pair for a pipeline over two GPUs.
+  const Device device = rank_device(tc.device, comm, gpus_per_rank(config));
   check_train_device(device, precision, ranks);
   set_conv_autotune(tc.cudnn_autotune);
   set_allow_tf32(tc.allow_tf32);
@@ -500,15 +507,10 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
                                                                         "pipeline.micro_batches micro-batches itself; set one of them");
     LANCET_CHECK(!dist.sync_bn, "dist.sync_bn with pipeline.stages " << pc.stages
                                                                      << ": SyncBatchNorm inside pipeline stages is not supported");
-    {
-      const std::vector<Device> ds = pipeline_devices(pc.devices, device);
-      LANCET_CHECK(ranks == 1 || ds[0] == ds[1] || !ds[1].is_cuda(),
-                   "pipeline.devices [" << ds[0].str() << ", " << ds[1].str() << "] with " << ranks
-                                        << " ranks: a stage on a second GPU needs an NCCL communicator of its own per rank, "
-                                           "which lancet does not create yet; with several ranks leave pipeline.devices "
-                                           "empty (both stages on the rank's GPU)");
-    }
   }
+  // The stages' devices, checked before any data is read.
+  const std::vector<Device> stage_devices =
+      pipelined ? pipeline_devices(pc.devices, device, rank_picks_gpu(tc.device)) : std::vector<Device>{};
   const std::string binding = bind_rank_threads(dist.bind, comm, threads);
   set_num_threads(threads);
   const Stream stream{device, nullptr};
@@ -597,7 +599,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     po.schedule = parse_pipe_schedule(pc.schedule);
     po.cut = cut;
     po.threads_per_stage = stage_threads;
-    po.devices = pipeline_devices(pc.devices, device);
+    po.devices = stage_devices;
     po.bucket_mb = dist.bucket_mb;
     place_pipeline_stages(model->units(), po.cut, po.devices);
   }
@@ -656,6 +658,9 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   std::unique_ptr<GradSync> grad_sync;
   std::unique_ptr<Pipeline> pipeline;
   if (pipelined) pipeline = std::make_unique<Pipeline>(*model, model->units(), po, comm);
+  // Peak memory per epoch and over the run, per device.
+  const std::vector<Allocator*> pools = training_memory_pools(device, stage_devices);
+  std::map<std::string, size_t> peak_by_device;
   if (ranks > 1) {
     if (pipeline) {
       pipeline->broadcast_parameters();
@@ -823,7 +828,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     int64_t images_this_session = 0;
     prof.reset();
     if (pipeline) pipeline->reset_stats();
-    allocator_for(device).reset_peak();
+    for (Allocator* a : pools) a->reset_peak();
     while (state.step_in_epoch < epoch_end) {
       prof.begin_step();
       const int64_t start = state.step_in_epoch * bs;
@@ -933,7 +938,15 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
           << scaler.skipped_steps() << " in the run\n";
     if (prof.steps() > 0) log << prof.table();
     if (pipeline && pipeline->stats().steps > 0) log << pipeline->stats().text();
-    summary.peak_bytes = std::max(summary.peak_bytes, allocator_for(device).peak_bytes());  // this epoch's
+    // This epoch's peaks, per device (the sum of its pools': training thread's and stages').
+    std::map<std::string, size_t> epoch_peak;
+    for (Allocator* a : pools) epoch_peak[a->device().str()] += a->peak_bytes();
+    size_t epoch_peak_sum = 0;
+    for (const auto& [dev, b] : epoch_peak) {
+      peak_by_device[dev] = std::max(peak_by_device[dev], b);
+      epoch_peak_sum += b;
+    }
+    summary.peak_bytes = std::max(summary.peak_bytes, epoch_peak_sum);
     if (const std::string skipped = skipped_report(*data.train, dc.train_split); !skipped.empty()) log << skipped << "\n";
     if (logs) {
       Json m = {{"epoch", state.epoch},
@@ -946,8 +959,10 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
                 {"val_loss", ev.loss},
                 {"val", report.to_json()},
                 {"phases", prof.to_json()},
-                // This rank's allocator peak over the epoch: weights, optimizer state, activations.
-                {"peak_bytes", static_cast<int64_t>(allocator_for(device).peak_bytes())}};
+                // This rank's allocator peak over the epoch: weights, optimizer state, activations
+                // (a pipeline over two devices: both, and each in peak_bytes_by_device).
+                {"peak_bytes", static_cast<int64_t>(epoch_peak_sum)}};
+      if (epoch_peak.size() > 1) m["peak_bytes_by_device"] = epoch_peak;
       if (pipeline) m["pipeline"] = pipeline->stats().to_json();
       if (scaler.enabled()) {  // the scale at the epoch's end and the steps it skipped
         m["loss_scale"] = scaler.scale();
@@ -1018,10 +1033,18 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   log << "\nvalidation report\n";
   std::istringstream lines(report.to_text());
   for (std::string line; std::getline(lines, line);) log << (line.empty() ? "" : "  ") << line << "\n";
-  if (summary.peak_bytes > 0)  // per precision: the memory a mixed-precision run saves shows here
-    log << "peak memory on " << device.str() << " (" << tc.precision << " training): " << std::fixed
-        << std::setprecision(1) << static_cast<double>(summary.peak_bytes) / (1 << 20)
-        << " MiB (weights, optimizer state, activations, workspaces)\n";
+  if (summary.peak_bytes > 0) {  // per precision: the memory a mixed-precision run saves shows here
+    // "peak memory on cuda:0 (fp16 training): 812.3 MiB"; a pipeline over two GPUs lists both.
+    log << "peak memory on " << std::fixed << std::setprecision(1);
+    const char* sep = "";
+    for (const auto& [dev, b] : peak_by_device) {
+      log << sep << dev << (peak_by_device.size() == 1 ? " (" + tc.precision + " training)" : "") << ": "
+          << static_cast<double>(b) / (1 << 20) << " MiB";
+      sep = ", ";
+    }
+    if (peak_by_device.size() > 1) log << " (" << tc.precision << " training)";
+    log << " (weights, optimizer state, activations, workspaces)\n";
+  }
   if (writes) {
     model->to(Device::cpu());
     save_weights(tc.out + "/final.h5", *model, model_cfg);

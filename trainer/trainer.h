@@ -139,6 +139,11 @@ void check_train_device(Device device, DType precision, int ranks);
 // are fastest in nchw; channels_last there converts around every convolution).
 MemoryFormat resolve_memory_format(const std::string& setting, Device device, DType precision);
 
+// The GPUs each rank of this job trains on, as make_communicator and rank_device take it: with
+// train.device cuda and pipeline stages, 1 + the highest index in pipeline.devices (2 for
+// [cuda:0, cuda:1]: rank i of a node owns cuda:2i and cuda:2i+1); 1 otherwise.
+int gpus_per_rank(const Json& config);
+
 // Runs a whole training job from a resolved config: data, model, epochs, per-epoch validation,
 // DIR/metrics.jsonl and DIR/final.h5 when train.out is set. Progress goes to `log`.
 TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& log);

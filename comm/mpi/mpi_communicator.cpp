@@ -174,6 +174,16 @@ class MpiCommunicator final : public Communicator {
     MPI_Comm_size(node, &local_size_);
     MPI_Comm_free(&node);
   }
+  // A duplicate of `parent`'s communicator (MPI_Comm_idup: the wait for the other ranks is
+  // bounded by the timeout like every collective's).
+  explicit MpiCommunicator(const MpiCommunicator& parent)
+      : rank_(parent.rank_), size_(parent.size_), local_rank_(parent.local_rank_), local_size_(parent.local_size_) {
+    timeout_s_ = parent.timeout_s_;
+    MPI_Request req;
+    LANCET_MPI_CHECK(MPI_Comm_idup(parent.comm_, &comm_, &req));
+    wait(req, "for_device (MPI_Comm_idup)");
+    LANCET_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
+  }
   ~MpiCommunicator() override {
     int finalized = 0;
     MPI_Finalized(&finalized);
@@ -281,6 +291,11 @@ class MpiCommunicator final : public Communicator {
   }
 
   void abort(int code) noexcept override { MPI_Abort(comm_, code); }
+
+  std::unique_ptr<Communicator> for_device(Device d) override {
+    LANCET_CHECK(d.is_cpu(), "for_device " << d.str() << ": the MPI communicator reduces CPU tensors");
+    return std::make_unique<MpiCommunicator>(*this);
+  }
 
  private:
   void wait(MPI_Request& req, const char* what) { timed_wait(req, what, timeout_s_, rank_, size_); }

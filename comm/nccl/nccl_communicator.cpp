@@ -307,6 +307,14 @@ class NcclCommunicator final : public Communicator {
   void barrier() override { host().barrier(); }
   void all_reduce_doubles(double* v, int n, ReduceOp op) override { host().all_reduce_doubles(v, n, op); }
 
+  // Another NCCL communicator, on `d`, bootstrapped over a duplicate of the host; for a CPU
+  // device, the host's duplicate alone.
+  std::unique_ptr<Communicator> for_device(Device d) override {
+    std::unique_ptr<Communicator> host_dup = host().for_device(Device::cpu());
+    if (d.is_cpu()) return host_dup;
+    return std::make_unique<NcclCommunicator>(std::move(host_dup), d);
+  }
+
   void abort(int code) noexcept override {
     if (size() == 1) return;
     {
