@@ -2,8 +2,8 @@
 // cuda:0, each with its own stream and memory pool — trains like unpipelined gradient
 // accumulation over the same micro-batches on the same GPU, for both schedules and in bf16;
 // 1F1B's stage-0 pool peaks lower than GPipe's; a failing stage stops the step with its error
-// and the pipeline runs the next one. Stages on two GPUs train like accumulation on one (skips
-// unless two GPUs are visible).
+// and the pipeline runs the next one. Stages on two GPUs train like accumulation on one, and a
+// rank on the second GPU makes no CUDA context on the first (both skip unless two GPUs are visible).
 //
 // Bitwise or not: lancet's own kernels and cuBLASLt (user-owned workspace) are deterministic,
 // but the cuDNN algorithm chosen for a convolution's backward may accumulate with atomics. So
@@ -13,10 +13,13 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <random>
 #include <string>
+#include <thread>
 #include <utility>
 
 #include "comm/communicator.h"
@@ -252,4 +255,44 @@ TEST(GpuPipeline, TwoGpusEqualGradientAccumulationOnOne) {
   expect_error([&] { Pipeline p(*net, net->units(), po, *comm); }, {"pipeline.devices names cuda:64"});
   po.devices = devices;
   expect_error([&] { Pipeline p(*net, net->units(), po, *comm); }, {"is on cuda:0, its stage on cuda:1", "place_pipeline_stages"});
+}
+
+// A data-parallel rank on a node's second GPU (train.device cuda: rank 1 trains on cuda:1) never
+// touches GPU 0, rank 0's: no CUDA context is made there — by a device guard switching a thread
+// back to device 0 (where a thread that never chose one is), a loader thread's pinned batch, the
+// pipeline's stage threads and their cuDNN / cuBLAS handles' teardown, or a peer copy from such a
+// thread. cudaSetDevice initialises a device: hundreds of MiB on the other rank's GPU, or an error
+// under exclusive-process compute mode. Run in a process of its own (a death test), where nothing
+// has used GPU 0. Skips unless two GPUs are visible; the peer copy needs three.
+TEST(GpuPipeline, ARankOnTheSecondGpuMakesNoContextOnTheFirst) {
+  LANCET_REQUIRE_GPU();
+#ifdef LANCET_WITH_CUDA
+  const int gpus = static_cast<int>(cuda_devices().size());
+  if (gpus < 2) GTEST_SKIP() << "needs two visible GPUs, " << gpus << " visible";
+  GTEST_FLAG_SET(death_test_style, "threadsafe");  // the child re-runs this test alone: a fresh process
+  auto rank_on_second_gpu = [gpus] {
+    const Device gpu = Device::cuda(1);
+    const Stream main{gpu, nullptr};
+    auto comm = make_single_process_communicator();
+    auto net = std::make_unique<MedicalCNN>(small_config(), 7);
+    net->to(gpu);
+    net->train();
+    auto opt = make_optimizer(optim("adam", 1e-2f), net->named_parameters());
+    // A loader worker: a thread that never chose a device allocates a pinned batch.
+    std::thread([&] { Tensor h = Tensor::empty({4, 1, 24, 24}, DType::f32, pinned_host_allocator(gpu)); }).join();
+    const MicroBatches b = make_batch(8, 2, 24, 3, gpu);
+    train_step_micro(*net, *opt, *comm, b.xs, b.ys, Loss(), main, StepOptions());
+    {
+      Pipeline pipe(*net, net->units(), options(PipeSchedule::one_f_one_b, 2), *comm);  // both stages on cuda:1
+      pipe.train_step(*opt, b.xs, b.ys, Loss(), StepOptions());
+    }  // the stage threads have ended: their handles are destroyed
+    if (gpus >= 3)  // a peer copy between two GPUs other than 0, from a thread that never chose a device
+      std::thread([&] { Tensor t = b.xs[0].to(Device::cuda(2)); }).join();
+    synchronize(main);
+    const bool touched = cuda_device_initialized(0);
+    if (touched) std::fprintf(stderr, "GPU 0 has a CUDA context\n");
+    std::exit(touched ? 1 : 0);
+  };
+  EXPECT_EXIT(rank_on_second_gpu(), ::testing::ExitedWithCode(0), "");
+#endif
 }

@@ -199,7 +199,7 @@ EvalLoading eval_loading(const DataConfig& data, Device device) {
   l.workers = data.workers;
   l.prefetch = data.prefetch;
 #ifdef LANCET_WITH_CUDA
-  if (!device.is_cpu()) l.allocator = &pinned_host_allocator();
+  if (!device.is_cpu()) l.allocator = &pinned_host_allocator(device);
 #else
   (void)device;
 #endif
@@ -785,7 +785,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   loader_options.augment = AugmentConfig::from_json(dc.augment);
   if (loader_options.augment.enabled()) loader_options.minority = minority_classes(train_labels, num_classes);
 #ifdef LANCET_WITH_CUDA
-  if (!device.is_cpu()) loader_options.allocator = &pinned_host_allocator();
+  if (!device.is_cpu()) loader_options.allocator = &pinned_host_allocator(device);
 #endif
   DataLoader loader(*data.train, loader_options);
   log << "data loader: " << dc.workers << " worker(s), prefetch " << dc.prefetch << ", sampler " << dc.sampler

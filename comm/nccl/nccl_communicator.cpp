@@ -107,7 +107,7 @@ class QuietDeviceSwitch {
     switched_ = cudaGetDevice(&prev_) == cudaSuccess && prev_ != index && cudaSetDevice(index) == cudaSuccess;
   }
   ~QuietDeviceSwitch() {
-    if (switched_) cudaSetDevice(prev_);
+    if (switched_ && cuda_device_initialized(prev_)) cudaSetDevice(prev_);  // as CudaDeviceGuard
     cudaGetLastError();
   }
   QuietDeviceSwitch(const QuietDeviceSwitch&) = delete;

@@ -10,15 +10,31 @@ namespace lancet::cuda {
 namespace {
 
 // One set of handles per thread, one per device, destroyed when the thread ends (before the
-// CUDA runtime's own teardown at process exit).
+// CUDA runtime's own teardown at process exit), each with its device current: cuBLAS assumes a
+// handle's device unchanged from create to destroy, and cudnnDestroy / cublasDestroy synchronise
+// the current device. Never throws (statuses ignored; the thread goes back as CudaDeviceGuard does).
 struct ThreadHandles {
   std::map<int, cudnnHandle_t> cudnn;
   std::map<int, cublasHandle_t> cublas;
   std::map<int, cublasLtHandle_t> cublaslt;
   ~ThreadHandles() {
-    for (auto& [d, h] : cudnn) cudnnDestroy(h);
-    for (auto& [d, h] : cublas) cublasDestroy(h);
-    for (auto& [d, h] : cublaslt) cublasLtDestroy(h);
+    if (cudnn.empty() && cublas.empty() && cublaslt.empty()) return;
+    int prev = -1;
+    const bool have_prev = cudaGetDevice(&prev) == cudaSuccess;
+    for (auto& [d, h] : cudnn) {
+      cudaSetDevice(d);
+      cudnnDestroy(h);
+    }
+    for (auto& [d, h] : cublas) {
+      cudaSetDevice(d);
+      cublasDestroy(h);
+    }
+    for (auto& [d, h] : cublaslt) {
+      cudaSetDevice(d);
+      cublasLtDestroy(h);
+    }
+    if (have_prev && cuda_device_initialized(prev)) cudaSetDevice(prev);
+    cudaGetLastError();  // leave no error from the teardown behind
   }
 };
 thread_local ThreadHandles t_handles;

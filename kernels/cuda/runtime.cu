@@ -1,7 +1,9 @@
+#include <cuda.h>  // CUresult, CUdevice: one driver call, found through the runtime (no libcuda link)
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <map>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -35,6 +37,42 @@ std::string cuda_runtime_version() {
 void cuda_profiler_start() { LANCET_CUDA_CHECK(cudaProfilerStart()); }
 void cuda_profiler_stop() { LANCET_CUDA_CHECK(cudaProfilerStop()); }
 
+namespace {
+
+// The driver's cuDevicePrimaryCtxGetState, through the runtime's entry-point lookup (lancet links
+// the runtime only, and loads no driver symbol itself); null when the lookup fails.
+using PrimaryCtxGetState = CUresult (*)(CUdevice, unsigned int*, int*);
+PrimaryCtxGetState primary_ctx_get_state() {
+  static const PrimaryCtxGetState fn = []() -> PrimaryCtxGetState {
+#if CUDART_VERSION >= 12000
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+    const cudaError_t e =
+        cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &p, 12000, cudaEnableDefault, &found);
+#else
+    const cudaError_t e = cudaGetDriverEntryPoint("cuDevicePrimaryCtxGetState", &p, cudaEnableDefault, &found);
+#endif
+    if (e != cudaSuccess) cudaGetLastError();  // leave no error behind for the next checked call
+    return e == cudaSuccess && found == cudaDriverEntryPointSuccess ? reinterpret_cast<PrimaryCtxGetState>(p) : nullptr;
+#else
+    return nullptr;
+#endif
+  }();
+  return fn;
+}
+
+}  // namespace
+
+bool cuda_device_initialized(int index) noexcept {
+  const PrimaryCtxGetState get_state = primary_ctx_get_state();
+  if (!get_state) return true;  // cannot tell: as if it were (a guard then restores, as CUDA code usually does)
+  unsigned int flags = 0;
+  int active = 0;
+  if (get_state(static_cast<CUdevice>(index), &flags, &active) != CUDA_SUCCESS) return true;
+  return active != 0;
+}
+
 CudaDeviceGuard::CudaDeviceGuard(int index) {
   LANCET_CUDA_CHECK(cudaGetDevice(&prev_));
   if (prev_ != index) {
@@ -43,7 +81,8 @@ CudaDeviceGuard::CudaDeviceGuard(int index) {
   }
 }
 CudaDeviceGuard::~CudaDeviceGuard() {
-  if (changed_) cudaSetDevice(prev_);  // never throws
+  // Never throws. Not back to a device this process has not used (runtime.h).
+  if (changed_ && cuda_device_initialized(prev_)) cudaSetDevice(prev_);
 }
 
 CudaStream::CudaStream(Device device, int priority, bool blocking) : device_(device) {
@@ -61,7 +100,7 @@ CudaStream::~CudaStream() {
   const bool have_prev = cudaGetDevice(&prev) == cudaSuccess;
   const bool switched = have_prev && prev != device_.index && cudaSetDevice(device_.index) == cudaSuccess;
   cudaStreamDestroy(static_cast<cudaStream_t>(native_));
-  if (switched) cudaSetDevice(prev);
+  if (switched && cuda_device_initialized(prev)) cudaSetDevice(prev);  // as CudaDeviceGuard
   cudaGetLastError();  // leave no error from the teardown behind for the next checked call
 }
 void CudaStream::synchronize() const { LANCET_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(native_))); }
@@ -160,9 +199,11 @@ namespace {
 
 // Page-locked host memory (cudaHostAlloc) for the data loader's batches, so host->device
 // copies can be asynchronous. cudaHostAlloc is slow (it pins pages), and the loader allocates
-// every batch afresh, so freed blocks are kept by size and handed out again.
+// every batch afresh, so freed blocks are kept by size and handed out again. `index`: the GPU
+// current for cudaHostAlloc; -1: the calling thread's current device.
 class PinnedHostAllocator final : public Allocator {
  public:
+  explicit PinnedHostAllocator(int index) : index_(index) {}
   void* allocate(size_t bytes) override {
     const size_t n = bytes == 0 ? 1 : bytes;
     std::lock_guard<std::mutex> lock(mu_);
@@ -172,6 +213,8 @@ class PinnedHostAllocator final : public Allocator {
       p = list.back();
       list.pop_back();
     } else {
+      std::unique_ptr<CudaDeviceGuard> device;
+      if (index_ >= 0) device = std::make_unique<CudaDeviceGuard>(index_);
       LANCET_CUDA_CHECK(cudaHostAlloc(&p, n, cudaHostAllocPortable));
     }
     count_alloc(bytes);
@@ -185,25 +228,40 @@ class PinnedHostAllocator final : public Allocator {
   Device device() const override { return Device::cpu(); }
 
  private:
+  const int index_;
   std::mutex mu_;
   std::map<size_t, std::vector<void*>> free_;
 };
 
-}  // namespace
-
-Allocator& pinned_host_allocator() {
-  static PinnedHostAllocator* a = new PinnedHostAllocator;  // never destroyed: may outlive the CUDA context
+PinnedHostAllocator& pinned_allocator_for(int index) {
+  static std::mutex mu;
+  static std::map<int, PinnedHostAllocator*> all;  // never destroyed: may outlive the CUDA context
+  std::lock_guard<std::mutex> lock(mu);
+  PinnedHostAllocator*& a = all[index];
+  if (!a) a = new PinnedHostAllocator(index);
   return *a;
 }
 
+}  // namespace
+
+Allocator& pinned_host_allocator() { return pinned_allocator_for(-1); }
+
+Allocator& pinned_host_allocator(Device device) {
+  LANCET_CHECK(device.is_cuda(), "pinned_host_allocator for " << device.str() << " (a GPU: the one the batches go to)");
+  return pinned_allocator_for(device.index);
+}
+
 void cuda_copy(void* dst, Device dst_dev, const void* src, Device src_dev, size_t bytes) {
+  CudaDeviceGuard g(dst_dev.is_cuda() ? dst_dev.index : src_dev.index);
   // Between two GPUs: a peer copy (staged through the host by the driver when peer access is
-  // off). The legacy default stream orders it after earlier work on both devices.
+  // off). The legacy default stream orders it after earlier work on both devices, and on the
+  // current device, which cudaMemcpyPeer serialises with too: hence the guard, making that one
+  // of the two (a thread left on another GPU would tie the copy to that GPU's work, or create a
+  // context on GPU 0 when it never chose a device).
   if (dst_dev.is_cuda() && src_dev.is_cuda() && dst_dev.index != src_dev.index) {
     LANCET_CUDA_CHECK(cudaMemcpyPeer(dst, dst_dev.index, src, src_dev.index, bytes));
     return;
   }
-  CudaDeviceGuard g(dst_dev.is_cuda() ? dst_dev.index : src_dev.index);
   LANCET_CUDA_CHECK(cudaMemcpy(dst, src, bytes, copy_kind(dst_dev, src_dev)));
 }
 

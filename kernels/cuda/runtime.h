@@ -42,9 +42,22 @@ void cuda_profiler_stop();
 // Page-locked (pinned) host memory through cudaHostAlloc, caching freed blocks by size: the
 // allocator for the data loader's batches (data/loader.h) when training on a GPU. Its tensors
 // are CPU tensors. Allocation throws naming the call when CUDA refuses.
+// With `device`, every cudaHostAlloc runs with that GPU current (the blocks are portable: usable
+// with every GPU): pass the GPU the batches go to. The loader's workers are threads that never
+// chose a device, so their current device is 0, and a cudaHostAlloc there would create a CUDA
+// context on GPU 0 — another rank's GPU in data parallelism. Without: the calling thread's.
 Allocator& pinned_host_allocator();
+Allocator& pinned_host_allocator(Device device);
 
-// Makes `index` the calling thread's current device for a scope and restores the previous one.
+// Whether this process has initialised GPU `index` (its primary context is active). True when
+// the driver cannot say. Never throws.
+bool cuda_device_initialized(int index) noexcept;
+
+// Makes `index` the calling thread's current device for a scope and restores the previous one —
+// when that one is initialised (cuda_device_initialized). A thread that never chose a device is
+// on device 0, and switching back there would create a CUDA context on GPU 0 (cudaSetDevice
+// initialises the device: hundreds of MiB on another rank's GPU, or an error in exclusive-process
+// mode), so such a thread stays on `index`.
 class CudaDeviceGuard {
  public:
   explicit CudaDeviceGuard(int index);
