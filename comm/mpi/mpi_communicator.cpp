@@ -4,10 +4,12 @@
 // to us (MPI_ERRORS_RETURN) and become one-line lancet::Error messages naming the call.
 #include <mpi.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <exception>
 #include <thread>
+#include <vector>
 
 #include "comm/communicator.h"
 
@@ -40,6 +42,12 @@ class MpiRuntime {
     int initialized = 0;
     MPI_Initialized(&initialized);
     if (initialized) return;
+    // Open MPI's nonblocking all-reduce (coll/libnbc, what GradSync's buckets use) picks for two
+    // ranks an algorithm that moves large buffers at a third of the speed of its ring (0.7-1.3
+    // against 2.7-3 GB/s over shared memory for 4-64 MB here; docs/design.md "Communicators"):
+    // ask for the ring unless the user chose (mpirun --mca / OMPI_MCA_*). Read at MPI_Init;
+    // other MPIs ignore the variable.
+    setenv("OMPI_MCA_coll_libnbc_iallreduce_algorithm", "1", /*overwrite=*/0);
     int provided = 0;
     LANCET_MPI_CHECK(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided));
     owned_ = true;
@@ -81,28 +89,63 @@ int count_of(const Tensor& t, const char* what) {
   return static_cast<int>(t.numel());
 }
 
-// Waits for `req` with a deadline. Open MPI progresses nonblocking collectives inside MPI calls,
-// so this polls MPI_Test: spinning for the first millisecond (a step's collectives usually
-// finish within it), then sleeping with a growing back-off up to 1 ms between tests. After
-// `timeout_s` (<= 0: never) it throws, naming the call: the other ranks did not join it.
-void timed_wait(MPI_Request& req, const char* what, double timeout_s, int rank, int size) {
+// A large all-reduce goes as nonblocking all-reduces of at most this many bytes each, all in
+// flight at once: pieces that stay in cache move 1.5-2x faster than one whole 25-64 MB buffer
+// (Open MPI over shared memory, measured for docs/design.md), and no count exceeds an int.
+constexpr int64_t kAllReduceChunkBytes = int64_t(4) << 20;
+
+// Waits for every request in `reqs` with a deadline (as one). Open MPI progresses nonblocking
+// collectives inside MPI calls, so this polls MPI_Testall: spinning for the first millisecond,
+// yielding between tests up to 100 ms (a large all-reduce still moving data), then sleeping with
+// a growing back-off up to 1 ms. After `timeout_s` (<= 0: never) it throws, naming the call:
+// the other ranks did not join it.
+void timed_wait(std::vector<MPI_Request>& reqs, const char* what, double timeout_s, int rank, int size) {
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
   int flag = 0;
   auto pause = std::chrono::microseconds(1);
   while (true) {
-    LANCET_MPI_CHECK(MPI_Test(&req, &flag, MPI_STATUS_IGNORE));
+    LANCET_MPI_CHECK(MPI_Testall(static_cast<int>(reqs.size()), reqs.data(), &flag, MPI_STATUSES_IGNORE));
     if (flag) return;
     const double waited = std::chrono::duration<double>(Clock::now() - start).count();
     if (timeout_s > 0 && waited > timeout_s)
       LANCET_FAIL(what << " on rank " << rank << " of " << size << ": no answer from the other ranks for " << waited
                        << " s (dist.timeout_s " << timeout_s
                        << "): a rank died, hangs, or took another code path; aborting the job");
-    if (waited > 1e-3) {
+    // Open MPI advances a nonblocking collective only inside MPI calls: while it moves data
+    // (the first 100 ms: a large bucket's all-reduce) keep testing, yielding the core to any
+    // process that shares it; then, a peer late or gone, back off to sleeping.
+    if (waited > 0.1) {
       std::this_thread::sleep_for(pause);
       pause = std::min(pause * 2, std::chrono::microseconds(1000));
+    } else if (waited > 1e-3) {
+      std::this_thread::yield();
     }
   }
+}
+
+void timed_wait(MPI_Request& req, const char* what, double timeout_s, int rank, int size) {
+  std::vector<MPI_Request> one{req};
+  timed_wait(one, what, timeout_s, rank, size);
+  req = one[0];
+}
+
+// Starts the all-reduce of t in place as chunks of kAllReduceChunkBytes (one call, of count 0,
+// for an empty tensor: every rank issues the same calls).
+std::vector<MPI_Request> start_all_reduce(Tensor& t, ReduceOp op, MPI_Comm comm, const char* what) {
+  const MPI_Datatype type = mpi_type(t, what);
+  const int64_t elem = static_cast<int64_t>(dtype_size(t.dtype()));
+  const int64_t chunk = std::max<int64_t>(1, kAllReduceChunkBytes / elem);
+  char* base = static_cast<char*>(t.raw_data());
+  std::vector<MPI_Request> reqs;
+  int64_t offset = 0;
+  do {
+    const int n = static_cast<int>(std::min(chunk, t.numel() - offset));
+    reqs.emplace_back();
+    LANCET_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, base + offset * elem, n, type, mpi_op(op), comm, &reqs.back()));
+    offset += n;
+  } while (offset < t.numel());
+  return reqs;
 }
 
 // Divides by the number of ranks after a sum (mean); integer tensors are not averaged.
@@ -116,8 +159,8 @@ void finish_mean(Tensor& t, ReduceOp op, int size) {
 
 class MpiWork final : public Work {
  public:
-  MpiWork(MPI_Request req, Tensor t, ReduceOp op, int rank, int size, double timeout_s)
-      : req_(req), t_(std::move(t)), op_(op), rank_(rank), size_(size), timeout_s_(timeout_s) {}
+  MpiWork(std::vector<MPI_Request> reqs, Tensor t, ReduceOp op, int rank, int size, double timeout_s)
+      : reqs_(std::move(reqs)), t_(std::move(t)), op_(op), rank_(rank), size_(size), timeout_s_(timeout_s) {}
   ~MpiWork() override {
     if (!finished_) {
       finished_ = true;
@@ -128,7 +171,7 @@ class MpiWork final : public Work {
         return;
       }
       try {  // a destructor must not throw: on a timeout, leave the request as above
-        timed_wait(req_, "all_reduce_async", timeout_s_, rank_, size_);
+        timed_wait(reqs_, "all_reduce_async", timeout_s_, rank_, size_);
       } catch (...) {
         new Tensor(t_);  // NOLINT: deliberately leaked
       }
@@ -136,14 +179,14 @@ class MpiWork final : public Work {
   }
   void wait() override {
     if (finished_) return;
-    timed_wait(req_, "all_reduce_async", timeout_s_, rank_, size_);
+    timed_wait(reqs_, "all_reduce_async", timeout_s_, rank_, size_);
     finished_ = true;
     finish_mean(t_, op_, size_);
   }
   bool done() override {
     if (finished_) return true;
     int flag = 0;
-    LANCET_MPI_CHECK(MPI_Test(&req_, &flag, MPI_STATUS_IGNORE));
+    LANCET_MPI_CHECK(MPI_Testall(static_cast<int>(reqs_.size()), reqs_.data(), &flag, MPI_STATUSES_IGNORE));
     if (flag) {
       finished_ = true;
       finish_mean(t_, op_, size_);
@@ -152,7 +195,7 @@ class MpiWork final : public Work {
   }
 
  private:
-  MPI_Request req_;
+  std::vector<MPI_Request> reqs_;
   Tensor t_;  // keeps the buffer alive while MPI writes it
   ReduceOp op_;
   int rank_, size_;
@@ -197,19 +240,13 @@ class MpiCommunicator final : public Communicator {
   std::string backend() const override { return "mpi"; }
 
   void all_reduce(Tensor& t, ReduceOp op, const Stream&) override {
-    const MPI_Datatype type = mpi_type(t, "all_reduce");
-    MPI_Request req;
-    LANCET_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, t.raw_data(), count_of(t, "all_reduce"), type, mpi_op(op), comm_, &req));
-    wait(req, "all_reduce");
+    std::vector<MPI_Request> reqs = start_all_reduce(t, op, comm_, "all_reduce");
+    timed_wait(reqs, "all_reduce", timeout_s_, rank_, size_);
     finish_mean(t, op, size_);
   }
 
   std::unique_ptr<Work> all_reduce_async(Tensor& t, ReduceOp op, const Stream&) override {
-    const MPI_Datatype type = mpi_type(t, "all_reduce_async");
-    MPI_Request req;
-    LANCET_MPI_CHECK(
-        MPI_Iallreduce(MPI_IN_PLACE, t.raw_data(), count_of(t, "all_reduce_async"), type, mpi_op(op), comm_, &req));
-    return std::make_unique<MpiWork>(req, t, op, rank_, size_, timeout_s_);
+    return std::make_unique<MpiWork>(start_all_reduce(t, op, comm_, "all_reduce_async"), t, op, rank_, size_, timeout_s_);
   }
 
   void broadcast(Tensor& t, int root, const Stream&) override {
