@@ -14,6 +14,7 @@ void sgemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const f
 }
 
 void blas_set_num_threads(int n) { openblas_set_num_threads(n); }
+int blas_num_threads() { return openblas_get_num_threads(); }
 
 std::string blas_info() {
   std::string s = "OpenBLAS";

@@ -10,6 +10,7 @@ void sgemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const f
            const float* b, int ldb, float beta, float* c, int ldc);
 
 void blas_set_num_threads(int n);
+int blas_num_threads();
 std::string blas_info();  // e.g. "OpenBLAS 0.3.21 (Haswell, 2 threads)"
 
 }  // namespace lancet

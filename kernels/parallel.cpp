@@ -25,6 +25,17 @@ void set_thread_local_threads(int n) {
   if (n > 0) omp_set_num_threads(n);
 }
 
+BlasThreadsScope::BlasThreadsScope(int n) {
+  if (n <= 0) return;
+  previous_ = blas_num_threads();
+  if (previous_ == n) previous_ = 0;
+  else blas_set_num_threads(n);
+}
+
+BlasThreadsScope::~BlasThreadsScope() {
+  if (previous_ > 0) blas_set_num_threads(previous_);
+}
+
 int num_threads() {
   if (t_threads > 0) return t_threads;
   int n = g_threads.load();

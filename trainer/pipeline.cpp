@@ -560,6 +560,8 @@ StepStats Pipeline::train_step(Optimizer& opt, const std::vector<Tensor>& xs, co
   double wall = 0;
   {
     TraceScope trace("pipeline", "phase");
+    // CPU stages: each stage's BLAS calls with the stage's threads (kernels/parallel.h).
+    BlasThreadsScope blas(gpu_ ? 0 : options_.threads_per_stage);
     for (size_t s = 0; s < stages_.size(); ++s) {
       const int stage = static_cast<int>(s);
       workers_[s]->submit([this, stage, &ctx] { run_stage(stage, ctx); });

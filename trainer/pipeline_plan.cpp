@@ -154,6 +154,8 @@ int choose_cut(const std::string& cut, const std::string& balance, const Units& 
   const Tensor input = scratch->to_compute(x, s);
   std::vector<double> cost;
   std::exception_ptr err;
+  // On the CPU the stages' products run with the stage's threads: measure them so.
+  BlasThreadsScope blas(s.device.is_cpu() ? threads : 0);
   std::thread measure([&] {
     try {
 #ifdef LANCET_WITH_CUDA
