@@ -296,6 +296,10 @@ TEST_F(Pipelines, TwoDevicesRefusedWhereTheyCannotRun) {
   EXPECT_EQ(pipeline_gpus_per_rank({"cuda:0", "cuda:0"}), 1);
   EXPECT_EQ(pipeline_gpus_per_rank({"cpu", "cpu:1"}), 1);
   EXPECT_EQ(pipeline_gpus_per_rank({}), 1);
+  // The CPU has one allocator for every stage, domain and logical device: one pool to read.
+  const std::vector<Allocator*> pools = training_memory_pools(Device::cpu(), {Device::cpu(), Device::cpu(1)});
+  ASSERT_EQ(pools.size(), 1u);
+  EXPECT_EQ(pools[0], &allocator_for(Device::cpu()));
 }
 
 TEST_F(Pipelines, OneFOneBHoldsLessActivationMemoryThanGpipe) {

@@ -73,6 +73,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "kernels/allocator.h"
 #include "layers/medicalcnn.h"
 #include "layers/module.h"
 #include "trainer/ddp.h"
