@@ -5,7 +5,8 @@
 // (rounded) inputs. Shapes cover N = 1, odd H and W, C = 1, C not a multiple of 8, C spanning
 // several 32-channel tiles (40, 96, 200), and H * W large enough for many row chunks of the
 // ColumnGrid (kernels/cuda/common.cuh), as well as single-chunk grids. Also: reductions with
-// one output left out give the same bits, and a memory-format mismatch in any per-channel op
+// one output left out give the same bits, a batch over one grid's 65535 images (launched in
+// slices) matches too, and a memory-format mismatch in any per-channel op
 // (BatchNorm, the fused ops included) throws one line naming the op and both tensors. BatchNorm,
 // its SyncBatchNorm pieces and the fused SE scale + residual + ReLU run in channels_last in
 // test_gpu_batchnorm.cpp, parametrised over the memory format. Each test skips without a GPU.
@@ -178,6 +179,41 @@ TEST(GpuChannelsLast, ChannelScaleMatchesCpu) {
       channel_scale_backward(gx, gg, gdy, gdx2, none, kGpu);  // dg undefined
       expect_same_bits(gdx, gdx2, "channel_scale_backward dx without dg" + at);
     }
+}
+
+// A batch over gridDim.z's 65535: the channels_last per-(n, c) kernels launch in slices of the
+// batch (for_each_column_launch, common.cuh). Every image, those of the second slice too, matches
+// the CPU; an image a slice missed would stay NaN.
+TEST(GpuChannelsLast, BatchesBeyondOneGridMatchCpu) {
+  LANCET_REQUIRE_GPU();
+  const Shape sh = {65535 + 1234, 5, 2, 3}, gs = {sh[0], sh[1]};
+  const Tensor x = random_tensor(sh, 31), g = random_tensor(gs, 32, 0.01f, 0.99f), dy = random_tensor(sh, 33);
+  const Tensor sc = random_tensor(sh, 34);
+  const Tensor gx = gpu_cl(x), gg = to_gpu(g), gdy = gpu_cl(dy), gsc = gpu_cl(sc);
+
+  Tensor y = Tensor::empty(gs), gy = gpu_nan(gs);
+  global_avgpool_forward(x, y, kCpu);
+  global_avgpool_forward(gx, gy, kGpu);
+  expect_close(y, to_cpu_f32(gy), 1e-6, 1e-9, "global_avgpool_forward");
+
+  Tensor dx = Tensor::empty(sh), dg = Tensor::empty(gs), gdx = gpu_cl_nan(sh), gdg = gpu_nan(gs);
+  channel_scale_backward(x, g, dy, dx, dg, kCpu);
+  channel_scale_backward(gx, gg, gdy, gdx, gdg, kGpu);
+  expect_same_bits(dx, to_cpu_nchw_f32(gdx), "channel_scale_backward dx");
+  expect_close(dg, to_cpu_f32(gdg), 1e-6, 1e-6, "channel_scale_backward dg");
+
+  Tensor sy = Tensor::empty(sh), gsy = gpu_cl_nan(sh);
+  se_scale_residual_relu_forward(x, g, sc, sy, kCpu);
+  se_scale_residual_relu_forward(gx, gg, gsc, gsy, kGpu);
+  expect_close(sy, to_cpu_nchw_f32(gsy), 1e-6, 1e-6, "se_scale_residual_relu_forward");
+  Tensor sdx = Tensor::empty(sh), sdg = Tensor::empty(gs), sds = Tensor::empty(sh);
+  Tensor gsdx = gpu_cl_nan(sh), gsdg = gpu_nan(gs), gsds = gpu_cl_nan(sh);
+  const Tensor gsy_exact = gpu_cl(sy);  // the ReLU mask both sides see
+  se_scale_residual_relu_backward(x, g, sy, dy, sdx, sdg, sds, kCpu);
+  se_scale_residual_relu_backward(gx, gg, gsy_exact, gdy, gsdx, gsdg, gsds, kGpu);
+  expect_close(sdx, to_cpu_nchw_f32(gsdx), 1e-6, 1e-6, "se_scale_residual_relu_backward dx");
+  expect_close(sdg, to_cpu_f32(gsdg), 1e-6, 1e-5, "se_scale_residual_relu_backward dg");
+  expect_close(sds, to_cpu_nchw_f32(gsds), 0, 0, "se_scale_residual_relu_backward dshortcut");
 }
 
 // ---- memory-format mismatches --------------------------------------------------------------------

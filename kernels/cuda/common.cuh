@@ -153,7 +153,7 @@ template <typename A> __device__ A block_sum(A v, A* shared) {
 // [B, R, C] with B = N, R = H * W (per-(n, c) ops: average pooling, SE gates) or B = 1,
 // R = N * H * W (BatchNorm's per-channel statistics). A ColumnGrid tiles it so that reads run
 // along C: block (blockDim.x = ct, blockDim.y = rp) with ct * rp = kBlock; thread (tx, ty) of
-// block (x, y, z) owns channel c = x * ct + tx of batch b = z and the rows r0 + ty, r0 + ty + rp,
+// block (x, y, z) owns channel c = x * ct + tx of batch b = b0 + z and the rows r0 + ty, r0 + ty + rp,
 // ... below r1, where [r0, r1) = [y * chunk, min(R, (y + 1) * chunk)) is chunk y of the rows. A
 // warp thus reads 32 / ct consecutive rows' ct adjacent channels: one contiguous run of memory
 // when C <= ct, ct contiguous elements of each row otherwise.
@@ -166,10 +166,13 @@ struct ColumnGrid {
   unsigned tiles;   // channel tiles: gridDim.x = ceil(C / ct)
   unsigned splits;  // row chunks: gridDim.y, at most 65535
   int ct, rp;       // blockDim: ct channels (a power of two <= 32) x rp rows, ct * rp = kBlock
+  int64_t b0;       // this launch's first batch entry: a batch over gridDim.z's limit of
+  unsigned bz;      // kMaxGridZ is launched in slices [b0, b0 + bz) (for_each_column_launch)
 };
+constexpr int64_t kMaxGridZ = 65535;
 
-// Requires B, R, C > 0 and B <= 65535 (gridDim.z). About `target_blocks` blocks in all, each
-// at least `min_passes` passes of rp rows where the rows allow it.
+// Requires B, R, C > 0. About `target_blocks` blocks in all, each at least `min_passes` passes
+// of rp rows where the rows allow it.
 inline ColumnGrid column_grid(int64_t B, int64_t R, int64_t C, int64_t target_blocks = 2048, int64_t min_passes = 4) {
   ColumnGrid g{};
   g.B = B;
@@ -185,10 +188,23 @@ inline ColumnGrid column_grid(int64_t B, int64_t R, int64_t C, int64_t target_bl
   g.chunk = (R + splits - 1) / splits;
   g.splits = static_cast<unsigned>((R + g.chunk - 1) / g.chunk);  // <= splits: every chunk non-empty
   g.tiles = static_cast<unsigned>(tiles);
+  g.b0 = 0;
+  g.bz = static_cast<unsigned>(std::min(B, kMaxGridZ));
   return g;
 }
-// The launch: <<<column_blocks(g), column_threads(g), 0, stream>>>.
-inline dim3 column_blocks(const ColumnGrid& g) { return dim3(g.tiles, g.splits, static_cast<unsigned>(g.B)); }
+// The launches: for_each_column_launch(g, [&](const ColumnGrid& part) {
+//   kernel<<<column_blocks(part), column_threads(part), 0, stream>>>(..., part, ...); });
+// part is g for one slice of at most kMaxGridZ batch entries (one launch for B <= 65535). The
+// slices write disjoint outputs and partials, so the result does not depend on the slicing.
+template <typename Launch> void for_each_column_launch(const ColumnGrid& g, Launch&& launch) {
+  for (int64_t b0 = 0; b0 < g.B; b0 += kMaxGridZ) {
+    ColumnGrid part = g;
+    part.b0 = b0;
+    part.bz = static_cast<unsigned>(std::min(g.B - b0, kMaxGridZ));
+    launch(static_cast<const ColumnGrid&>(part));
+  }
+}
+inline dim3 column_blocks(const ColumnGrid& g) { return dim3(g.tiles, g.splits, g.bz); }
 inline dim3 column_threads(const ColumnGrid& g) {
   return dim3(static_cast<unsigned>(g.ct), static_cast<unsigned>(g.rp));
 }
@@ -198,8 +214,9 @@ inline dim3 column_threads(const ColumnGrid& g) {
 __device__ __forceinline__ int64_t column_channel() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
+__device__ __forceinline__ int64_t column_batch(const ColumnGrid& g) { return g.b0 + blockIdx.z; }
 __device__ __forceinline__ int64_t column_output(const ColumnGrid& g, int64_t c) {
-  return static_cast<int64_t>(blockIdx.z) * g.C + c;
+  return column_batch(g) * g.C + c;
 }
 // The slot of this block's partial for output `o` ([B, C] index) among gridDim.y chunks:
 // partials of one output are contiguous, in chunk order.
@@ -219,7 +236,7 @@ __device__ __forceinline__ void for_column_rows(const ColumnGrid& g, Load&& load
   if (c >= g.C) return;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * g.chunk;
   const int64_t r1 = r0 + g.chunk < g.R ? r0 + g.chunk : g.R;
-  const int64_t base = static_cast<int64_t>(blockIdx.z) * g.R * g.C + c;
+  const int64_t base = column_batch(g) * g.R * g.C + c;
   const int64_t step = blockDim.y;
   int64_t r = r0 + threadIdx.y;
   for (; r + (kColumnBatch - 1) * step < r1; r += kColumnBatch * step) {  // kColumnBatch whole rows

@@ -94,7 +94,7 @@ __global__ void channel_scale_backward_kernel(const T* x, const T* g, const T* d
   }
 }
 
-// channels_last: a ColumnGrid over [N, HW, C]; thread (n = blockIdx.z, c) walks its rows of the
+// channels_last: a ColumnGrid over [N, HW, C]; thread (n = b0 + blockIdx.z, c) walks its rows of the
 // block's chunk, writing dx and adding dy * x in double; dg[n, c] through store_column_result
 // (and column_partials_sum_kernel when the rows are split). dx or dg may be null (uniform).
 template <typename T>
@@ -318,16 +318,17 @@ void channel_scale_backward(const Tensor& x, const Tensor& g, const Tensor& dy, 
   if (planes == 0 || (!dx.defined() && !dg.defined())) return;
   // Empty planes (HW == 0) take the nchw kernel in either layout: it reads nothing, dg = 0.
   if (x.format() == MemoryFormat::channels_last && d.HW > 0) {
-    LANCET_CHECK(d.N <= 65535, op << ": batch of " << x.shape_str() << " exceeds the grid of one launch");
     CudaDeviceGuard guard(s.device.index);
     const ColumnGrid cg = column_grid(d.N, d.HW, d.C);
     Tensor partials = dg.defined() ? column_partials_scratch(cg, s.device) : Tensor();
     LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
       scalar_t* dxp = dx.defined() ? ptr<scalar_t>(dx) : nullptr;
       scalar_t* dgp = dg.defined() ? ptr<scalar_t>(dg) : nullptr;
-      channel_scale_backward_nhwc_kernel<<<column_blocks(cg), column_threads(cg), 0, native(s)>>>(
-          ptr<scalar_t>(x), ptr<scalar_t>(g), ptr<scalar_t>(dy), dxp, dgp, cg, column_partials_ptr(partials));
-      LANCET_CUDA_LAUNCH_CHECK();
+      for_each_column_launch(cg, [&](const ColumnGrid& part) {
+        channel_scale_backward_nhwc_kernel<<<column_blocks(part), column_threads(part), 0, native(s)>>>(
+            ptr<scalar_t>(x), ptr<scalar_t>(g), ptr<scalar_t>(dy), dxp, dgp, part, column_partials_ptr(partials));
+        LANCET_CUDA_LAUNCH_CHECK();
+      });
       if (dgp) finish_column_sum(cg, column_partials_ptr(partials), 1.0, dgp, native(s));
     });
     return;

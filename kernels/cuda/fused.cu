@@ -7,7 +7,7 @@
 // y + splits, ... . Block size and split count depend on the shape only, so dg (a per-plane sum
 // in double: block partials, then a second kernel adding a plane's partials in split order) is
 // deterministic. Forward and backward are one pass each over the activations.
-// channels_last: a ColumnGrid (common.cuh) over [N, H * W, C]: thread (n = blockIdx.z, c) keeps
+// channels_last: a ColumnGrid (common.cuh) over [N, H * W, C]: thread (n = b0 + blockIdx.z, c) keeps
 // its gate g[n, c] in a register and walks its rows of the block's chunk (reads along C:
 // coalesced); dg[n, c] is the chunk sums (column_sum, a fixed tree) added in chunk order, so it
 // is deterministic too. The per-element arithmetic is the nchw kernels'.
@@ -163,8 +163,6 @@ Nchw check_se(const char* op, const Tensor& x, const Tensor& g, const Stream& s,
                                                   << " (expected [" << d.N << ", " << d.C << "])");
   require_dtype(op, "g", g, x.dtype());
   LANCET_CHECK(d.N * d.C <= 0x7fffffff, op << ": " << d.N * d.C << " planes exceed the grid of one launch");
-  LANCET_CHECK(x.format() == MemoryFormat::nchw || d.N <= 65535,
-               op << ": batch of " << x.shape_str() << " exceeds the grid of one launch");
   return d;
 }
 
@@ -185,9 +183,11 @@ void se_scale_residual_relu_forward(const Tensor& x, const Tensor& g, const Tens
   if (x.format() == MemoryFormat::channels_last) {
     const ColumnGrid cg = column_grid(d.N, d.HW, d.C);
     LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
-      se_forward_nhwc_kernel<scalar_t><<<column_blocks(cg), column_threads(cg), 0, native(s)>>>(
-          ptr<scalar_t>(x), ptr<scalar_t>(g), ptr<scalar_t>(shortcut), cg, ptr<scalar_t>(y));
-      LANCET_CUDA_LAUNCH_CHECK();
+      for_each_column_launch(cg, [&](const ColumnGrid& part) {
+        se_forward_nhwc_kernel<scalar_t><<<column_blocks(part), column_threads(part), 0, native(s)>>>(
+            ptr<scalar_t>(x), ptr<scalar_t>(g), ptr<scalar_t>(shortcut), part, ptr<scalar_t>(y));
+        LANCET_CUDA_LAUNCH_CHECK();
+      });
     });
     return;
   }
@@ -225,10 +225,12 @@ void se_scale_residual_relu_backward(const Tensor& x, const Tensor& g, const Ten
     const ColumnGrid cg = column_grid(d.N, d.HW, d.C);
     Tensor partials = dg.defined() ? column_partials_scratch(cg, s.device) : Tensor();
     LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
-      se_backward_nhwc_kernel<scalar_t><<<column_blocks(cg), column_threads(cg), 0, st>>>(
-          ptr<scalar_t>(x), ptr<scalar_t>(g), ptr<scalar_t>(y), ptr<scalar_t>(dy), cg, mptr<scalar_t>(dx),
-          mptr<scalar_t>(dshortcut), mptr<scalar_t>(dg), column_partials_ptr(partials));
-      LANCET_CUDA_LAUNCH_CHECK();
+      for_each_column_launch(cg, [&](const ColumnGrid& part) {
+        se_backward_nhwc_kernel<scalar_t><<<column_blocks(part), column_threads(part), 0, st>>>(
+            ptr<scalar_t>(x), ptr<scalar_t>(g), ptr<scalar_t>(y), ptr<scalar_t>(dy), part, mptr<scalar_t>(dx),
+            mptr<scalar_t>(dshortcut), mptr<scalar_t>(dg), column_partials_ptr(partials));
+        LANCET_CUDA_LAUNCH_CHECK();
+      });
       if (dg.defined()) finish_column_sum(cg, column_partials_ptr(partials), 1.0, ptr<scalar_t>(dg), st);
     });
     return;

@@ -233,14 +233,15 @@ void global_avgpool_forward(const Tensor& x, Tensor& y, const Stream& s) {
   // Empty planes (HW == 0) take the nchw kernel below in either layout: it reads nothing and
   // writes 0 / 0, as the CPU twin does.
   if (x.format() == MemoryFormat::channels_last && HW > 0) {
-    LANCET_CHECK(x.dim(0) <= 65535, op << ": batch of " << x.shape_str() << " exceeds the grid of one launch");
     CudaDeviceGuard g(s.device.index);
     const ColumnGrid cg = column_grid(x.dim(0), HW, x.dim(1));
     Tensor partials = column_partials_scratch(cg, s.device);
     LANCET_CUDA_FLOAT_TYPES(x.dtype(), op, {
-      global_avgpool_forward_nhwc_kernel<<<column_blocks(cg), column_threads(cg), 0, native(s)>>>(
-          ptr<scalar_t>(x), cg, column_partials_ptr(partials), ptr<scalar_t>(y));
-      LANCET_CUDA_LAUNCH_CHECK();
+      for_each_column_launch(cg, [&](const ColumnGrid& part) {
+        global_avgpool_forward_nhwc_kernel<<<column_blocks(part), column_threads(part), 0, native(s)>>>(
+            ptr<scalar_t>(x), part, column_partials_ptr(partials), ptr<scalar_t>(y));
+        LANCET_CUDA_LAUNCH_CHECK();
+      });
       finish_column_sum(cg, column_partials_ptr(partials), static_cast<double>(HW), ptr<scalar_t>(y), native(s));
     });
     return;
