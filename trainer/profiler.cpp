@@ -15,17 +15,27 @@ namespace lancet {
 #ifdef LANCET_WITH_CUDA
 struct StepProfiler::GpuMarks {
   Stream stream;
+  // The other devices' streams, each with an event that joins its work into `stream`.
+  std::vector<Stream> also;
+  std::vector<std::unique_ptr<CudaEvent>> joins;
   // Pairs of timing events, (begin, end) per phase entry this step, and the phase of each pair.
   std::vector<std::unique_ptr<CudaEvent>> events;
   std::vector<Phase> phases;
   size_t used = 0;  // pairs recorded this step
 };
 
-void StepProfiler::set_stream(const Stream& s) {
+void StepProfiler::set_stream(const Stream& s, const std::vector<Stream>& also) {
   LANCET_CHECK(!in_step_, "StepProfiler::set_stream inside a step");
+  for (const Stream& a : also)
+    LANCET_CHECK(s.device.is_cuda() && a.device.is_cuda() && a.device != s.device,
+                 "StepProfiler: a joined stream on " << a.device.str() << " with the timed stream on "
+                                                     << s.device.str() << " (both CUDA, different devices)");
   if (s.device.is_cuda()) {
     if (!gpu_ || gpu_->stream.device != s.device) gpu_ = std::make_unique<GpuMarks>();
     gpu_->stream = s;
+    gpu_->also = also;
+    gpu_->joins.clear();
+    for (const Stream& a : also) gpu_->joins.push_back(std::make_unique<CudaEvent>(a.device));
   } else {
     gpu_.reset();
   }
@@ -48,7 +58,12 @@ int StepProfiler::gpu_mark_begin(Phase p) {
 void StepProfiler::gpu_mark_end(int slot) {
   // A destructor calls this: a recording error must not escape (the step's result shows it).
   try {
-    gpu_->events[2 * static_cast<size_t>(slot) + 1]->record(gpu_->stream);
+    GpuMarks& g = *gpu_;
+    for (size_t i = 0; i < g.also.size(); ++i) {  // the phase ends when the other devices' work has run too
+      g.joins[i]->record(g.also[i]);
+      g.joins[i]->wait_on(g.stream);
+    }
+    g.events[2 * static_cast<size_t>(slot) + 1]->record(g.stream);
   } catch (const std::exception&) {
   }
 }
@@ -57,6 +72,7 @@ void StepProfiler::gpu_resolve_step() {
   if (!gpu_) return;
   GpuMarks& g = *gpu_;
   synchronize(g.stream);
+  for (const Stream& a : g.also) synchronize(a);
   std::array<bool, kNumPhases> timed{};
   std::array<double, kNumPhases> gpu_s{};
   for (size_t i = 0; i < g.used; ++i) {
@@ -72,8 +88,9 @@ void StepProfiler::gpu_resolve_step() {
 struct StepProfiler::GpuMarks {
   size_t used = 0;
 };
-void StepProfiler::set_stream(const Stream& s) {
-  LANCET_CHECK(s.device.is_cpu(), "StepProfiler: stream on " << s.device.str() << " in a build without CUDA");
+void StepProfiler::set_stream(const Stream& s, const std::vector<Stream>& also) {
+  LANCET_CHECK(s.device.is_cpu() && also.empty(),
+               "StepProfiler: stream on " << s.device.str() << " in a build without CUDA");
 }
 int StepProfiler::gpu_mark_begin(Phase) { return -1; }
 void StepProfiler::gpu_mark_end(int) {}

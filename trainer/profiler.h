@@ -13,7 +13,10 @@
 // the stream, i.e. from when the GPU reaches the phase's first op to when it finishes its last
 // (GPU idle time inside the phase, e.g. while the host is slow to queue, counts to the phase);
 // end_step() waits for the stream, so the step time is the time the GPU work really took.
-// data_wait (the host waiting for the loader) keeps the host clock.
+// data_wait (the host waiting for the loader) keeps the host clock. A step whose GPU work also
+// runs on other devices (a pipeline's second GPU) names their streams too: each phase's end
+// then waits, on the GPU, for the work queued on them so far (an event join), so the phase
+// covers both devices' work, and end_step() waits for all of them.
 //
 //   StepProfiler prof;                          // per epoch: prof.reset() first
 //   prof.begin_step();
@@ -79,8 +82,9 @@ class StepProfiler {
   StepProfiler& operator=(const StepProfiler&) = delete;
 
   // The stream the timed GPU work runs on (a CUDA stream switches to event timing, see above);
-  // a CPU stream (the default) times with host clocks. Call between steps.
-  void set_stream(const Stream& s);
+  // a CPU stream (the default) times with host clocks. `also`: streams on other CUDA devices
+  // that a step's phases use as well (joined at each phase's end). Call between steps.
+  void set_stream(const Stream& s, const std::vector<Stream>& also = {});
 
   // Times `phase` until the returned scope ends: `auto p = prof.phase(Phase::forward);`.
   Scope phase(Phase p) { return Scope(*this, p); }

@@ -754,6 +754,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
 
   auto write_checkpoint = [&](TrainState snapshot, const std::string& path) {
     if (!writes) return;
+    snapshot.dropout_counters.clear();  // a resumed run's state holds the counters it loaded
     for (const Dropout* d : model->dropouts()) snapshot.dropout_counters.push_back(d->counter());
     snapshot.schedule = schedule.state();
     snapshot.early_stopping = stopper.state();
@@ -769,7 +770,12 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   TrainSummary summary;
   ProgressDisplay progress(log, tc.log_every);
   StepProfiler prof;
-  prof.set_stream(stream);  // on a GPU: phases timed by CUDA events (trainer/profiler.h)
+  {  // on a GPU: phases timed by CUDA events (trainer/profiler.h), joining a second GPU's stages
+    std::vector<Stream> also;
+    for (const Device& d : stage_devices)
+      if (d.is_cuda() && d != device) also.push_back(stream_on(d, stream));
+    prof.set_stream(stream, also);
+  }
   StepOptions step_options;
   step_options.clip_grad_norm = tc.clip_grad_norm;
   step_options.compute_grad_norm = writes;  // logged per step
