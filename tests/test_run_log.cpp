@@ -481,4 +481,7 @@ TEST(Profiler, ScopesTimeTheirPhaseAndEmitTraceEvents) {
   for (const auto& e : trace_events()) names.push_back(e.category + "/" + e.name);
   EXPECT_EQ(names, (std::vector<std::string>{"phase/data_wait", "phase/optimizer", "step/step"}));
   expect_error([&] { prof.end_step(); }, {"end_step", "begin_step"});
+  // A second device's stream joins a CUDA timed stream only (a pipeline's second GPU).
+  expect_error([&] { prof.set_stream(Stream::cpu(), {Stream{Device::cuda(1), nullptr}}); },
+               {"StepProfiler", "joined stream on cuda:1"});
 }

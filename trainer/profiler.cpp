@@ -89,8 +89,9 @@ struct StepProfiler::GpuMarks {
   size_t used = 0;
 };
 void StepProfiler::set_stream(const Stream& s, const std::vector<Stream>& also) {
-  LANCET_CHECK(s.device.is_cpu() && also.empty(),
-               "StepProfiler: stream on " << s.device.str() << " in a build without CUDA");
+  LANCET_CHECK(s.device.is_cpu(), "StepProfiler: stream on " << s.device.str() << " in a build without CUDA");
+  LANCET_CHECK(also.empty(), "StepProfiler: a joined stream on " << also.front().device.str()
+                                                                  << " in a build without CUDA");
 }
 int StepProfiler::gpu_mark_begin(Phase) { return -1; }
 void StepProfiler::gpu_mark_end(int) {}
