@@ -124,6 +124,7 @@ TEST_F(Ddp, ARankThatDiesHangsOrFailsEndsTheJobWithAMessage) {
   // Killed (SIGKILL, as the OOM killer would): the launcher ends the job.
   const Timed killed = run(2, env() + " LANCET_FAULT=1:2:kill", args(dir / "killed"));
   EXPECT_NE(killed.r.status, 0) << killed.r.output;
+  EXPECT_NE(killed.r.output.find("signal 9"), std::string::npos) << killed.r.output;  // mpirun saw the kill
   EXPECT_LT(killed.seconds, 60) << killed.r.output;
   // Hung: rank 0 gives up after dist.timeout_s and aborts the job.
   const Timed hung = run(2, env() + " LANCET_FAULT=1:2:hang", args(dir / "hung", "--set dist.timeout_s=2"));

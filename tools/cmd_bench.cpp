@@ -16,6 +16,7 @@
 #endif
 #include "kernels/parallel.h"
 #include "tools/cli.h"
+#include "tools/rank_error.h"
 #include "trainer/ddp.h"
 #include "trainer/loss_scaler.h"
 #include "trainer/pipeline.h"
@@ -493,9 +494,7 @@ void run_bench_any(const BenchArgs& a) {
       run_bench(a, *comm);
   } catch (const std::exception& e) {
     if (comm->size() == 1) throw;
-    std::cerr << "lancet bench: error: rank " << comm->rank() << " of " << comm->size() << ": " << e.what() << "\n"
-              << std::flush;
-    comm->abort(1);
+    report_and_abort_job("bench", *comm, e);
     throw;
   }
 }

@@ -4,6 +4,7 @@
 
 #include "comm/communicator.h"
 #include "tools/cli.h"
+#include "tools/rank_error.h"
 #include "trainer/trainer.h"
 
 namespace lancet::cli {
@@ -26,9 +27,7 @@ void register_train(CLI::App& app) {
     } catch (const std::exception& e) {
       if (comm->size() == 1) throw;
       // The other ranks cannot know: end the whole job now rather than let them wait.
-      std::cerr << "lancet train: error: rank " << comm->rank() << " of " << comm->size() << ": " << e.what()
-                << "\n" << std::flush;
-      comm->abort(1);
+      report_and_abort_job("train", *comm, e);
       throw;
     }
   });
