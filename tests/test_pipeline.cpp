@@ -1,7 +1,8 @@
 // Pipeline model parallelism on two CPU stages: the schedules, the cut, equivalence with
-// unpipelined gradient accumulation (bitwise, both schedules, fp32 and emulated fp16 with loss
-// scaling), 1F1B's lower activation memory, failure handling, and checkpoints that move
-// between pipelined and unpipelined runs; under mpirun, a pipeline per rank.
+// unpipelined gradient accumulation (bitwise, both schedules, fp32, emulated fp16 with loss
+// scaling and emulated bf16), 1F1B's lower activation memory, failure handling, and checkpoints
+// that move between pipelined and unpipelined runs; under mpirun, a pipeline per rank (fp32 and
+// fp16).
 #include <gtest/gtest.h>
 
 #include <array>
@@ -120,7 +121,7 @@ TEST(PipelineCut, BalancesCostsAndChecksNames) {
 TEST_F(Pipelines, EqualGradientAccumulationBitwise) {
   for (const PipeSchedule sched : {PipeSchedule::gpipe, PipeSchedule::one_f_one_b}) {
     for (const int m : {1, 3, 4}) {
-      for (const DType precision : {DType::f32, DType::f16}) {
+      for (const DType precision : {DType::f32, DType::f16, DType::bf16}) {
         SCOPED_TRACE(std::string(pipe_schedule_name(sched)) + ", " + std::to_string(m) + " micro-batches, " +
                      dtype_name(precision));
         MedicalCNN ref(small_config(), 7), piped(small_config(), 7);
@@ -192,7 +193,7 @@ TEST_F(Pipelines, TwoDevicesEqualOneDeviceBitwise) {
   Loss loss;
   loss.class_weights = Tensor::from_vector({1.f, 2.f, 0.5f}, {3});  // on cpu; the loss is on cpu:1
   for (const PipeSchedule sched : {PipeSchedule::gpipe, PipeSchedule::one_f_one_b}) {
-    for (const DType precision : {DType::f32, DType::f16}) {
+    for (const DType precision : {DType::f32, DType::f16, DType::bf16}) {
       SCOPED_TRACE(std::string(pipe_schedule_name(sched)) + ", " + dtype_name(precision));
       MedicalCNN ref(small_config(), 7), piped(small_config(), 7), naive(small_config(), 7);
       for (MedicalCNN* net : {&ref, &piped, &naive}) {
@@ -468,7 +469,7 @@ TEST_F(PipelineCli, BenchReportsThePipelineAgainstOneDevice) {
 }
 
 // Data parallelism over pipelines: 2 ranks, each a two-stage pipeline, train like 2 ranks with
-// gradient accumulation (each stage's gradients averaged on their own).
+// gradient accumulation (each stage's gradients averaged on their own), in fp32 and in fp16.
 TEST_F(PipelineCli, EachRankAPipelineUnderMpirun) {
   const std::string mpiexec = LANCET_MPIEXEC;
   if (mpiexec.empty()) GTEST_SKIP() << "this build has no MPI (libopenmpi-dev) or no mpirun";
@@ -489,6 +490,18 @@ TEST_F(PipelineCli, EachRankAPipelineUnderMpirun) {
                                 "--set pipeline.devices=[cpu,cpu:1]"));
   ASSERT_EQ(r.status, 0) << r.output;
   expect_same_weights(dir / "acc2/final.h5", dir / "dev2/final.h5");
+  // Emulated fp16 with dynamic loss scaling: the pipeline's per-stage unscale, inf check and
+  // skip decision agree across ranks as the accumulation run's do.
+  r = mpirun(args(dir / "acc2h", "--epochs 1 --threads 1 --precision fp16 --set train.grad_accum_steps=2"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  r = mpirun(args(dir / "pipe2h", "--epochs 1 --threads 2 --precision fp16 --set pipeline.stages=2 "
+                                  "--set pipeline.micro_batches=2 --set pipeline.threads_per_stage=1 "
+                                  "--set dist.bucket_mb=0.01"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("each a two-stage pipeline"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("precision: fp16 emulated on the CPU"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("loss scaling dynamic from"), std::string::npos) << r.output;
+  expect_same_weights(dir / "acc2h/final.h5", dir / "pipe2h/final.h5");
 }
 
 // What the per-stage figures rest on: a block is charged to its allocating thread's memory

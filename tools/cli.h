@@ -30,7 +30,7 @@ void register_synth(CLI::App& app);
 void register_bench(CLI::App& app);
 void register_prep(CLI::App& app);
 void register_sweep(CLI::App& app);
-// `lancet bench data` (tools/cmd_bench_data.cpp): adds its options (--workers-list, --batches)
+// `lancet bench data` (tools/cmd_bench_data.cpp): adds its options (--workers-list, --batches, ...)
 // to the bench subcommand and returns what runs it, given the config options and --json.
 std::function<void(const ConfigArgs&, bool json)> add_bench_data(CLI::App& bench);
 std::string version_report();
