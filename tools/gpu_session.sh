@@ -15,11 +15,15 @@
 #   tools/gpu_session.sh sweep       lancet sweep on the GPU: fp32 / fp16 / bf16 x batch 64, 256
 #                                    at 224 px (throughput, phases, peak memory per precision),
 #                                    with the scaling model's projection to 8-64 GPUs
+#   tools/gpu_session.sh data        the loader (issue 7): lancet bench data from a 224x224 CLAHE
+#                                    pack and its PNG folder, 0-16 workers, pageable vs pinned
+#                                    batches with the host->device copy timed; then a short
+#                                    GPU training run from the pack for its data_wait share
 #   tools/gpu_session.sh all         info, tests, bench
 #
 # Logs go to $OUT (the device tool's output folder) or LOG_DIR (default /tmp/lancet-gpu): one
 # file per step (info.log, tests.log, sanitize.log, bench.md, bench_<precision>.json, lab.log,
-# sweep.md/.csv/.log). Each
+# sweep.md/.csv/.log, data.log). Each
 # step is bounded by `timeout` so that one hang cannot eat the session (STEP_TIMEOUT seconds,
 # default 240 per binary). The exit status is non-zero when any test failed.
 #
@@ -183,6 +187,28 @@ sweep() {
   return $rc
 }
 
+data() {
+  local dir=/tmp/lancet-data rc=0
+  rm -rf "$dir" && mkdir -p "$dir"
+  {
+    "$LANCET" synth --out "$dir/synth" --train 2000 --val 200 --size 256 &&
+      "$LANCET" prep --data "$dir/synth" --out "$dir/pack224.h5" --image-size 224 --threads "$(nproc)" \
+        --set 'data.preprocess=[{op: clahe}]'
+  } >"$LOG/data.log" 2>&1 || { tail -n 5 "$LOG/data.log"; return 1; }
+  echo "== bench data" | tee -a "$LOG/data.log"
+  timeout -k 10 $((STEP_TIMEOUT * 2)) "$LANCET" bench data --data-list "$dir/pack224.h5,$dir/synth" --image-size 224 \
+    --channels 1 --batch-size 32 --set 'data.preprocess=[{op: clahe}]' --set data.augment.hflip=0.5 \
+    --workers-list 0,1,2,4,8,16 --batches 60 --device cuda --batch-memory pageable,pinned >>"$LOG/data.log" 2>&1 || rc=1
+  tail -n 30 "$LOG/data.log" | sed "s|^|  |"
+  # The trainer's data-wait share on the GPU (the step-phase table at the end of the epoch).
+  echo "== train from the pack, bf16, batch 256" | tee -a "$LOG/data.log"
+  timeout -k 10 $((STEP_TIMEOUT * 2)) "$LANCET" train --device cuda --precision bf16 --data "$dir/pack224.h5" \
+    --image-size 224 --batch-size 256 --epochs 1 --set data.channels=1 --set 'data.preprocess=[{op: clahe}]' \
+    --set data.augment.hflip=0.5 --set data.workers=8 --out "$dir/run" >>"$LOG/data.log" 2>&1 || rc=1
+  grep -E "^ *(phase|data_wait|h2d|forward|backward|optimizer|other|step) " "$LOG/data.log" | tail -n 10 | sed "s|^|  |"
+  return $rc
+}
+
 setup
 case "${1:-all}" in
   info) info ;;
@@ -191,6 +217,7 @@ case "${1:-all}" in
   bench) bench ;;
   lab) shift; lab "$@" ;;
   sweep) sweep ;;
+  data) data ;;
   all) info; tests; t=$?; bench; b=$?; exit $((t | b)) ;;
-  *) echo "usage: tools/gpu_session.sh info|tests [FILTER]|sanitize|bench|lab [ARGS]|sweep|all" >&2; exit 2 ;;
+  *) echo "usage: tools/gpu_session.sh info|tests [FILTER]|sanitize|bench|lab [ARGS]|sweep|data|all" >&2; exit 2 ;;
 esac
