@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cerrno>
@@ -64,6 +65,7 @@ struct Row {
   int workers = -1;  // data.workers; -1: the config's
   int stages = 1;    // pipeline.stages
   int64_t batch = 0, per_rank_batch = 0;
+  bool strong = false;  // strong scaling: the global batch is what rows of one group share
   double val_accuracy = NAN, time_to_target_s = NAN;  // train mode
   std::string status = "ok";
   double images_per_s = 0, step_ms = 0, peak_mib = 0, epoch_s = 0;
@@ -74,11 +76,20 @@ struct Row {
   double predicted_serial_ips = NAN;  // the same model with no overlap (every bucket after the backward)
   Json bench;
   bool ok() const { return status == "ok"; }
+  int64_t group_batch() const { return strong || per_rank_batch == 0 ? batch : per_rank_batch; }
   std::string group() const {  // rows that differ only in ranks
     std::ostringstream o;
-    o << device << " " << precision << " " << threads << "t " << (per_rank_batch ? per_rank_batch : batch);
+    o << device << " " << precision << " " << threads << "t " << group_batch();
     if (workers >= 0) o << " w" << workers;
     if (stages > 1) o << " pipe" << stages;
+    return o.str();
+  }
+  std::string series() const {  // plot legend: group() in words
+    std::ostringstream o;
+    o << device << " " << precision << ", " << threads << " thread" << (threads > 1 ? "s" : "") << "/rank, "
+      << (strong ? "global b" : "b") << group_batch();
+    if (workers >= 0) o << ", " << workers << " loader worker" << (workers == 1 ? "" : "s");
+    if (stages > 1) o << ", pipe" << stages;
     return o.str();
   }
   std::string name() const {
@@ -193,13 +204,58 @@ bool last_json_with(const std::string& text, const char* key, Json& out) {
   return found;
 }
 
-std::string last_line(const std::string& text) {
-  std::string last, line;
-  std::istringstream ss(text);
-  while (std::getline(ss, line))
-    if (!line.empty() && line.find_first_not_of(" \t\r") != std::string::npos) last = line;
-  if (last.size() > 200) last = last.substr(0, 200) + "...";
-  return last;
+// Where lancet's own error message starts in `line` ("lancet: error: ", "lancet bench: error: ",
+// as tools/main.cpp and the per-rank handlers print it); npos if the line holds none. Ranks
+// writing at once can interleave on one line, so the last start in the line is taken.
+size_t lancet_error_start(const std::string& line) {
+  for (size_t p = line.rfind("lancet"); p != std::string::npos; p = p == 0 ? std::string::npos : line.rfind("lancet", p - 1)) {
+    size_t q = p + 6;
+    if (q < line.size() && line[q] == ' ') q = line.find_first_not_of("abcdefghijklmnopqrstuvwxyz", q + 1);
+    if (q != std::string::npos && line.compare(q, 9, ": error: ") == 0) return p;
+  }
+  return std::string::npos;
+}
+
+// A lancet::Error message ends "(<file>:<line>)" (kernels/error.h); one cut short by another
+// rank's output does not.
+bool ends_with_source_line(const std::string& s) {
+  size_t i = s.size();
+  while (i > 0 && (s[i - 1] == '\r' || s[i - 1] == ' ')) --i;
+  if (i < 3 || s[i - 1] != ')') return false;
+  size_t d = i - 1;
+  while (d > 0 && std::isdigit(static_cast<unsigned char>(s[d - 1]))) --d;
+  return d < i - 1 && d > 0 && s[d - 1] == ':';
+}
+
+// Why a run failed, from its log: the last lancet error line, a complete one first (ranks
+// writing at once can cut each other's lines); else the last line that is not the launcher's
+// own text (Open MPI's help blocks between dashed rules, "[host:pid] ..." ORTE lines, srun's
+// and slurmstepd's messages); else the last line. At most 200 characters.
+std::string failure_reason(const std::string& log) {
+  std::string complete, error, plain, last, line;
+  bool in_help = false;  // inside an Open MPI help block ("-----" ... "-----")
+  std::istringstream ss(log);
+  while (std::getline(ss, line)) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    last = line;
+    const size_t e = lancet_error_start(line);
+    if (e != std::string::npos) {
+      error = line.substr(e);
+      if (ends_with_source_line(error)) complete = error;
+      continue;
+    }
+    if (line.find_first_not_of("-\r") == std::string::npos) {
+      in_help = !in_help;
+      continue;
+    }
+    const bool launcher = in_help || line[0] == '[' || line.rfind("srun: ", 0) == 0 || line.rfind("slurmstepd", 0) == 0 ||
+                          line.rfind("mpirun", 0) == 0;
+    if (!launcher) plain = line;
+  }
+  std::string why = !complete.empty() ? complete : !error.empty() ? error : !plain.empty() ? plain : last;
+  while (!why.empty() && (why.back() == '\r' || why.back() == ' ')) why.pop_back();
+  if (why.size() > 200) why = why.substr(0, 200) + "...";
+  return why;
 }
 
 std::vector<std::string> launcher_prefix(const std::string& launcher, int ranks, int threads) {
@@ -279,7 +335,8 @@ std::string markdown(const std::vector<Row>& rows, const SweepArgs& a, int64_t e
   for (const auto& r : rows)
     if (std::find(groups.begin(), groups.end(), r.group()) == groups.end()) groups.push_back(r.group());
   for (const auto& g : groups) {
-    md << "**" << g << "** (device, precision, threads per rank, batch per rank)\n\n"
+    md << "**" << g << "** (device, precision, threads per rank, " << (a.scaling == "weak" ? "batch per rank" : "global batch")
+       << ")\n\n"
        << "| ranks | workers (cores) | global batch | img/s | training time (s) | speedup | efficiency |"
        << (predicted ? " predicted img/s | model error | no-overlap bound |" : "")
        << (train ? " val accuracy | " + (a.target_accuracy > 0 ? tta : std::string("-")) + " |" : "") << "\n"
@@ -372,63 +429,102 @@ std::string csv(const std::vector<Row>& rows) {
   return out;
 }
 
-void plots(const std::vector<Row>& rows, const std::string& out) {
-  // Speedup and efficiency against workers (ranks x threads) relative to the serial run, one
-  // series per threads-per-rank group; the model's predictions dashed; the ideal line.
+// The plots that could be drawn, as file names under `out` (each chart is written as .svg and
+// .png). Speedup and efficiency, one series per group (rows that differ only in ranks), the
+// model's predictions dashed, the ideal line: against workers (ranks x threads) and the 1 rank
+// x 1 thread run when every series has one, else against ranks and each series' own 1-rank
+// run, leaving out a series without one (and the chart when none is left). The step-phase
+// bars need no baseline. A chart not drawn removes its files from an earlier sweep into the
+// same folder, which would contradict this one's tables.
+std::vector<std::string> plots(const std::vector<Row>& rows, const std::string& out) {
+  std::vector<std::string> written;
+  auto remove_stale = [&](const std::string& base) {
+    std::error_code ec;
+    for (const char* ext : {".svg", ".png"}) fs::remove(out + "/" + base + ext, ec);
+  };
+  std::map<std::string, bool> has_serial;  // series -> every ok row has a 1x1 baseline
+  for (const auto& r : rows)
+    if (r.ok()) {
+      auto it = has_serial.emplace(r.series(), true).first;
+      it->second = it->second && std::isfinite(r.speedup_serial);
+    }
+  const bool serial = !has_serial.empty() &&
+                      std::all_of(has_serial.begin(), has_serial.end(), [](const auto& kv) { return kv.second; });
   std::map<std::string, Series> measured, predicted;
-  double max_workers = 1;
+  double max_x = 1;
   for (const auto& r : rows) {
-    if (!r.ok() || !std::isfinite(r.speedup_serial)) continue;
-    std::string label = r.device + " " + r.precision + ", " + std::to_string(r.threads) + " thread" +
-                        (r.threads > 1 ? "s" : "") + "/rank, b" + std::to_string(r.per_rank_batch);
+    const double speedup = serial ? r.speedup_serial : r.speedup;
+    if (!r.ok() || !std::isfinite(speedup)) continue;
+    const double x = serial ? r.ranks * r.threads : r.ranks;
+    const std::string label = r.series();
     Series& s = measured[label];
     s.label = label;
-    s.x.push_back(r.ranks * r.threads);
-    s.y.push_back(r.speedup_serial);
-    max_workers = std::max(max_workers, static_cast<double>(r.ranks * r.threads));
+    s.x.push_back(x);
+    s.y.push_back(speedup);
+    max_x = std::max(max_x, x);
     if (std::isfinite(r.predicted_ips)) {
       Series& p = predicted[label];
       p.label = label + " (model)";
       p.dashed = true;
-      p.x.push_back(r.ranks * r.threads);
-      p.y.push_back(r.speedup_serial * r.predicted_ips / r.images_per_s);
+      p.x.push_back(x);
+      p.y.push_back(speedup * r.predicted_ips / r.images_per_s);
     }
   }
-  if (measured.empty()) return;
-  LineChart sp{"Speedup against 1 rank x 1 thread", "workers (ranks x threads)", "speedup", {}};
-  LineChart ef{"Parallel efficiency", "workers (ranks x threads)", "efficiency (%)", {}};
-  sp.series.push_back(Series{"ideal", {0, max_workers}, {0, max_workers}, true, -1});
-  ef.series.push_back(Series{"ideal", {1, max_workers}, {100, 100}, true, -1});
-  std::map<std::string, int> colour;  // a prediction takes its measured series' colour
-  for (const auto& [label, s] : measured) colour.emplace(label, static_cast<int>(colour.size()));
-  for (auto* m : {&measured, &predicted})
-    for (auto& [label, s] : *m) {
-      std::vector<size_t> order(s.x.size());
-      for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-      std::sort(order.begin(), order.end(), [&](size_t i, size_t j) { return s.x[i] < s.x[j]; });
-      Series sorted{s.label, {}, {}, s.dashed, colour[label]}, eff{s.label, {}, {}, s.dashed, colour[label]};
-      for (size_t i : order) {
-        sorted.x.push_back(s.x[i]);
-        sorted.y.push_back(s.y[i]);
-        eff.x.push_back(s.x[i]);
-        eff.y.push_back(100 * s.y[i] / s.x[i]);
-      }
-      sp.series.push_back(sorted);
-      ef.series.push_back(eff);
+  std::vector<std::string> left_out;
+  for (const auto& kv : has_serial)
+    if (!measured.count(kv.first)) left_out.push_back(kv.first);
+  if (measured.empty()) {
+    std::cerr << "lancet sweep: no scaling plot: no successful 1-rank run to measure speedup against\n";
+    remove_stale("scaling");
+  } else {
+    if (!left_out.empty()) {
+      std::cerr << "lancet sweep: left out of the scaling plot (no successful 1-rank run):";
+      for (const auto& l : left_out) std::cerr << " [" << l << "]";
+      std::cerr << "\n";
     }
-  write_line_charts({sp, ef}, out + "/scaling");
+    const std::string xl = serial ? "workers (ranks x threads)" : "ranks";
+    LineChart sp{serial ? "Speedup against 1 rank x 1 thread" : "Speedup against 1 rank (same threads per rank)", xl,
+                 "speedup", {}};
+    LineChart ef{"Parallel efficiency", xl, "efficiency (%)", {}};
+    sp.series.push_back(Series{"ideal", {0, max_x}, {0, max_x}, true, -1});
+    ef.series.push_back(Series{"ideal", {1, max_x}, {100, 100}, true, -1});
+    std::map<std::string, int> colour;  // a prediction takes its measured series' colour
+    for (const auto& [label, s] : measured) colour.emplace(label, static_cast<int>(colour.size()));
+    for (auto* m : {&measured, &predicted})
+      for (auto& [label, s] : *m) {
+        std::vector<size_t> order(s.x.size());
+        for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+        std::sort(order.begin(), order.end(), [&](size_t i, size_t j) { return s.x[i] < s.x[j]; });
+        Series sorted{s.label, {}, {}, s.dashed, colour[label]}, eff{s.label, {}, {}, s.dashed, colour[label]};
+        for (size_t i : order) {
+          sorted.x.push_back(s.x[i]);
+          sorted.y.push_back(s.y[i]);
+          eff.x.push_back(s.x[i]);
+          eff.y.push_back(100 * s.y[i] / s.x[i]);
+        }
+        sp.series.push_back(sorted);
+        ef.series.push_back(eff);
+      }
+    write_line_charts({sp, ef}, out + "/scaling");
+    written.push_back("scaling");
+  }
 
   StackedBars bars{"Where a training step's time goes", "ms per step", {}, {}, {}};
   for (const char* p : kPhases) bars.components.push_back(p);
   for (const auto& r : rows) {
     if (!r.ok()) continue;
-    bars.bars.push_back(std::to_string(r.ranks) + "x" + std::to_string(r.threads) + " " + r.precision + " b" +
-                        std::to_string(r.batch));
+    bars.bars.push_back(r.name());
     std::vector<double> v;
     for (const char* p : kPhases) v.push_back(r.phase_ms.count(p) ? r.phase_ms.at(p) : 0);
     bars.values.push_back(v);
   }
-  write_stacked_bars(bars, out + "/phases");
+  if (!bars.bars.empty()) {
+    write_stacked_bars(bars, out + "/phases");
+    written.push_back("phases");
+  } else {
+    remove_stale("phases");
+  }
+  return written;
 }
 
 Cluster cluster_from(const SweepArgs& a) {
@@ -571,6 +667,7 @@ void run_sweep(const SweepArgs& a) {
             r.threads = threads;
             r.batch = a.scaling == "weak" ? batch * ranks : batch;
             r.per_rank_batch = a.scaling == "weak" ? batch : (batch % ranks == 0 ? batch / ranks : 0);
+            r.strong = a.scaling == "strong";
             rows.push_back(r);
           }
   const int total = static_cast<int>(rows.size());
@@ -627,7 +724,7 @@ void run_sweep(const SweepArgs& a) {
       if (pr.exit_code == 0 && !pr.timed_out && read_train_run(base + ".run", a.target_accuracy, epoch_images, r, why)) {
         std::cerr << fixed(r.images_per_s, 1) << " img/s, val accuracy " << fixed(r.val_accuracy, 3) << "\n";
       } else {
-        if (why.empty()) why = last_line(read_text(base + ".log"));
+        if (why.empty()) why = failure_reason(read_text(base + ".log"));
         r.status = "failed (" + pr.describe() + (why.empty() ? "" : ": " + why) + ")";
         std::cerr << r.status << "; see " << base << ".log\n";
       }
@@ -648,7 +745,7 @@ void run_sweep(const SweepArgs& a) {
       }
       std::cerr << fixed(r.images_per_s, 1) << " img/s, step " << fixed(r.step_ms, 1) << " ms\n";
     } else {
-      const std::string why = last_line(read_text(base + ".log"));
+      const std::string why = failure_reason(read_text(base + ".log"));
       r.status = "failed (" + pr.describe() + (why.empty() ? "" : ": " + why) + ")";
       std::cerr << r.status << "; see " << base << ".log\n";
     }
@@ -663,7 +760,7 @@ void run_sweep(const SweepArgs& a) {
       }
     for (const auto& b : rows)
       if (b.ok() && b.ranks == 1 && b.threads == 1 && b.device == r.device && b.precision == r.precision &&
-          b.per_rank_batch == r.per_rank_batch && b.workers == r.workers && b.stages == 1 && b.images_per_s > 0) {
+          b.group_batch() == r.group_batch() && b.workers == r.workers && b.stages == 1 && b.images_per_s > 0) {
         r.speedup_serial = r.images_per_s / b.images_per_s;
         r.efficiency_serial = r.speedup_serial / (r.ranks * r.threads);
       }
@@ -696,8 +793,12 @@ void run_sweep(const SweepArgs& a) {
     for (auto& r : rows) {
       if (!have_link && r.ranks > 1) continue;
       const Row* base = nullptr;
+      // The model keeps the measured run's per-rank batch: strong-scaling rows (a smaller one
+      // per rank) have no base to predict from.
       for (const auto& b : rows)
-        if (b.ok() && b.ranks == 1 && b.group() == r.group() && b.bench.contains("buckets")) base = &b;
+        if (b.ok() && b.ranks == 1 && b.group() == r.group() && b.per_rank_batch == r.per_rank_batch &&
+            b.bench.contains("buckets"))
+          base = &b;
       if (!base) continue;
       // More threads than cores is outside the model: OpenMP's spinning barriers and the
       // scheduler make such runs collapse far beyond the ratio of threads to cores.
@@ -760,9 +861,9 @@ void run_sweep(const SweepArgs& a) {
   write_atomic(a.out + "/sweep.md", md);
   write_atomic(a.out + "/sweep.csv", csv(rows));
   write_atomic(a.out + "/sweep.json", record.dump(1) + "\n");
-  plots(rows, a.out);
-  std::cout << md << "\nwritten: " << a.out << "/{sweep.md,sweep.csv,sweep.json,scaling.svg,scaling.png,phases.svg,phases.png}"
-            << " and runs/ (each configuration's command, output and log)\n";
+  std::string files = "sweep.md,sweep.csv,sweep.json";
+  for (const auto& p : plots(rows, a.out)) files += "," + p + ".svg," + p + ".png";
+  std::cout << md << "\nwritten: " << a.out << "/{" << files << "} and runs/ (each configuration's command, output and log)\n";
   const int failed = static_cast<int>(std::count_if(rows.begin(), rows.end(), [](const Row& r) { return !r.ok(); }));
   LANCET_CHECK(failed < total, "sweep: every configuration failed; the first: " << rows.front().status);
   if (failed > 0) std::cerr << "lancet sweep: " << failed << " of " << total << " configurations failed (see the table)\n";

@@ -17,7 +17,8 @@
 #
 # Exit: 0 passed, 1 failed, 77 skipped (not root, no apt-get, the install failed e.g. without
 # network, or lancet built without MPI); LANCET_SLURM_REQUIRED=1 turns a skip into a failure.
-# Registered in CTest as `slurm.cpu_ddp` (label slurm, SKIP_RETURN_CODE 77).
+# Registered in CTest as `slurm.cpu_ddp`, and with `-- bash tests/slurm/sweep_job.sh` (lancet sweep
+# inside a job) as `slurm.sweep` (label slurm, SKIP_RETURN_CODE 77).
 # Environment: SLURM_TEST_PORT (first of two TCP ports, default 16817), SLURM_TEST_TIMEOUT
 # (seconds to wait for the job, default 100), KEEP=1. Worst case, every wait bounded:
 # lock 60 s + apt 3 x 60 s + node 30 s + job 100 s, under CTest's TIMEOUT 420. Takes
