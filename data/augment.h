@@ -4,7 +4,8 @@
 // counter-based hash, no shared generator. So an augmented sample is the same whatever the
 // worker count, the order in which workers reach it, or whether the run was resumed.
 //
-// How the loader calls it (not wired in yet): per training sample, after preprocessing —
+// How the loader calls it (DataLoader's workers, through CachedImageDataset::get_augmented,
+// data/loader.h and data/image_dataset.h): per training sample, after preprocessing —
 // decode, convert to the configured channels, resize to image_size x image_size — and before
 // the (pixel / 255 - mean) / std normalisation:
 //

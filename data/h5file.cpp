@@ -2,11 +2,13 @@
 
 #include <fcntl.h>
 #include <hdf5.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <mutex>
@@ -197,6 +199,29 @@ void H5File::commit() {
     ::fsync(dfd);
     ::close(dfd);
   }
+}
+
+std::vector<std::string> remove_stale_temp_files_of(const std::string& path) {
+  std::vector<std::string> removed;
+  fs::path dir = fs::path(path).parent_path();
+  if (dir.empty()) dir = ".";
+  const std::string prefix = fs::path(path).filename().string() + ".tmp-";
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return removed;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind(prefix, 0) != 0 || !e.is_regular_file(ec)) continue;
+    const std::string rest = name.substr(prefix.size());  // PID-N, as create_atomic names it
+    const auto dash = rest.find('-');
+    if (dash == std::string::npos || dash == 0 || dash + 1 == rest.size() ||
+        rest.find_first_not_of("0123456789-") != std::string::npos || rest.find('-', dash + 1) != std::string::npos)
+      continue;
+    const long pid = std::strtol(rest.substr(0, dash).c_str(), nullptr, 10);
+    if (pid > 0 && (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH)) continue;  // alive (or not ours)
+    std::error_code rm;
+    if (fs::remove(e.path(), rm)) removed.push_back(e.path().string());
+  }
+  return removed;
 }
 
 void H5File::close_and_discard() noexcept {
@@ -438,6 +463,20 @@ void H5File::read_rows(const std::string& name, int64_t first, int64_t count, El
   if (count == 0) return;
   LANCET_CHECK(H5Dread(d.get(), elem_memory_type(elem), ms.get(), fs_.get(), H5P_DEFAULT, data) >= 0,
                path_ << ": cannot read rows of '" << n << "' (corrupt file?): " << h5_reason());
+}
+
+void H5File::shrink_rows(const std::string& name, int64_t rows) {
+  H5Lock lock;
+  const std::string n = normalize(name);
+  LANCET_CHECK(writable(), path_ << ": cannot resize '" << n << "': the file is open read-only");
+  Handle d(open_dataset(*this, id(), n), H5Dclose);
+  const Shape shape = dataset_shape(path_, n, d.get());
+  LANCET_CHECK(!shape.empty() && rows >= 0 && rows <= shape[0],
+               path_ << ": cannot shrink '" << n << "' to " << rows << " rows (it has " << (shape.empty() ? 0 : shape[0])
+                     << ")");
+  std::vector<hsize_t> dims(shape.begin(), shape.end());
+  dims[0] = static_cast<hsize_t>(rows);
+  LANCET_CHECK(H5Dset_extent(d.get(), dims.data()) >= 0, path_ << ": cannot resize '" << n << "': " << h5_reason());
 }
 
 Shape H5File::chunk_of(const std::string& name) const {

@@ -68,6 +68,9 @@ class H5File {
   // are outside the dataset.
   void write_rows(const std::string& name, int64_t first, int64_t count, Elem elem, const void* data);
   void read_rows(const std::string& name, int64_t first, int64_t count, Elem elem, void* data) const;
+  // Shrinks dimension 0 of a chunked dataset to `rows` (at most its rows when created), e.g.
+  // when fewer rows were written than reserved. Throws otherwise.
+  void shrink_rows(const std::string& name, int64_t rows);
   // The chunk shape of a dataset (empty when contiguous) and its gzip level (0: none).
   Shape chunk_of(const std::string& name) const;
   int gzip_of(const std::string& name) const;
@@ -94,6 +97,12 @@ class H5File {
   std::string tmp_path_;  // non-empty for a writable file until commit()
   int64_t file_ = -1;     // hid_t (int64_t in HDF5 >= 1.10; checked in h5file.cpp)
 };
+
+// Removes the temporary files create_atomic(path) leaves when its process is killed before
+// commit() (PATH.tmp-PID-N beside `path`) whose process PID no longer exists on this host; a
+// live writer's file is left alone. Returns the removed paths. (trainer/checkpoint.h's
+// remove_stale_temp_files does the same for every checkpoint of a run folder.)
+std::vector<std::string> remove_stale_temp_files_of(const std::string& path);
 
 // The number of HDF5 identifiers (files, groups, datasets, types, ...) open in the process:
 // 0 whenever no H5File is alive. For leak tests.

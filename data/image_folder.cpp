@@ -180,6 +180,34 @@ std::vector<ImageItem> read_folders(const fs::path& dir, const std::string& spli
   return items;
 }
 
+// True when a JPEG stream reaches its end-of-image marker (FF D9). libjpeg decodes a
+// truncated file without an error (it warns and fills the missing rows with grey), so
+// decode_image_file refuses such files itself. Walks the marker segments, each skipped by its
+// length (an EXIF thumbnail's own EOI inside APP1 does not count), and the entropy-coded data
+// after each SOS, where FF is followed only by 00 (a stuffed byte) or an RSTn marker, up to
+// EOI. Whatever follows EOI (zero padding, vendor trailers) is ignored.
+bool jpeg_has_eoi(const std::vector<uint8_t>& b) {
+  const size_t n = b.size();
+  size_t i = 2;  // after SOI
+  while (i + 1 < n) {
+    if (b[i] != 0xFF || b[i + 1] == 0xFF) {  // junk before a marker, or fill bytes: libjpeg skips them too
+      ++i;
+      continue;
+    }
+    const uint8_t m = b[i + 1];
+    if (m == 0xD9) return true;
+    if (m == 0x00 || m == 0x01 || (m >= 0xD0 && m <= 0xD8)) {  // markers without a length
+      i += 2;
+      continue;
+    }
+    if (i + 3 >= n) return false;
+    i += 2 + ((static_cast<size_t>(b[i + 2]) << 8) | b[i + 3]);
+    if (m == 0xDA)  // start of scan: entropy-coded data up to the next real marker
+      while (i + 1 < n && !(b[i] == 0xFF && b[i + 1] != 0x00 && (b[i + 1] < 0xD0 || b[i + 1] > 0xD7))) ++i;
+  }
+  return false;
+}
+
 }  // namespace
 
 Image8 decode_image_file(const std::string& file, const ImageLoadOptions& opt) {
@@ -206,6 +234,8 @@ Image8 decode_image_file(const std::string& file, const ImageLoadOptions& opt) {
   LANCET_CHECK(in, file << ": cannot read: " << std::strerror(errno));
   const std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   LANCET_CHECK(!bytes.empty(), file << ": empty file");
+  const bool jpeg = bytes.size() >= 3 && bytes[0] == 0xFF && bytes[1] == 0xD8 && bytes[2] == 0xFF;
+  LANCET_CHECK(!jpeg || jpeg_has_eoi(bytes), file << ": truncated JPEG (no end-of-image marker)");
   cv::Mat img;
   try {
     img = cv::imdecode(bytes, cv::IMREAD_ANYDEPTH | cv::IMREAD_ANYCOLOR);

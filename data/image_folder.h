@@ -41,7 +41,7 @@ struct ImageLoadOptions {
 // classless-split folder layout; otherwise only manifest rows whose split column equals it,
 // or the <dir>/<split>/ folder. Errors (lancet::Error, one line): missing dir or split
 // folder, bad manifest ("<manifest>:<line>: ..."), empty class folder, no matching rows,
-// unreadable or corrupt image ("<file>: <reason>").
+// unreadable, corrupt or truncated image ("<file>: <reason>").
 std::unique_ptr<InMemoryDataset> load_image_dataset(const std::string& dir, const std::string& split,
                                                     const ImageLoadOptions& opt);
 
@@ -75,7 +75,9 @@ struct Image8 {
 };
 // The per-file step of load_image_dataset before preprocess_image: decodes any supported file
 // (DICOM through data/dicom.h with opt.dicom_window), converts to gray or RGB, applies
-// opt.recipe, and scales 16-bit images to 8 bits. Throws "<file>: <reason>".
+// opt.recipe, and scales 16-bit images to 8 bits (v / 257, rounded). Throws "<file>: <reason>":
+// unreadable or empty, not decodable, a JPEG without its end-of-image marker (truncated:
+// OpenCV would decode it and fill the missing rows), a depth other than 8 or 16 bits.
 Image8 decode_image_file(const std::string& file, const ImageLoadOptions& opt);
 
 // The geometric part of preprocess_image: the pixels converted to `channels` (RGB -> gray

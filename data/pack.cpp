@@ -1,14 +1,15 @@
 #include "data/pack.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <functional>
 #include <map>
-#include <mutex>
 #include <ostream>
 
+#include "data/dicom.h"
 #include "data/h5file.h"
 #include "data/npz.h"
 #include "kernels/error.h"
@@ -26,7 +27,7 @@ uint64_t fnv1a64(const uint8_t* bytes, size_t n, uint64_t h) {
 namespace {
 
 constexpr const char* kFormat = "lancet-pack";
-constexpr const char* kVersion = "1";
+constexpr const char* kVersion = "2";
 
 std::string hex16(uint64_t v) {
   char buf[17];
@@ -49,10 +50,12 @@ std::string join(const std::vector<std::string>& v) {
   return s;
 }
 
-// One split of a source: its labels and a thread-safe decoder of image i (to 8-bit gray/RGB
-// with the recipe applied; errors name the file or array element).
+// One split of a source: its labels, where each image comes from (a file, or an array
+// element of an .npz) and a thread-safe decoder of image i (to 8-bit gray/RGB with the recipe
+// applied; errors name the file or array element).
 struct SplitSource {
   std::vector<int64_t> labels;
+  std::vector<std::string> names;
   std::function<Image8(int64_t)> decode;
 };
 
@@ -102,6 +105,7 @@ class Source {
                    path_ << ": " << images->shape[0] << " images but " << s.labels.size() << " labels in split '"
                          << split << "'");
       const std::string where = path_ + ":" + split + "_images";
+      for (size_t i = 0; i < s.labels.size(); ++i) s.names.push_back(where + "[" + std::to_string(i) + "]");
       const ImageLoadOptions opt = opt_;
       s.decode = [images, where, opt](int64_t i) {
         try {
@@ -113,7 +117,7 @@ class Source {
       return s;
     }
     auto items = std::make_shared<std::vector<ImageItem>>(list_images(path_, split, classes));
-    for (const auto& it : *items) s.labels.push_back(it.label);
+    for (const auto& it : *items) s.labels.push_back(it.label), s.names.push_back(it.file);
     const ImageLoadOptions opt = opt_;
     s.decode = [items, opt](int64_t i) { return decode_image_file((*items)[static_cast<size_t>(i)].file, opt); };
     return s;
@@ -130,6 +134,11 @@ std::string recipe_fingerprint(const ImageLoadOptions& opt) {
 }
 std::string recipe_json(const ImageLoadOptions& opt) {
   return (opt.recipe ? opt.recipe->to_json() : PreprocessRecipe().to_json()).dump();
+}
+// data.dicom.window as the pack records it, and as errors show it.
+std::string window_json(const std::vector<double>& w) { return Json(w).dump(); }
+std::string window_text(const std::vector<double>& w) {
+  return w.empty() ? "[] (each file's own window, else min-max)" : window_json(w);
 }
 
 int attr_int(const H5File& f, const char* name) {
@@ -156,6 +165,12 @@ PackInfo read_info(const H5File& f) {
   info.channels = attr_int(f, "channels");
   info.recipe = f.get_attr("/", "recipe").value_or("[]");
   info.recipe_fingerprint = f.get_attr("/", "recipe_fingerprint").value_or("");
+  try {
+    info.dicom_window = Json::parse(f.get_attr("/", "dicom_window").value_or("")).get<std::vector<double>>();
+  } catch (const std::exception&) {
+    LANCET_FAIL(path << ": pack attribute 'dicom_window' is missing or not a JSON list of numbers");
+  }
+  info.dicom_files = attr_int(f, "dicom_files");
   info.source = f.get_attr("/", "source").value_or("");
   LANCET_CHECK(f.get_attr("/", "dtype").value_or("") == "uint8", path << ": pack pixel type "
                                                                       << f.get_attr("/", "dtype").value_or("?")
@@ -192,6 +207,7 @@ std::vector<PackSplitSummary> write_pack(const std::string& source, const std::s
   check_load_options(opt.load);
   LANCET_CHECK(opt.gzip >= 0 && opt.gzip <= 9, "--compress must be a gzip level 0-9, got " << opt.gzip);
   LANCET_CHECK(opt.block >= 1, "pack block size must be positive");
+  LANCET_CHECK(opt.progress_every >= 0, "pack progress interval must be >= 0, got " << opt.progress_every);
   LANCET_CHECK(fs::absolute(source) != fs::absolute(out), out << ": the pack cannot replace its source");
   const Source src(source, opt.load);
   std::vector<std::string> splits = opt.splits;
@@ -205,11 +221,15 @@ std::vector<PackSplitSummary> write_pack(const std::string& source, const std::s
     LANCET_CHECK(src.has(s), source << ": no split '" << s << "'");
   }
 
+  for (const auto& f : remove_stale_temp_files_of(out))
+    if (opt.log) *opt.log << "prep: removed " << f << " (left by a killed prep)\n";
   const int S = opt.load.image_size, C = opt.load.channels;
   const int64_t per = static_cast<int64_t>(S) * S * C;
   H5File f = H5File::create_atomic(out);  // discarded (temporary file deleted) unless committed
   std::vector<std::string> classes;
   std::vector<PackSplitSummary> summary;
+  int64_t dicom_files = 0;
+  using Clock = std::chrono::steady_clock;
   for (const auto& split : splits) {
     std::vector<std::string> split_classes;
     const SplitSource s = src.open(split, &split_classes);
@@ -224,41 +244,79 @@ std::vector<PackSplitSummary> write_pack(const std::string& source, const std::s
     Shape chunk = dims;
     chunk[0] = 1;
     f.create_chunked(images, H5File::Elem::u8, dims, chunk, opt.gzip);
+    PackSplitSummary sum;
+    sum.name = split;
+    std::vector<int64_t> labels;  // of the images kept, in source order
     uint64_t h = kFnvOffset;
     std::vector<uint8_t> block;
+    const auto t0 = Clock::now();
+    int64_t next_progress = opt.progress_every;
     for (int64_t b0 = 0; b0 < n; b0 += opt.block) {
       const int64_t bn = std::min(opt.block, n - b0);
       block.assign(static_cast<size_t>(bn * per), 0);
-      std::mutex mu;
-      int64_t first_bad = bn;
-      std::string first_error;
+      std::vector<std::string> errors(static_cast<size_t>(bn));
       parallel_for(bn, 1, [&](int64_t begin, int64_t end) {
         for (int64_t j = begin; j < end; ++j) {
-          try {
+          try {  // exceptions must not escape an OpenMP region
             const Image8 img = s.decode(b0 + j);
             const std::vector<uint8_t> px = resize_image(img.pixels.data(), img.rows, img.cols, img.channels, C, S);
             std::memcpy(block.data() + j * per, px.data(), px.size());
-          } catch (const std::exception& e) {  // exceptions must not escape an OpenMP region
-            std::lock_guard<std::mutex> lock(mu);
-            if (j < first_bad) first_bad = j, first_error = e.what();
+          } catch (const std::exception& e) {
+            errors[static_cast<size_t>(j)] = e.what();
+            if (errors[static_cast<size_t>(j)].empty()) errors[static_cast<size_t>(j)] = "unknown error";
           }
         }
       });
-      if (first_bad < bn) throw Error(first_error);  // the first bad image in order, whatever the threads
-      f.write_rows(images, b0, bn, H5File::Elem::u8, block.data());
-      h = fnv1a64(block.data(), block.size(), h);
+      // Keep the good images, in order, at the front of the block; the first bad one stops the
+      // prep (on_bad error) whatever the thread count, else every bad one is listed.
+      int64_t kept = 0;
+      for (int64_t j = 0; j < bn; ++j) {
+        const std::string& error = errors[static_cast<size_t>(j)];
+        if (!error.empty()) {
+          if (opt.on_bad == BadSample::error) throw Error(error);
+          sum.skipped.push_back(error);
+          continue;
+        }
+        if (kept != j) std::memmove(block.data() + kept * per, block.data() + j * per, static_cast<size_t>(per));
+        labels.push_back(s.labels[static_cast<size_t>(b0 + j)]);
+        if (is_dicom_path(s.names[static_cast<size_t>(b0 + j)])) ++dicom_files;
+        ++kept;
+      }
+      f.write_rows(images, sum.count, kept, H5File::Elem::u8, block.data());
+      h = fnv1a64(block.data(), static_cast<size_t>(kept * per), h);
+      sum.count += kept;
+      const int64_t done = b0 + bn;
+      if (opt.log && opt.progress_every > 0 && done >= next_progress && done < n) {
+        const double sec = std::chrono::duration<double>(Clock::now() - t0).count();
+        char rate[32];
+        std::snprintf(rate, sizeof rate, "%.0f", sec > 0 ? static_cast<double>(done) / sec : 0.0);
+        *opt.log << (opt.progress_tty ? "\r\033[K" : "") << "prep: " << split << ": " << done << "/" << n << " images ("
+                 << done * 100 / n << "%), " << rate << " images/s" << (opt.progress_tty ? "" : "\n") << std::flush;
+        next_progress = (done / opt.progress_every + 1) * opt.progress_every;
+      }
     }
-    h = hash_labels(s.labels, h);
-    Tensor labels = Tensor::empty({n}, DType::i64);
-    std::copy(s.labels.begin(), s.labels.end(), labels.data<int64_t>());
-    f.write(split + "/labels", labels);
-    PackSplitSummary sum;
-    sum.name = split, sum.count = n, sum.hash = hex16(h);
+    if (opt.log && opt.progress_tty && opt.progress_every > 0 && n > opt.progress_every) *opt.log << "\r\033[K";
+    LANCET_CHECK(sum.count > 0, source << ": split '" << split << "' has no readable image (" << sum.skipped.size()
+                                       << " skipped; the first: " << sum.skipped.front() << ")");
+    if (sum.count < n) f.shrink_rows(images, sum.count);
+    h = hash_labels(labels, h);
+    Tensor lt = Tensor::empty({sum.count}, DType::i64);
+    std::copy(labels.begin(), labels.end(), lt.data<int64_t>());
+    f.write(split + "/labels", lt);
+    sum.hash = hex16(h);
     sum.per_class.assign(classes.size(), 0);
-    for (int64_t l : s.labels)
+    for (int64_t l : labels)
       if (l >= 0 && l < static_cast<int64_t>(classes.size())) ++sum.per_class[static_cast<size_t>(l)];
     f.set_attr(split, "hash", sum.hash);
-    summary.push_back(sum);
+    f.set_attr(split, "skipped", std::to_string(sum.skipped.size()));
+    f.set_attr(split, "skipped_files", Json(sum.skipped).dump());
+    if (opt.log) {
+      const double sec = std::chrono::duration<double>(Clock::now() - t0).count();
+      char line[96];
+      std::snprintf(line, sizeof line, " in %.1f s (%.0f images/s)", sec, sec > 0 ? static_cast<double>(n) / sec : 0.0);
+      *opt.log << "prep: " << split << ": " << n << " images" << line << "\n" << std::flush;
+    }
+    summary.push_back(std::move(sum));
   }
   f.set_attr("/", "format", kFormat);
   f.set_attr("/", "version", kVersion);
@@ -268,17 +326,29 @@ std::vector<PackSplitSummary> write_pack(const std::string& source, const std::s
   f.set_attr("/", "dtype", "uint8");
   f.set_attr("/", "recipe", recipe_json(opt.load));
   f.set_attr("/", "recipe_fingerprint", recipe_fingerprint(opt.load));
+  f.set_attr("/", "dicom_window", window_json(opt.load.dicom_window));
+  f.set_attr("/", "dicom_files", std::to_string(dicom_files));
   f.set_attr("/", "source", source);
   f.set_attr("/", "hash_algorithm", "fnv1a64");
   f.commit();
   if (opt.log) {
     *opt.log << "prep: wrote " << out << " (" << fs::file_size(out) / 1024 << " KiB; " << S << "x" << S << "x" << C
-             << " uint8, recipe " << recipe_fingerprint(opt.load) << (opt.gzip ? ", gzip " + std::to_string(opt.gzip) : "")
-             << ")\n";
+             << " uint8, recipe " << recipe_fingerprint(opt.load) << (opt.gzip ? ", gzip " + std::to_string(opt.gzip) : "");
+    if (dicom_files > 0) *opt.log << "; " << dicom_files << " DICOM, window " << window_text(opt.load.dicom_window);
+    *opt.log << ")\n";
+    size_t skipped = 0;
     for (const auto& s : summary) {
       *opt.log << "  " << s.name << ": " << s.count << " images (";
       for (size_t k = 0; k < classes.size(); ++k) *opt.log << (k ? ", " : "") << classes[k] << " " << s.per_class[k];
-      *opt.log << "), hash " << s.hash << "\n";
+      *opt.log << "), hash " << s.hash;
+      if (!s.skipped.empty()) *opt.log << "; " << s.skipped.size() << " bad image(s) skipped";
+      *opt.log << "\n";
+      skipped += s.skipped.size();
+    }
+    if (skipped > 0) {
+      *opt.log << "prep: --on-bad-sample skip: " << skipped << " bad image(s) left out of the pack:\n";
+      for (const auto& s : summary)
+        for (const auto& e : s.skipped) *opt.log << "  " << s.name << ": " << e << "\n";
     }
   }
   return summary;
@@ -299,6 +369,12 @@ PackSplit read_split(const std::string& path, const std::string& split, const Im
                path << ": the pack was made with preprocessing recipe " << info.recipe << " (" << info.recipe_fingerprint
                     << ") but data.preprocess is " << recipe_json(opt) << " (" << want
                     << "): run lancet prep again, or set data.preprocess to the pack's recipe");
+  // The window changes a DICOM's pixels as much as the recipe does (it is not part of the
+  // recipe: it applies before it, to DICOM files only, so packs without DICOMs ignore it).
+  LANCET_CHECK(info.dicom_files == 0 || info.dicom_window == opt.dicom_window,
+               path << ": the pack's " << info.dicom_files << " DICOM image(s) were decoded with data.dicom.window "
+                    << window_text(info.dicom_window) << " but data.dicom.window is " << window_text(opt.dicom_window)
+                    << ": run lancet prep again, or set data.dicom.window to the pack's");
   const std::string images = split + "/images";
   const Shape shape = f.shape_of(images);
   const int S = info.image_size, C = info.channels;
@@ -342,7 +418,9 @@ PackSplit read_split(const std::string& path, const std::string& split, const Im
     *note = "pack " + path + ": split " + split + ", " + std::to_string(out.n) + " images " + std::to_string(S) + "x" +
             std::to_string(S) + "x" + std::to_string(C) +
             (S != opt.image_size || C != opt.channels ? " (converted to the configured size)" : "") + ", recipe " +
-            info.recipe_fingerprint + ", content hash " + hash + " verified" +
+            info.recipe_fingerprint +
+            (info.dicom_files > 0 ? ", DICOM window " + window_text(info.dicom_window) : std::string()) +
+            ", content hash " + hash + " verified" +
             (keep_pixels ? "" : "; images read from the pack as needed (data.cache false)");
   return out;
 }

@@ -3,16 +3,21 @@
 // A pack holds every split of a source (an image folder or manifest, DICOMs included, or a
 // MedMNIST .npz) decoded, put through the preprocessing recipe and resized once, so training
 // reads pixels instead of decoding files. Layout (plain HDF5, readable with h5py):
-//   /                 attributes (strings): format "lancet-pack", version "1", classes (JSON
+//   /                 attributes (strings): format "lancet-pack", version "2", classes (JSON
 //                     list of names), image_size, channels, dtype "uint8", recipe (the
 //                     canonical recipe JSON), recipe_fingerprint (PreprocessRecipe::fingerprint),
-//                     source, hash_algorithm "fnv1a64"
+//                     dicom_window (JSON: [centre, width] as configured, [] for each file's
+//                     own), dicom_files (how many packed images were DICOMs, decoded with that
+//                     window), source, hash_algorithm "fnv1a64"
 //   /<split>/images   uint8 [N, S, S] (1 channel) or [N, S, S, 3] (RGB), chunked one image per
 //                     chunk ([1, S, S(, 3)]) so that one sample is one chunk read; optionally
 //                     gzip-compressed
 //   /<split>/labels   int64 [N]
-//   /<split>          attribute hash: 16 hex digits, FNV-1a 64-bit over the images' bytes in C
-//                     order, then the labels as int64 little-endian
+//   /<split>          attributes: hash, 16 hex digits, FNV-1a 64-bit over the images' bytes in
+//                     C order, then the labels as int64 little-endian; skipped, the number of
+//                     source images left out (--on-bad-sample skip), and skipped_files, a JSON
+//                     list of their "<file>: <reason>" lines
+// Version 1 packs (before dicom_window was recorded) are refused: run lancet prep again.
 // The stored pixels are resize_image() of the decoded, recipe-applied images (image_folder.h),
 // so loading a pack at its own image_size and channels gives bit for bit the tensors that
 // loading the source directly gives.
@@ -24,6 +29,7 @@
 #include <vector>
 
 #include "data/dataset.h"
+#include "data/image_dataset.h"
 #include "data/image_folder.h"
 
 namespace lancet {
@@ -35,19 +41,31 @@ struct PackOptions {
   std::vector<std::string> splits;
   int gzip = 0;                  // 0 (none) to 9
   int64_t block = 256;           // images decoded in parallel between writes (bounds memory)
+  // error: the first unreadable or corrupt source image stops the prep, naming it; skip: such
+  // images are left out, and listed in the summary, the log and the split's attributes.
+  BadSample on_bad = BadSample::error;
   std::ostream* log = nullptr;   // progress and the summary, when set
+  // A progress line (images done, images/s) on `log` every this many images of a split (at
+  // the next block boundary; 0: none). With progress_tty the lines overwrite each other
+  // ('\r', for a terminal); otherwise each is a plain line of its own (for log files).
+  int64_t progress_every = 2048;
+  bool progress_tty = false;
 };
 
 struct PackSplitSummary {
   std::string name;
-  int64_t count = 0;
+  int64_t count = 0;                  // images packed
   std::vector<int64_t> per_class;
   std::string hash;
+  std::vector<std::string> skipped;   // "<file>: <reason>" of the images left out (on_bad skip)
 };
 
 // Writes the pack atomically (temporary file beside `out`, fsync, rename): on any error —
-// an unreadable or corrupt source image ("<file>: <reason>"), a missing split, splits with
-// different classes — nothing is left at `out` or beside it. Returns what was written.
+// an unreadable or corrupt source image ("<file>: <reason>") unless opt.on_bad is skip, a
+// missing split, splits with different classes, a split with no readable image — nothing is
+// left at `out` or beside it. First removes the temporary files of earlier writers of `out`
+// that were killed (remove_stale_temp_files_of, data/h5file.h; logged). Returns what was
+// written.
 std::vector<PackSplitSummary> write_pack(const std::string& source, const std::string& out, const PackOptions& opt);
 
 // True when `path` names a pack: an existing file ending in .h5 or .hdf5.
@@ -59,6 +77,8 @@ struct PackInfo {
   int image_size = 0, channels = 0;
   std::string recipe;              // canonical JSON
   std::string recipe_fingerprint;
+  std::vector<double> dicom_window;  // the data.dicom.window its DICOMs were decoded with; empty: the files' own
+  int dicom_files = 0;               // packed images that were DICOM files
   std::string source;
 };
 // Reads and checks the pack's attributes. Errors: not a pack, unknown version, a recipe whose
@@ -66,7 +86,8 @@ struct PackInfo {
 PackInfo read_pack_info(const std::string& path);
 
 // Reads one split into memory, checks its content hash (a damaged or tampered pack is
-// refused) and that it was made with opt.recipe (else: re-run lancet prep), then puts every
+// refused), that it was made with opt.recipe and, when it holds DICOM images, with
+// opt.dicom_window (else: re-run lancet prep), then puts every
 // image through preprocess_image (convert, resize when opt differs from the pack, normalise;
 // the recipe is not applied again). `note`, when set, receives one line for the log.
 std::unique_ptr<InMemoryDataset> load_pack_dataset(const std::string& path, const std::string& split,

@@ -1,5 +1,6 @@
 // data/: the synthetic chest X-ray generator, the image-folder loader (manifest and folder
-// layouts, errors), the written-PNG == in-memory contract, make_batch, and real images.
+// layouts, errors), the written-PNG == in-memory contract, JPEG and 16-bit PNG decoding
+// against OpenCV, truncated JPEGs and unsupported depths, make_batch, and real images.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -8,12 +9,17 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <numeric>
+#include <opencv2/core.hpp>
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
 #include <string>
 #include <vector>
 
 #include "data/dataset.h"
 #include "tests/expect_error.h"
+#include "data/image_dataset.h"
 #include "data/image_folder.h"
 #include "data/synth.h"
 #include "kernels/parallel.h"
@@ -269,6 +275,194 @@ TEST_F(DataTest, BadFilesAreNamed) {
   expect_error([&] { load_image_dataset(s, "train", lo); }, {"channels"});
   lo.channels = 3, lo.mean = {0.1f, 0.2f};
   expect_error([&] { load_image_dataset(s, "train", lo); }, {"mean"});
+}
+
+namespace {
+// A 48x64 colour test card: gradients and a few edges, so that any lost rows show.
+cv::Mat test_card(int depth) {
+  cv::Mat m(48, 64, CV_MAKETYPE(depth, 3));
+  const double top = depth == CV_16U ? 65535 : 255;
+  for (int y = 0; y < m.rows; ++y)
+    for (int x = 0; x < m.cols; ++x)
+      for (int c = 0; c < 3; ++c) {
+        const double v = ((x * (c + 1) + y * (3 - c)) % 97) / 96.0 * top;
+        if (depth == CV_16U) m.at<cv::Vec3w>(y, x)[c] = static_cast<uint16_t>(v);
+        else m.at<cv::Vec3b>(y, x)[c] = static_cast<uint8_t>(v);
+      }
+  return m;
+}
+std::vector<uint8_t> encode(const cv::Mat& m, const std::string& ext, std::vector<int> params = {}) {
+  std::vector<uint8_t> out;
+  EXPECT_TRUE(cv::imencode(ext, m, out, params)) << ext;
+  return out;
+}
+void write_bytes(const std::string& file, const std::vector<uint8_t>& b) {
+  fs::create_directories(fs::path(file).parent_path());
+  std::ofstream(file, std::ios::binary)
+      .write(reinterpret_cast<const char*>(b.data()), static_cast<std::streamsize>(b.size()));
+}
+bool write_image(const std::string& file, const cv::Mat& m) {
+  fs::create_directories(fs::path(file).parent_path());
+  return cv::imwrite(file, m);
+}
+// Sample i of `ds` de-normalised (mean 0, std 1: the floats are v / 255) back to 8-bit values.
+std::vector<int> sample_values(const InMemoryDataset& ds, int64_t i) {
+  const int64_t per = shape_numel(ds.sample_shape());
+  std::vector<int> out(static_cast<size_t>(per));
+  const float* x = ds.images().data<float>() + i * per;
+  for (int64_t k = 0; k < per; ++k) out[static_cast<size_t>(k)] = static_cast<int>(std::lround(x[k] * 255.0f));
+  return out;
+}
+// An 8-bit image (gray or RGB order) as the CHW values the loader gives at its own size.
+std::vector<int> chw_values(const cv::Mat& m) {
+  std::vector<int> out;
+  for (int c = 0; c < m.channels(); ++c)
+    for (int y = 0; y < m.rows; ++y)
+      for (int x = 0; x < m.cols; ++x) out.push_back(m.ptr<uint8_t>(y)[x * m.channels() + c]);
+  return out;
+}
+ImageLoadOptions raw_options(int channels, int size) {  // mean 0, std 1: floats = v / 255
+  ImageLoadOptions lo;
+  lo.channels = channels, lo.image_size = size, lo.mean = {0.0f}, lo.std = {1.0f};
+  return lo;
+}
+}  // namespace
+
+TEST_F(DataTest, TruncatedJpegIsRefusedNamingTheFileOrSkipped) {
+  const cv::Mat card = test_card(CV_8U);
+  const std::vector<uint8_t> jpg = encode(card, ".jpg", {cv::IMWRITE_JPEG_QUALITY, 90});
+  ASSERT_GT(jpg.size(), 100u);
+  ASSERT_EQ(jpg[jpg.size() - 2], 0xFF);
+  ASSERT_EQ(jpg.back(), 0xD9);
+  write_bytes(path("t/a/whole.jpg"), jpg);
+  // Trailing zero padding after the end-of-image marker is fine.
+  std::vector<uint8_t> padded = jpg;
+  padded.insert(padded.end(), 64, 0);
+  write_bytes(path("t/a/padded.jpg"), padded);
+  const ImageLoadOptions lo = raw_options(3, 64);
+  ASSERT_EQ(load_image_dataset(path("t"), "", lo)->size(), 2);
+  // Cut at 40%, just before the marker, and cut then padded with zeros (a partly written file).
+  std::vector<uint8_t> cut40(jpg.begin(), jpg.begin() + static_cast<std::ptrdiff_t>(jpg.size() * 4 / 10));
+  std::vector<uint8_t> no_eoi(jpg.begin(), jpg.end() - 2);
+  std::vector<uint8_t> cut_padded = cut40;
+  cut_padded.insert(cut_padded.end(), 4096, 0);
+  ASSERT_FALSE(cv::imdecode(cut40, cv::IMREAD_COLOR).empty()) << "OpenCV decodes a truncated JPEG without an error";
+  for (const auto& [name, bytes] : std::vector<std::pair<std::string, std::vector<uint8_t>>>{
+           {"cut40.jpg", cut40}, {"no_eoi.jpg", no_eoi}, {"cut_padded.jpg", cut_padded}}) {
+    const std::string file = path("t/b/" + name);
+    write_bytes(file, bytes);
+    expect_error([&] { load_image_dataset(path("t"), "", lo); }, {file, "truncated JPEG (no end-of-image marker)"});
+    expect_error([&] { decode_image_file(file, lo); }, {file, "truncated JPEG"});
+    fs::remove(file);
+  }
+  // A thumbnail's own end-of-image marker inside an APP1 segment does not count: a JPEG that
+  // carries one and is cut after it is still truncated.
+  const std::vector<uint8_t> thumb = encode(card(cv::Rect(0, 0, 8, 8)).clone(), ".jpg");
+  std::vector<uint8_t> exif = {0xFF, 0xD8, 0xFF, 0xE1};
+  const size_t app1 = 2 + 6 + thumb.size();
+  exif.push_back(static_cast<uint8_t>(app1 >> 8)), exif.push_back(static_cast<uint8_t>(app1 & 0xFF));
+  exif.insert(exif.end(), {'E', 'x', 'i', 'f', 0, 0});
+  exif.insert(exif.end(), thumb.begin(), thumb.end());
+  exif.insert(exif.end(), jpg.begin() + 2, jpg.end());
+  write_bytes(path("t/a/exif.jpg"), exif);
+  EXPECT_EQ(decode_image_file(path("t/a/exif.jpg"), lo).pixels, decode_image_file(path("t/a/whole.jpg"), lo).pixels);
+  exif.resize(exif.size() - jpg.size() / 2);
+  write_bytes(path("t/a/exif.jpg"), exif);
+  expect_error([&] { decode_image_file(path("t/a/exif.jpg"), lo); }, {path("t/a/exif.jpg"), "truncated JPEG"});
+  fs::remove(path("t/a/exif.jpg"));
+  // The real fundus photo cut to 40% of its bytes.
+  const std::string fundus =
+      std::string(LANCET_SOURCE_DIR) + "/tests/data/real/png_jpeg/napari__fundus_normal_right_eye_600px.jpg";
+  if (fs::exists(fundus)) {
+    std::ifstream in(fundus, std::ios::binary);
+    std::vector<uint8_t> b((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    EXPECT_NO_THROW(decode_image_file(fundus, lo));
+    b.resize(b.size() * 4 / 10);
+    write_bytes(path("t/b/fundus.jpg"), b);
+    expect_error([&] { load_image_dataset(path("t"), "", lo); }, {path("t/b/fundus.jpg"), "truncated JPEG"});
+    // --on-bad-sample skip leaves it out and lists it, like any other bad file.
+    const auto cached = load_cached_dataset(path("t"), "", lo, BadSample::skip);
+    EXPECT_EQ(cached->size(), 2);
+    ASSERT_EQ(cached->skipped().size(), 1u);
+    EXPECT_NE(cached->skipped()[0].find(path("t/b/fundus.jpg") + ": truncated JPEG"), std::string::npos)
+        << cached->skipped()[0];
+  }
+  // A truncated PNG is refused by libpng already (missing IDAT data or IEND).
+  const std::vector<uint8_t> png = encode(card, ".png");
+  write_bytes(path("p/a/cut.png"),
+              std::vector<uint8_t>(png.begin(), png.begin() + static_cast<std::ptrdiff_t>(png.size() * 4 / 10)));
+  expect_error([&] { load_image_dataset(path("p"), "", lo); }, {path("p/a/cut.png"), "cannot decode"});
+  write_bytes(path("p/a/cut.png"), std::vector<uint8_t>(png.begin(), png.end() - 12));
+  expect_error([&] { load_image_dataset(path("p"), "", lo); }, {path("p/a/cut.png"), "cannot decode"});
+}
+
+TEST_F(DataTest, JpegAnd16BitPngsLoadAsOpenCVDecodesThem) {
+  // Colour: an 8-bit JPEG and a 16-bit PNG (BGR in OpenCV, RGB in lancet).
+  const cv::Mat card8 = test_card(CV_8U), card16 = test_card(CV_16U);
+  ASSERT_TRUE(write_image(path("c/a/card.jpg"), card8));
+  ASSERT_TRUE(write_image(path("c/b/card16.png"), card16));
+  // Gray: an 8-bit JPEG and a 16-bit PNG with values around every 257-step.
+  cv::Mat gray8, gray16(48, 64, CV_16UC1);
+  cv::cvtColor(card8, gray8, cv::COLOR_BGR2GRAY);
+  for (int y = 0; y < gray16.rows; ++y)
+    for (int x = 0; x < gray16.cols; ++x) gray16.at<uint16_t>(y, x) = static_cast<uint16_t>((y * 64 + x) * 21);
+  gray16.at<uint16_t>(0, 0) = 65535, gray16.at<uint16_t>(0, 1) = 128, gray16.at<uint16_t>(0, 2) = 129;
+  ASSERT_TRUE(write_image(path("g/a/gray.jpg"), gray8));
+  ASSERT_TRUE(write_image(path("g/b/gray16.png"), gray16));
+  ASSERT_EQ(cv::imread(path("c/b/card16.png"), cv::IMREAD_UNCHANGED).type(), CV_16UC3);
+  ASSERT_EQ(cv::imread(path("g/b/gray16.png"), cv::IMREAD_UNCHANGED).type(), CV_16UC1);
+
+  // decode_image_file (before the loader's resize to a square) against the direct decode.
+  auto expected8 = [](const std::string& file) {  // the direct OpenCV decode, in RGB order, 16 bits -> v / 257
+    cv::Mat m = cv::imread(file, cv::IMREAD_UNCHANGED);
+    if (m.channels() == 3) cv::cvtColor(m, m, cv::COLOR_BGR2RGB);
+    if (m.depth() == CV_16U) {
+      cv::Mat r(m.size(), CV_8UC(m.channels()));
+      const uint16_t* src = m.ptr<uint16_t>();
+      for (size_t k = 0; k < m.total() * m.channels(); ++k) r.data[k] = static_cast<uint8_t>(std::lround(src[k] / 257.0));
+      m = r;
+    }
+    return m;
+  };
+  for (const std::string rel : {"c/a/card.jpg", "c/b/card16.png", "g/a/gray.jpg", "g/b/gray16.png"}) {
+    const cv::Mat want = expected8(path(rel));
+    const Image8 got = decode_image_file(path(rel), raw_options(want.channels(), 48));
+    ASSERT_EQ(got.rows, 48) << rel;
+    ASSERT_EQ(got.cols, 64) << rel;
+    ASSERT_EQ(got.channels, want.channels()) << rel;
+    EXPECT_EQ(got.pixels, std::vector<uint8_t>(want.data, want.data + want.total() * want.elemSize())) << rel;
+  }
+  // The 16-bit rule on known values: 65535 -> 255, 128 -> 0, 129 -> 1.
+  const Image8 g16 = decode_image_file(path("g/b/gray16.png"), raw_options(1, 48));
+  EXPECT_EQ(g16.pixels[0], 255);
+  EXPECT_EQ(g16.pixels[1], 0);
+  EXPECT_EQ(g16.pixels[2], 1);
+
+  // Through the image-folder source: the decode above, resized with INTER_AREA, divided by 255.
+  for (const auto& [folder, channels] : std::vector<std::pair<std::string, int>>{{"c", 3}, {"g", 1}}) {
+    const auto ds = load_image_dataset(path(folder), "", raw_options(channels, 32));
+    ASSERT_EQ(ds->size(), 2);
+    const std::vector<std::string> files = folder == "c" ? std::vector<std::string>{"c/a/card.jpg", "c/b/card16.png"}
+                                                         : std::vector<std::string>{"g/a/gray.jpg", "g/b/gray16.png"};
+    for (int64_t i = 0; i < 2; ++i) {
+      cv::Mat want;
+      cv::resize(expected8(path(files[static_cast<size_t>(i)])), want, cv::Size(32, 32), 0, 0, cv::INTER_AREA);
+      EXPECT_EQ(sample_values(*ds, i), chw_values(want)) << files[static_cast<size_t>(i)];
+    }
+  }
+}
+
+TEST_F(DataTest, UnsupportedPixelDepthIsRefusedNamingTheFile) {
+  cv::Mat f(16, 16, CV_32FC1, cv::Scalar(0.5));
+  ASSERT_TRUE(write_image(path("f/a/float.tiff"), f));
+  ASSERT_EQ(cv::imread(path("f/a/float.tiff"), cv::IMREAD_UNCHANGED).depth(), CV_32F);
+  expect_error([&] { load_image_dataset(path("f"), "", ImageLoadOptions{}); },
+               {path("f/a/float.tiff"), "unsupported pixel depth"});
+  // And a 16-bit TIFF loads like the 16-bit PNG (8 bits: v / 257).
+  cv::Mat w(16, 16, CV_16UC1, cv::Scalar(257 * 200));
+  ASSERT_TRUE(write_image(path("w/a/w.tiff"), w));
+  const auto ds = load_image_dataset(path("w"), "", raw_options(1, 16));
+  EXPECT_EQ(sample_values(*ds, 0), std::vector<int>(256, 200));
 }
 
 // ---- batches ---------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 // gives the float path's tensors; batches are the same bytes whatever the worker count, with
 // and without augmentation; augmentation reaches training samples only; the samplers' class
 // frequencies and their split over ranks; bad files are skipped and listed or refused naming
-// the file; a worker's error reaches the consumer, and stopping early never hangs.
+// the file; a worker's error reaches the consumer, stopping early never hangs, and at most
+// workers x prefetch batches are in flight.
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -336,6 +337,65 @@ TEST(DataLoader, StoppingEarlyNeverHangs) {
   EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 10.0);
   expect_error([&] { LoaderOptions o; o.workers = -1; DataLoader l(slow, o); }, {"data.workers"});
   expect_error([&] { LoaderOptions o; o.prefetch = 0; DataLoader l(slow, o); }, {"data.prefetch"});
+}
+
+namespace {
+// Batch k is the one sample {k}: get(k) starting means batch k is being built. Records the
+// highest batch started and whether one started beyond `bound` (exclusive), which the consumer
+// raises as it takes batches.
+class InFlightProbe final : public Dataset {
+ public:
+  explicit InFlightProbe(int64_t n) : n_(n) {}
+  int64_t size() const override { return n_; }
+  Shape sample_shape() const override { return {1, 1, 1}; }
+  const std::vector<std::string>& class_names() const override { return classes_; }
+  int64_t label(int64_t) const override { return 0; }
+  void get(int64_t i, float* out) const override {
+    if (i >= bound.load()) overstep.store(i);
+    int64_t m = max_started.load();
+    while (i > m && !max_started.compare_exchange_weak(m, i)) {
+    }
+    out[0] = static_cast<float>(i);
+  }
+  mutable std::atomic<int64_t> max_started{-1}, overstep{-1};
+  std::atomic<int64_t> bound{0};
+
+ private:
+  int64_t n_;
+  std::vector<std::string> classes_{"only"};
+};
+}  // namespace
+
+TEST(DataLoader, NeverMoreThanWorkersTimesPrefetchBatchesInFlight) {
+  const int64_t n = 24;
+  for (const auto& [workers, prefetch] : std::vector<std::pair<int, int>>{{1, 1}, {1, 3}, {3, 1}, {2, 2}}) {
+    const int64_t window = workers * prefetch;
+    InFlightProbe probe(n);
+    probe.bound = window;  // before any batch is taken: batches 0 .. window-1
+    LoaderOptions opt;
+    opt.workers = workers, opt.prefetch = prefetch;
+    DataLoader loader(probe, opt);
+    std::vector<std::vector<int64_t>> batches;
+    for (int64_t k = 0; k < n; ++k) batches.push_back({k});
+    loader.start_epoch(0, batches);
+    Batch b;
+    for (int64_t d = 0; d < n; ++d) {
+      // The workers fill the window (batches d .. d+window-1), and go no further.
+      const int64_t full = std::min(d + window, n) - 1;
+      const auto t0 = std::chrono::steady_clock::now();
+      while (probe.max_started.load() < full && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(20))
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      ASSERT_GE(probe.max_started.load(), full) << "the loader did not prefetch; workers " << workers;
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));  // a chance to overstep
+      ASSERT_EQ(probe.overstep.load(), -1) << "batch " << probe.overstep.load() << " started with batch " << d
+                                           << " not yet taken: workers " << workers << ", prefetch " << prefetch;
+      probe.bound = d + 1 + window;  // taking batch d frees one place
+      ASSERT_TRUE(loader.next(b));
+      EXPECT_EQ(b.x.data<float>()[0], static_cast<float>(d));
+    }
+    EXPECT_FALSE(loader.next(b));
+    EXPECT_EQ(probe.overstep.load(), -1);
+  }
 }
 
 namespace {

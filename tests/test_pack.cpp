@@ -1,9 +1,12 @@
 // data/pack and `lancet prep`: folder / manifest / DICOM / .npz -> pack -> dataset is bit-identical
 // to loading the source directly (gray, RGB, with a preprocessing recipe); the content hash
-// changes with one pixel and a damaged pack is refused; stale and mismatched recipes; a
-// corrupt source image fails prep naming the file and leaves nothing behind; one image per
-// chunk (random access reads one chunk), gzip; load_dataset dispatch; the CLI.
+// changes with one pixel and a damaged pack is refused; stale and mismatched recipes and DICOM
+// windows; a corrupt source image fails prep naming the file and leaves nothing behind, or is
+// skipped and listed (--on-bad-sample skip); a killed prep's temporary files are removed; one
+// image per chunk (random access reads one chunk), gzip; progress lines; labels outside the
+// classes; load_dataset dispatch; the CLI.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -11,8 +14,10 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <optional>
 #include <opencv2/core.hpp>
 #include <opencv2/imgcodecs.hpp>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -231,15 +236,204 @@ TEST_F(PackTest, NotAPackAndStalePacks) {
   {  // a pack whose recipe fingerprint was computed by another version of the ops
     H5File f = H5File::create_atomic(path("stale.h5"));
     for (const auto& [k, v] : std::vector<std::pair<std::string, std::string>>{
-             {"format", "lancet-pack"}, {"version", "1"}, {"classes", "[\"a\"]"}, {"image_size", "8"},
-             {"channels", "1"}, {"dtype", "uint8"}, {"recipe", "[]"}, {"recipe_fingerprint", "pp0-0123456789abcdef"}})
+             {"format", "lancet-pack"}, {"version", "2"}, {"classes", "[\"a\"]"}, {"image_size", "8"},
+             {"channels", "1"}, {"dtype", "uint8"}, {"recipe", "[]"}, {"recipe_fingerprint", "pp0-0123456789abcdef"},
+             {"dicom_window", "[]"}, {"dicom_files", "0"}})
       f.set_attr("/", k, v);
     f.commit();
   }
   expect_error([&] { read_pack_info(path("stale.h5")); }, {"stale.h5", "stale pack", "pp0-0123456789abcdef"});
+  {  // a version 1 pack (before the DICOM window was recorded)
+    H5File f = H5File::create_atomic(path("v1.h5"));
+    f.set_attr("/", "format", "lancet-pack");
+    f.set_attr("/", "version", "1");
+    f.commit();
+  }
+  expect_error([&] { read_pack_info(path("v1.h5")); }, {"v1.h5", "pack version 1 is not supported", "lancet prep again"});
   std::ofstream(path("x.txt")) << "hello";
   expect_error([&] { load_dataset(path("x.txt"), "train", ImageLoadOptions{}); }, {"x.txt", "not a dataset"});
   expect_error([&] { load_dataset(path("nothing"), "train", ImageLoadOptions{}); }, {"nothing", "no such dataset"});
+}
+
+TEST_F(PackTest, DicomWindowIsPartOfThePack) {
+  if (!dicom_supported()) GTEST_SKIP() << "built without DCMTK";
+  const std::string src = synth("d", 4, 2);
+  fs::copy_file(kReal + "dicom/pydicom__CT_small.dcm", path("d/train/opacity/ct.dcm"));
+  add_row("d", "train/opacity/ct.dcm", "opacity", "train");
+  PackOptions po = pack_options(24, 1);
+  po.load.dicom_window = {40, 400};
+  write_pack(src, path("w.h5"), po);
+  const PackInfo info = read_pack_info(path("w.h5"));
+  EXPECT_EQ(info.dicom_window, (std::vector<double>{40, 400}));
+  EXPECT_EQ(info.dicom_files, 1);
+  // The pack gives what the folder gives under the same window...
+  ImageLoadOptions lo = po.load;
+  std::string note;
+  EXPECT_TRUE(same_dataset(*load_pack_dataset(path("w.h5"), "train", lo, &note), *load_image_dataset(src, "train", lo)));
+  EXPECT_NE(note.find("DICOM window [40.0,400.0]"), std::string::npos) << note;
+  // ...and is refused, naming both windows, under another window or none (the files' own).
+  lo.dicom_window.clear();
+  expect_error([&] { load_pack_dataset(path("w.h5"), "train", lo); },
+               {"w.h5", "data.dicom.window [40.0,400.0]", "data.dicom.window is [] (each file's own window",
+                "lancet prep"});
+  expect_error([&] { load_cached_dataset(path("w.h5"), "val", lo); }, {"w.h5", "[40.0,400.0]", "[]"});
+  lo.dicom_window = {50, 400};
+  expect_error([&] { load_pack_dataset(path("w.h5"), "train", lo); }, {"[40.0,400.0]", "is [50.0,400.0]"});
+  // A pack made without a window is refused under one.
+  po.load.dicom_window.clear();
+  write_pack(src, path("own.h5"), po);
+  EXPECT_TRUE(read_pack_info(path("own.h5")).dicom_window.empty());
+  expect_error([&] { load_pack_dataset(path("own.h5"), "val", lo); }, {"own.h5", "[] (each file's own", "[50.0,400.0]"});
+  // Without DICOM images the window changes nothing, so it is not checked.
+  write_pack(synth("png", 2, 2), path("png.h5"), po);
+  EXPECT_EQ(read_pack_info(path("png.h5")).dicom_files, 0);
+  EXPECT_NO_THROW(load_pack_dataset(path("png.h5"), "train", lo));
+  // prep --set data.dicom.window=[40,400] records it; training without it is refused.
+  const auto cli = lancet::testing::run_lancet("prep --data " + src + " --out " + path("cli.h5") +
+                                               " --image-size 16 --threads 1 --set 'data.dicom.window=[40,400]'");
+  ASSERT_EQ(cli.status, 0) << cli.output;
+  EXPECT_NE(cli.output.find("1 DICOM, window [40.0,400.0]"), std::string::npos) << cli.output;
+  ImageLoadOptions at16 = pack_options(16, 1).load;
+  expect_error([&] { load_cached_dataset(path("cli.h5"), "train", at16); }, {"cli.h5", "[40.0,400.0]"});
+}
+
+TEST_F(PackTest, PrepSkipsBadImagesWhenAskedAndListsThem) {
+  const std::string src = synth("s", 6, 4);
+  std::ofstream(path("s/train/normal/zz_bad.png"), std::ios::binary) << "\x89PNG\r\n\x1a\n not a png";
+  add_row("s", "train/normal/zz_bad.png", "normal", "train");
+  std::ofstream(path("s/val/opacity/aa_empty.jpg"), std::ios::binary) << "";
+  add_row("s", "val/opacity/aa_empty.jpg", "opacity", "val");
+  PackOptions po = pack_options(16, 1);
+  expect_error([&] { write_pack(src, path("s.h5"), po); }, {"zz_bad.png", "cannot decode"});  // default: error
+  po.on_bad = BadSample::skip;
+  std::ostringstream log;
+  po.log = &log;
+  const auto summary = write_pack(src, path("s.h5"), po);
+  ASSERT_EQ(summary.size(), 2u);
+  EXPECT_EQ(summary[0].count, 6);
+  ASSERT_EQ(summary[0].skipped.size(), 1u);
+  EXPECT_NE(summary[0].skipped[0].find("zz_bad.png: cannot decode"), std::string::npos) << summary[0].skipped[0];
+  EXPECT_EQ(summary[1].count, 4);
+  ASSERT_EQ(summary[1].skipped.size(), 1u);
+  EXPECT_NE(summary[1].skipped[0].find("aa_empty.jpg: empty file"), std::string::npos) << summary[1].skipped[0];
+  EXPECT_NE(log.str().find("train: 6 images (normal 3, opacity 3), hash " + summary[0].hash + "; 1 bad image(s) skipped"),
+            std::string::npos) << log.str();
+  EXPECT_NE(log.str().find("--on-bad-sample skip: 2 bad image(s) left out of the pack:"), std::string::npos) << log.str();
+  EXPECT_NE(log.str().find("  val: " + path("s/val/opacity/aa_empty.jpg") + ": empty file"), std::string::npos)
+      << log.str();
+  // The split's attributes record them; the pack holds exactly the good images, hashed.
+  const H5File f = H5File::open_read(path("s.h5"));
+  EXPECT_EQ(f.get_attr("train", "skipped"), std::optional<std::string>("1"));
+  EXPECT_EQ(Json::parse(*f.get_attr("train", "skipped_files")).get<std::vector<std::string>>(), summary[0].skipped);
+  EXPECT_EQ(f.get_attr("val", "skipped"), std::optional<std::string>("1"));
+  EXPECT_EQ(f.shape_of("train/images"), (Shape{6, 16, 16}));
+  for (const char* split : {"train", "val"}) {
+    const auto from_pack = load_cached_dataset(path("s.h5"), split, po.load);
+    const auto from_src = load_cached_dataset(src, split, po.load, BadSample::skip);
+    ASSERT_EQ(from_pack->size(), from_src->size()) << split;
+    EXPECT_EQ(from_pack->labels(), from_src->labels()) << split;
+    for (int64_t i = 0; i < from_src->size(); ++i) EXPECT_EQ(from_pack->image(i), from_src->image(i)) << split << " " << i;
+  }
+  // A split with no readable image is refused.
+  fs::create_directories(path("b/train/x"));
+  std::ofstream(path("b/train/x/a.png")) << "junk";
+  std::ofstream(path("b/train/x/b.png")) << "junk";
+  expect_error([&] { write_pack(path("b"), path("b.h5"), po); },
+               {"split 'train' has no readable image", "2 skipped", "a.png"});
+  EXPECT_TRUE(leftovers("b.h5").empty());
+  // The command line: --on-bad-sample skip is honoured and reported.
+  const auto cli = lancet::testing::run_lancet("prep --data " + src + " --out " + path("cli.h5") +
+                                               " --image-size 16 --threads 1 --on-bad-sample skip");
+  ASSERT_EQ(cli.status, 0) << cli.output;
+  EXPECT_NE(cli.output.find("2 bad image(s) left out of the pack"), std::string::npos) << cli.output;
+  EXPECT_NE(cli.output.find("zz_bad.png: cannot decode"), std::string::npos) << cli.output;
+}
+
+TEST_F(PackTest, PrepRemovesTempFilesOfKilledPrepsOnly) {
+  // A writer that has exited (its pid is free again, not reused within this test in practice).
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) ::_exit(0);
+  ASSERT_EQ(::waitpid(child, nullptr, 0), child);
+  const std::string dead = std::to_string(child), live = std::to_string(::getppid());
+  const std::vector<std::string> temps = {"out.h5.tmp-" + dead + "-0", "out.h5.tmp-" + dead + "-3",
+                                          "out.h5.tmp-" + live + "-0", "other.h5.tmp-" + dead + "-0",
+                                          "out.h5.tmp-notapid"};
+  for (const std::string& name : temps)
+    std::ofstream(path(name)) << "half a pack";
+  PackOptions po = pack_options(16, 1);
+  std::ostringstream log;
+  po.log = &log;
+  write_pack(synth("src", 2, 2), path("out.h5"), po);
+  std::vector<std::string> left = leftovers("out.h5");
+  std::sort(left.begin(), left.end());
+  EXPECT_EQ(left, (std::vector<std::string>{"out.h5", "out.h5.tmp-" + live + "-0", "out.h5.tmp-notapid"}));
+  EXPECT_TRUE(fs::exists(path("other.h5.tmp-" + dead + "-0"))) << "another pack's file is not prep's to remove";
+  EXPECT_NE(log.str().find("prep: removed " + path("out.h5.tmp-" + dead + "-0") + " (left by a killed prep)"),
+            std::string::npos) << log.str();
+  EXPECT_TRUE(remove_stale_temp_files_of(path("out.h5")).empty());
+  EXPECT_EQ(remove_stale_temp_files_of(path("other.h5")), (std::vector<std::string>{path("other.h5.tmp-" + dead + "-0")}));
+  EXPECT_TRUE(remove_stale_temp_files_of(path("nowhere/x.h5")).empty());
+}
+
+TEST_F(PackTest, ProgressLinesArePlainUnlessATerminal) {
+  const std::string src = synth("p", 10, 2);
+  PackOptions po = pack_options(16, 1);
+  po.progress_every = 4;  // blocks of 3: after 6 and 9 of the 10 train images
+  std::ostringstream log;
+  po.log = &log;
+  write_pack(src, path("p.h5"), po);
+  const std::string s = log.str();
+  EXPECT_NE(s.find("prep: train: 6/10 images (60%), "), std::string::npos) << s;
+  EXPECT_NE(s.find("prep: train: 9/10 images (90%), "), std::string::npos) << s;
+  EXPECT_EQ(s.find("prep: train: 3/10"), std::string::npos) << s;
+  EXPECT_NE(s.find(" images/s\n"), std::string::npos) << s;
+  EXPECT_NE(s.find("prep: train: 10 images in "), std::string::npos) << s;
+  EXPECT_EQ(s.find('\r'), std::string::npos) << "no carriage returns in a log file";
+  EXPECT_EQ(s.find("prep: val: 2/"), std::string::npos) << "val has fewer images than the interval";
+  std::ostringstream tty;
+  po.log = &tty, po.progress_tty = true;
+  write_pack(src, path("p.h5"), po);
+  EXPECT_NE(tty.str().find("\r\033[Kprep: train: 6/10 images (60%), "), std::string::npos);
+  po.progress_every = 0;
+  std::ostringstream quiet;
+  po.log = &quiet;
+  write_pack(src, path("p.h5"), po);
+  EXPECT_EQ(quiet.str().find("/10 images"), std::string::npos) << quiet.str();
+}
+
+TEST_F(PackTest, LabelOutsideTheClassesIsRefused) {
+  // A hand-made pack, consistent except for one label (its hash covers the bad label too).
+  const std::vector<int64_t> labels = {0, 5};
+  std::vector<uint8_t> pixels(2 * 8 * 8);
+  for (size_t i = 0; i < pixels.size(); ++i) pixels[i] = static_cast<uint8_t>(i * 7);
+  uint64_t h = fnv1a64(pixels.data(), pixels.size());
+  for (int64_t l : labels) {
+    uint8_t b[8];
+    for (int k = 0; k < 8; ++k) b[k] = static_cast<uint8_t>(static_cast<uint64_t>(l) >> (8 * k));
+    h = fnv1a64(b, 8, h);
+  }
+  char hash[17];
+  std::snprintf(hash, sizeof hash, "%016llx", static_cast<unsigned long long>(h));
+  {
+    H5File f = H5File::create_atomic(path("l.h5"));
+    f.create_chunked("train/images", H5File::Elem::u8, {2, 8, 8}, {1, 8, 8}, 0);
+    f.write_rows("train/images", 0, 2, H5File::Elem::u8, pixels.data());
+    Tensor lt = Tensor::empty({2}, DType::i64);
+    std::copy(labels.begin(), labels.end(), lt.data<int64_t>());
+    f.write("train/labels", lt);
+    f.set_attr("train", "hash", hash);
+    for (const auto& [k, v] : std::vector<std::pair<std::string, std::string>>{
+             {"format", "lancet-pack"}, {"version", "2"}, {"classes", "[\"a\", \"b\"]"}, {"image_size", "8"},
+             {"channels", "1"}, {"dtype", "uint8"}, {"recipe", PreprocessRecipe().to_json().dump()},
+             {"recipe_fingerprint", PreprocessRecipe().fingerprint()}, {"dicom_window", "[]"}, {"dicom_files", "0"}})
+      f.set_attr("/", k, v);
+    f.commit();
+  }
+  ImageLoadOptions lo = pack_options(8, 1).load;
+  expect_error([&] { load_pack_dataset(path("l.h5"), "train", lo); },
+               {"l.h5", "label 5 of train sample 1 is outside the 2 classes"});
+  expect_error([&] { load_cached_dataset(path("l.h5"), "train", lo, BadSample::skip); }, {"l.h5", "label 5"});
 }
 
 TEST_F(PackTest, PrepCommandLine) {

@@ -2,6 +2,9 @@
 // .npz) into one HDF5 file: decoded, preprocessed with data.preprocess and resized once, with
 // labels, class names, the recipe and a content hash (data/pack.h). Training reads it with
 // --data PACK.h5.
+#include <unistd.h>
+
+#include <cstdio>
 #include <iostream>
 #include <sstream>
 #include <thread>
@@ -26,7 +29,8 @@ void register_prep(CLI::App& app) {
   sub->add_option("--compress", a->compress, "gzip level 1-9 for the images (0 = uncompressed)")
       ->check(CLI::Range(0, 9))
       ->capture_default_str();
-  // --data, --image-size, --channels, --threads, --config (data.preprocess, data.dicom.window), --set.
+  // --data, --image-size, --channels, --on-bad-sample, --threads, --config (data.preprocess,
+  // data.dicom.window), --set.
   add_config_options(*sub, a->config, /*with_training_flags=*/false);
   sub->callback([a]() {
     const Json config = resolve_config(a->config);
@@ -44,7 +48,9 @@ void register_prep(CLI::App& app) {
     for (std::string s; std::getline(ss, s, ',');)
       if (!s.empty()) po.splits.push_back(s);
     po.gzip = a->compress;
+    po.on_bad = parse_bad_sample(dc.on_bad_sample);
     po.log = &std::cerr;
+    po.progress_tty = ::isatty(::fileno(stderr)) == 1;
     write_pack(dc.dir, a->out, po);
   });
 }
