@@ -33,9 +33,12 @@
 // worker, and on each decoded image (RGB order, still at its stored bit depth so that 16-bit
 // ops see the full range) call recipe.apply(img) before the existing steps of
 // preprocess_image (conversion to ImageLoadOptions::channels, resize to image_size,
-// mean/std normalisation, which stay there). Inference (eval, predict) builds the recipe from
-// the run's saved config.json, so a model always sees the images it was trained on. A cache
-// of preprocessed images stores fingerprint() and is stale when it differs.
+// mean/std normalisation, which stay there). `lancet eval` takes the recipe, like every other
+// pixel setting, from the training configuration saved in the weights file (/train config,
+// trainer/weights.h) unless the command line gives it (a different one is logged); a file
+// without one (a PyTorch export) gets the given recipe or none. `lancet forward` reads batches
+// already preprocessed. A cache of preprocessed images stores fingerprint() and is stale when
+// it differs.
 #pragma once
 #include <cstdint>
 #include <nlohmann/json.hpp>

@@ -239,6 +239,30 @@ TEST(LossScaler, GrowthBackoffAndState) {
   EXPECT_EQ(off.skipped_steps(), 0);
 }
 
+// Factors that are not powers of two: each scale change is a double product rounded to float
+// once, as torch's _amp_update_scale_ does. The bits are torch.amp.GradScaler's, from
+// tools/reference/grad_scaler_sequence.py (its defaults: this sequence and these factors).
+TEST(LossScaler, MatchesGradScalerWithNonDyadicFactors) {
+  LossScalerConfig cfg;
+  cfg.enabled = true;
+  cfg.init_scale = 1000.1f;
+  cfg.growth_factor = 3.0;
+  cfg.backoff_factor = 0.3;
+  cfg.growth_interval = 2;
+  const std::string steps = "ffiffnfffiffffff";  // f finite, i inf, n NaN
+  const uint32_t torch_bits[] = {0x447a0666, 0x453b84cc, 0x446105c2, 0x446105c2, 0x4528c452, 0x444a852f,
+                                 0x444a852f, 0x4517e3e3, 0x4517e3e3, 0x443644aa, 0x443644aa, 0x4508b380,
+                                 0x4508b380, 0x45cd0d40, 0x45cd0d40, 0x4699c9f0};
+  LossScaler scaler(cfg);
+  for (size_t i = 0; i < steps.size(); ++i) {
+    scaler.update(steps[i] == 'f');
+    const float sc = scaler.scale();
+    uint32_t bits;
+    std::memcpy(&bits, &sc, sizeof bits);
+    EXPECT_EQ(bits, torch_bits[i]) << "after step " << i + 1 << " (" << steps[i] << "): scale " << sc;
+  }
+}
+
 TEST(LossScaler, ConfigKeys) {
   Json c = default_config();
   EXPECT_FALSE(loss_scaler_config(c).enabled);  // fp32
@@ -261,6 +285,13 @@ TEST(LossScaler, ConfigKeys) {
   apply_override(c, "amp.loss_scaling=auto");
   apply_override(c, "amp.backoff_factor=1.5");
   expect_error([&] { loss_scaler_config(c); }, {"amp.backoff_factor"});
+  apply_override(c, "amp.backoff_factor=0.5");
+  apply_override(c, "amp.init_scale=1e39");  // beyond float: named, not "inf"
+  expect_error([&] { loss_scaler_config(c); }, {"amp.init_scale", "1e+39"});
+  apply_override(c, "amp.init_scale=65536");
+  apply_override(c, "amp.growth_factor=.inf");  // YAML's infinity
+  expect_error([&] { loss_scaler_config(c); }, {"amp.growth_factor", "finite"});
+  apply_override(c, "amp.growth_factor=2");
   apply_override(c, "train.precision=fp8");
   expect_error([&] { train_config(c); }, {"train.precision", "fp8"});
 }

@@ -3,6 +3,7 @@
 // naming the file and the mismatch; only the newest K checkpoints are kept.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -44,10 +45,24 @@ Json small_job(const std::string& out, const std::string& optimizer = "adam") {
   return c;
 }
 
-TrainSummary train(const Json& c) {
+TrainSummary train(const Json& c, std::string* log_text = nullptr) {
   auto comm = make_single_process_communicator();
   std::ostringstream log;
-  return run_training(c, *comm, log);
+  TrainSummary s = run_training(c, *comm, log);
+  if (log_text) *log_text = log.str();
+  return s;
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+size_t count_lines(const std::string& path) {
+  const std::string text = read_text(path);
+  return static_cast<size_t>(std::count(text.begin(), text.end(), '\n'));
 }
 
 void expect_same_weights(const std::string& a, const std::string& b) {
@@ -227,6 +242,69 @@ TEST_F(Checkpoints, KilledRunResumesToTheSameWeights) {
   EXPECT_NE(r.output.find("resumed from"), std::string::npos) << r.output;
   expect_same_weights(tmp_ / "full/final.h5", part + "/final.h5");
   EXPECT_EQ(metrics_lines(tmp_ / "full/metrics.jsonl"), metrics_lines(part + "/metrics.jsonl"));
+}
+
+// A run that ended is not trained further by a resume: one stopped early (killed after its last
+// checkpoint but before final.h5, or finished) and one that ran all its epochs. The resumed run
+// ends where the run did: same steps, same final weights, no new epochs.csv / metrics /
+// steps rows, "nothing left to train" in the log. (A resume once started the stopped run's next
+// epoch: the stop decision was not restored.) Early stopping here watches val_auroc.
+TEST_F(Checkpoints, ResumingAnEndedRunTrainsNoFurther) {
+  const std::string run = tmp_ / "stopped";
+  Json c = small_job(run);
+  for (const std::string s : {"train.epochs=4", "early_stopping.monitor=val_auroc", "early_stopping.mode=max",
+                              "early_stopping.patience=1", "early_stopping.min_delta=100"})
+    apply_override(c, s);
+  std::string log;
+  const TrainSummary first = train(c, &log);
+  // Epoch 1 sets the best AUROC; epoch 2 cannot beat it by 100: patience 1 stops there.
+  ASSERT_TRUE(first.stopped_early) << log;
+  ASSERT_EQ(first.steps, 2 * 7);
+  EXPECT_NE(log.find("new best val_auroc"), std::string::npos) << log;
+  EXPECT_NE(log.find("early stopping: val_auroc has not improved for 1 epochs"), std::string::npos) << log;
+  fs::copy_file(run + "/final.h5", tmp_ / "stopped_final.h5");
+  const std::string epochs_csv = read_text(run + "/epochs.csv");
+  const auto metrics = metrics_lines(run + "/metrics.jsonl");
+  ASSERT_EQ(count_lines(run + "/steps.jsonl"), 14u);
+  ASSERT_EQ(fs::path(list_checkpoints(run).back()).filename(), "step-000000014.h5");
+
+  Json again = c;
+  apply_override(again, "train.resume=auto");
+  for (const bool killed_before_final : {true, false}) {
+    SCOPED_TRACE(killed_before_final ? "killed before final.h5" : "finished");
+    if (killed_before_final) fs::remove(run + "/final.h5");
+    const TrainSummary got = train(again, &log);
+    EXPECT_EQ(got.steps, first.steps);
+    EXPECT_TRUE(got.stopped_early);
+    EXPECT_NE(log.find("resume: early stopping ended this run after epoch 2 (val_auroc had not improved for 1 "
+                       "epochs); nothing left to train"),
+              std::string::npos)
+        << log;
+    expect_same_weights(tmp_ / "stopped_final.h5", run + "/final.h5");
+    EXPECT_EQ(read_text(run + "/epochs.csv"), epochs_csv);
+    EXPECT_EQ(metrics_lines(run + "/metrics.jsonl"), metrics);
+    EXPECT_EQ(count_lines(run + "/steps.jsonl"), 14u);
+    EXPECT_EQ(fs::path(list_checkpoints(run).back()).filename(), "step-000000014.h5");
+    EXPECT_EQ(got.final_eval.loss, first.final_eval.loss);
+  }
+
+  // All epochs done: the same, and the same as it was before (no training, final.h5 rewritten
+  // with the run's last weights).
+  const std::string full = tmp_ / "full";
+  Json done = small_job(full);
+  const TrainSummary ran = train(done);
+  ASSERT_EQ(ran.steps, 21);
+  fs::copy_file(full + "/final.h5", tmp_ / "full_final.h5");
+  const auto full_metrics = metrics_lines(full + "/metrics.jsonl");
+  apply_override(done, "train.resume=auto");
+  const TrainSummary got = train(done, &log);
+  EXPECT_EQ(got.steps, 21);
+  EXPECT_FALSE(got.stopped_early);
+  EXPECT_NE(log.find("resume: the run's 21 steps are done; nothing left to train"), std::string::npos) << log;
+  expect_same_weights(tmp_ / "full_final.h5", full + "/final.h5");
+  EXPECT_EQ(metrics_lines(full + "/metrics.jsonl"), full_metrics);
+  EXPECT_EQ(count_lines(full + "/steps.jsonl"), 21u);
+  EXPECT_EQ(got.final_eval.loss, ran.final_eval.loss);
 }
 
 namespace lancet {

@@ -87,10 +87,21 @@ TEST(ConfigDocs, UnknownKeysGetADidYouMeanHint) {
                {"unknown setting 'train.batchsize'", "did you mean 'train.batch_size'?", "valid keys in train"});
   expect_error([&] { apply_override(c, "optim.learning_rate=0.1"); }, {"unknown setting 'optim.learning_rate'"});
   expect_error([&] { apply_override(c, "trian.epochs=3"); }, {"did you mean 'train'?"});
+  // The model section too (its values are the model's to check; its keys are checked here).
+  expect_error([&] { apply_override(c, "model.widht=[8, 16, 32, 64]"); },
+               {"unknown setting 'model.widht'", "did you mean 'model.widths'?", "valid keys in model", "head_hidden"});
+  expect_error([&] { merge_config(c, Json::parse(R"({"model": {"head_hiden": 32}})"), ""); },
+               {"unknown setting 'model.head_hiden'", "did you mean 'model.head_hidden'?"});
+  expect_error([&] { apply_override(c, "model.colour=1"); }, {"unknown setting 'model.colour'", "valid keys in model"});
+  apply_override(c, "model.widths=[8, 16, 32, 64]");
+  apply_override(c, "model.dropout=[0.1, 0.1]");
+  EXPECT_EQ(c["model"]["widths"], Json({8, 16, 32, 64}));
+  EXPECT_EQ(MedicalCNNConfig::from_json(c["model"]).widths, (std::vector<int>{8, 16, 32, 64}));
 }
 
 TEST(ConfigDocs, NsysStepsAreARange) {
   Json c = default_config();
+  apply_override(c, "train.device=cuda");
   apply_override(c, "train.nsys_steps=20");
   expect_error([&] { train_config(c); }, {"train.nsys_steps must be FIRST:LAST", "'20'"});
   apply_override(c, "train.nsys_steps=5:3");
@@ -103,4 +114,19 @@ TEST(ConfigDocs, NsysStepsAreARange) {
 #else
   expect_error([&] { train_config(c); }, {"train.nsys_steps 20:30", "no CUDA"});
 #endif
+}
+
+// cudaProfilerStart needs a CUDA device: training on the CPU with a capture range is refused up
+// front, naming the flag and the device, in CUDA and CPU-only builds alike (a CUDA build on a
+// machine without a driver once failed mid-run on "cudaProfilerStart() failed").
+TEST(ConfigDocs, NsysStepsNeedACudaTrainingDevice) {
+  Json c = default_config();
+  apply_override(c, "train.nsys_steps=2:3");
+  for (const std::string device : {"cpu", "cpu:1"}) {
+    apply_override(c, "train.device=" + device);
+    expect_error([&] { train_config(c); },
+                 {"train.nsys_steps (--nsys-steps) 2:3", "CUDA training device", "train.device is '" + device + "'"});
+  }
+  apply_override(c, "train.nsys_steps=");
+  EXPECT_EQ(train_config(c).nsys_first, 0);  // off: any device
 }

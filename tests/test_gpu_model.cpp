@@ -225,6 +225,22 @@ TEST(GpuCli, TrainOnCudaRunsAndWritesTheRun) {
   EXPECT_TRUE(std::filesystem::exists(tmp / "metrics.jsonl"));
 }
 
+// --nsys-steps 2:3 brackets steps 2..3 with cudaProfilerStart/Stop, each call logged (without
+// nsys attached both calls succeed and do nothing else).
+TEST(GpuCli, NsysStepsOpenAndCloseTheCaptureWindow) {
+  LANCET_REQUIRE_GPU();
+  TempDir tmp("gpu_nsys");
+  const RunResult r = run_lancet("train --device cuda --nsys-steps 2:3 --max-steps 4 --epochs 1 --batch-size 8 "
+                                 "--image-size 32 --set data.synth.train=64 --set data.synth.val=16 --out " +
+                                 tmp.path.string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  const size_t start = r.output.find("nsys capture: cudaProfilerStart before step 2\n");
+  const size_t stop = r.output.find("nsys capture: cudaProfilerStop after step 3\n");
+  EXPECT_NE(start, std::string::npos) << r.output;
+  EXPECT_NE(stop, std::string::npos) << r.output;
+  EXPECT_LT(start, stop) << r.output;
+}
+
 TEST(GpuCli, UnsupportedGpuSettingsAreRefusedUpFront) {
   LANCET_REQUIRE_GPU();
   const RunResult r = run_lancet("train --device cuda:99 --max-steps 1");

@@ -3,6 +3,7 @@
 // round trips of their state, and config errors.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <functional>
@@ -226,6 +227,46 @@ TEST(EarlyStopping, MaxModeAndOff) {
   EXPECT_EQ(off.best_epoch(), 4);
   EXPECT_DOUBLE_EQ(off.best(), 0.5);
   expect_error([&] { off.update(7, 1.0); }, {"EarlyStopping::update", "epoch 7 after epoch 7"});
+}
+
+// val_auroc (the usual clinical choice) is monitorable, in max mode; an epoch whose AUROC is
+// undefined (NaN) never improves.
+TEST(EarlyStopping, MonitorsValAuroc) {
+  const auto& names = monitorable_metrics();
+  EXPECT_NE(std::find(names.begin(), names.end(), "val_auroc"), names.end());
+  EarlyStopping es({{"monitor", "val_auroc"}, {"mode", "max"}, {"patience", 2}});
+  EXPECT_EQ(es.monitor(), "val_auroc");
+  EXPECT_FALSE(es.update(1, 0.71));
+  EXPECT_FALSE(es.update(2, kNaN));
+  EXPECT_FALSE(es.is_best());
+  EXPECT_FALSE(es.update(3, 0.80));
+  EXPECT_TRUE(es.is_best());
+  EXPECT_FALSE(es.update(4, 0.79));
+  EXPECT_TRUE(es.update(5, 0.80));  // equal is not better
+  EXPECT_EQ(es.best_epoch(), 3);
+  const LrSchedule plateau({{"name", "plateau"}, {"monitor", "val_auroc"}, {"mode", "max"}}, 0.1, 10);
+  EXPECT_EQ(plateau.monitor(), "val_auroc");
+}
+
+// The stop decision is part of the state: a run restored from the checkpoint written after the
+// epoch that stopped it stops again at once (a resumed early-stopped run trained on once).
+TEST(EarlyStopping, StopDecisionSurvivesTheState) {
+  const Json cfg = {{"patience", 2}};
+  EarlyStopping es(cfg);
+  EXPECT_FALSE(es.should_stop());
+  for (int e = 1; e <= 3; ++e) EXPECT_EQ(es.update(e, 1.0), e == 3);
+  EXPECT_TRUE(es.should_stop());
+  EarlyStopping restored(cfg);
+  restored.load_state(through_text(es.state()));
+  EXPECT_TRUE(restored.should_stop());
+  EarlyStopping before_stop(cfg);  // one epoch earlier: not stopped yet
+  before_stop.update(1, 1.0);
+  before_stop.update(2, 1.0);
+  restored.load_state(through_text(before_stop.state()));
+  EXPECT_FALSE(restored.should_stop());
+  EarlyStopping off(Json::object());  // patience 0 never stops, whatever the bad epochs
+  for (int e = 1; e <= 5; ++e) off.update(e, 1.0);
+  EXPECT_FALSE(off.should_stop());
 }
 
 TEST(EarlyStopping, StateRoundTrip) {

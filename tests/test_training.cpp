@@ -126,6 +126,22 @@ TEST(Training, CliDefaultsAndErrors) {
   r = run_lancet("train --data /nonexistent/folder --epochs 1");
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.output.find("/nonexistent/folder"), std::string::npos) << r.output;
+  // --nsys-steps on a CPU training device: refused at startup (not "cudaProfilerStart() failed" mid-run).
+  r = run_lancet("train --device cpu --nsys-steps 2:3 --max-steps 4");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("train.nsys_steps (--nsys-steps) 2:3 needs a CUDA training device"), std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("train.device is 'cpu'"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("generating"), std::string::npos) << "work started before the refusal: " << r.output;
+  // --help names every config section.
+  r = run_lancet("train --help");
+  EXPECT_EQ(r.status, 0);
+  const Json defaults = default_config();
+  std::string sections;
+  for (auto it = defaults.begin(); it != defaults.end(); ++it) sections += (sections.empty() ? "" : ", ") + it.key();
+  EXPECT_NE(r.output.find("(sections: " + sections + ")"), std::string::npos) << r.output;
+  for (const char* s : {"schedule", "early_stopping", "amp", "dist", "pipeline"})
+    EXPECT_NE(sections.find(s), std::string::npos) << s;
   r = run_lancet("--version");
   EXPECT_EQ(r.status, 0);
   for (const char* part : {"lancet ", "CUDA", "cuDNN", "NCCL", "MPI", "OpenCV", "HDF5", "BLAS", "devices:"})

@@ -35,7 +35,10 @@ const Flag kFlags[] = {
 }  // namespace
 
 void add_config_options(CLI::App& app, ConfigArgs& args, bool with_training_flags) {
-  app.add_option("--config", args.config_file, "YAML config file (sections: model, data, train, optim, loss)")
+  const Json defaults = default_config();
+  std::string sections;  // every section of the config, from its defaults (docs/config.md)
+  for (auto it = defaults.begin(); it != defaults.end(); ++it) sections += (sections.empty() ? "" : ", ") + it.key();
+  app.add_option("--config", args.config_file, "YAML config file (sections: " + sections + ")")
       ->check(CLI::ExistingFile);
   app.add_option("--set", args.sets, "override any setting: --set section.key=value (repeatable)");
   for (const Flag& f : kFlags) {

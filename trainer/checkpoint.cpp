@@ -113,6 +113,8 @@ Json read_json_attr(const H5File& f, const std::string& object, const std::strin
 TrainState load_checkpoint(const std::string& path, MedicalCNN& model, Optimizer& opt,
                            const std::string& optimizer_name, const Json& config) {
   H5File f = H5File::open_read(path);
+  // The state first: a final.h5 holds the run's config too (weights.h) but cannot resume it.
+  const TrainState state = TrainState::from_json(read_json_attr(f, "/train", "state"), path);
   const Json saved_config = read_json_attr(f, "/train", "config");
   std::map<std::string, Json> was, now, defaults;
   flatten(saved_config, "", was);
@@ -130,7 +132,6 @@ TrainState load_checkpoint(const std::string& path, MedicalCNN& model, Optimizer
                  path << ": cannot resume: " << key << " is " << there << " in the checkpoint but " << value.dump()
                       << " in this run");
   }
-  const TrainState state = TrainState::from_json(read_json_attr(f, "/train", "state"), path);
   const Json opt_state = read_json_attr(f, "/optimizer", "state");
   LANCET_CHECK(opt_state.value("name", std::string()) == optimizer_name,
                path << ": cannot resume: the optimizer there is " << opt_state.value("name", std::string("?"))

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
+#include <limits>
 
 #include "data/augment.h"
 #include "kernels/device.h"
@@ -13,6 +14,7 @@
 #include "data/loader.h"
 #include "data/preprocess.h"
 #include "kernels/error.h"
+#include "layers/medicalcnn.h"
 #include "trainer/schedule.h"
 
 namespace lancet {
@@ -159,7 +161,11 @@ void merge_config(Json& base, const Json& overlay, const std::string& where) {
   LANCET_CHECK(overlay.is_object(), where << ": expected a mapping of settings");
   for (auto it = overlay.begin(); it != overlay.end(); ++it) {
     const std::string key = where.empty() ? it.key() : where + "." + it.key();
-    if (where == "model") {  // the model validates its own keys
+    if (where == "model") {  // the model validates its values; its keys are checked here for the hint
+      static const Json model_keys = MedicalCNNConfig{}.to_json();
+      LANCET_CHECK(model_keys.contains(it.key()), "unknown setting '" << key << "'"
+                                                      << did_you_mean(model_keys, it.key(), where)
+                                                      << "; valid keys in model: " << keys_of(model_keys));
       base[it.key()] = it.value();
       continue;
     }
@@ -227,6 +233,13 @@ T get(const Json& c, const char* section, const char* key) {
     LANCET_FAIL("setting '" << section << "." << key << "': " << e.what());
   }
 }
+
+// A seed: any non-negative integer (a negative one would wrap to a huge unsigned value).
+uint64_t seed_value(const Json& v, const std::string& key) {
+  LANCET_CHECK(v.is_number_unsigned() || (v.is_number_integer() && v.get<int64_t>() >= 0),
+               key << " must be an integer >= 0, got " << v.dump());
+  return v.get<uint64_t>();
+}
 }  // namespace
 
 DataConfig data_config(const Json& c) {
@@ -242,7 +255,10 @@ DataConfig data_config(const Json& c) {
   d.synth_train = s.at("train").get<int64_t>();
   d.synth_val = s.at("val").get<int64_t>();
   d.synth_size = s.at("size").get<int>();
-  d.synth_seed = s.at("seed").get<uint64_t>();
+  d.synth_seed = seed_value(s.at("seed"), "data.synth.seed");
+  LANCET_CHECK(d.synth_train >= 0, "data.synth.train must be >= 0, got " << d.synth_train);
+  LANCET_CHECK(d.synth_val >= 0, "data.synth.val must be >= 0, got " << d.synth_val);
+  LANCET_CHECK(d.synth_size >= 8, "data.synth.size must be at least 8 (pixels), got " << d.synth_size);
   const Json& w = c.at("data").at("dicom").at("window");
   const bool window_ok = w.is_null() || (w.is_array() && w.size() == 2 && w[0].is_number() && w[1].is_number() &&
                                          w[1].get<double>() >= 1);
@@ -275,7 +291,7 @@ TrainConfig train_config(const Json& c) {
   t.max_steps = get<int64_t>(c, "train", "max_steps");
   t.batch_size = get<int>(c, "train", "batch_size");
   t.drop_last = get<bool>(c, "train", "drop_last");
-  t.seed = get<uint64_t>(c, "train", "seed");
+  t.seed = seed_value(c.at("train").at("seed"), "train.seed");
   t.device = get<std::string>(c, "train", "device");
   t.threads = get<int>(c, "train", "threads");
   t.precision = get<std::string>(c, "train", "precision");
@@ -311,6 +327,11 @@ TrainConfig train_config(const Json& c) {
     }
     LANCET_CHECK(t.nsys_first >= 1 && t.nsys_last >= t.nsys_first,
                  "train.nsys_steps " << nsys << ": need 1 <= FIRST <= LAST");
+    // Checked before the build: the same message in CUDA and CPU-only builds. Without a CUDA
+    // device cudaProfilerStart fails mid-run (no driver) or captures nothing.
+    LANCET_CHECK(parse_device(t.device).is_cuda(), "train.nsys_steps (--nsys-steps) " << nsys
+                                                       << " needs a CUDA training device (cudaProfilerStart/Stop), "
+                                                          "but train.device is '" << t.device << "'");
 #ifndef LANCET_WITH_CUDA
     LANCET_FAIL("train.nsys_steps " << nsys << ": this build has no CUDA (the capture range is cudaProfilerStart/Stop)");
 #endif
@@ -391,6 +412,10 @@ OptimConfig optim_config(const Json& c) {
                "optim.name must be sgd, adam or adamw, got '" << o.name << "'");
   LANCET_CHECK(o.lr > 0, "optim.lr must be positive, got " << o.lr);
   LANCET_CHECK(o.weight_decay >= 0, "optim.weight_decay must be >= 0, got " << o.weight_decay);
+  LANCET_CHECK(o.momentum >= 0, "optim.momentum must be >= 0, got " << o.momentum);
+  LANCET_CHECK(o.beta1 >= 0 && o.beta1 < 1, "optim.beta1 must be in [0, 1), got " << o.beta1);
+  LANCET_CHECK(o.beta2 >= 0 && o.beta2 < 1, "optim.beta2 must be in [0, 1), got " << o.beta2);
+  LANCET_CHECK(o.eps > 0, "optim.eps must be positive, got " << o.eps);
   return o;
 }
 
@@ -400,6 +425,14 @@ LossConfig loss_config(const Json& c) {
   l.class_weights = get<std::vector<float>>(c, "loss", "class_weights");
   LANCET_CHECK(l.label_smoothing >= 0 && l.label_smoothing < 1,
                "loss.label_smoothing must be in [0, 1), got " << l.label_smoothing);
+  float weight_sum = 0;
+  for (size_t i = 0; i < l.class_weights.size(); ++i) {
+    const float w = l.class_weights[i];
+    LANCET_CHECK(std::isfinite(w) && w >= 0, "loss.class_weights[" << i << "] must be finite and >= 0, got " << w);
+    weight_sum += w;
+  }
+  LANCET_CHECK(l.class_weights.empty() || weight_sum > 0,
+               "loss.class_weights are all zero (no class would count); leave the list empty for unweighted");
   return l;
 }
 
@@ -411,12 +444,16 @@ LossScalerConfig loss_scaler_config(const Json& c) {
                                                                                                           << "'");
   LossScalerConfig l;
   l.enabled = mode == "dynamic" || (mode == "auto" && precision == "fp16");
-  l.init_scale = get<float>(c, "amp", "init_scale");
-  l.growth_factor = get<float>(c, "amp", "growth_factor");
-  l.backoff_factor = get<float>(c, "amp", "backoff_factor");
+  const double init_scale = get<double>(c, "amp", "init_scale");
+  LANCET_CHECK(init_scale > 0 && init_scale <= std::numeric_limits<float>::max(),
+               "amp.init_scale must be positive and at most " << std::numeric_limits<float>::max()
+                                                              << " (the scale is a float), got " << init_scale);
+  l.init_scale = static_cast<float>(init_scale);
+  l.growth_factor = get<double>(c, "amp", "growth_factor");
+  l.backoff_factor = get<double>(c, "amp", "backoff_factor");
   l.growth_interval = get<int64_t>(c, "amp", "growth_interval");
-  LANCET_CHECK(l.init_scale > 0 && std::isfinite(l.init_scale), "amp.init_scale must be positive, got " << l.init_scale);
-  LANCET_CHECK(l.growth_factor > 1, "amp.growth_factor must be > 1, got " << l.growth_factor);
+  LANCET_CHECK(l.growth_factor > 1 && std::isfinite(l.growth_factor),
+               "amp.growth_factor must be > 1 and finite, got " << l.growth_factor);
   LANCET_CHECK(l.backoff_factor > 0 && l.backoff_factor < 1, "amp.backoff_factor must be in (0, 1), got " << l.backoff_factor);
   LANCET_CHECK(l.growth_interval >= 1, "amp.growth_interval must be at least 1, got " << l.growth_interval);
   return l;

@@ -23,8 +23,9 @@ Json default_config();
 // epochs, validated on 1000. About 0.95 validation accuracy in 1.5 minutes on 2 cores.
 Json default_job_config();
 
-// Merges `overlay` into `base`; every key in overlay must exist in base (except under
-// `model`, whose keys the model validates) and have a compatible type.
+// Merges `overlay` into `base`; every key in overlay must exist in base (under `model`: be a
+// MedicalCNNConfig key; the model validates the values) and have a compatible type. An unknown
+// key fails naming the closest valid one (did-you-mean) and listing the valid keys.
 void merge_config(Json& base, const Json& overlay, const std::string& where);
 
 // Reads a YAML file into JSON (scalars typed: ints, floats, bools, strings; sequences; maps).
@@ -116,8 +117,10 @@ struct OptimConfig {
 struct LossScalerConfig {
   bool enabled = false;
   float init_scale = 65536.f;  // 2^16
-  float growth_factor = 2.f;
-  float backoff_factor = 0.5f;
+  // Doubles, as GradScaler's: scale * factor is computed in double and rounded to float once
+  // (torch's _amp_update_scale_), so factors that are not powers of two give torch's scales.
+  double growth_factor = 2.0;
+  double backoff_factor = 0.5;
   int64_t growth_interval = 2000;
 };
 struct LossConfig {

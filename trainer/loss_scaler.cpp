@@ -26,13 +26,13 @@ float LossScaler::inv_scale() const {
 void LossScaler::update(bool finite) {
   if (!cfg_.enabled) return;
   if (!finite) {  // torch's _amp_update_scale_
-    scale_ = scale_ * cfg_.backoff_factor;
+    scale_ = static_cast<float>(static_cast<double>(scale_) * cfg_.backoff_factor);
     growth_tracker_ = 0;
     ++skipped_steps_;
     return;
   }
   if (++growth_tracker_ == cfg_.growth_interval) {
-    const float grown = scale_ * cfg_.growth_factor;
+    const float grown = static_cast<float>(static_cast<double>(scale_) * cfg_.growth_factor);
     if (std::isfinite(grown)) scale_ = grown;
     growth_tracker_ = 0;
   }

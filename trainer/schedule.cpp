@@ -114,8 +114,8 @@ Json default_early_stopping_config() {
 }
 
 const std::vector<std::string>& monitorable_metrics() {
-  static const std::vector<std::string> names = {"val_loss", "val_accuracy", "val_balanced_accuracy", "train_loss",
-                                                 "train_accuracy"};
+  static const std::vector<std::string> names = {"val_loss",   "val_accuracy", "val_balanced_accuracy",
+                                                 "val_auroc",  "train_loss",   "train_accuracy"};
   return names;
 }
 
@@ -279,7 +279,7 @@ bool EarlyStopping::update(int epoch, double metric) {
   } else {
     ++bad_epochs_;
   }
-  return patience_ > 0 && bad_epochs_ >= patience_;
+  return should_stop();
 }
 
 Json EarlyStopping::state() const {

@@ -30,8 +30,10 @@ namespace lancet {
 Json default_schedule_config();
 Json default_early_stopping_config();
 
-// Epoch metrics a schedule or early stopping can monitor (the names metrics.jsonl uses):
-// val_loss, val_accuracy, val_balanced_accuracy, train_loss, train_accuracy.
+// Epoch metrics a schedule or early stopping can monitor (the names epochs.csv uses):
+// val_loss, val_accuracy, val_balanced_accuracy, val_auroc, train_loss, train_accuracy.
+// val_auroc is the report's `auroc` (binary, or the one-vs-rest macro mean), NaN when
+// undefined (a validation set without both classes), and a NaN epoch never improves.
 const std::vector<std::string>& monitorable_metrics();
 
 // name (the main schedule; warm-up applies to any of them):
@@ -105,6 +107,9 @@ class EarlyStopping {
   bool update(int epoch, double metric);
   bool is_best() const { return is_best_; }  // the last update() improved on the best
   bool enabled() const { return patience_ > 0; }
+  // The last update() returned true; after load_state(), whether the saved run had stopped (a
+  // resumed run that had stopped early does not train further).
+  bool should_stop() const { return patience_ > 0 && bad_epochs_ >= patience_; }
   const std::string& monitor() const { return monitor_; }
   double best() const { return best_; }        // +-inf before the first finite improvement
   int best_epoch() const { return best_epoch_; }  // 0 before

@@ -435,10 +435,12 @@ std::function<bool(const std::string&)> json_below(const char* key, int64_t limi
 }
 
 // The metric `name` (see monitorable_metrics()) of an epoch.
-double epoch_metric(const std::string& name, double train_loss, double train_acc, const EvalResult& ev) {
+double epoch_metric(const std::string& name, double train_loss, double train_acc, const EvalResult& ev,
+                    const ClassificationReport& report) {
   if (name == "val_loss") return ev.loss;
   if (name == "val_accuracy") return ev.cm.accuracy();
   if (name == "val_balanced_accuracy") return ev.cm.balanced_accuracy();
+  if (name == "val_auroc") return report.auroc;  // NaN when undefined: never an improvement
   if (name == "train_loss") return train_loss;
   if (name == "train_accuracy") return train_acc;
   LANCET_FAIL("unknown metric '" << name << "' to monitor");
@@ -816,7 +818,38 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   };
   const auto t_start = Clock::now();
   const int64_t images_at_start = state.images, step_at_start = state.global_step;
-  bool stop_early = false;
+  // A resumed run that had already ended (stopped early, or all its steps done: killed after
+  // its last checkpoint but before final.h5, or simply run again) trains no further: it
+  // validates and writes final.h5 from the checkpoint's weights, the ones the run ended with.
+  bool stop_early = stopper.should_stop();
+  if (!resume_from.empty() && (stop_early || state.global_step >= total_steps || state.epoch > tc.epochs)) {
+    log << "resume: ";
+    if (stop_early)
+      log << "early stopping ended this run after epoch " << state.epoch - 1 << " (" << stopper.monitor()
+          << " had not improved for " << stopper.bad_epochs() << " epochs)";
+    else
+      log << "the run's " << total_steps << " steps are done";
+    log << "; nothing left to train\n";
+  }
+  // train.nsys_steps A:B: cudaProfilerStart before step A, cudaProfilerStop after step B. A
+  // resumed run that starts inside the window opens it before its first step (the rest of the
+  // window is captured); one that starts after B captures nothing. A run ending inside the
+  // window closes it after its last step.
+  bool nsys_open = false;
+  auto nsys_capture = [&](bool start, int64_t step, const std::string& note) {
+#ifdef LANCET_WITH_CUDA
+    start ? cuda_profiler_start() : cuda_profiler_stop();
+#else
+    LANCET_FAIL("train.nsys_steps: this build has no CUDA");  // train_config refuses it earlier
+#endif
+    nsys_open = start;
+    progress.end_line();
+    log << "nsys capture: " << (start ? "cudaProfilerStart before step " : "cudaProfilerStop after step ") << step
+        << note << "\n";
+  };
+  if (tc.nsys_first > 0 && step_at_start >= tc.nsys_last)
+    log << "nsys capture: none (train.nsys_steps " << tc.nsys_first << ":" << tc.nsys_last
+        << " lies before the resumed run's first step, " << step_at_start + 1 << ")\n";
   for (; state.epoch <= tc.epochs && state.global_step < total_steps && !stop_early; ++state.epoch) {
     const auto order = sampler.indices(state.epoch);
     const auto t_epoch = Clock::now();
@@ -860,9 +893,10 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
         xs.push_back(batch.x);
         ys.push_back(batch.y);
       }
-#ifdef LANCET_WITH_CUDA
-      if (state.global_step + 1 == tc.nsys_first) cuda_profiler_start();
-#endif
+      if (tc.nsys_first > 0 && !nsys_open && state.global_step + 1 >= tc.nsys_first &&
+          state.global_step + 1 <= tc.nsys_last)
+        nsys_capture(true, state.global_step + 1,
+                     state.global_step + 1 > tc.nsys_first ? " (resumed inside train.nsys_steps)" : "");
       const float lr = schedule.lr_for_step(state.global_step);
       opt->set_lr(lr);
       StepStats st = pipeline ? pipeline->train_step(*opt, xs, ys, loss, step_options, &prof)
@@ -878,9 +912,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
       }
       prof.end_step();
       fault.maybe_fail(state.global_step + 1);
-#ifdef LANCET_WITH_CUDA
-      if (state.global_step + 1 == tc.nsys_last) cuda_profiler_stop();
-#endif
+      if (nsys_open && state.global_step + 1 == tc.nsys_last) nsys_capture(false, state.global_step + 1, "");
       LANCET_CHECK(std::isfinite(st.loss), "training diverged: the loss is " << st.loss << " at step "
                                                                              << state.global_step + 1 << " (try a lower optim.lr)");
       state.epoch_loss_sum += st.loss * st.count;
@@ -931,8 +963,8 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     const ClassificationReport report =
         classification_report(ev.probs, ev.labels, num_classes, data.val->class_names());
     const double lr_used = opt->lr();
-    schedule.on_epoch_end(state.epoch, epoch_metric(schedule.monitor(), train_loss, train_acc, ev));
-    stop_early = stopper.update(state.epoch, epoch_metric(stopper.monitor(), train_loss, train_acc, ev));
+    schedule.on_epoch_end(state.epoch, epoch_metric(schedule.monitor(), train_loss, train_acc, ev, report));
+    stop_early = stopper.update(state.epoch, epoch_metric(stopper.monitor(), train_loss, train_acc, ev, report));
     log << "epoch " << state.epoch << ": train loss " << std::fixed << std::setprecision(4) << train_loss
         << "  val loss " << ev.loss << std::setprecision(3) << "  val acc " << ev.cm.accuracy()
         << "  val balanced acc " << ev.cm.balanced_accuracy();
@@ -1020,8 +1052,13 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
       log << "early stopping: " << stopper.monitor() << " has not improved for " << stopper.bad_epochs()
           << " epochs (best " << std::setprecision(4) << stopper.best() << " at epoch " << stopper.best_epoch() << ")\n";
   }
+  if (nsys_open)
+    nsys_capture(false, state.global_step, " (the run ended before step " + std::to_string(tc.nsys_last) + ")");
+  else if (tc.nsys_first > 0 && state.global_step < tc.nsys_first)
+    log << "nsys capture: none (the run ended after step " << state.global_step << ", before train.nsys_steps "
+        << tc.nsys_first << ":" << tc.nsys_last << ")\n";
   if (tc.checkpoint_every > 0 && state.step_in_epoch > 0 && state.step_in_epoch < steps_per_epoch &&
-      state.global_step % tc.checkpoint_every != 0)
+      state.global_step % tc.checkpoint_every != 0 && state.global_step > step_at_start)
     step_checkpoint(state);  // stopped by max_steps mid-epoch: keep the exact position
   summary.steps = state.global_step;
   summary.seconds = state.train_seconds;
@@ -1053,7 +1090,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   }
   if (writes) {
     model->to(Device::cpu());
-    save_weights(tc.out + "/final.h5", *model, model_cfg);
+    save_weights(tc.out + "/final.h5", *model, model_cfg, config);  // config: eval's preprocessing
     log << "wrote " << tc.out << "/final.h5, metrics.jsonl, steps.jsonl, epochs.csv"
         << (tb ? ", " + fs::path(tb->path()).lexically_relative(tc.out).string() : std::string()) << "\n";
   }

@@ -15,9 +15,13 @@ void write_weights(H5File& file, Module& model, const Json& model_config) {
   file.set_attr("/model", "model", model_config.dump());
 }
 
-void save_weights(const std::string& path, Module& model, const Json& model_config) {
+void save_weights(const std::string& path, Module& model, const Json& model_config, const Json& run_config) {
   H5File f = H5File::create_atomic(path);
   write_weights(f, model, model_config);
+  if (!run_config.is_null()) {
+    f.create_group("/train");
+    f.set_attr("/train", "config", run_config.dump());
+  }
   f.commit();
 }
 
@@ -30,6 +34,20 @@ Json read_model_config(const H5File& file) {
   } catch (const Json::exception& e) {
     LANCET_FAIL(file.path() << ": the /model 'model' attribute is not valid JSON: " << e.what());
   }
+}
+
+std::optional<Json> read_run_config(const H5File& file) {
+  const auto attr = file.has("/train") ? file.get_attr("/train", "config") : std::nullopt;
+  if (!attr) return std::nullopt;
+  Json config;
+  try {
+    config = Json::parse(*attr);
+  } catch (const Json::exception& e) {
+    LANCET_FAIL(file.path() << ": the /train 'config' attribute is not valid JSON: " << e.what());
+  }
+  LANCET_CHECK(config.is_object(), file.path() << ": the /train 'config' attribute is " << config.type_name()
+                                               << " JSON, expected an object (the run's configuration)");
+  return config;
 }
 
 void load_weights(const H5File& file, Module& model) {
