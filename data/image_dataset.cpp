@@ -162,7 +162,7 @@ std::unique_ptr<CachedImageDataset> build(int64_t n, const std::function<Image8(
 std::unique_ptr<CachedImageDataset> load_folder(const std::string& dir, const std::string& split,
                                                 const ImageLoadOptions& opt, BadSample on_bad, bool stream) {
   std::vector<std::string> classes;
-  auto items = std::make_shared<const std::vector<ImageItem>>(list_images(dir, split, &classes));
+  auto items = std::make_shared<const std::vector<ImageItem>>(list_images(dir, split, &classes, opt.classes));
   std::vector<int64_t> labels;
   std::vector<std::string> names;
   for (const ImageItem& it : *items) labels.push_back(it.label), names.push_back(it.file);
@@ -187,8 +187,7 @@ std::unique_ptr<CachedImageDataset> load_npz(const std::string& path, const std:
   const int64_t n = images->shape[0];
   LANCET_CHECK(n == static_cast<int64_t>(labels.size()),
                path << ": " << n << " images but " << labels.size() << " labels in split '" << split << "'");
-  std::vector<std::string> classes, names;
-  for (int64_t k = 0; k < num_classes; ++k) classes.push_back(std::to_string(k));
+  std::vector<std::string> classes = index_class_names(path, num_classes, opt.classes), names;
   const std::string where = path + ":" + split + "_images";
   for (int64_t i = 0; i < n; ++i) names.push_back(where + "[" + std::to_string(i) + "]");
   return build(

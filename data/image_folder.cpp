@@ -32,6 +32,32 @@ void check_load_options(const ImageLoadOptions& opt) {
   LANCET_CHECK(opt.dicom_window.empty() || (opt.dicom_window.size() == 2 && opt.dicom_window[1] >= 1),
                "the DICOM window must be [centre, width] with width >= 1, got " << opt.dicom_window.size() << " values"
                    << (opt.dicom_window.size() == 2 ? ", width " + std::to_string(opt.dicom_window[1]) : ""));
+  const std::set<std::string> distinct(opt.classes.begin(), opt.classes.end());
+  for (const auto& c : opt.classes)
+    LANCET_CHECK(!c.empty(), "data.classes " << class_list_text(opt.classes) << " has an empty class name");
+  LANCET_CHECK(distinct.size() == opt.classes.size(),
+               "data.classes " << class_list_text(opt.classes) << " names a class more than once");
+}
+
+std::string class_list_text(const std::vector<std::string>& classes) {
+  std::string s = "[";
+  for (size_t k = 0; k < classes.size() && k < 20; ++k) s += (k ? ", " : "") + classes[k];
+  if (classes.size() > 20) s += ", ... (" + std::to_string(classes.size()) + " in all)";
+  return s + "]";
+}
+
+std::vector<std::string> index_class_names(const std::string& where, int64_t num_classes,
+                                           const std::vector<std::string>& declared) {
+  if (declared.empty()) {
+    std::vector<std::string> names;
+    for (int64_t k = 0; k < num_classes; ++k) names.push_back(std::to_string(k));
+    return names;
+  }
+  const int64_t k = static_cast<int64_t>(declared.size());
+  LANCET_CHECK(num_classes <= k, where << ": label " << num_classes - 1 << " is not one of the classes "
+                                       << class_list_text(declared) << " (class indices 0-" << k - 1
+                                       << " of data.classes)");
+  return declared;
 }
 
 void preprocess_image(const uint8_t* pixels, int height, int width, int in_channels, const ImageLoadOptions& opt,
@@ -92,7 +118,15 @@ bool is_index(const std::string& s) {
   return !s.empty() && s.size() < 10 && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
 }
 
-std::vector<ImageItem> read_manifest(const fs::path& dir, const std::string& split, std::vector<std::string>* classes) {
+// "1, 2, 3" for the indices in `v`.
+std::string index_list_text(const std::vector<int64_t>& v) {
+  std::string s;
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s;
+}
+
+std::vector<ImageItem> read_manifest(const fs::path& dir, const std::string& split, std::vector<std::string>* classes,
+                                     const std::vector<std::string>& declared) {
   const std::string mpath = (dir / "manifest.csv").string();
   std::ifstream in(mpath);
   LANCET_CHECK(in, mpath << ": cannot read: " << std::strerror(errno));
@@ -114,6 +148,7 @@ std::vector<ImageItem> read_manifest(const fs::path& dir, const std::string& spl
   struct Row {
     std::string path, label;
     bool selected;
+    int line;
   };
   std::vector<Row> rows;
   for (int ln = 2; std::getline(in, line); ++ln) {
@@ -121,14 +156,41 @@ std::vector<ImageItem> read_manifest(const fs::path& dir, const std::string& spl
     const std::vector<std::string> f = split_csv(line);
     LANCET_CHECK(f.size() >= need, mpath << ":" << ln << ": expected " << need << " columns, got " << f.size());
     LANCET_CHECK(!f[ip].empty() && !f[il].empty(), mpath << ":" << ln << ": empty path or label");
-    rows.push_back({f[ip], f[il], split.empty() || f[is] == split});
+    rows.push_back({f[ip], f[il], split.empty() || f[is] == split, ln});
   }
   // The class list comes from every row, so that all splits of one manifest agree on it.
-  const bool numeric = std::all_of(rows.begin(), rows.end(), [](const Row& r) { return is_index(r.label); });
+  // Declared names win over indices: labels are indices only when they are not all names.
+  const auto declared_index = [&](const std::string& label) {
+    return std::find(declared.begin(), declared.end(), label) - declared.begin();
+  };
+  const bool named = !declared.empty() && std::all_of(rows.begin(), rows.end(), [&](const Row& r) {
+    return declared_index(r.label) < static_cast<std::ptrdiff_t>(declared.size());
+  });
+  const bool numeric = !named && std::all_of(rows.begin(), rows.end(), [](const Row& r) { return is_index(r.label); });
   classes->clear();
-  if (numeric) {
-    int64_t max_label = -1;
-    for (const Row& r : rows) max_label = std::max<int64_t>(max_label, std::stoll(r.label));
+  if (!declared.empty()) {
+    const int64_t k = static_cast<int64_t>(declared.size());
+    for (const Row& r : rows) {
+      if (named || (numeric ? std::stoll(r.label) < k : declared_index(r.label) < k)) continue;
+      LANCET_FAIL(mpath << ":" << r.line << ": label '" << r.label << "' is not one of the classes "
+                        << class_list_text(declared)
+                        << (numeric ? " (integer labels are class indices 0-" + std::to_string(k - 1) + ")" : ""));
+    }
+    *classes = declared;
+  } else if (numeric) {
+    std::set<int64_t> seen;
+    for (const Row& r : rows) seen.insert(std::stoll(r.label));
+    const int64_t max_label = seen.empty() ? -1 : *seen.rbegin();
+    std::vector<int64_t> missing;
+    for (int64_t k = 0; k <= max_label && missing.size() < 10; ++k)
+      if (!seen.count(k)) missing.push_back(k);
+    // Counted, not listed, when there are many (labels {0, 999999999}).
+    const int64_t n_missing = max_label + 1 - static_cast<int64_t>(seen.size());
+    LANCET_CHECK(n_missing == 0,
+                 mpath << ": integer labels are class indices 0-" << max_label << ", but " << n_missing
+                       << " of them have no row (" << index_list_text(missing) << (n_missing > 10 ? ", ..." : "")
+                       << "): a class without images is a model output that never trains; relabel 0-"
+                       << seen.size() - 1 << ", or declare every class in data.classes");
     for (int64_t k = 0; k <= max_label; ++k) classes->push_back(std::to_string(k));
   } else {
     const std::set<std::string> names = [&] {
@@ -141,8 +203,9 @@ std::vector<ImageItem> read_manifest(const fs::path& dir, const std::string& spl
   std::vector<ImageItem> items;
   for (const Row& r : rows) {
     if (!r.selected) continue;
-    const int64_t label = numeric ? std::stoll(r.label)
-                                  : std::lower_bound(classes->begin(), classes->end(), r.label) - classes->begin();
+    const int64_t label = named     ? declared_index(r.label)
+                          : numeric ? std::stoll(r.label)
+                                    : std::lower_bound(classes->begin(), classes->end(), r.label) - classes->begin();
     const fs::path p(r.path);
     items.push_back({(p.is_absolute() ? p : dir / p).string(), label});
   }
@@ -157,19 +220,26 @@ bool is_image_file(const fs::path& p) {
          is_dicom_path(p.string());
 }
 
-std::vector<ImageItem> read_folders(const fs::path& dir, const std::string& split, std::vector<std::string>* classes) {
+std::vector<ImageItem> read_folders(const fs::path& dir, const std::string& split, std::vector<std::string>* classes,
+                                    const std::vector<std::string>& declared) {
   const fs::path root = split.empty() ? dir : dir / split;
   LANCET_CHECK(fs::is_directory(root), dir.string() << ": no manifest.csv and no '" << split << "' folder");
-  classes->clear();
+  std::vector<std::string> folders;
   for (const auto& e : fs::directory_iterator(root)) {
     const std::string name = e.path().filename().string();
-    if (e.is_directory() && !name.empty() && name[0] != '.') classes->push_back(name);
+    if (e.is_directory() && !name.empty() && name[0] != '.') folders.push_back(name);
   }
-  std::sort(classes->begin(), classes->end());
-  LANCET_CHECK(!classes->empty(), root.string() << ": no manifest.csv and no class sub-folders");
+  std::sort(folders.begin(), folders.end());
+  LANCET_CHECK(!folders.empty(), root.string() << ": no manifest.csv and no class sub-folders");
+  for (const auto& name : folders)
+    LANCET_CHECK(declared.empty() || std::find(declared.begin(), declared.end(), name) != declared.end(),
+                 root.string() << ": class folder '" << name << "' is not one of data.classes "
+                               << class_list_text(declared));
+  *classes = declared.empty() ? folders : declared;
   std::vector<ImageItem> items;
   for (size_t k = 0; k < classes->size(); ++k) {
     const fs::path cdir = root / (*classes)[k];
+    if (!std::binary_search(folders.begin(), folders.end(), (*classes)[k])) continue;  // declared, no folder
     std::vector<std::string> files;
     for (const auto& e : fs::directory_iterator(cdir))
       if (e.is_regular_file() && is_image_file(e.path())) files.push_back(e.path().string());
@@ -267,10 +337,11 @@ Image8 decode_image_file(const std::string& file, const ImageLoadOptions& opt) {
   return out;
 }
 
-std::vector<ImageItem> list_images(const std::string& dir, const std::string& split, std::vector<std::string>* classes) {
+std::vector<ImageItem> list_images(const std::string& dir, const std::string& split, std::vector<std::string>* classes,
+                                   const std::vector<std::string>& declared) {
   LANCET_CHECK(fs::is_directory(dir), dir << ": no such directory");
-  return fs::exists(fs::path(dir) / "manifest.csv") ? read_manifest(dir, split, classes)
-                                                    : read_folders(dir, split, classes);
+  return fs::exists(fs::path(dir) / "manifest.csv") ? read_manifest(dir, split, classes, declared)
+                                                    : read_folders(dir, split, classes, declared);
 }
 
 std::vector<uint8_t> resize_image(const uint8_t* pixels, int height, int width, int in_channels, int channels,
@@ -290,7 +361,7 @@ std::unique_ptr<InMemoryDataset> load_image_dataset(const std::string& dir, cons
                                                     const ImageLoadOptions& opt) {
   check_load_options(opt);
   std::vector<std::string> classes;
-  const std::vector<ImageItem> items = list_images(dir, split, &classes);
+  const std::vector<ImageItem> items = list_images(dir, split, &classes, opt.classes);
   const int64_t n = static_cast<int64_t>(items.size());
   const int64_t s = opt.image_size;
   Tensor images = Tensor::empty({n, opt.channels, s, s});

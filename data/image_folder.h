@@ -5,10 +5,18 @@
 //      extra columns ignored). path is relative to <dir> (or absolute). label is a class
 //      name — the class list is the sorted unique names over ALL rows of the manifest, so
 //      every split agrees on the indices — or, when every label is a non-negative integer,
-//      the class index itself (class names "0".."max").
+//      the class index itself (class names "0".."max"; every index in 0..max must have a
+//      row: a class without images would be a model output that never trains, so a gap —
+//      labels {0, 5} — is refused naming the missing indices).
 //   2. Class sub-folders: <dir>/<class>/*.{png,jpg,jpeg,bmp,tif,tiff,dcm,dicom}
 //      (case-insensitive), or <dir>/<split>/<class>/... when split is non-empty. Classes are
 //      the sorted folder names; files are taken in sorted name order.
+// A declared class list (ImageLoadOptions::classes, data.classes) replaces the inferred one,
+// in its order: every manifest label must then be one of its names or, when every label is
+// an integer, an index below its size ("<manifest>:<line>: label 'x' is not one of the
+// classes [a, b]"), and every class folder one of its names ("<dir>: class folder 'x' is not
+// one of data.classes [a, b]"). A declared class may have no images (the user said it
+// exists); an existing class folder without images is still refused.
 // Every image is decoded, converted to `channels` (1 = grayscale, 3 = RGB; a gray image is
 // replicated), resized to image_size x image_size with INTER_AREA, and normalised per
 // channel: (pixel / 255 - mean[c]) / std[c]. 16-bit images are scaled to 8 bits first.
@@ -32,6 +40,8 @@ struct ImageLoadOptions {
   std::vector<float> mean{0.5f};   // per channel; a single value broadcasts
   std::vector<float> std{0.25f};   // per channel; a single value broadcasts; > 0
   std::vector<double> dicom_window;  // DICOM files: [centre, width]; empty: the file's window
+  // data.classes: the class names in label order; empty: inferred from the source (above).
+  std::vector<std::string> classes;
   // Applied to every decoded image (RGB order, at its stored depth; DICOM: after windowing to
   // 8 bits) before the steps above; null or empty: none. Shared read-only by the workers.
   std::shared_ptr<const PreprocessRecipe> recipe;
@@ -65,8 +75,19 @@ struct ImageItem {
   int64_t label;
 };
 // The files and labels load_image_dataset would load, in its order, without decoding them;
-// `classes` receives the class names. Same errors as load_image_dataset for the layout.
-std::vector<ImageItem> list_images(const std::string& dir, const std::string& split, std::vector<std::string>* classes);
+// `classes` receives the class names (`declared` when given: ImageLoadOptions::classes).
+// Same errors as load_image_dataset for the layout and the labels.
+std::vector<ImageItem> list_images(const std::string& dir, const std::string& split, std::vector<std::string>* classes,
+                                   const std::vector<std::string>& declared = {});
+
+// The class names of a source whose labels are class indices 0..num_classes-1 (a MedMNIST
+// .npz): `declared` when given, else "0".."num_classes-1". Throws "<where>: label <k> is not
+// one of the classes [a, b] ..." when num_classes exceeds the declared list.
+std::vector<std::string> index_class_names(const std::string& where, int64_t num_classes,
+                                           const std::vector<std::string>& declared);
+
+// "[a, b, c]" (at most 20 names, then "... (N in all)"), for errors.
+std::string class_list_text(const std::vector<std::string>& classes);
 
 // A decoded 8-bit image: rows x cols x channels (1 gray, 3 RGB), row-major, interleaved.
 struct Image8 {
@@ -89,7 +110,7 @@ std::vector<uint8_t> resize_image(const uint8_t* pixels, int height, int width, 
                                   int size);
 
 // Throws when opt is invalid (channels not 1 or 3, image_size < 1, mean/std sizes, std <= 0,
-// dicom_window not empty or [centre, width >= 1]).
+// dicom_window not empty or [centre, width >= 1], classes with an empty or repeated name).
 void check_load_options(const ImageLoadOptions& opt);
 
 }  // namespace lancet

@@ -15,12 +15,15 @@ SamplerKind parse_sampler(const std::string& s) {
   LANCET_FAIL("data.sampler must be 'shuffle', 'balanced' or 'oversample', got '" << s << "'");
 }
 
-std::vector<int64_t> shard_order(std::vector<int64_t> order, int rank, int world) {
+std::vector<int64_t> shard_order(std::vector<int64_t> order, int rank, int world, bool drop_last) {
   LANCET_CHECK(world >= 1 && rank >= 0 && rank < world, "shard_order: rank " << rank << " outside [0, " << world << ")");
   LANCET_CHECK(!order.empty(), "shard_order: empty epoch order");
   const size_t n = order.size(), w = static_cast<size_t>(world);
-  const size_t total = (n + w - 1) / w * w;
+  LANCET_CHECK(!drop_last || n >= w, "sampler: dist.sampler_drop_last with " << n << " samples for " << world
+                                                                               << " ranks leaves every rank empty");
+  const size_t total = drop_last ? n / w * w : (n + w - 1) / w * w;
   for (size_t i = n; i < total; ++i) order.push_back(order[(i - n) % n]);  // pad from the start
+  order.resize(total);
   std::vector<int64_t> mine;
   mine.reserve(total / w);
   for (size_t i = static_cast<size_t>(rank); i < total; i += w) mine.push_back(order[i]);
@@ -28,14 +31,22 @@ std::vector<int64_t> shard_order(std::vector<int64_t> order, int rank, int world
 }
 
 EpochSampler::EpochSampler(SamplerKind kind, std::vector<int64_t> labels, int num_classes, int rank, int world,
-                           uint64_t seed)
-    : kind_(kind), labels_(std::move(labels)), num_classes_(num_classes), rank_(rank), world_(world), seed_(seed) {
+                           uint64_t seed, bool drop_last)
+    : kind_(kind),
+      labels_(std::move(labels)),
+      num_classes_(num_classes),
+      rank_(rank),
+      world_(world),
+      seed_(seed),
+      drop_last_(drop_last) {
   LANCET_CHECK(!labels_.empty(), "sampler: no training samples");
   LANCET_CHECK(world >= 1 && rank >= 0 && rank < world, "sampler: rank " << rank << " outside [0, " << world << ")");
   for (int64_t l : labels_)
     LANCET_CHECK(l >= 0 && l < num_classes, "sampler: label " << l << " outside [0, " << num_classes << ")");
   length_ = static_cast<int64_t>(global_order(0).size());
-  per_rank_ = (length_ + world - 1) / world;
+  LANCET_CHECK(!drop_last || length_ >= world, "sampler: dist.sampler_drop_last with " << length_ << " samples for "
+                                                                                         << world << " ranks leaves every rank empty");
+  per_rank_ = drop_last ? length_ / world : (length_ + world - 1) / world;
 }
 
 std::vector<int64_t> EpochSampler::global_order(int epoch) const {
@@ -50,8 +61,8 @@ std::vector<int64_t> EpochSampler::global_order(int epoch) const {
 
 std::vector<int64_t> EpochSampler::indices(int epoch) const {
   if (kind_ == SamplerKind::shuffle)  // the trainer's order before samplers existed, exactly
-    return DistributedSampler(static_cast<int64_t>(labels_.size()), rank_, world_, seed_).indices(epoch);
-  return shard_order(global_order(epoch), rank_, world_);
+    return DistributedSampler(static_cast<int64_t>(labels_.size()), rank_, world_, seed_, drop_last_).indices(epoch);
+  return shard_order(global_order(epoch), rank_, world_, drop_last_);
 }
 
 // ---- DataLoader -----------------------------------------------------------------------------

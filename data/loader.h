@@ -35,21 +35,29 @@ enum class SamplerKind {
 // "shuffle", "balanced" or "oversample"; anything else throws naming data.sampler.
 SamplerKind parse_sampler(const std::string& s);
 
-// Rank `rank`'s share of a global epoch order, as DistributedSampler (data/sampler.h, drop_last
-// false) splits it: the order padded to a multiple of `world` by repeating its first elements,
-// then every world-th element starting at rank. Throws on an empty order or a bad rank.
-std::vector<int64_t> shard_order(std::vector<int64_t> order, int rank, int world);
+// Rank `rank`'s share of a global epoch order, as DistributedSampler (data/sampler.h) splits
+// it: the order made a multiple of `world` long — padded by repeating its first elements
+// (drop_last false) or cut to floor(n / world) * world (drop_last true) — then every world-th
+// element starting at rank. Throws on an empty order, a bad rank, or drop_last with fewer
+// elements than ranks.
+std::vector<int64_t> shard_order(std::vector<int64_t> order, int rank, int world, bool drop_last = false);
 
 // The per-rank epoch order of a sampler. Every epoch's global order is the same on every rank
 // (a function of labels, seed and epoch) and has the same length, so num_samples() is fixed.
-// kind shuffle gives exactly DistributedSampler(n, rank, world, seed).indices(epoch).
+// kind shuffle gives exactly DistributedSampler(n, rank, world, seed, drop_last).indices(epoch).
+// drop_last (dist.sampler_drop_last): the tail of the global order that does not fill a whole
+// round of ranks is dropped instead of padded, so no sample repeats within an epoch.
 class EpochSampler {
  public:
-  // Throws on no samples, a label outside [0, num_classes), or a bad rank / world.
-  EpochSampler(SamplerKind kind, std::vector<int64_t> labels, int num_classes, int rank, int world, uint64_t seed);
+  // Throws on no samples, a label outside [0, num_classes), a bad rank / world, or drop_last
+  // with fewer samples than ranks.
+  EpochSampler(SamplerKind kind, std::vector<int64_t> labels, int num_classes, int rank, int world, uint64_t seed,
+               bool drop_last = false);
   std::vector<int64_t> indices(int epoch) const;
   int64_t num_samples() const { return per_rank_; }  // per rank, per epoch
-  int64_t epoch_length() const { return length_; }   // the global order's length before padding
+  int64_t epoch_length() const { return length_; }   // the global order's length before padding / dropping
+  // Over all ranks, per epoch: positions repeated by padding (> 0) or dropped (< 0).
+  int64_t padding() const { return per_rank_ * world_ - length_; }
 
  private:
   std::vector<int64_t> global_order(int epoch) const;
@@ -57,6 +65,7 @@ class EpochSampler {
   std::vector<int64_t> labels_;
   int num_classes_, rank_, world_;
   uint64_t seed_;
+  bool drop_last_;
   int64_t length_ = 0, per_rank_ = 0;
 };
 

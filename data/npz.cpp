@@ -385,6 +385,7 @@ std::unique_ptr<InMemoryDataset> load_npz_dataset(const std::string& path, const
                        }() << ")");
   int64_t num_classes = 0;
   std::vector<int64_t> labels = read_npz_labels(npz, split, &num_classes);
+  std::vector<std::string> classes = index_class_names(path, num_classes, opt.classes);
   const NpyArray images = read_npz_images(npz, split);
   const std::string where = path + ":" + split + "_images";
   const auto& sh = images.shape;
@@ -411,8 +412,6 @@ std::unique_ptr<InMemoryDataset> load_npz_dataset(const std::string& path, const
     }
   });
   if (first_bad < n) throw Error(first_error);
-  std::vector<std::string> classes;
-  for (int64_t k = 0; k < num_classes; ++k) classes.push_back(std::to_string(k));
   return std::make_unique<InMemoryDataset>(std::move(t), std::move(labels), std::move(classes));
 }
 

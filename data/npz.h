@@ -11,7 +11,9 @@
 // MedMNIST layout (load_npz_dataset): members <split>_images and <split>_labels for split in
 // train, val, test; images uint8 [N, H, W] (gray) or [N, H, W, 3] (RGB; [N, H, W, 1] is gray
 // too); labels [N] or [N, 1] of any integer type, values >= 0. Class names are "0".."k-1", k =
-// 1 + the largest label of every <split>_labels member, so all splits agree on them.
+// 1 + the largest label of every <split>_labels member, so all splits agree on them; with
+// data.classes (ImageLoadOptions::classes) they are its names, and a label >= its size is
+// refused naming the file.
 #pragma once
 #include <cstdint>
 #include <map>

@@ -83,9 +83,12 @@ class Source {
       return std::find(s.begin(), s.end(), split) != s.end();
     }
     if (!fs::exists(fs::path(path_) / "manifest.csv")) return fs::is_directory(fs::path(path_) / split);
+    // Errors of the whole manifest (its header, a label outside the classes) are not a missing
+    // split: they propagate. Then the split is missing exactly when selecting it fails.
+    std::vector<std::string> classes;
+    list_images(path_, "", &classes, opt_.classes);
     try {
-      std::vector<std::string> classes;
-      list_images(path_, split, &classes);
+      list_images(path_, split, &classes, opt_.classes);
       return true;
     } catch (const Error&) {
       return false;
@@ -98,8 +101,7 @@ class Source {
     if (npz_) {
       int64_t k = 0;
       s.labels = read_npz_labels(*npz_, split, &k);
-      classes->clear();
-      for (int64_t i = 0; i < k; ++i) classes->push_back(std::to_string(i));
+      *classes = index_class_names(path_, k, opt_.classes);
       auto images = std::make_shared<NpyArray>(read_npz_images(*npz_, split));
       LANCET_CHECK(images->shape[0] == static_cast<int64_t>(s.labels.size()),
                    path_ << ": " << images->shape[0] << " images but " << s.labels.size() << " labels in split '"
@@ -116,7 +118,7 @@ class Source {
       };
       return s;
     }
-    auto items = std::make_shared<std::vector<ImageItem>>(list_images(path_, split, classes));
+    auto items = std::make_shared<std::vector<ImageItem>>(list_images(path_, split, classes, opt_.classes));
     for (const auto& it : *items) s.labels.push_back(it.label), s.names.push_back(it.file);
     const ImageLoadOptions opt = opt_;
     s.decode = [items, opt](int64_t i) { return decode_image_file((*items)[static_cast<size_t>(i)].file, opt); };
@@ -375,6 +377,12 @@ PackSplit read_split(const std::string& path, const std::string& split, const Im
                path << ": the pack's " << info.dicom_files << " DICOM image(s) were decoded with data.dicom.window "
                     << window_text(info.dicom_window) << " but data.dicom.window is " << window_text(opt.dicom_window)
                     << ": run lancet prep again, or set data.dicom.window to the pack's");
+  // The pack's label indices mean its classes, in its order: another declared list (names or
+  // order) would silently relabel every sample.
+  LANCET_CHECK(opt.classes.empty() || opt.classes == info.classes,
+               path << ": the pack's classes are " << class_list_text(info.classes) << " but data.classes is "
+                    << class_list_text(opt.classes)
+                    << ": run lancet prep again with this data.classes, or set data.classes to the pack's");
   const std::string images = split + "/images";
   const Shape shape = f.shape_of(images);
   const int S = info.image_size, C = info.channels;

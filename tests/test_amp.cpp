@@ -1,7 +1,8 @@
 // Mixed precision on the CPU: fp16 / bf16 rounding helpers against known values and the
 // 16-bit storage types; the loss scaler's state machine (an injected inf or NaN skips the
 // step and halves the scale, leaving weights and optimizer state bit-identical; growth after
-// growth_interval finite steps; state through a checkpoint and a bitwise-identical resume);
+// growth_interval finite steps; a backoff to 0 fails; state through a checkpoint and a
+// bitwise-identical resume; skips in the training log as they happen);
 // emulated fp16 / bf16 forward against fp32 within stated tolerances; fp16 / bf16 training
 // reaching fp32's accuracy on a small synthetic job; and the CPU twin of the cast op (the
 // GPU path's entry, exit and weight copies) against the emulation's rounding.
@@ -239,6 +240,45 @@ TEST(LossScaler, GrowthBackoffAndState) {
   EXPECT_EQ(off.skipped_steps(), 0);
 }
 
+// Backoffs down to 0 mean gradients that are not finite at any scale: update throws, naming the
+// count, and leaves a positive scale, so the state a caller might still save loads back.
+TEST(LossScaler, BackoffToZeroFailsWithALoadableState) {
+  LossScalerConfig cfg;
+  cfg.enabled = true;
+  cfg.init_scale = std::ldexp(1.f, -147);
+  LossScaler s(cfg);
+  s.update(false);
+  s.update(false);
+  EXPECT_EQ(s.scale(), std::ldexp(1.f, -149));  // float's smallest
+  expect_error([&] { s.update(false); }, {"loss scale fell to 0 after 3 skipped steps", "not finite at any scale", "bf16"});
+  EXPECT_EQ(s.scale(), std::ldexp(1.f, -149));
+  EXPECT_EQ(s.skipped_steps(), 2);
+  LossScaler back(cfg);
+  back.load_state(Json::parse(s.state().dump()), "test");
+  EXPECT_EQ(back.scale(), s.scale());
+}
+
+// The log's line for a skipped step and which skips get one: the first 5 in a run, then a
+// power-of-two count or one 1000 steps after the last line.
+TEST(LossScaler, SkippedStepLogLines) {
+  LossScalerConfig cfg;
+  cfg.enabled = true;
+  LossScaler s(cfg);
+  for (int i = 0; i < 3; ++i) s.update(false);
+  EXPECT_EQ(s.skip_message(12, 16384.f), "step 12: inf/NaN gradients, step skipped, loss scale 16384 -> 8192 (3 skipped so far)");
+  EXPECT_EQ(loss_scale_str(16777216.f), "16777216");
+  EXPECT_EQ(loss_scale_str(1000.1f), "1000.1");
+  EXPECT_EQ(loss_scale_str(0.5f), "0.5");
+  EXPECT_EQ(loss_scale_str(std::ldexp(1.f, -100)), "7.88861e-31");  // not "0"
+  std::vector<int64_t> logged;
+  for (int64_t n = 1; n <= 100; ++n)
+    if (log_skipped_step(n, 1)) logged.push_back(n);  // a skip at every step
+  EXPECT_EQ(logged, (std::vector<int64_t>{1, 2, 3, 4, 5, 8, 16, 32, 64}));
+  EXPECT_FALSE(log_skipped_step(7, 999));
+  EXPECT_TRUE(log_skipped_step(7, 1000));  // an occasional overflow in a long run
+  EXPECT_TRUE(log_skipped_step(7, -1));    // the first of a resumed session
+}
+
 // Factors that are not powers of two: each scale change is a double product rounded to float
 // once, as torch's _amp_update_scale_ does. The bits are torch.amp.GradScaler's, from
 // tools/reference/grad_scaler_sequence.py (its defaults: this sequence and these factors).
@@ -424,6 +464,24 @@ TEST(LossScaler, InjectedInfOrNanSkipsTheStep) {
   }
 }
 
+// Through train_step: an inf at every step (whatever the scale) backs the scale off to 0, and the
+// step that would reach it fails, the weights as the last taken step left them.
+TEST(LossScaler, InfAtEveryScaleFailsTheStep) {
+  TinyStep t("adam");
+  LossScalerConfig cfg;
+  cfg.enabled = true;
+  cfg.init_scale = std::ldexp(1.f, -140);
+  LossScaler scaler(cfg);
+  StepOptions o;
+  o.loss_scaler = &scaler;
+  const auto before = t.snapshot();
+  t.model->set_grad_ready_hook([](Parameter& p) { p.grad.data<float>()[0] = std::numeric_limits<float>::infinity(); });
+  for (int i = 0; i < 9; ++i) EXPECT_TRUE(t.step(o).skipped);
+  expect_error([&] { t.step(o); }, {"loss scale fell to 0 after 10 skipped steps"});
+  EXPECT_EQ(scaler.scale(), std::ldexp(1.f, -149));
+  EXPECT_EQ(t.snapshot(), before);
+}
+
 // In fp32 a power-of-two loss scale is exact: scaled, unscaled and clipped, the step is the
 // unscaled step bit for bit (so the scaler changes nothing but the range).
 TEST(LossScaler, Fp32ScaledStepEqualsUnscaledStep) {
@@ -579,6 +637,26 @@ TEST_F(AmpTraining, Fp16LogsScaleAndResumesBitwise) {
     }
   }
   EXPECT_EQ(metrics.back()["loss_scale"].get<float>(), scale);
+  // The log reports skips as they happen (log_skipped_step's choice), each with the scales.
+  std::string want_lines;
+  int64_t seen = 0, last_line = -1;
+  for (const Json& j : steps) {
+    if (!j["skipped"].get<bool>()) continue;
+    const int64_t step = j["step"].get<int64_t>();
+    if (!log_skipped_step(++seen, last_line < 0 ? -1 : step - last_line)) continue;
+    last_line = step;
+    want_lines += "step " + std::to_string(step) + ": inf/NaN gradients, step skipped, loss scale " +
+                  loss_scale_str(j["loss_scale"].get<float>()) + " -> " + loss_scale_str(j["loss_scale"].get<float>() / 2) +
+                  " (" + std::to_string(seen) + " skipped so far)\n";
+  }
+  std::string got_lines;
+  {
+    std::istringstream in(log);
+    for (std::string line; std::getline(in, line);)
+      if (line.find(": inf/NaN gradients, step skipped") != std::string::npos) got_lines += line + "\n";
+  }
+  EXPECT_EQ(got_lines, want_lines);
+  EXPECT_NE(log.find(std::to_string(skipped) + " in the run\n"), std::string::npos);
   for (size_t i = 1; i < steps.size(); ++i)  // cosine from step 1: a skipped step still moves the LR on
     EXPECT_LT(steps[i]["lr"].get<double>(), steps[i - 1]["lr"].get<double>()) << i;
 
@@ -612,6 +690,44 @@ TEST_F(AmpTraining, Fp16LogsScaleAndResumesBitwise) {
       EXPECT_EQ(again[i]["loss"], steps[i]["loss"]) << i;
     }
   }
+}
+
+// A run stopped by max_steps inside its first epoch (no epoch summary): the skips are in the log
+// as they happen, and the run's count before the final report.
+TEST_F(AmpTraining, SkipsAreLoggedWhenTheyHappen) {
+  Json c = small_job(tmp_ / "run", "fp16");
+  apply_override(c, "train.max_steps=3");
+  std::string log;
+  train(c, &log);
+  SCOPED_TRACE(log);
+  const auto steps = jsonl(tmp_ / "run/steps.jsonl");
+  ASSERT_EQ(steps.size(), 3u);
+  for (const Json& j : steps) EXPECT_TRUE(j["skipped"].get<bool>()) << j.dump();  // 2^24 overflows fp16
+  const size_t a = log.find("step 1: inf/NaN gradients, step skipped, loss scale 16777216 -> 8388608 (1 skipped so far)\n");
+  const size_t b = log.find("step 3: inf/NaN gradients, step skipped, loss scale 4194304 -> 2097152 (3 skipped so far)\n");
+  const size_t total = log.find("loss scale 2097152, 3 steps skipped in this epoch's first 3 (inf/NaN gradients), 3 in the run\n");
+  const size_t report = log.find("validation report");
+  EXPECT_NE(log.find("step 2: inf/NaN gradients"), std::string::npos);
+  ASSERT_NE(a, std::string::npos);
+  ASSERT_NE(b, std::string::npos);
+  ASSERT_NE(total, std::string::npos);
+  EXPECT_LT(a, b);
+  EXPECT_LT(b, total);
+  EXPECT_LT(total, report);
+}
+
+// Inputs of a large scale (data.std tiny) overflow fp16's activations at once: the divergence
+// error names fp16's range and the ways out; bf16, with float's range, trains on the same data.
+TEST_F(AmpTraining, Fp16ForwardOverflowNamesTheRange) {
+  Json c = small_job(tmp_ / "fp16", "fp16");
+  apply_override(c, "data.std=[0.00001]");
+  apply_override(c, "train.max_steps=2");
+  expect_error([&] { train(c); }, {"training diverged: the loss is", "at step 1 in fp16", "max 65504",
+                                   "train.precision=bf16", "data.mean/std"});
+  Json b = small_job(tmp_ / "bf16", "bf16");
+  apply_override(b, "data.std=[0.00001]");
+  apply_override(b, "train.max_steps=2");
+  EXPECT_EQ(train(b).steps, 2);
 }
 
 // LowPrecisionTrainsLikeFp32 (fp16/bf16 vs fp32 accuracy on the synthetic task) is in

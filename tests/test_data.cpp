@@ -1,5 +1,6 @@
 // data/: the synthetic chest X-ray generator, the image-folder loader (manifest and folder
-// layouts, errors), the written-PNG == in-memory contract, JPEG and 16-bit PNG decoding
+// layouts, errors), the class list (integer labels with gaps refused, data.classes: order,
+// labels and class folders outside it), the written-PNG == in-memory contract, JPEG and 16-bit PNG decoding
 // against OpenCV, truncated JPEGs and unsupported depths, make_batch, and real images.
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -23,6 +24,7 @@
 #include "data/image_folder.h"
 #include "data/synth.h"
 #include "kernels/parallel.h"
+#include "trainer/config.h"
 
 namespace fs = std::filesystem;
 using namespace lancet;
@@ -213,10 +215,10 @@ TEST_F(DataTest, ManifestLayout) {
   expect_error([&] { load_image_dataset(path("m"), "test", lo); }, {"manifest.csv", "no rows", "test"});
 
   // Integer labels are class indices; no split column.
-  write_text("n/manifest.csv", "path,label\n" + s + "/train/normal/0.png,2\n" + s + "/val/normal/0.png,0\n");
+  write_text("n/manifest.csv", "path,label\n" + s + "/train/normal/0.png,1\n" + s + "/val/normal/0.png,0\n");
   const auto n = load_image_dataset(path("n"), "", lo);
-  EXPECT_EQ(n->labels(), (std::vector<int64_t>{2, 0}));
-  EXPECT_EQ(n->class_names(), (std::vector<std::string>{"0", "1", "2"}));
+  EXPECT_EQ(n->labels(), (std::vector<int64_t>{1, 0}));
+  EXPECT_EQ(n->class_names(), (std::vector<std::string>{"0", "1"}));
   expect_error([&] { load_image_dataset(path("n"), "train", lo); }, {"manifest.csv", "no split column"});
 
   write_text("bad/manifest.csv", "file,class\na.png,x\n");
@@ -254,6 +256,133 @@ TEST_F(DataTest, ClassFolderLayouts) {
   EXPECT_EQ(val->class_names(), (std::vector<std::string>{"normal", "opacity"}));
   expect_error([&] { load_image_dataset(s, "test", lo); }, {s, "test"});
   expect_error([&] { load_image_dataset(path("nowhere"), "", lo); }, {path("nowhere"), "no such directory"});
+}
+
+// ---- the class list: inferred or declared (data.classes) ----------------------------------
+
+TEST_F(DataTest, IntegerLabelsWithGapsAreRefusedNamingTheMissingClasses) {
+  const std::string s = synth_folder();
+  const std::string a = s + "/train/normal/0.png", b = s + "/train/opacity/1.png";
+  ImageLoadOptions lo;
+  lo.image_size = 16;
+  // Labels {0, 5}: classes 1-4 would be model outputs that never see an image.
+  write_text("g/manifest.csv", "path,label,split\n" + a + ",0,train\n" + b + ",5,train\n" + a + ",0,val\n");
+  for (const char* split : {"train", "val"})  // the class list is the whole manifest's
+    expect_error([&] { load_image_dataset(path("g"), split, lo); },
+                 {path("g/manifest.csv"), "class indices 0-5", "4 of them have no row (1, 2, 3, 4)", "data.classes"});
+  expect_error([&] { load_cached_dataset(path("g"), "train", lo, BadSample::skip); }, {"(1, 2, 3, 4)"});
+  // A huge index is refused the same way, without a class list of that size.
+  write_text("h/manifest.csv", "path,label\n" + a + ",0\n" + b + ",999999999\n");
+  expect_error([&] { load_image_dataset(path("h"), "", lo); },
+               {"999999998 of them have no row (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, ...)"});
+  // Declared, the empty classes are wanted: six outputs, labels as written.
+  lo.classes = {"c0", "c1", "c2", "c3", "c4", "c5"};
+  const auto ds = load_image_dataset(path("g"), "train", lo);
+  EXPECT_EQ(ds->class_names(), lo.classes);
+  EXPECT_EQ(ds->labels(), (std::vector<int64_t>{0, 5}));
+}
+
+TEST_F(DataTest, DeclaredClassesOrderAndCheckManifestLabels) {
+  const std::string s = synth_folder();
+  const std::string a = s + "/train/normal/0.png", b = s + "/train/opacity/1.png";
+  write_text("m/manifest.csv", "path,label,split\n" + a + ",normal,train\n" + b + ",pneumonia,train\n" + a +
+                                   ",normal,val\n");
+  ImageLoadOptions lo;
+  lo.image_size = 16;
+  const auto inferred = load_image_dataset(path("m"), "train", lo);
+  EXPECT_EQ(inferred->class_names(), (std::vector<std::string>{"normal", "pneumonia"}));
+  // The declared order decides the indices; the pixels are the same.
+  lo.classes = {"pneumonia", "normal", "covid"};  // covid: declared, no images (allowed)
+  const auto declared = load_image_dataset(path("m"), "train", lo);
+  EXPECT_EQ(declared->class_names(), lo.classes);
+  EXPECT_EQ(declared->labels(), (std::vector<int64_t>{1, 0}));
+  EXPECT_TRUE(same_tensor(declared->images(), inferred->images()));
+  const auto cached = load_cached_dataset(path("m"), "train", lo);
+  EXPECT_EQ(cached->class_names(), lo.classes);
+  EXPECT_EQ(cached->labels(), declared->labels());
+  std::vector<std::string> classes;
+  EXPECT_EQ(list_images(path("m"), "val", &classes, lo.classes).front().label, 1);
+  EXPECT_EQ(classes, lo.classes);
+
+  // A typo is not a new class: the manifest line and the class list are named, whatever the
+  // split asked for (and in the cached loader with skip too: it is not one bad sample).
+  write_text("t/manifest.csv", "path,label,split\n" + a + ",normal,train\n" + b + ",pneumonai,val\n");
+  lo.classes = {"normal", "pneumonia"};
+  for (const char* split : {"train", "val"})
+    expect_error([&] { load_image_dataset(path("t"), split, lo); },
+                 {path("t/manifest.csv") + ":3: label 'pneumonai' is not one of the classes [normal, pneumonia]"});
+  expect_error([&] { load_cached_dataset(path("t"), "train", lo, BadSample::skip); }, {"t/manifest.csv:3", "pneumonai"});
+  lo.classes.clear();  // inferred, the typo is a class of its own, as before
+  EXPECT_EQ(load_image_dataset(path("t"), "train", lo)->class_names(), (std::vector<std::string>{"normal", "pneumonai"}));
+
+  // Integer labels under declared names are indices below their count.
+  write_text("i/manifest.csv", "path,label\n" + a + ",0\n" + b + ",1\n");
+  lo.classes = {"normal", "pneumonia"};
+  const auto idx = load_image_dataset(path("i"), "", lo);
+  EXPECT_EQ(idx->class_names(), lo.classes);
+  EXPECT_EQ(idx->labels(), (std::vector<int64_t>{0, 1}));
+  write_text("i/manifest.csv", "path,label\n" + a + ",0\n" + b + ",1\n" + a + ",2\n");
+  expect_error([&] { load_image_dataset(path("i"), "", lo); },
+               {path("i/manifest.csv") + ":4: label '2' is not one of the classes [normal, pneumonia]",
+                "class indices 0-1"});
+  // Names that are digits match as names first: "1" is the class named "1", index 0.
+  lo.classes = {"1", "0"};
+  write_text("i/manifest.csv", "path,label\n" + a + ",0\n" + b + ",1\n");
+  EXPECT_EQ(load_image_dataset(path("i"), "", lo)->labels(), (std::vector<int64_t>{1, 0}));
+
+  // A declared list with an empty or repeated name is refused.
+  lo.classes = {"a", "a"};
+  expect_error([&] { load_image_dataset(path("i"), "", lo); }, {"data.classes [a, a]", "more than once"});
+  lo.classes = {"a", ""};
+  expect_error([&] { load_image_dataset(path("i"), "", lo); }, {"data.classes", "empty class name"});
+}
+
+TEST_F(DataTest, DeclaredClassesCheckClassFolders) {
+  const std::string s = synth_folder();
+  copy(s + "/train/opacity/1.png", "f/sick/a.png");
+  copy(s + "/train/normal/0.png", "f/healthy/z.png");
+  copy(s + "/train/normal/2.png", "f/healthy/y.png");
+  ImageLoadOptions lo;
+  lo.image_size = 16;
+  const auto inferred = load_image_dataset(path("f"), "", lo);  // healthy y, z; sick a
+  lo.classes = {"sick", "healthy", "unseen"};
+  const auto declared = load_image_dataset(path("f"), "", lo);  // sick a; healthy y, z
+  EXPECT_EQ(declared->class_names(), lo.classes);
+  EXPECT_EQ(declared->labels(), (std::vector<int64_t>{0, 1, 1}));
+  const int64_t per = 16 * 16;
+  EXPECT_EQ(std::memcmp(declared->images().data<float>(), inferred->images().data<float>() + 2 * per,
+                        per * sizeof(float)), 0);
+  EXPECT_EQ(std::memcmp(declared->images().data<float>() + per, inferred->images().data<float>(),
+                        2 * per * sizeof(float)), 0);
+  EXPECT_EQ(load_cached_dataset(path("f"), "", lo)->labels(), declared->labels());
+
+  lo.classes = {"sick"};
+  expect_error([&] { load_image_dataset(path("f"), "", lo); },
+               {path("f") + ": class folder 'healthy' is not one of data.classes [sick]"});
+  // With a split: the split's folder is named.
+  fs::remove(s + "/manifest.csv");
+  lo.classes = {"normal"};
+  expect_error([&] { load_cached_dataset(s, "val", lo, BadSample::skip); },
+               {s + "/val: class folder 'opacity' is not one of data.classes [normal]"});
+  // An existing class folder without images is still refused, declared or not.
+  fs::create_directories(path("f/unseen"));
+  lo.classes = {"sick", "healthy", "unseen"};
+  expect_error([&] { load_image_dataset(path("f"), "", lo); }, {path("f/unseen"), "empty class folder"});
+}
+
+TEST_F(DataTest, DataClassesConfigKey) {
+  Json c = default_config();
+  EXPECT_TRUE(data_config(c).classes.empty());
+  apply_override(c, "data.classes=[normal, pneumonia]");
+  EXPECT_EQ(data_config(c).classes, (std::vector<std::string>{"normal", "pneumonia"}));
+  apply_override(c, "data.classes=[0, 1]");  // YAML numbers: their decimal names
+  EXPECT_EQ(data_config(c).classes, (std::vector<std::string>{"0", "1"}));
+  apply_override(c, "data.classes=[a, a]");
+  expect_error([&] { data_config(c); }, {"data.classes", "'a' twice"});
+  apply_override(c, "data.classes=[a, 1.5]");
+  expect_error([&] { data_config(c); }, {"data.classes must be a list of class names"});
+  apply_override(c, "data.classes=[a, '']");
+  expect_error([&] { data_config(c); }, {"data.classes[1]", "empty"});
 }
 
 TEST_F(DataTest, BadFilesAreNamed) {

@@ -7,6 +7,8 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <utility>
+#include <vector>
 
 #include "tests/cli_util.h"
 #include "tests/weights_diff.h"
@@ -74,6 +76,8 @@ TEST_F(Ddp, TwoRanksWithSyncBatchNormTrainLikeOneProcess) {
   EXPECT_EQ(count(two.r.output, "config:"), 1) << two.r.output;
   EXPECT_NE(two.r.output.find("batch 32 (2 ranks x 16)"), std::string::npos) << two.r.output;
   EXPECT_NE(two.r.output.find("all-reduced during the backward, SyncBatchNorm"), std::string::npos) << two.r.output;
+  // Every rank ended with rank 0's weights, bit for bit (checked before final.h5 is written).
+  EXPECT_EQ(count(two.r.output, "parameters identical on all 2 ranks (checksum "), 1) << two.r.output;
   ASSERT_TRUE(fs::exists(dir / "two/final.h5"));
   // Same samples per step, global BatchNorm statistics, averaged gradients: the same weights
   // up to float summation order.
@@ -92,6 +96,7 @@ TEST_F(Ddp, TwoRanksWithSyncBatchNormTrainLikeOneProcess) {
   const Timed plain = run(2, env(), args(dir / "plain"));
   ASSERT_EQ(plain.r.status, 0) << plain.r.output;
   EXPECT_NE(plain.r.output.find("per-rank BatchNorm statistics"), std::string::npos);
+  EXPECT_NE(plain.r.output.find("parameters identical on all 2 ranks"), std::string::npos) << plain.r.output;
   EXPECT_GT(max_difference(dir / "one/final.h5", dir / "plain/final.h5"), 1e-5);
 
   // A checkpoint of the 2-rank run resumes in one process and ends where the 1-process run did.
@@ -118,6 +123,56 @@ TEST_F(Ddp, ABadBatchOrAMismatchedRankIsReportedWithBothValues) {
             std::string::npos)
       << mismatch.r.output;
   EXPECT_LT(mismatch.seconds, 60);
+  // Settings outside the old list of compared fields: every setting is compared now. Before,
+  // a different clip norm trained apart silently (exit 0) and a different drop_last crashed
+  // rank 1 inside MPI_Testall with no lancet message.
+  for (const auto& [setting, message] :
+       std::vector<std::pair<std::string, std::string>>{
+           {"train.clip_grad_norm=0.01", "the ranks disagree on train.clip_grad_norm: rank 0 has 0, rank 1 has 0.01"},
+           {"train.drop_last=true", "the ranks disagree on train.drop_last: rank 0 has false, rank 1 has true"}}) {
+    const std::string out = dir / "mpmd";
+    const std::string job = "--set train.max_steps=2 : --allow-run-as-root --oversubscribe -np 1 " + lancet_binary() +
+                            " " + args(out, "--set train.max_steps=2 --set " + setting);
+    const Timed t = run(1, env(), args(out, job));
+    EXPECT_NE(t.r.status, 0) << setting << "\n" << t.r.output;
+    EXPECT_NE(t.r.output.find(message), std::string::npos) << t.r.output;
+    EXPECT_LT(t.seconds, 60) << setting;
+    EXPECT_FALSE(fs::exists(out + "/final.h5")) << setting;
+  }
+  // A setting each rank may choose for itself (its thread and loader-worker counts) is not a mismatch.
+  const std::string own = dir / "own";
+  const Timed per_rank = run(1, env(), args(own, "--set train.max_steps=2 --set data.workers=0 : --allow-run-as-root --oversubscribe -np 1 " +
+                                                     lancet_binary() + " " +
+                                                     args(own, "--set train.max_steps=2 --set data.workers=1 --set train.threads=2")));
+  EXPECT_EQ(per_rank.r.status, 0) << per_rank.r.output;
+  EXPECT_NE(per_rank.r.output.find("parameters identical on all 2 ranks"), std::string::npos) << per_rank.r.output;
+}
+
+// An uneven dataset (238 images, 3 ranks): padded (DistributedSampler's default: 80 per rank,
+// two images twice, 8 steps of 3 x 10) or, with dist.sampler_drop_last, dropped (79 per rank,
+// one image left out; train.drop_last then drops each rank's last 9: 7 steps). That no image
+// repeats within an epoch is checked on the ranks' gathered indices in
+// GradSync.EpochSplitOverTheRanksPadsOrDrops (gradsync.mpi.np3).
+TEST_F(Ddp, ThreeRanksPadOrDropAnUnevenDataset) {
+  const std::string uneven = "--set data.synth.train=238 --set train.batch_size=30 --set train.drop_last=true";
+  const Timed pad = run(3, env(), args(dir / "pad", uneven));
+  ASSERT_EQ(pad.r.status, 0) << pad.r.output;
+  EXPECT_NE(pad.r.output.find("training: 8 steps, batch 30 (3 ranks x 10)"), std::string::npos) << pad.r.output;
+  EXPECT_NE(pad.r.output.find("epoch split: 238 samples over 3 ranks, 80 per rank (2 repeated to pad"), std::string::npos)
+      << pad.r.output;
+  EXPECT_NE(pad.r.output.find("parameters identical on all 3 ranks"), std::string::npos) << pad.r.output;
+  const Timed drop = run(3, env(), args(dir / "drop", uneven + " --set dist.sampler_drop_last=true"));
+  ASSERT_EQ(drop.r.status, 0) << drop.r.output;
+  EXPECT_NE(drop.r.output.find("training: 7 steps, batch 30 (3 ranks x 10)"), std::string::npos) << drop.r.output;
+  EXPECT_NE(drop.r.output.find("epoch split: 238 samples over 3 ranks, 79 per rank (1 dropped: dist.sampler_drop_last)"),
+            std::string::npos)
+      << drop.r.output;
+  EXPECT_NE(drop.r.output.find("parameters identical on all 3 ranks"), std::string::npos) << drop.r.output;
+  // The steps logged: 7 of 30 images.
+  std::ifstream steps(dir / "drop/steps.jsonl");
+  int lines = 0;
+  for (std::string line; std::getline(steps, line);) ++lines;
+  EXPECT_EQ(lines, 7);
 }
 
 TEST_F(Ddp, ARankThatDiesHangsOrFailsEndsTheJobWithAMessage) {
@@ -139,6 +194,14 @@ TEST_F(Ddp, ARankThatDiesHangsOrFailsEndsTheJobWithAMessage) {
             std::string::npos)
       << failed.r.output;
   EXPECT_LT(failed.seconds, 60) << failed.r.output;
+  // Drifting silently (one weight of rank 1 nudged after step 2): trained to the end, then
+  // caught by the cross-rank parameter check before final.h5.
+  const Timed drifted = run(2, env() + " LANCET_FAULT=1:2:perturb", args(dir / "drifted"));
+  EXPECT_NE(drifted.r.status, 0) << drifted.r.output;
+  EXPECT_NE(drifted.r.output.find("rank 1's parameters differ from rank 0's after training: 1 of "), std::string::npos)
+      << drifted.r.output;
+  EXPECT_EQ(drifted.r.output.find("parameters identical"), std::string::npos) << drifted.r.output;
   // Nothing half-written: rank 0 wrote no final weights in any of them.
-  for (const char* d : {"killed", "hung", "failed"}) EXPECT_FALSE(fs::exists(dir / (std::string(d) + "/final.h5"))) << d;
+  for (const char* d : {"killed", "hung", "failed", "drifted"})
+    EXPECT_FALSE(fs::exists(dir / (std::string(d) + "/final.h5"))) << d;
 }

@@ -118,8 +118,8 @@ TEST_F(EvalRecipe, EvalDefaultsToTheTrainedRecipe) {
   r = eval(final_h5(), kRecipe, "explicit");
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_FALSE(contains(r.output, "given, but")) << r.output;
-  EXPECT_TRUE(contains(r.output, "eval: preprocessing as in training (" + final_h5() + "): data.dicom.window null\n"))
-      << r.output;  // the one setting not given
+  EXPECT_TRUE(contains(r.output, "eval: preprocessing as in training (" + final_h5() + "): data.dicom.window null, data.classes []\n"))
+      << r.output;  // the settings not given
   EXPECT_EQ(predictions("explicit"), predictions("implicit"));
 
   // A checkpoint carries the recipe too (after one epoch it holds final.h5's weights).
@@ -200,4 +200,30 @@ TEST_F(EvalRecipe, ADamagedRunConfigIsOneLineNamingTheFile) {
   EXPECT_NE(r.status, 0);
   EXPECT_TRUE(contains(r.output, path)) << r.output;
   EXPECT_FALSE(std::filesystem::exists(*tmp_ / "damaged.json"));
+}
+
+// A run that declared its class order (data.classes) is evaluated in that order: label i is
+// output i as in training, unless the order is given, which is logged.
+TEST_F(EvalRecipe, TheTrainedClassOrderIsTaken) {
+  const std::string path = *tmp_ / "reordered.h5";
+  {
+    H5File src = H5File::open_read(final_h5());
+    Json run = *read_run_config(src);
+    run["data"]["classes"] = Json::array({"opacity", "normal"});
+    H5File f = H5File::create_atomic(path);
+    write_weights(f, *load_model(final_h5()), read_model_config(src));
+    f.create_group("/train");
+    f.set_attr("/train", "config", run.dump());
+    f.commit();
+  }
+  RunResult r = eval(path, "", "reordered");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "data.classes [\"opacity\",\"normal\"]")) << r.output;
+  EXPECT_EQ(report("reordered")["class_names"], Json::array({"opacity", "normal"}));
+  r = eval(path, "--set data.classes=[normal,opacity]", "inferred_order");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "eval: data.classes [\"normal\",\"opacity\"] given, but the model was trained with "
+                                 "[\"opacity\",\"normal\"]"))
+      << r.output;
+  EXPECT_EQ(report("inferred_order")["class_names"], Json::array({"normal", "opacity"}));
 }

@@ -4,7 +4,8 @@
 // windows; a corrupt source image fails prep naming the file and leaves nothing behind, or is
 // skipped and listed (--on-bad-sample skip); a killed prep's temporary files are removed; one
 // image per chunk (random access reads one chunk), gzip; progress lines; labels outside the
-// classes; load_dataset dispatch; the CLI.
+// classes; declared classes (data.classes) packed and a mismatch refused; load_dataset
+// dispatch; the CLI.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -155,6 +156,50 @@ TEST_F(PackTest, RgbManifestAndRecipeAndNpz) {
   EXPECT_TRUE(same_dataset(*load_pack_dataset(path("pn.h5"), "val", pn.load), *load_npz_dataset(npz, "val", pn.load)));
   EXPECT_EQ(read_pack_info(path("pn.h5")).classes, (std::vector<std::string>{"0", "1"}));
   expect_error([&] { load_pack_dataset(path("pn.h5"), "train", pn.load); }, {"pn.h5", "no split 'train'", "val"});
+}
+
+TEST_F(PackTest, DeclaredClassesArePackedAndAMismatchIsRefused) {
+  const std::string src = synth("cxr", 4, 2);
+  PackOptions po = pack_options(16, 1);
+  po.load.classes = {"opacity", "normal"};  // not the sorted order
+  write_pack(src, path("c.h5"), po);
+  EXPECT_EQ(read_pack_info(path("c.h5")).classes, po.load.classes);
+  ImageLoadOptions lo = po.load;
+  for (const char* split : {"train", "val"}) {
+    EXPECT_TRUE(same_dataset(*load_pack_dataset(path("c.h5"), split, lo), *load_image_dataset(src, split, lo)));
+    ImageLoadOptions inferred = lo;  // no data.classes: the pack's own list
+    inferred.classes.clear();
+    EXPECT_EQ(load_pack_dataset(path("c.h5"), split, inferred)->class_names(), po.load.classes);
+  }
+  // Another order (or other names) would relabel every sample: refused, both lists named,
+  // cached and streamed alike.
+  lo.classes = {"normal", "opacity"};
+  for (bool stream : {false, true})
+    expect_error([&] { load_cached_dataset(path("c.h5"), "train", lo, BadSample::error, nullptr, stream); },
+                 {"c.h5", "the pack's classes are [opacity, normal] but data.classes is [normal, opacity]",
+                  "lancet prep"});
+  lo.classes = {"opacity", "normal", "covid"};
+  expect_error([&] { load_pack_dataset(path("c.h5"), "val", lo); }, {"c.h5", "[opacity, normal, covid]"});
+  // prep refuses a label outside the declared classes naming the manifest line, leaving no pack.
+  add_row("cxr", "train/normal/0.png", "pneumonai", "train");
+  po.load.classes = {"normal", "opacity"};
+  expect_error([&] { write_pack(src, path("bad.h5"), po); },
+               {"manifest.csv:", "label 'pneumonai' is not one of the classes [normal, opacity]"});
+  EXPECT_TRUE(leftovers("bad.h5").empty());
+
+  // .npz labels are indices: declared names replace "0".."k-1"; too few names are refused.
+  const std::string npz = kReal + "npz/medmnist__pneumoniamnist.npz";
+  PackOptions pn = pack_options(16, 1);
+  pn.splits = {"val"};
+  pn.load.classes = {"normal", "pneumonia"};
+  write_pack(npz, path("pn.h5"), pn);
+  EXPECT_EQ(read_pack_info(path("pn.h5")).classes, pn.load.classes);
+  EXPECT_EQ(load_npz_dataset(npz, "val", pn.load)->class_names(), pn.load.classes);
+  EXPECT_EQ(load_cached_dataset(npz, "val", pn.load)->class_names(), pn.load.classes);
+  pn.load.classes = {"normal"};
+  expect_error([&] { load_npz_dataset(npz, "val", pn.load); },
+               {"medmnist__pneumoniamnist.npz", "label 1 is not one of the classes [normal]"});
+  expect_error([&] { write_pack(npz, path("pn1.h5"), pn); }, {"pneumoniamnist.npz", "label 1"});
 }
 
 TEST_F(PackTest, HashChangesWithOnePixelAndDamageIsDetected) {

@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <map>
 
+#include "data/augment.h"
+#include "data/loader.h"
 #include "data/sampler.h"
 #include "tests/expect_error.h"
 
@@ -83,4 +85,42 @@ TEST(Sampler, BadArguments) {
   expect_error([] { DistributedSampler(10, 0, 0, 0); }, {"world size must be at least 1"});
   expect_error([] { DistributedSampler(2, 0, 3, 0, true); }, {"drop_last with 2 samples for 3 ranks"});
   EXPECT_EQ(DistributedSampler(2, 2, 3, 0, false).indices(1).size(), 1u);  // padded from the start
+}
+
+// dist.sampler_drop_last reaches every epoch order (EpochSampler): shuffle is DistributedSampler
+// with the same drop_last; balanced and oversample orders are cut to a multiple of the ranks
+// likewise, so the ranks together take the order's first floor(L / R) * R positions, each once.
+TEST(Sampler, EpochSamplersDropTheTailWhenAsked) {
+  std::vector<int64_t> labels;
+  for (int i = 0; i < 25; ++i) labels.push_back(i % 5 == 0 ? 1 : 0);
+  for (int world : {1, 2, 3, 4}) {
+    SCOPED_TRACE("world " + std::to_string(world));
+    for (int r = 0; r < world; ++r) {
+      const EpochSampler s(SamplerKind::shuffle, labels, 2, r, world, 9, true);
+      EXPECT_EQ(s.indices(4), DistributedSampler(25, r, world, 9, true).indices(4));
+      EXPECT_EQ(s.num_samples(), 25 / world);
+      EXPECT_EQ(s.padding(), 25 / world * world - 25);  // dropped: negative
+      EXPECT_EQ(EpochSampler(SamplerKind::shuffle, labels, 2, r, world, 9, false).padding(),
+                (25 + world - 1) / world * world - 25);
+    }
+    for (SamplerKind kind : {SamplerKind::balanced, SamplerKind::oversample}) {
+      const std::vector<int64_t> global = kind == SamplerKind::balanced ? class_balanced_order(labels, 2, 9, 4, 25)
+                                                                         : oversample_minority(labels, 2, 9, 4);
+      const size_t per = global.size() / static_cast<size_t>(world);
+      std::vector<std::vector<int64_t>> mine;
+      for (int r = 0; r < world; ++r) {
+        const EpochSampler s(kind, labels, 2, r, world, 9, true);
+        mine.push_back(s.indices(4));
+        ASSERT_EQ(mine.back().size(), per);
+        EXPECT_EQ(s.num_samples(), static_cast<int64_t>(per));
+        EXPECT_EQ(mine.back(), shard_order(global, r, world, true));
+      }
+      for (size_t p = 0; p < per * static_cast<size_t>(world); ++p)
+        ASSERT_EQ(mine[p % static_cast<size_t>(world)][p / static_cast<size_t>(world)], global[p]) << "position " << p;
+    }
+  }
+  expect_error([&] { EpochSampler(SamplerKind::oversample, {0, 1}, 2, 0, 3, 0, true); },
+               {"dist.sampler_drop_last with 2 samples for 3 ranks"});
+  expect_error([] { shard_order({4, 5}, 0, 3, true); }, {"dist.sampler_drop_last with 2 samples for 3 ranks"});
+  EXPECT_EQ(shard_order({4, 5}, 2, 3, false), std::vector<int64_t>{4});  // padded from the start
 }

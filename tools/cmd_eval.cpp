@@ -42,10 +42,11 @@ void write_atomically(const std::string& path, const std::function<void(std::ost
 }
 
 // The data settings besides data.channels that decide the pixels a model sees: how a DICOM is
-// windowed, the recipe, the resize and the normalisation. data.channels is the model's
-// in_channels, which the weights hold.
+// windowed, the recipe, the resize and the normalisation; and data.classes, which decides which
+// output a label is (a run that declared its class order must be evaluated in that order).
+// data.channels is the model's in_channels, which the weights hold.
 const char* const kPixelSettings[] = {"data.dicom.window", "data.preprocess", "data.image_size", "data.mean",
-                                      "data.std"};
+                                      "data.std", "data.classes"};
 
 Json::json_pointer setting_pointer(const std::string& key) {  // "data.dicom.window" -> /data/dicom/window
   std::string p = "/" + key;

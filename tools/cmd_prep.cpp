@@ -42,6 +42,7 @@ void register_prep(CLI::App& app) {
     po.load.channels = dc.channels;
     po.load.image_size = dc.image_size;
     po.load.dicom_window = dc.dicom_window;
+    po.load.classes = dc.classes;
     if (!dc.preprocess.empty())
       po.load.recipe = std::make_shared<const PreprocessRecipe>(PreprocessRecipe::from_json(dc.preprocess));
     std::istringstream ss(a->splits);

@@ -28,7 +28,8 @@ Json default_config() {
       "synth": {"train": 2000, "val": 500, "size": 128, "seed": 1234},
       "dicom": {"window": null},
       "preprocess": [],
-      "workers": 2, "prefetch": 2, "sampler": "shuffle", "on_bad_sample": "error", "cache": true
+      "workers": 2, "prefetch": 2, "sampler": "shuffle", "on_bad_sample": "error", "cache": true,
+      "classes": []
     },
     "train": {
       "epochs": 10, "max_steps": 0, "batch_size": 32, "drop_last": false, "seed": 0,
@@ -43,7 +44,7 @@ Json default_config() {
     },
     "dist": {
       "backend": "auto", "bucket_mb": 25.0, "overlap": true, "sync_bn": false,
-      "timeout_s": 300.0, "bind": "auto"
+      "timeout_s": 300.0, "bind": "auto", "sampler_drop_last": false
     },
     "pipeline": {
       "stages": 1, "micro_batches": 4, "schedule": "1f1b", "cut": "auto", "balance": "time",
@@ -275,6 +276,17 @@ DataConfig data_config(const Json& c) {
   parse_sampler(d.sampler);
   d.on_bad_sample = get<std::string>(c, "data", "on_bad_sample");
   d.cache = get<bool>(c, "data", "cache");
+  // Names; an integer (YAML reads `[0, 1]` as numbers) is taken as its decimal text.
+  for (const Json& v : c.at("data").at("classes")) {
+    LANCET_CHECK(v.is_string() || v.is_number_integer(),
+                 "data.classes must be a list of class names, got " << c.at("data").at("classes").dump());
+    d.classes.push_back(v.is_string() ? v.get<std::string>() : v.dump());
+  }
+  for (size_t i = 0; i < d.classes.size(); ++i) {
+    LANCET_CHECK(!d.classes[i].empty(), "data.classes[" << i << "] is an empty name");
+    for (size_t j = 0; j < i; ++j)
+      LANCET_CHECK(d.classes[j] != d.classes[i], "data.classes names '" << d.classes[i] << "' twice");
+  }
   parse_bad_sample(d.on_bad_sample);
   LANCET_CHECK(d.workers >= 0, "data.workers must be >= 0 (0: batches built in the training thread), got " << d.workers);
   LANCET_CHECK(d.prefetch >= 1, "data.prefetch must be >= 1, got " << d.prefetch);
@@ -358,6 +370,7 @@ DistConfig dist_config(const Json& c) {
   d.sync_bn = get<bool>(c, "dist", "sync_bn");
   d.timeout_s = get<double>(c, "dist", "timeout_s");
   d.bind = get<std::string>(c, "dist", "bind");
+  d.sampler_drop_last = get<bool>(c, "dist", "sampler_drop_last");
   LANCET_CHECK(d.backend == "auto" || d.backend == "mpi" || d.backend == "single" || d.backend == "nccl",
                "dist.backend must be auto, mpi, single or nccl, got '" << d.backend << "'");
   LANCET_CHECK(d.bucket_mb > 0, "dist.bucket_mb must be positive, got " << d.bucket_mb);

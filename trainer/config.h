@@ -52,6 +52,7 @@ struct DataConfig {
   std::string sampler = "shuffle";   // shuffle | balanced | oversample
   std::string on_bad_sample = "error";  // error | skip (data/image_dataset.h)
   bool cache = true;  // false: samples decoded (or read from the pack) on every read, for data larger than memory
+  std::vector<std::string> classes;  // the class list in label order (data/image_folder.h); empty: inferred
 };
 struct TrainConfig {
   int epochs;
@@ -95,6 +96,10 @@ struct DistConfig {
   bool sync_bn;         // SyncBatchNorm: batch statistics over all ranks
   double timeout_s;     // a collective waiting longer fails the job; <= 0 = never
   std::string bind;     // auto, cores, none: pinning of each rank's threads
+  // The epoch order's tail that does not fill a round of ranks: false pads it by repeating
+  // the order's first samples (DistributedSampler's default), true drops it (drop_last=True):
+  // every rank takes floor(n / ranks) samples and none repeats within an epoch.
+  bool sampler_drop_last = false;
 };
 // Pipeline model parallelism (trainer/pipeline.h): the model's chain of units split into
 // `stages` stages run concurrently on micro-batches.

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -432,6 +433,128 @@ void check_same_on_all_ranks(Communicator& comm, const std::vector<std::pair<std
                                        << " (every rank must run the same configuration on the same data)");
 }
 
+const std::vector<std::string>& per_rank_settings() {
+  // Each changes neither the samples a rank sees nor the arithmetic of a step (its results are
+  // bit-identical either way), and none decides when a collective runs:
+  static const std::vector<std::string> settings = {
+      "data.dir",       // a node may read its own copy; the data itself is compared by the trainer
+      "data.workers",   // loader threads and how far they work ahead: batches are bit-identical
+      "data.prefetch",  //   for any count (data/loader.h)
+      "data.cache",     // decoded images kept in memory or read again: the same bytes either way
+      "train.threads",  // a rank's cores (CPU reductions add in a fixed order for any count)
+      "dist.bind",
+      "pipeline.threads_per_stage",
+      "train.device",       // the GPU index each rank names; the kind (cpu, cuda) is compared
+      "train.log_every",    // output: only rank 0 logs and writes the run folder, and each
+      "train.tensorboard",  //   process writes its own trace or Nsight capture
+      "train.profile",
+      "train.nsys_steps",
+  };
+  // Everything else must agree. Some would make the ranks train apart silently (clip norm,
+  // normalisation, loss, schedule), others would make them call different collectives and
+  // fail far from the cause (drop_last, early stopping, checkpoint steps, buckets, SyncBatchNorm).
+  // train.out and train.resume too: every rank resumes from the checkpoint they name.
+  return settings;
+}
+
+namespace {
+
+// A value as one line that is equal for equal settings: integral numbers without a fraction
+// (a float setting given as 1 and as 1.0), others as JSON's shortest form.
+std::string setting_text(const Json& v) {
+  if (v.is_number_float()) {
+    const double d = v.get<double>();
+    if (std::isfinite(d) && d == std::floor(d) && std::fabs(d) < 1e15) return std::to_string(static_cast<int64_t>(d));
+    return v.dump();
+  }
+  if (v.is_array()) {
+    std::string out = "[";
+    for (size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + setting_text(v[i]);
+    return out + "]";
+  }
+  if (v.is_object()) {
+    std::string out = "{";
+    for (auto it = v.begin(); it != v.end(); ++it)
+      out += (it == v.begin() ? "" : ", ") + Json(it.key()).dump() + ": " + setting_text(it.value());
+    return out + "}";
+  }
+  return v.dump();  // strings quoted and escaped (never a newline), integers, booleans, null
+}
+
+void flatten_settings(const Json& v, const std::string& path, std::vector<std::pair<std::string, std::string>>& out) {
+  const auto& skip = per_rank_settings();
+  if (std::find(skip.begin(), skip.end(), path) != skip.end()) return;
+  if (v.is_object() && !v.empty()) {
+    for (auto it = v.begin(); it != v.end(); ++it)
+      flatten_settings(it.value(), path.empty() ? it.key() : path + "." + it.key(), out);
+    return;
+  }
+  out.emplace_back(path, setting_text(v));
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, std::string>> config_fields(const Json& config) {
+  std::vector<std::pair<std::string, std::string>> out;
+  flatten_settings(config, "", out);
+  return out;
+}
+
+namespace {
+
+uint64_t fnv1a(const void* data, size_t n, uint64_t h = 0xcbf29ce484222325ull) {
+  const auto* p = static_cast<const unsigned char*>(data);
+  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 0x100000001b3ull;
+  return h;
+}
+
+}  // namespace
+
+std::string check_parameters_identical(Communicator& comm, const std::vector<std::pair<std::string, Parameter*>>& params) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  Tensor mine = Tensor::empty({std::max<int64_t>(n, 1)}, DType::i64);
+  mine.data<int64_t>()[0] = 0;
+  uint64_t all = 0xcbf29ce484222325ull;
+  for (int64_t i = 0; i < n; ++i) {
+    const Tensor& v = params[static_cast<size_t>(i)].second->value;
+    const Tensor host = v.device().is_cpu() ? v : v.to(Device::cpu());
+    const uint64_t h = fnv1a(host.raw_data(), host.nbytes());
+    all = fnv1a(&h, sizeof(h), all);
+    std::memcpy(mine.data<int64_t>() + i, &h, sizeof(h));
+  }
+  std::ostringstream hex;
+  hex << std::hex << all;
+  if (comm.size() == 1) return "parameters: checksum " + hex.str() + " (one rank)";
+  // The same model on every rank was checked at start; a different count would still be a
+  // difference, not a mismatched broadcast.
+  const double fewest = comm.all_reduce_scalar(static_cast<double>(n), ReduceOp::min);
+  const double most = comm.all_reduce_scalar(static_cast<double>(n), ReduceOp::max);
+  LANCET_CHECK(fewest == most, "the ranks' models have " << fewest << " to " << most << " parameters after training");
+  Tensor root = mine.to(Device::cpu());
+  comm.broadcast(root, 0, Stream{Device::cpu(), nullptr});
+  int64_t first = -1, differing = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (mine.data<int64_t>()[i] != root.data<int64_t>()[i]) {
+      if (first < 0) first = i;
+      ++differing;
+    }
+  // The lowest (parameter, rank) that differs, and how many ranks drifted, known to all.
+  const double none = std::numeric_limits<double>::max();
+  const double code = first < 0 ? none : static_cast<double>(first) * comm.size() + comm.rank();
+  const double lowest = comm.all_reduce_scalar(code, ReduceOp::min);
+  const double ranks_differing = comm.all_reduce_scalar(first < 0 ? 0.0 : 1.0, ReduceOp::sum);
+  if (lowest == none)
+    return "parameters identical on all " + std::to_string(comm.size()) + " ranks (checksum " + hex.str() + ")";
+  const int64_t param = static_cast<int64_t>(lowest) / comm.size();
+  const int rank = static_cast<int>(static_cast<int64_t>(lowest) % comm.size());
+  const double count = comm.all_reduce_scalar(comm.rank() == rank ? static_cast<double>(differing) : 0.0, ReduceOp::sum);
+  LANCET_FAIL("rank " << rank << "'s parameters differ from rank 0's after training: " << count << " of " << n
+                      << " tensors, the first " << params[static_cast<size_t>(param)].first << " (" << ranks_differing
+                      << " of " << comm.size()
+                      << " ranks drifted): the replicas trained apart (a setting, the data or the arithmetic differed "
+                         "between the ranks)");
+}
+
 int threads_per_rank(int configured, const Communicator& comm) {
   if (configured > 0) return configured;
   return comm.local_size() > 1 ? 1 : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
@@ -471,9 +594,19 @@ std::string bind_rank_threads(const std::string& mode, const Communicator& comm,
   return out.str();
 }
 
-void FaultInjection::maybe_fail(int64_t step) const {
+void FaultInjection::maybe_fail(int64_t step, Module& model) const {
   if (what_ == What::none || step != step_) return;
   switch (what_) {
+    case What::perturb: {
+      const auto params = model.named_parameters();
+      if (params.empty()) break;
+      Parameter& p = *params.front().second;
+      Tensor host = p.value.to(Device::cpu());
+      host.data<float>()[0] += 1e-3f;
+      p.value.copy_from(host);
+      ++p.version;  // derived 16-bit copies are rebuilt
+      break;
+    }
     case What::kill:
       std::fflush(nullptr);
       raise(SIGKILL);
@@ -495,13 +628,15 @@ FaultInjection fault_injection_from_env(int rank) {
   long long step = -1;
   char what[16] = {0};
   LANCET_CHECK(std::sscanf(spec.c_str(), "%d:%lld:%15s", &r, &step, what) == 3 && step >= 1,
-               "LANCET_FAULT '" << spec << "': expected RANK:STEP:kill|hang|error");
+               "LANCET_FAULT '" << spec << "': expected RANK:STEP:kill|hang|error|perturb");
   const std::string w = what;
   FaultInjection::What kind = w == "kill" ? FaultInjection::What::kill
                               : w == "hang" ? FaultInjection::What::hang
                               : w == "error" ? FaultInjection::What::error
-                                             : FaultInjection::What::none;
-  LANCET_CHECK(kind != FaultInjection::What::none, "LANCET_FAULT '" << spec << "': expected kill, hang or error, got '" << w << "'");
+                              : w == "perturb" ? FaultInjection::What::perturb
+                                               : FaultInjection::What::none;
+  LANCET_CHECK(kind != FaultInjection::What::none,
+               "LANCET_FAULT '" << spec << "': expected kill, hang, error or perturb, got '" << w << "'");
   if (r != rank) return {};
   return {kind, step};
 }

@@ -37,6 +37,7 @@
 
 #include "comm/communicator.h"
 #include "layers/module.h"
+#include "trainer/config.h"
 
 namespace lancet {
 
@@ -147,6 +148,23 @@ class GradSync {
 // naming the field, rank 0's value and the first differing rank's value.
 void check_same_on_all_ranks(Communicator& comm, const std::vector<std::pair<std::string, std::string>>& fields);
 
+// The settings a rank may set for itself (a rank's cores, loader threads, its own outputs; the
+// reasons are in ddp.cpp): every other setting must be the same on all ranks.
+const std::vector<std::string>& per_rank_settings();
+// The resolved configuration as check_same_on_all_ranks's fields: one per setting, named by its
+// path ("train.clip_grad_norm" -> "0.01"), sections in key order, without per_rank_settings().
+// Numbers are written so that 1 and 1.0 compare equal; strings and lists as JSON.
+std::vector<std::pair<std::string, std::string>> config_fields(const Json& config);
+
+// After training, DDP's invariant: every rank's parameters are bit-identical to rank 0's (the
+// same start, the same averaged gradients, the same optimizer arithmetic). Hashes the bytes of
+// each parameter (FNV-1a 64 on the host; a GPU tensor is copied there, after the work queued
+// on it) and compares the hashes with rank 0's. Returns a line for the log; when a rank
+// differs, every rank throws the same error naming the first such rank and parameter.
+// Buffers are not compared: per-rank BatchNorm statistics differ by design (rank 0's are
+// broadcast before they are used or saved). Collective; cheap next to one training step.
+std::string check_parameters_identical(Communicator& comm, const std::vector<std::pair<std::string, Parameter*>>& params);
+
 // train.threads resolved for this rank: the configured count when > 0, else 1 when several
 // ranks share the node (each takes its own cores), else every hardware thread.
 int threads_per_rank(int configured, const Communicator& comm);
@@ -160,13 +178,16 @@ std::string bind_rank_threads(const std::string& mode, const Communicator& comm,
 
 // Failure injection for testing the failure handling: LANCET_FAULT="RANK:STEP:WHAT" makes rank
 // RANK, right after optimizer step STEP (1-based), die (WHAT = kill: SIGKILL, as an OOM kill or
-// a lost node would), hang (sleep forever) or throw (error). Unset: nothing happens.
+// a lost node would), hang (sleep forever), throw (error) or silently drift from the other
+// ranks (perturb: adds 1e-3 to the first element of `model`'s first parameter, as a rank whose
+// arithmetic or settings differ would; check_parameters_identical must catch it). Unset:
+// nothing happens.
 class FaultInjection {
  public:
-  enum class What { none, kill, hang, error };
+  enum class What { none, kill, hang, error, perturb };
   FaultInjection() = default;
   FaultInjection(What what, int64_t step) : what_(what), step_(step) {}
-  void maybe_fail(int64_t step) const;
+  void maybe_fail(int64_t step, Module& model) const;
 
  private:
   What what_ = What::none;

@@ -310,6 +310,7 @@ DataSplits load_data(const DataConfig& cfg, std::ostream& log) {
   lo.mean = cfg.mean;
   lo.std = cfg.std;
   lo.dicom_window = cfg.dicom_window;
+  lo.classes = cfg.classes;
   if (!cfg.preprocess.is_null() && !cfg.preprocess.empty())
     lo.recipe = std::make_shared<const PreprocessRecipe>(PreprocessRecipe::from_json(cfg.preprocess));
   std::string dir = cfg.dir;
@@ -554,28 +555,19 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   const int micro = pipelined ? pc.micro_batches : tc.grad_accum_steps;
   LANCET_CHECK(micro <= bs, (pipelined ? "pipeline.micro_batches " : "train.grad_accum_steps ")
                                 << micro << " exceeds the " << bs << " samples each rank takes per step");
-  // Every rank must run the same job (compared before the first other collective: the cut).
-  if (ranks > 1)
-    check_same_on_all_ranks(comm, {{"the model", model_cfg.dump()},
-                                   {"the training data", std::to_string(n) + " images, " + shape_str(data.train->sample_shape()) +
-                                                             ", classes " + Json(data.train->class_names()).dump()},
-                                   {"the validation data", std::to_string(data.val->size()) + " images"},
-                                   {"data.sampler / augment / preprocess",
-                                    config.at("data").value("sampler", Json()).dump() + " / " +
-                                        config.at("data").value("augment", Json()).dump() + " / " +
-                                        config.at("data").value("preprocess", Json()).dump()},
-                                   {"train.batch_size", std::to_string(global_bs)},
-                                   {"train.grad_accum_steps", std::to_string(tc.grad_accum_steps)},
-                                   {"pipeline", config.at("pipeline").dump()},
-                                   {"train.precision", tc.precision},
-                                   {"amp", config.at("amp").dump()},
-                                   {"train.device", device.is_cpu() ? "cpu" : "cuda"},
-                                   {"train.epochs / max_steps", std::to_string(tc.epochs) + " / " + std::to_string(tc.max_steps)},
-                                   {"train.seed", std::to_string(tc.seed)},
-                                   {"optim", config.at("optim").dump()},
-                                   {"loss", config.at("loss").dump()},
-                                   {"schedule", config.at("schedule").dump()},
-                                   {"dist", config.at("dist").dump()}});
+  // Every rank must run the same job (compared before the first other collective: the cut):
+  // every setting but the per-rank ones (per_rank_settings, trainer/ddp.cpp), the model as
+  // resolved, and the data as read.
+  if (ranks > 1) {
+    Json job = config;
+    job["model"] = model_cfg;
+    auto fields = config_fields(job);
+    fields.push_back({"the training data", std::to_string(n) + " images, " + shape_str(data.train->sample_shape()) +
+                                               ", classes " + Json(data.train->class_names()).dump()});
+    fields.push_back({"the validation data", std::to_string(data.val->size()) + " images"});
+    fields.push_back({"train.device", device.is_cpu() ? "cpu" : "cuda"});
+    check_same_on_all_ranks(comm, fields);
+  }
   // Pipeline stages: the cut, and each stage's units on its device, before the optimizer makes
   // its state on the parameters' devices (the Pipeline itself comes after a resume's loading).
   std::string cut_basis;
@@ -610,7 +602,8 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   // data.sampler's epoch order (shuffle: DistributedSampler's), split over the ranks likewise.
   std::vector<int64_t> train_labels(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) train_labels[static_cast<size_t>(i)] = data.train->label(i);
-  const EpochSampler sampler(parse_sampler(dc.sampler), train_labels, num_classes, comm.rank(), ranks, tc.seed);
+  const EpochSampler sampler(parse_sampler(dc.sampler), train_labels, num_classes, comm.rank(), ranks, tc.seed,
+                             dist.sampler_drop_last);
   const int64_t per_rank = sampler.num_samples();
   const int64_t steps_per_epoch = tc.drop_last ? per_rank / bs : (per_rank + bs - 1) / bs;
   LANCET_CHECK(steps_per_epoch > 0, "train.batch_size " << global_bs << " exceeds the " << n << " training images with drop_last");
@@ -753,6 +746,12 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
         << (dist.overlap ? " all-reduced during the backward" : " all-reduced after the backward")
         << (dist.sync_bn ? ", SyncBatchNorm" : ", per-rank BatchNorm statistics") << "; threads " << binding << "\n";
   }
+  if (ranks > 1) {  // how the epoch's order (sampler.epoch_length() positions) met the rank count
+    log << "epoch split: " << sampler.epoch_length() << " samples over " << ranks << " ranks, " << per_rank << " per rank";
+    if (sampler.padding() > 0) log << " (" << sampler.padding() << " repeated to pad; dist.sampler_drop_last drops instead)";
+    if (sampler.padding() < 0) log << " (" << -sampler.padding() << " dropped: dist.sampler_drop_last)";
+    log << "\n";
+  }
 
   auto write_checkpoint = [&](TrainState snapshot, const std::string& path) {
     if (!writes) return;
@@ -850,6 +849,7 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   if (tc.nsys_first > 0 && step_at_start >= tc.nsys_last)
     log << "nsys capture: none (train.nsys_steps " << tc.nsys_first << ":" << tc.nsys_last
         << " lies before the resumed run's first step, " << step_at_start + 1 << ")\n";
+  int64_t last_skip_line = -1;  // the step whose skip the log last reported (-1: none yet)
   for (; state.epoch <= tc.epochs && state.global_step < total_steps && !stop_early; ++state.epoch) {
     const auto order = sampler.indices(state.epoch);
     const auto t_epoch = Clock::now();
@@ -911,10 +911,23 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
         st.count = static_cast<int64_t>(v[2]);
       }
       prof.end_step();
-      fault.maybe_fail(state.global_step + 1);
+      fault.maybe_fail(state.global_step + 1, *model);
       if (nsys_open && state.global_step + 1 == tc.nsys_last) nsys_capture(false, state.global_step + 1, "");
-      LANCET_CHECK(std::isfinite(st.loss), "training diverged: the loss is " << st.loss << " at step "
-                                                                             << state.global_step + 1 << " (try a lower optim.lr)");
+      // fp16's narrow range is the usual culprit at the first steps (inputs of a large scale
+      // overflow the activations); bf16 and fp32 have float's.
+      LANCET_CHECK(std::isfinite(st.loss),
+                   "training diverged: the loss is "
+                       << st.loss << " at step " << state.global_step + 1
+                       << (precision == DType::f16 ? " in fp16: activations beyond fp16's range (max 65504) are a likely "
+                                                     "cause; try train.precision=bf16, check data.mean/std (the inputs' "
+                                                     "scale), or a lower optim.lr"
+                                                   : " (try a lower optim.lr)"));
+      if (st.skipped && log_skipped_step(scaler.skipped_steps(),
+                                         last_skip_line < 0 ? -1 : state.global_step + 1 - last_skip_line)) {
+        progress.end_line();  // every skip is in steps.jsonl; the log reports them sparingly
+        log << scaler.skip_message(state.global_step + 1, st.loss_scale) << "\n";
+        last_skip_line = state.global_step + 1;
+      }
       state.epoch_loss_sum += st.loss * st.count;
       state.epoch_correct += st.correct;
       state.epoch_seen += st.count;
@@ -954,7 +967,13 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     progress.end_line();
     const double epoch_s = std::chrono::duration<double>(Clock::now() - t_epoch).count();
     state.train_seconds += epoch_s;
-    if (state.step_in_epoch < steps_per_epoch) break;  // stopped by max_steps inside the epoch
+    if (state.step_in_epoch < steps_per_epoch) {  // stopped by max_steps inside the epoch
+      if (scaler.enabled())  // no epoch summary follows: the skips so far
+        log << "loss scale " << loss_scale_str(scaler.scale()) << ", " << state.epoch_skipped << " step"
+            << (state.epoch_skipped == 1 ? "" : "s") << " skipped in this epoch's first " << state.step_in_epoch
+            << " (inf/NaN gradients), " << scaler.skipped_steps() << " in the run\n";
+      break;
+    }
     sync_buffers();
     EvalResult ev = evaluate_sharded(*model, *data.val, std::max<int>(tc.batch_size, 64), loss, stream, comm,
                                      eval_loading(dc, device));
@@ -971,8 +990,8 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     if (std::isfinite(report.auroc)) log << "  val AUROC " << report.auroc;
     log << "  (" << std::setprecision(1) << epoch_s << " s, " << images_this_session / epoch_s << " img/s)\n";
     if (scaler.enabled())
-      log << "loss scale " << std::setprecision(0) << scaler.scale() << ", " << state.epoch_skipped << " step"
-          << (state.epoch_skipped == 1 ? "" : "s") << " skipped this epoch (inf/nan gradients), "
+      log << "loss scale " << loss_scale_str(scaler.scale()) << ", " << state.epoch_skipped << " step"
+          << (state.epoch_skipped == 1 ? "" : "s") << " skipped this epoch (inf/NaN gradients), "
           << scaler.skipped_steps() << " in the run\n";
     if (prof.steps() > 0) log << prof.table();
     if (pipeline && pipeline->stats().steps > 0) log << pipeline->stats().text();
@@ -1088,6 +1107,9 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
     if (peak_by_device.size() > 1) log << " (" << tc.precision << " training)";
     log << " (weights, optimizer state, activations, workspaces)\n";
   }
+  // Every replica must have ended with rank 0's weights: a silent drift fails here, before
+  // final.h5 (rank 0's) is taken for the job's result.
+  if (ranks > 1) log << check_parameters_identical(comm, model->named_parameters()) << "\n";
   if (writes) {
     model->to(Device::cpu());
     save_weights(tc.out + "/final.h5", *model, model_cfg, config);  // config: eval's preprocessing
