@@ -201,27 +201,40 @@ void H5File::commit() {
   }
 }
 
-std::vector<std::string> remove_stale_temp_files_of(const std::string& path) {
+bool is_dead_writers_temp_file(const std::string& name, std::string* base) {
+  const auto at = name.rfind(".tmp-");
+  if (at == std::string::npos || at == 0) return false;
+  const std::string rest = name.substr(at + 5);  // PID-N, as create_atomic names it
+  const auto dash = rest.find('-');
+  if (dash == std::string::npos || dash == 0 || dash + 1 == rest.size() ||
+      rest.find_first_not_of("0123456789-") != std::string::npos || rest.find('-', dash + 1) != std::string::npos)
+    return false;
+  const long pid = std::strtol(rest.substr(0, dash).c_str(), nullptr, 10);
+  if (pid > 0 && (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH)) return false;  // alive (or not ours)
+  *base = name.substr(0, at);
+  return true;
+}
+
+std::vector<std::string> remove_dead_writers_temp_files(const std::string& dir,
+                                                        const std::function<bool(const std::string&)>& base_ok) {
   std::vector<std::string> removed;
-  fs::path dir = fs::path(path).parent_path();
-  if (dir.empty()) dir = ".";
-  const std::string prefix = fs::path(path).filename().string() + ".tmp-";
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) return removed;
   for (const auto& e : fs::directory_iterator(dir, ec)) {
-    const std::string name = e.path().filename().string();
-    if (name.rfind(prefix, 0) != 0 || !e.is_regular_file(ec)) continue;
-    const std::string rest = name.substr(prefix.size());  // PID-N, as create_atomic names it
-    const auto dash = rest.find('-');
-    if (dash == std::string::npos || dash == 0 || dash + 1 == rest.size() ||
-        rest.find_first_not_of("0123456789-") != std::string::npos || rest.find('-', dash + 1) != std::string::npos)
+    std::string base;
+    if (!e.is_regular_file(ec) || !is_dead_writers_temp_file(e.path().filename().string(), &base) || !base_ok(base))
       continue;
-    const long pid = std::strtol(rest.substr(0, dash).c_str(), nullptr, 10);
-    if (pid > 0 && (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH)) continue;  // alive (or not ours)
     std::error_code rm;
     if (fs::remove(e.path(), rm)) removed.push_back(e.path().string());
   }
   return removed;
+}
+
+std::vector<std::string> remove_stale_temp_files_of(const std::string& path) {
+  fs::path dir = fs::path(path).parent_path();
+  if (dir.empty()) dir = ".";
+  const std::string file = fs::path(path).filename().string();
+  return remove_dead_writers_temp_files(dir.string(), [&](const std::string& base) { return base == file; });
 }
 
 void H5File::close_and_discard() noexcept {

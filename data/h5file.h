@@ -13,6 +13,7 @@
 //   uncompressed datasets; create_chunked() chunked, optionally gzip-compressed ones.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -98,10 +99,15 @@ class H5File {
   int64_t file_ = -1;     // hid_t (int64_t in HDF5 >= 1.10; checked in h5file.cpp)
 };
 
-// Removes the temporary files create_atomic(path) leaves when its process is killed before
-// commit() (PATH.tmp-PID-N beside `path`) whose process PID no longer exists on this host; a
-// live writer's file is left alone. Returns the removed paths. (trainer/checkpoint.h's
-// remove_stale_temp_files does the same for every checkpoint of a run folder.)
+// Whether the file name `name` is a temporary file of create_atomic (BASE.tmp-PID-N) whose
+// writer, process PID, no longer exists on this host (what a writer killed before commit()
+// leaves); BASE is stored in *base.
+bool is_dead_writers_temp_file(const std::string& name, std::string* base);
+// Removes those of `dir`'s regular files that are dead writers' temporary files and whose BASE
+// `base_ok` accepts; a live writer's file is left alone. Returns the removed paths.
+std::vector<std::string> remove_dead_writers_temp_files(const std::string& dir,
+                                                        const std::function<bool(const std::string&)>& base_ok);
+// The temporary files of create_atomic(path) itself (BASE = path's file name).
 std::vector<std::string> remove_stale_temp_files_of(const std::string& path);
 
 // The number of HDF5 identifiers (files, groups, datasets, types, ...) open in the process:

@@ -1,10 +1,6 @@
 #include "trainer/checkpoint.h"
 
-#include <signal.h>
-
 #include <algorithm>
-#include <cerrno>
-#include <cstdlib>
 #include <filesystem>
 #include <map>
 #include <set>
@@ -198,22 +194,10 @@ std::string newest_valid_checkpoint(const std::string& out, std::ostream& log) {
 
 std::vector<std::string> remove_stale_temp_files(const std::string& out) {
   std::vector<std::string> removed;
+  const auto h5 = [](const std::string& base) { return fs::path(base).extension() == ".h5"; };
   for (const std::string& dir : {out, checkpoint_dir(out)}) {
-    std::error_code ec;
-    if (!fs::is_directory(dir, ec)) continue;
-    for (const auto& e : fs::directory_iterator(dir, ec)) {
-      const std::string name = e.path().filename().string();
-      const auto at = name.find(".h5.tmp-");
-      if (!e.is_regular_file() || at == std::string::npos) continue;
-      const std::string rest = name.substr(at + 8);  // PID-N
-      const auto dash = rest.find('-');
-      if (dash == std::string::npos || dash == 0 || rest.find_first_not_of("0123456789-") != std::string::npos) continue;
-      const long pid = std::strtol(rest.substr(0, dash).c_str(), nullptr, 10);
-      if (pid <= 0 || (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH)) {
-        std::error_code rm;
-        if (fs::remove(e.path(), rm)) removed.push_back(e.path().string());
-      }
-    }
+    const auto here = remove_dead_writers_temp_files(dir, h5);
+    removed.insert(removed.end(), here.begin(), here.end());
   }
   return removed;
 }
