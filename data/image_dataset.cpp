@@ -13,6 +13,21 @@
 
 namespace lancet {
 
+namespace {
+// Bytes of one cached image.
+size_t image_bytes(const ImageLoadOptions& opt) {
+  return static_cast<size_t>(opt.image_size) * static_cast<size_t>(opt.image_size) *
+         static_cast<size_t>(opt.channels) * static_cast<size_t>(opt.bit_depth / 8);
+}
+
+// A decoded sample at the dataset's depth, resized to its size and channels, as bytes.
+std::vector<uint8_t> resized(const DecodedImage& img, const ImageLoadOptions& opt) {
+  LANCET_CHECK(img.bits == opt.bit_depth,
+               "a " << img.bits << "-bit image where data.bit_depth is " << opt.bit_depth);
+  return resize_image(img, opt.channels, opt.image_size);
+}
+}  // namespace
+
 BadSample parse_bad_sample(const std::string& s) {
   if (s == "error") return BadSample::error;
   if (s == "skip") return BadSample::skip;
@@ -29,7 +44,7 @@ CachedImageDataset::CachedImageDataset(std::vector<uint8_t> pixels, std::vector<
       skipped_(std::move(skipped)),
       opt_(opt) {
   check_load_options(opt_);
-  per_ = static_cast<size_t>(opt_.image_size) * static_cast<size_t>(opt_.image_size) * static_cast<size_t>(opt_.channels);
+  per_ = image_bytes(opt_);
   LANCET_CHECK(pixels_.size() == labels_.size() * per_ && names_.size() == labels_.size(),
                "CachedImageDataset: " << pixels_.size() << " bytes of pixels and " << names_.size() << " names for "
                                       << labels_.size() << " labels of " << per_ << "-byte images");
@@ -49,7 +64,7 @@ CachedImageDataset::CachedImageDataset(SampleSource source, std::vector<int64_t>
       source_(std::move(source)) {
   check_load_options(opt_);
   LANCET_CHECK(source_, "CachedImageDataset: streaming without a sample source");
-  per_ = static_cast<size_t>(opt_.image_size) * static_cast<size_t>(opt_.image_size) * static_cast<size_t>(opt_.channels);
+  per_ = image_bytes(opt_);
   LANCET_CHECK(names_.size() == labels_.size(),
                "CachedImageDataset: " << names_.size() << " names for " << labels_.size() << " labels");
   const int64_t k = static_cast<int64_t>(class_names_.size());
@@ -68,18 +83,17 @@ std::vector<uint8_t> CachedImageDataset::image(int64_t i) const {
     const uint8_t* p = pixels(i);
     return std::vector<uint8_t>(p, p + per_);
   }
-  const Image8 img = source_(i);
-  return resize_image(img.pixels.data(), img.rows, img.cols, img.channels, opt_.channels, opt_.image_size);
+  return resized(source_(i), opt_);
 }
 
 void CachedImageDataset::get(int64_t i, float* out) const {
   // At the stored size and channels preprocess_image only normalises.
   if (streaming()) {
     const std::vector<uint8_t> img = image(i);
-    preprocess_image(img.data(), opt_.image_size, opt_.image_size, opt_.channels, opt_, out);
+    preprocess_image_bytes(img.data(), bits(), opt_.image_size, opt_.image_size, opt_.channels, opt_, out);
     return;
   }
-  preprocess_image(pixels(i), opt_.image_size, opt_.image_size, opt_.channels, opt_, out);
+  preprocess_image_bytes(pixels(i), bits(), opt_.image_size, opt_.image_size, opt_.channels, opt_, out);
 }
 
 void CachedImageDataset::get_augmented(int64_t i, const AugmentConfig& cfg, uint64_t seed, int epoch, bool minority,
@@ -89,10 +103,11 @@ void CachedImageDataset::get_augmented(int64_t i, const AugmentConfig& cfg, uint
   if (streaming()) streamed = image(i);  // errors name the file already
   try {
     const uint8_t* src = streaming() ? streamed.data() : pixels(i);
-    cv::Mat img = cv::Mat(s, s, CV_8UC(opt_.channels), const_cast<uint8_t*>(src)).clone();
+    const int type = bits() == 8 ? CV_8UC(opt_.channels) : CV_16UC(opt_.channels);
+    cv::Mat img = cv::Mat(s, s, type, const_cast<uint8_t*>(src)).clone();
     augment(img, cfg, seed, epoch, i, minority, s);
     if (!img.isContinuous()) img = img.clone();
-    preprocess_image(img.ptr<uint8_t>(), s, s, opt_.channels, opt_, out);
+    preprocess_image_bytes(img.ptr<uint8_t>(), bits(), s, s, opt_.channels, opt_, out);
   } catch (const std::exception& e) {
     LANCET_FAIL(name(i) << ": " << e.what());
   }
@@ -100,11 +115,11 @@ void CachedImageDataset::get_augmented(int64_t i, const AugmentConfig& cfg, uint
 
 namespace {
 
-// Decodes n samples in parallel (decode(i) returns sample i's 8-bit image, or throws
+// Decodes n samples in parallel (decode(i) returns sample i's image at opt.bit_depth, or throws
 // "<name>: <reason>"), resizes them into the cache and drops or refuses the bad ones.
 // With `stream`, decodes nothing now: decode (which must own what it uses) becomes the
 // dataset's sample source.
-std::unique_ptr<CachedImageDataset> build(int64_t n, const std::function<Image8(int64_t)>& decode,
+std::unique_ptr<CachedImageDataset> build(int64_t n, const std::function<DecodedImage(int64_t)>& decode,
                                           std::vector<int64_t> labels, std::vector<std::string> classes,
                                           std::vector<std::string> names, const ImageLoadOptions& opt, BadSample on_bad,
                                           bool stream) {
@@ -114,8 +129,7 @@ std::unique_ptr<CachedImageDataset> build(int64_t n, const std::function<Image8(
                  "streamed dataset stops at the first bad file it reads");
     return std::make_unique<CachedImageDataset>(decode, std::move(labels), std::move(classes), std::move(names), opt);
   }
-  const size_t per = static_cast<size_t>(opt.image_size) * static_cast<size_t>(opt.image_size) *
-                     static_cast<size_t>(opt.channels);
+  const size_t per = image_bytes(opt);
   std::vector<uint8_t> pixels(static_cast<size_t>(n) * per);
   std::vector<std::string> errors(static_cast<size_t>(n));
   std::vector<char> bad(static_cast<size_t>(n), 0);
@@ -126,9 +140,7 @@ std::unique_ptr<CachedImageDataset> build(int64_t n, const std::function<Image8(
     for (int64_t i = b; i < e; ++i) {
       const size_t u = static_cast<size_t>(i);
       try {  // exceptions must not escape an OpenMP region
-        const Image8 img = decode(i);
-        const std::vector<uint8_t> r =
-            resize_image(img.pixels.data(), img.rows, img.cols, img.channels, opt.channels, opt.image_size);
+        const std::vector<uint8_t> r = resized(decode(i), opt);
         std::copy(r.begin(), r.end(), pixels.begin() + static_cast<std::ptrdiff_t>(u * per));
       } catch (const std::exception& ex) {
         bad[u] = 1;
@@ -216,16 +228,18 @@ std::unique_ptr<CachedImageDataset> load_pack(const std::string& path, const std
   }
   PackSplit p = read_pack_split(path, split, opt, note);
   for (int64_t i = 0; i < p.n; ++i) names.push_back(path + ":" + split + "[" + std::to_string(i) + "]");
-  const size_t per = static_cast<size_t>(p.size) * static_cast<size_t>(p.size) * static_cast<size_t>(p.channels);
+  const size_t per = static_cast<size_t>(p.size) * static_cast<size_t>(p.size) * static_cast<size_t>(p.channels) *
+                     static_cast<size_t>(p.bits / 8);
   if (p.size == opt.image_size && p.channels == opt.channels)  // as stored: nothing to convert
     return std::make_unique<CachedImageDataset>(std::move(p.pixels), std::move(p.labels), std::move(p.classes),
                                                 std::move(names), opt);
   return build(
       p.n,
       [&](int64_t i) {
-        Image8 img;
+        DecodedImage img;
         img.rows = img.cols = p.size;
         img.channels = p.channels;
+        img.bits = p.bits;
         const auto first = p.pixels.begin() + static_cast<std::ptrdiff_t>(static_cast<size_t>(i) * per);
         img.pixels.assign(first, first + static_cast<std::ptrdiff_t>(per));
         return img;

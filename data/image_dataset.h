@@ -1,4 +1,5 @@
-// image_dataset.h — training and validation samples kept as 8-bit images, normalised on read.
+// image_dataset.h — training and validation samples kept as 8-bit (or, at data.bit_depth 16,
+// 16-bit) images, normalised on read.
 //
 // What a MONAI user knows as CacheDataset: the deterministic part of the pipeline — decode
 // (DICOM windowing included), data.preprocess, conversion to data.channels and the resize to
@@ -40,14 +41,15 @@ BadSample parse_bad_sample(const std::string& s);
 
 class CachedImageDataset final : public Dataset {
  public:
-  // pixels: labels.size() images of opt.image_size^2 x opt.channels uint8 (HWC), back to back;
+  // pixels: labels.size() images of opt.image_size^2 x opt.channels samples (HWC), back to back,
+  // as bytes: uint8, or native-endian uint16 at opt.bit_depth 16;
   // names[i] says where sample i came from (for errors). Throws on inconsistent sizes or labels.
   CachedImageDataset(std::vector<uint8_t> pixels, std::vector<int64_t> labels, std::vector<std::string> class_names,
                      std::vector<std::string> names, const ImageLoadOptions& opt,
                      std::vector<std::string> skipped = {});
-  // Streaming: source(i) decodes sample i (thread-safe; throws "<name>: <reason>"); it is
-  // converted to opt.channels and resized to opt.image_size on every read.
-  using SampleSource = std::function<Image8(int64_t)>;
+  // Streaming: source(i) decodes sample i at opt.bit_depth (thread-safe; throws "<name>:
+  // <reason>"); it is converted to opt.channels and resized to opt.image_size on every read.
+  using SampleSource = std::function<DecodedImage(int64_t)>;
   CachedImageDataset(SampleSource source, std::vector<int64_t> labels, std::vector<std::string> class_names,
                      std::vector<std::string> names, const ImageLoadOptions& opt);
   bool streaming() const { return static_cast<bool>(source_); }
@@ -63,10 +65,12 @@ class CachedImageDataset final : public Dataset {
   // Throws "<name(i)>: <reason>" (the augmentation's own errors).
   void get_augmented(int64_t i, const AugmentConfig& cfg, uint64_t seed, int epoch, bool minority, float* out) const;
 
-  // Image i before normalisation: S x S x C uint8, HWC. Cached datasets only.
+  // Image i before normalisation: S x S x C samples, HWC, as bytes (bits() / 8 a sample).
+  // Cached datasets only.
   const uint8_t* pixels(int64_t i) const;
-  // Image i before normalisation, cached or streamed (decoded now).
+  // Image i before normalisation, cached or streamed (decoded now), as pixels() gives it.
   std::vector<uint8_t> image(int64_t i) const;
+  int bits() const { return opt_.bit_depth; }
   const std::vector<int64_t>& labels() const { return labels_; }
   const std::string& name(int64_t i) const { return names_[static_cast<size_t>(i)]; }
   const std::vector<std::string>& skipped() const { return skipped_; }
@@ -77,7 +81,7 @@ class CachedImageDataset final : public Dataset {
   std::vector<int64_t> labels_;
   std::vector<std::string> class_names_, names_, skipped_;
   ImageLoadOptions opt_;
-  size_t per_;
+  size_t per_;  // bytes an image
   SampleSource source_;  // streaming; empty when cached
 };
 

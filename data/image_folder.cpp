@@ -37,6 +37,9 @@ void check_load_options(const ImageLoadOptions& opt) {
     LANCET_CHECK(!c.empty(), "data.classes " << class_list_text(opt.classes) << " has an empty class name");
   LANCET_CHECK(distinct.size() == opt.classes.size(),
                "data.classes " << class_list_text(opt.classes) << " names a class more than once");
+  LANCET_CHECK(opt.bit_depth == 8 || opt.bit_depth == 16, "data.bit_depth must be 8 or 16, got " << opt.bit_depth);
+  LANCET_CHECK(opt.bit_depth == 8 || opt.channels == 1,
+               "data.bit_depth 16 is for grayscale images (data.channels 1): colour images are kept at 8 bits");
 }
 
 std::string class_list_text(const std::vector<std::string>& classes) {
@@ -60,27 +63,95 @@ std::vector<std::string> index_class_names(const std::string& where, int64_t num
   return declared;
 }
 
-void preprocess_image(const uint8_t* pixels, int height, int width, int in_channels, const ImageLoadOptions& opt,
-                      float* out) {
-  LANCET_CHECK(in_channels == 1 || in_channels == 3, "preprocess_image: in_channels must be 1 or 3");
-  cv::Mat m(height, width, CV_8UC(in_channels), const_cast<uint8_t*>(pixels));
-  if (opt.channels == 1 && in_channels == 3) cv::cvtColor(m, m, cv::COLOR_RGB2GRAY);
+namespace {
+
+// preprocess_image on a CV_8U or CV_16U image: to opt.channels, resized, normalised.
+void preprocess_mat(cv::Mat m, const ImageLoadOptions& opt, float* out) {
+  if (opt.channels == 1 && m.channels() == 3) cv::cvtColor(m, m, cv::COLOR_RGB2GRAY);
   // Resize before replicating gray to RGB: the result depends only on the gray pixels.
   const int s = opt.image_size;
   if (m.rows != s || m.cols != s) cv::resize(m, m, cv::Size(s, s), 0, 0, cv::INTER_AREA);
   if (!m.isContinuous()) m = m.clone();
-  const int mc = m.channels();
-  const uint8_t* src = m.ptr<uint8_t>();
+  const size_t mc = static_cast<size_t>(m.channels());
   const size_t plane = static_cast<size_t>(s) * static_cast<size_t>(s);
   for (int c = 0; c < opt.channels; ++c) {
     const float mean = opt.mean[opt.mean.size() == 1 ? 0 : static_cast<size_t>(c)];
     const float sd = opt.std[opt.std.size() == 1 ? 0 : static_cast<size_t>(c)];
-    float lut[256];
-    for (int v = 0; v < 256; ++v) lut[v] = (static_cast<float>(v) / 255.0f - mean) / sd;
-    const int sc = mc == 1 ? 0 : c;
+    const size_t sc = mc == 1 ? 0 : static_cast<size_t>(c);
     float* o = out + static_cast<size_t>(c) * plane;
-    for (size_t i = 0; i < plane; ++i) o[i] = lut[src[i * static_cast<size_t>(mc) + static_cast<size_t>(sc)]];
+    if (m.depth() == CV_8U) {
+      float lut[256];
+      for (int v = 0; v < 256; ++v) lut[v] = (static_cast<float>(v) / 255.0f - mean) / sd;
+      const uint8_t* src = m.ptr<uint8_t>();
+      for (size_t i = 0; i < plane; ++i) o[i] = lut[src[i * mc + sc]];
+    } else {
+      const uint16_t* src = m.ptr<uint16_t>();
+      for (size_t i = 0; i < plane; ++i) o[i] = (static_cast<float>(src[i * mc + sc]) / 65535.0f - mean) / sd;
+    }
   }
+}
+
+// resize_image on a CV_8U or CV_16U image, as bytes at its depth.
+std::vector<uint8_t> resize_mat(cv::Mat m, int channels, int size) {
+  LANCET_CHECK((m.channels() == 1 || m.channels() == 3) && (channels == 1 || channels == 3),
+               "resize_image: channels must be 1 or 3");
+  // The same steps, in the same order, as preprocess_image.
+  if (channels == 1 && m.channels() == 3) cv::cvtColor(m, m, cv::COLOR_RGB2GRAY);
+  if (m.rows != size || m.cols != size) cv::resize(m, m, cv::Size(size, size), 0, 0, cv::INTER_AREA);
+  if (channels == 3 && m.channels() == 1) cv::cvtColor(m, m, cv::COLOR_GRAY2RGB);
+  if (!m.isContinuous()) m = m.clone();
+  return std::vector<uint8_t>(m.ptr<uint8_t>(), m.ptr<uint8_t>() + m.total() * m.elemSize());
+}
+
+// A view of img's pixels (no copy).
+cv::Mat image_mat(const DecodedImage& img) {
+  LANCET_CHECK(img.bits == 8 || img.bits == 16, "image depth must be 8 or 16 bits, got " << img.bits);
+  LANCET_CHECK(img.channels == 1 || img.channels == 3, "image channels must be 1 or 3, got " << img.channels);
+  const size_t bytes = static_cast<size_t>(img.rows) * static_cast<size_t>(img.cols) *
+                       static_cast<size_t>(img.channels) * static_cast<size_t>(img.bits / 8);
+  LANCET_CHECK(img.rows > 0 && img.cols > 0 && img.pixels.size() == bytes,
+               "image of " << img.rows << "x" << img.cols << "x" << img.channels << " at " << img.bits << " bits holds "
+                           << img.pixels.size() << " bytes");
+  return cv::Mat(img.rows, img.cols, img.bits == 8 ? CV_8UC(img.channels) : CV_16UC(img.channels),
+                 const_cast<uint8_t*>(img.pixels.data()));
+}
+
+DecodedImage from_mat(cv::Mat m) {
+  if (!m.isContinuous()) m = m.clone();
+  DecodedImage out;
+  out.rows = m.rows, out.cols = m.cols, out.channels = m.channels(), out.bits = m.depth() == CV_8U ? 8 : 16;
+  out.pixels.assign(m.ptr<uint8_t>(), m.ptr<uint8_t>() + m.total() * m.elemSize());
+  return out;
+}
+
+}  // namespace
+
+void preprocess_image(const uint8_t* pixels, int height, int width, int in_channels, const ImageLoadOptions& opt,
+                      float* out) {
+  LANCET_CHECK(in_channels == 1 || in_channels == 3, "preprocess_image: in_channels must be 1 or 3");
+  preprocess_mat(cv::Mat(height, width, CV_8UC(in_channels), const_cast<uint8_t*>(pixels)), opt, out);
+}
+
+void preprocess_image(const uint16_t* pixels, int height, int width, int in_channels, const ImageLoadOptions& opt,
+                      float* out) {
+  LANCET_CHECK(in_channels == 1 || in_channels == 3, "preprocess_image: in_channels must be 1 or 3");
+  preprocess_mat(cv::Mat(height, width, CV_16UC(in_channels), const_cast<uint16_t*>(pixels)), opt, out);
+}
+
+void preprocess_image_bytes(const uint8_t* bytes, int bits, int height, int width, int in_channels,
+                            const ImageLoadOptions& opt, float* out) {
+  LANCET_CHECK(bits == 8 || bits == 16, "preprocess_image: depth must be 8 or 16 bits, got " << bits);
+  LANCET_CHECK(in_channels == 1 || in_channels == 3, "preprocess_image: in_channels must be 1 or 3");
+  preprocess_mat(cv::Mat(height, width, bits == 8 ? CV_8UC(in_channels) : CV_16UC(in_channels),
+                         const_cast<uint8_t*>(bytes)),
+                 opt, out);
+}
+
+DecodedImage widen_to_16_bits(DecodedImage img) {
+  if (img.bits == 16) return img;
+  cv::Mat m;
+  image_mat(img).convertTo(m, CV_16U, 257.0);
+  return from_mat(m);
 }
 
 namespace {
@@ -280,49 +351,43 @@ bool jpeg_has_eoi(const std::vector<uint8_t>& b) {
 
 }  // namespace
 
-Image8 decode_image_file(const std::string& file, const ImageLoadOptions& opt) {
-  Image8 out;
+DecodedImage decode_image_file(const std::string& file, const ImageLoadOptions& opt) {
+  cv::Mat img;
+  DicomPixels px;  // a DICOM's pixels, which img views
   if (is_dicom_path(file)) {
     DicomOptions dopt;
     if (!opt.dicom_window.empty()) dopt.window = DicomWindow{opt.dicom_window[0], opt.dicom_window[1]};
-    DicomPixels px = read_dicom(file, dopt);
-    out.rows = px.rows, out.cols = px.cols, out.channels = px.channels, out.pixels = std::move(px.u8);
-    if (opt.recipe && !opt.recipe->empty()) {
-      cv::Mat img(out.rows, out.cols, CV_8UC(out.channels), out.pixels.data());
-      try {
-        opt.recipe->apply(img);
-      } catch (const Error& e) {
-        LANCET_FAIL(file << ": " << e.what());
-      }
-      if (!img.isContinuous()) img = img.clone();
-      out.rows = img.rows, out.cols = img.cols, out.channels = img.channels();
-      out.pixels.assign(img.ptr<uint8_t>(), img.ptr<uint8_t>() + img.total() * img.elemSize());
+    dopt.bits = opt.bit_depth;
+    px = read_dicom(file, dopt);
+    img = px.bits == 8 ? cv::Mat(px.rows, px.cols, CV_8UC(px.channels), px.u8.data())
+                       : cv::Mat(px.rows, px.cols, CV_16UC(px.channels), px.u16.data());
+    // Colour DICOMs go through the recipe at 8 bits, as other colour images (v / 257 is exact
+    // for 8-bit samples, and rounds 16-bit ones as an 8-bit read does).
+    if (img.depth() == CV_16U && img.channels() == 3) img.convertTo(img, CV_8U, 1.0 / 257.0);
+  } else {
+    std::ifstream in(file, std::ios::binary);
+    LANCET_CHECK(in, file << ": cannot read: " << std::strerror(errno));
+    const std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    LANCET_CHECK(!bytes.empty(), file << ": empty file");
+    const bool jpeg = bytes.size() >= 3 && bytes[0] == 0xFF && bytes[1] == 0xD8 && bytes[2] == 0xFF;
+    LANCET_CHECK(!jpeg || jpeg_has_eoi(bytes), file << ": truncated JPEG (no end-of-image marker)");
+    try {
+      img = cv::imdecode(bytes, cv::IMREAD_ANYDEPTH | cv::IMREAD_ANYCOLOR);
+    } catch (const cv::Exception& e) {
+      LANCET_FAIL(file << ": cannot decode image: " << e.err);
     }
-    return out;
+    LANCET_CHECK(!img.empty(), file << ": cannot decode image (corrupt or unsupported format)");
+    LANCET_CHECK(img.depth() == CV_8U || img.depth() == CV_16U,
+                 file << ": unsupported pixel depth (expected 8- or 16-bit integers)");
+    switch (img.channels()) {  // OpenCV decodes colour as BGR(A); preprocess_image wants RGB
+      case 1: break;
+      case 2: cv::extractChannel(img, img, 0); break;
+      case 3: cv::cvtColor(img, img, cv::COLOR_BGR2RGB); break;
+      case 4: cv::cvtColor(img, img, cv::COLOR_BGRA2RGB); break;
+      default: LANCET_FAIL(file << ": unsupported channel count " << img.channels());
+    }
   }
-  std::ifstream in(file, std::ios::binary);
-  LANCET_CHECK(in, file << ": cannot read: " << std::strerror(errno));
-  const std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  LANCET_CHECK(!bytes.empty(), file << ": empty file");
-  const bool jpeg = bytes.size() >= 3 && bytes[0] == 0xFF && bytes[1] == 0xD8 && bytes[2] == 0xFF;
-  LANCET_CHECK(!jpeg || jpeg_has_eoi(bytes), file << ": truncated JPEG (no end-of-image marker)");
-  cv::Mat img;
-  try {
-    img = cv::imdecode(bytes, cv::IMREAD_ANYDEPTH | cv::IMREAD_ANYCOLOR);
-  } catch (const cv::Exception& e) {
-    LANCET_FAIL(file << ": cannot decode image: " << e.err);
-  }
-  LANCET_CHECK(!img.empty(), file << ": cannot decode image (corrupt or unsupported format)");
-  LANCET_CHECK(img.depth() == CV_8U || img.depth() == CV_16U,
-               file << ": unsupported pixel depth (expected 8- or 16-bit integers)");
-  switch (img.channels()) {  // OpenCV decodes colour as BGR(A); preprocess_image wants RGB
-    case 1: break;
-    case 2: cv::extractChannel(img, img, 0); break;
-    case 3: cv::cvtColor(img, img, cv::COLOR_BGR2RGB); break;
-    case 4: cv::cvtColor(img, img, cv::COLOR_BGRA2RGB); break;
-    default: LANCET_FAIL(file << ": unsupported channel count " << img.channels());
-  }
-  // The recipe sees the stored depth (16-bit ops use the full range); then 16 bits -> 8.
+  // The recipe sees the decoded depth (16-bit ops use the full range); then to opt.bit_depth.
   if (opt.recipe && !opt.recipe->empty()) {
     try {
       opt.recipe->apply(img);
@@ -330,11 +395,9 @@ Image8 decode_image_file(const std::string& file, const ImageLoadOptions& opt) {
       LANCET_FAIL(file << ": " << e.what());
     }
   }
-  if (img.depth() == CV_16U) img.convertTo(img, CV_8U, 1.0 / 257.0);
-  if (!img.isContinuous()) img = img.clone();
-  out.rows = img.rows, out.cols = img.cols, out.channels = img.channels();
-  out.pixels.assign(img.ptr<uint8_t>(), img.ptr<uint8_t>() + img.total() * img.elemSize());
-  return out;
+  if (opt.bit_depth == 8 && img.depth() == CV_16U) img.convertTo(img, CV_8U, 1.0 / 257.0);
+  if (opt.bit_depth == 16 && img.depth() == CV_8U) img.convertTo(img, CV_16U, 257.0);
+  return from_mat(img);
 }
 
 std::vector<ImageItem> list_images(const std::string& dir, const std::string& split, std::vector<std::string>* classes,
@@ -346,15 +409,12 @@ std::vector<ImageItem> list_images(const std::string& dir, const std::string& sp
 
 std::vector<uint8_t> resize_image(const uint8_t* pixels, int height, int width, int in_channels, int channels,
                                   int size) {
-  LANCET_CHECK((in_channels == 1 || in_channels == 3) && (channels == 1 || channels == 3),
-               "resize_image: channels must be 1 or 3");
-  // The same steps, in the same order, as preprocess_image.
-  cv::Mat m(height, width, CV_8UC(in_channels), const_cast<uint8_t*>(pixels));
-  if (channels == 1 && in_channels == 3) cv::cvtColor(m, m, cv::COLOR_RGB2GRAY);
-  if (m.rows != size || m.cols != size) cv::resize(m, m, cv::Size(size, size), 0, 0, cv::INTER_AREA);
-  if (channels == 3 && m.channels() == 1) cv::cvtColor(m, m, cv::COLOR_GRAY2RGB);
-  if (!m.isContinuous()) m = m.clone();
-  return std::vector<uint8_t>(m.ptr<uint8_t>(), m.ptr<uint8_t>() + m.total() * m.elemSize());
+  LANCET_CHECK(in_channels == 1 || in_channels == 3, "resize_image: channels must be 1 or 3");
+  return resize_mat(cv::Mat(height, width, CV_8UC(in_channels), const_cast<uint8_t*>(pixels)), channels, size);
+}
+
+std::vector<uint8_t> resize_image(const DecodedImage& img, int channels, int size) {
+  return resize_mat(image_mat(img), channels, size);
 }
 
 std::unique_ptr<InMemoryDataset> load_image_dataset(const std::string& dir, const std::string& split,
@@ -376,8 +436,8 @@ std::unique_ptr<InMemoryDataset> load_image_dataset(const std::string& dir, cons
   parallel_for(n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       try {
-        const Image8 img = decode_image_file(items[static_cast<size_t>(i)].file, opt);
-        preprocess_image(img.pixels.data(), img.rows, img.cols, img.channels, opt, base + i * per);
+        const DecodedImage img = decode_image_file(items[static_cast<size_t>(i)].file, opt);
+        preprocess_image_bytes(img.pixels.data(), img.bits, img.rows, img.cols, img.channels, opt, base + i * per);
       } catch (const std::exception& e) {  // exceptions must not escape an OpenMP region
         std::lock_guard<std::mutex> lock(mu);
         if (i < first_bad) first_bad = i, first_error = e.what();

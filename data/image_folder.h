@@ -19,10 +19,20 @@
 // exists); an existing class folder without images is still refused.
 // Every image is decoded, converted to `channels` (1 = grayscale, 3 = RGB; a gray image is
 // replicated), resized to image_size x image_size with INTER_AREA, and normalised per
-// channel: (pixel / 255 - mean[c]) / std[c]. 16-bit images are scaled to 8 bits first.
-// DICOM files (*.dcm, *.dicom; data/dicom.h) are decoded through DCMTK to 8 bits with the
-// modality LUT, the window (dicom_window, else the file's, else min-max) and MONOCHROME1
+// channel: (pixel / max - mean[c]) / std[c], max 255 at bit_depth 8, 65535 at bit_depth 16.
+// DICOM files (*.dcm, *.dicom; data/dicom.h) are decoded through DCMTK to bit_depth bits with
+// the modality LUT, the window (dicom_window, else the file's, else min-max) and MONOCHROME1
 // inversion, then take the same steps.
+//
+// bit_depth (data.bit_depth) is the depth an image keeps from decoding through the recipe, the
+// resize, the cache and a pack, up to normalisation:
+//   8  (default): 16-bit files go through the recipe at 16 bits, then are scaled to 8 bits
+//      (v / 257, rounded); monochrome DICOMs are windowed to 0..255.
+//   16 (grayscale only, channels 1): for 12- and 16-bit sources (DICOM, 16-bit PNG/TIFF)
+//      whose grey levels 8 bits would merge. 16-bit files keep their 16 bits; monochrome
+//      DICOMs are windowed to 0..65535 and go through the recipe at 16 bits; 8-bit files
+//      (and colour DICOMs) go through the recipe at 8 bits, as at bit_depth 8, and are then
+//      widened exactly (v * 257). The gray conversion and the resize run at 16 bits.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -40,6 +50,7 @@ struct ImageLoadOptions {
   std::vector<float> mean{0.5f};   // per channel; a single value broadcasts
   std::vector<float> std{0.25f};   // per channel; a single value broadcasts; > 0
   std::vector<double> dicom_window;  // DICOM files: [centre, width]; empty: the file's window
+  int bit_depth = 8;               // 8 or 16 (16: channels 1); see above
   // data.classes: the class names in label order; empty: inferred from the source (above).
   std::vector<std::string> classes;
   // Applied to every decoded image (RGB order, at its stored depth; DICOM: after windowing to
@@ -65,9 +76,16 @@ std::unique_ptr<InMemoryDataset> load_dataset(const std::string& source, const s
 // The per-image step of load_image_dataset, shared with in-memory generators so that they
 // produce bit-identical tensors: `pixels` is height x width x in_channels uint8, row-major,
 // channel-interleaved (in_channels 1 = gray, 3 = RGB). Writes opt.channels x S x S floats
-// (S = opt.image_size, CHW) to `out`.
+// (S = opt.image_size, CHW) to `out`: (pixel / 255 - mean) / std.
 void preprocess_image(const uint8_t* pixels, int height, int width, int in_channels, const ImageLoadOptions& opt,
                       float* out);
+// The same for 16-bit pixels (bit_depth 16): gray conversion and resize at 16 bits, then
+// (pixel / 65535 - mean) / std.
+void preprocess_image(const uint16_t* pixels, int height, int width, int in_channels, const ImageLoadOptions& opt,
+                      float* out);
+// Either of the above by `bits` (8 or 16): `bytes` holds uint8 or native-endian uint16 samples.
+void preprocess_image_bytes(const uint8_t* bytes, int bits, int height, int width, int in_channels,
+                            const ImageLoadOptions& opt, float* out);
 
 // One image of a folder or manifest, with its class index.
 struct ImageItem {
@@ -89,17 +107,20 @@ std::vector<std::string> index_class_names(const std::string& where, int64_t num
 // "[a, b, c]" (at most 20 names, then "... (N in all)"), for errors.
 std::string class_list_text(const std::vector<std::string>& classes);
 
-// A decoded 8-bit image: rows x cols x channels (1 gray, 3 RGB), row-major, interleaved.
-struct Image8 {
+// A decoded image: rows x cols x channels (1 gray, 3 RGB), row-major, interleaved, at `bits`
+// 8 (one byte a sample) or 16 (native-endian uint16, two bytes a sample, as cv::Mat and HDF5
+// hold them).
+struct DecodedImage {
   int rows = 0, cols = 0, channels = 1;
-  std::vector<uint8_t> pixels;
+  int bits = 8;
+  std::vector<uint8_t> pixels;  // rows * cols * channels * bits / 8 bytes
 };
 // The per-file step of load_image_dataset before preprocess_image: decodes any supported file
 // (DICOM through data/dicom.h with opt.dicom_window), converts to gray or RGB, applies
-// opt.recipe, and scales 16-bit images to 8 bits (v / 257, rounded). Throws "<file>: <reason>":
+// opt.recipe, and brings the result to opt.bit_depth (above). Throws "<file>: <reason>":
 // unreadable or empty, not decodable, a JPEG without its end-of-image marker (truncated:
 // OpenCV would decode it and fill the missing rows), a depth other than 8 or 16 bits.
-Image8 decode_image_file(const std::string& file, const ImageLoadOptions& opt);
+DecodedImage decode_image_file(const std::string& file, const ImageLoadOptions& opt);
 
 // The geometric part of preprocess_image: the pixels converted to `channels` (RGB -> gray
 // before the resize; gray is replicated to RGB after it) and resized to size x size with
@@ -108,9 +129,15 @@ Image8 decode_image_file(const std::string& file, const ImageLoadOptions& opt);
 // original pixels.
 std::vector<uint8_t> resize_image(const uint8_t* pixels, int height, int width, int in_channels, int channels,
                                   int size);
+// The same for an image of either depth: size x size x channels samples at img.bits, as bytes.
+std::vector<uint8_t> resize_image(const DecodedImage& img, int channels, int size);
+
+// 8-bit pixels as bit_depth 16 keeps them: v * 257 (exact: 0 -> 0, 255 -> 65535).
+DecodedImage widen_to_16_bits(DecodedImage img);
 
 // Throws when opt is invalid (channels not 1 or 3, image_size < 1, mean/std sizes, std <= 0,
-// dicom_window not empty or [centre, width >= 1], classes with an empty or repeated name).
+// dicom_window not empty or [centre, width >= 1], classes with an empty or repeated name,
+// bit_depth not 8 or 16, bit_depth 16 with channels 3).
 void check_load_options(const ImageLoadOptions& opt);
 
 }  // namespace lancet

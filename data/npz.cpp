@@ -352,12 +352,12 @@ std::vector<int64_t> read_npz_labels(const NpzFile& npz, const std::string& spli
   return labels;
 }
 
-Image8 npz_image(const NpyArray& images, int64_t i, const ImageLoadOptions& opt) {
+DecodedImage npz_image(const NpyArray& images, int64_t i, const ImageLoadOptions& opt) {
   const int h = static_cast<int>(images.shape[1]), w = static_cast<int>(images.shape[2]);
   const int c = images.shape.size() == 4 ? static_cast<int>(images.shape[3]) : 1;
   const size_t per = static_cast<size_t>(h) * static_cast<size_t>(w) * static_cast<size_t>(c);
   const uint8_t* p = images.data.data() + static_cast<size_t>(i) * per;
-  Image8 out;
+  DecodedImage out;
   if (opt.recipe && !opt.recipe->empty()) {
     cv::Mat m(h, w, CV_8UC(c), const_cast<uint8_t*>(p));  // apply() never writes its input
     opt.recipe->apply(m);
@@ -368,7 +368,7 @@ Image8 npz_image(const NpyArray& images, int64_t i, const ImageLoadOptions& opt)
     out.rows = h, out.cols = w, out.channels = c;
     out.pixels.assign(p, p + per);
   }
-  return out;
+  return opt.bit_depth == 16 ? widen_to_16_bits(std::move(out)) : out;
 }
 
 std::unique_ptr<InMemoryDataset> load_npz_dataset(const std::string& path, const std::string& split,
@@ -403,8 +403,8 @@ std::unique_ptr<InMemoryDataset> load_npz_dataset(const std::string& path, const
   parallel_for(n, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       try {
-        const Image8 img = npz_image(images, i, opt);
-        preprocess_image(img.pixels.data(), img.rows, img.cols, img.channels, opt, base + i * per);
+        const DecodedImage img = npz_image(images, i, opt);
+        preprocess_image_bytes(img.pixels.data(), img.bits, img.rows, img.cols, img.channels, opt, base + i * per);
       } catch (const std::exception& ex) {  // exceptions must not escape an OpenMP region
         std::lock_guard<std::mutex> lock(mu);
         if (i < first_bad) first_bad = i, first_error = where + "[" + std::to_string(i) + "]: " + ex.what();

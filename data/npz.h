@@ -80,10 +80,11 @@ std::unique_ptr<InMemoryDataset> load_npz_dataset(const std::string& path, const
 
 // The pieces of load_npz_dataset, for `lancet prep`: the images member of `split`, checked
 // (uint8, (N, H, W) or (N, H, W, 1|3)); the labels of `split` and the class count over every
-// split; image i with opt.recipe applied (a gray or RGB 8-bit image; throws like the recipe).
+// split; image i with opt.recipe applied (a gray or RGB 8-bit image, widened to 16 bits at
+// opt.bit_depth 16; throws like the recipe).
 NpyArray read_npz_images(const NpzFile& npz, const std::string& split);
 std::vector<int64_t> read_npz_labels(const NpzFile& npz, const std::string& split, int64_t* num_classes);
-Image8 npz_image(const NpyArray& images, int64_t i, const ImageLoadOptions& opt);
+DecodedImage npz_image(const NpyArray& images, int64_t i, const ImageLoadOptions& opt);
 
 // The splits of a MedMNIST .npz (names with both members), in train, val, test order first.
 std::vector<std::string> npz_splits(const NpzFile& npz);

@@ -26,6 +26,10 @@ uint64_t fnv1a64(const uint8_t* bytes, size_t n, uint64_t h) {
 
 namespace {
 
+// The hash is over the stored bytes as this machine holds them; uint16 packs promise
+// little-endian samples.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "pack hashes assume a little-endian machine");
+
 constexpr const char* kFormat = "lancet-pack";
 constexpr const char* kVersion = "2";
 
@@ -51,12 +55,12 @@ std::string join(const std::vector<std::string>& v) {
 }
 
 // One split of a source: its labels, where each image comes from (a file, or an array
-// element of an .npz) and a thread-safe decoder of image i (to 8-bit gray/RGB with the recipe
-// applied; errors name the file or array element).
+// element of an .npz) and a thread-safe decoder of image i (to gray/RGB at opt.bit_depth with
+// the recipe applied; errors name the file or array element).
 struct SplitSource {
   std::vector<int64_t> labels;
   std::vector<std::string> names;
-  std::function<Image8(int64_t)> decode;
+  std::function<DecodedImage(int64_t)> decode;
 };
 
 class Source {
@@ -137,6 +141,9 @@ std::string recipe_fingerprint(const ImageLoadOptions& opt) {
 std::string recipe_json(const ImageLoadOptions& opt) {
   return (opt.recipe ? opt.recipe->to_json() : PreprocessRecipe().to_json()).dump();
 }
+const char* dtype_name(int bits) { return bits == 16 ? "uint16" : "uint8"; }
+H5File::Elem elem_of(int bits) { return bits == 16 ? H5File::Elem::u16 : H5File::Elem::u8; }
+
 // data.dicom.window as the pack records it, and as errors show it.
 std::string window_json(const std::vector<double>& w) { return Json(w).dump(); }
 std::string window_text(const std::vector<double>& w) {
@@ -174,9 +181,12 @@ PackInfo read_info(const H5File& f) {
   }
   info.dicom_files = attr_int(f, "dicom_files");
   info.source = f.get_attr("/", "source").value_or("");
-  LANCET_CHECK(f.get_attr("/", "dtype").value_or("") == "uint8", path << ": pack pixel type "
-                                                                      << f.get_attr("/", "dtype").value_or("?")
-                                                                      << " is not supported (uint8)");
+  const std::string dtype = f.get_attr("/", "dtype").value_or("?");
+  LANCET_CHECK(dtype == "uint8" || dtype == "uint16",
+               path << ": pack pixel type " << dtype << " is not supported (uint8 or uint16)");
+  info.bit_depth = dtype == "uint16" ? 16 : 8;
+  LANCET_CHECK(info.bit_depth == 8 || info.channels == 1,
+               path << ": a uint16 pack with " << info.channels << " channels (16-bit packs are grayscale)");
   try {
     info.classes = Json::parse(f.get_attr("/", "classes").value_or("")).get<std::vector<std::string>>();
   } catch (const std::exception&) {
@@ -225,8 +235,8 @@ std::vector<PackSplitSummary> write_pack(const std::string& source, const std::s
 
   for (const auto& f : remove_stale_temp_files_of(out))
     if (opt.log) *opt.log << "prep: removed " << f << " (left by a killed prep)\n";
-  const int S = opt.load.image_size, C = opt.load.channels;
-  const int64_t per = static_cast<int64_t>(S) * S * C;
+  const int S = opt.load.image_size, C = opt.load.channels, bits = opt.load.bit_depth;
+  const int64_t per = static_cast<int64_t>(S) * S * C * (bits / 8);  // bytes an image
   H5File f = H5File::create_atomic(out);  // discarded (temporary file deleted) unless committed
   std::vector<std::string> classes;
   std::vector<PackSplitSummary> summary;
@@ -245,7 +255,7 @@ std::vector<PackSplitSummary> write_pack(const std::string& source, const std::s
     const Shape dims = C == 1 ? Shape{n, S, S} : Shape{n, S, S, C};
     Shape chunk = dims;
     chunk[0] = 1;
-    f.create_chunked(images, H5File::Elem::u8, dims, chunk, opt.gzip);
+    f.create_chunked(images, elem_of(bits), dims, chunk, opt.gzip);
     PackSplitSummary sum;
     sum.name = split;
     std::vector<int64_t> labels;  // of the images kept, in source order
@@ -260,8 +270,10 @@ std::vector<PackSplitSummary> write_pack(const std::string& source, const std::s
       parallel_for(bn, 1, [&](int64_t begin, int64_t end) {
         for (int64_t j = begin; j < end; ++j) {
           try {  // exceptions must not escape an OpenMP region
-            const Image8 img = s.decode(b0 + j);
-            const std::vector<uint8_t> px = resize_image(img.pixels.data(), img.rows, img.cols, img.channels, C, S);
+            const DecodedImage img = s.decode(b0 + j);
+            LANCET_CHECK(img.bits == bits, s.names[static_cast<size_t>(b0 + j)]
+                                               << ": decoded at " << img.bits << " bits, not " << bits);
+            const std::vector<uint8_t> px = resize_image(img, C, S);
             std::memcpy(block.data() + j * per, px.data(), px.size());
           } catch (const std::exception& e) {
             errors[static_cast<size_t>(j)] = e.what();
@@ -284,7 +296,7 @@ std::vector<PackSplitSummary> write_pack(const std::string& source, const std::s
         if (is_dicom_path(s.names[static_cast<size_t>(b0 + j)])) ++dicom_files;
         ++kept;
       }
-      f.write_rows(images, sum.count, kept, H5File::Elem::u8, block.data());
+      f.write_rows(images, sum.count, kept, elem_of(bits), block.data());
       h = fnv1a64(block.data(), static_cast<size_t>(kept * per), h);
       sum.count += kept;
       const int64_t done = b0 + bn;
@@ -325,7 +337,7 @@ std::vector<PackSplitSummary> write_pack(const std::string& source, const std::s
   f.set_attr("/", "classes", Json(classes).dump());
   f.set_attr("/", "image_size", std::to_string(S));
   f.set_attr("/", "channels", std::to_string(C));
-  f.set_attr("/", "dtype", "uint8");
+  f.set_attr("/", "dtype", dtype_name(bits));
   f.set_attr("/", "recipe", recipe_json(opt.load));
   f.set_attr("/", "recipe_fingerprint", recipe_fingerprint(opt.load));
   f.set_attr("/", "dicom_window", window_json(opt.load.dicom_window));
@@ -335,7 +347,7 @@ std::vector<PackSplitSummary> write_pack(const std::string& source, const std::s
   f.commit();
   if (opt.log) {
     *opt.log << "prep: wrote " << out << " (" << fs::file_size(out) / 1024 << " KiB; " << S << "x" << S << "x" << C
-             << " uint8, recipe " << recipe_fingerprint(opt.load) << (opt.gzip ? ", gzip " + std::to_string(opt.gzip) : "");
+             << " " << dtype_name(bits) << ", recipe " << recipe_fingerprint(opt.load) << (opt.gzip ? ", gzip " + std::to_string(opt.gzip) : "");
     if (dicom_files > 0) *opt.log << "; " << dicom_files << " DICOM, window " << window_text(opt.load.dicom_window);
     *opt.log << ")\n";
     size_t skipped = 0;
@@ -377,6 +389,10 @@ PackSplit read_split(const std::string& path, const std::string& split, const Im
                path << ": the pack's " << info.dicom_files << " DICOM image(s) were decoded with data.dicom.window "
                     << window_text(info.dicom_window) << " but data.dicom.window is " << window_text(opt.dicom_window)
                     << ": run lancet prep again, or set data.dicom.window to the pack's");
+  LANCET_CHECK(info.bit_depth == opt.bit_depth,
+               path << ": the pack holds " << info.bit_depth << "-bit images (dtype " << dtype_name(info.bit_depth)
+                    << ") but data.bit_depth is " << opt.bit_depth << ": set data.bit_depth " << info.bit_depth
+                    << ", or run lancet prep again with data.bit_depth " << opt.bit_depth);
   // The pack's label indices mean its classes, in its order: another declared list (names or
   // order) would silently relabel every sample.
   LANCET_CHECK(opt.classes.empty() || opt.classes == info.classes,
@@ -385,27 +401,30 @@ PackSplit read_split(const std::string& path, const std::string& split, const Im
                     << ": run lancet prep again with this data.classes, or set data.classes to the pack's");
   const std::string images = split + "/images";
   const Shape shape = f.shape_of(images);
-  const int S = info.image_size, C = info.channels;
+  const int S = info.image_size, C = info.channels, bits = info.bit_depth;
   const Shape expect = C == 1 ? Shape{shape.empty() ? 0 : shape[0], S, S} : Shape{shape.empty() ? 0 : shape[0], S, S, C};
-  LANCET_CHECK(shape == expect && f.element_size_of(images) == 1,
-               path << ": dataset '" << images << "' does not match the pack's image_size " << S << " and channels " << C);
+  LANCET_CHECK(shape == expect && f.element_size_of(images) == bits / 8,
+               path << ": dataset '" << images << "' does not match the pack's image_size " << S << ", channels " << C
+                    << " and dtype " << dtype_name(bits));
   PackSplit out;
   out.n = shape[0];
   out.size = S;
   out.channels = C;
+  out.bits = bits;
   out.classes = info.classes;
   uint64_t h = kFnvOffset;
+  const int64_t per = static_cast<int64_t>(S) * S * C * (bits / 8);  // bytes an image
   if (keep_pixels) {
-    out.pixels.resize(static_cast<size_t>(out.n * S * S * C));
-    f.read_rows(images, 0, out.n, H5File::Elem::u8, out.pixels.data());
+    out.pixels.resize(static_cast<size_t>(out.n * per));
+    f.read_rows(images, 0, out.n, elem_of(bits), out.pixels.data());
     h = fnv1a64(out.pixels.data(), out.pixels.size());
   } else {  // the same hash in blocks of rows, keeping nothing
-    const int64_t per = static_cast<int64_t>(S) * S * C, block = std::max<int64_t>(1, (int64_t{64} << 20) / per);
+    const int64_t block = std::max<int64_t>(1, (int64_t{64} << 20) / per);
     std::vector<uint8_t> buf;
     for (int64_t r = 0; r < out.n; r += block) {
       const int64_t m = std::min(block, out.n - r);
       buf.resize(static_cast<size_t>(m * per));
-      f.read_rows(images, r, m, H5File::Elem::u8, buf.data());
+      f.read_rows(images, r, m, elem_of(bits), buf.data());
       h = fnv1a64(buf.data(), buf.size(), h);
     }
   }
@@ -424,7 +443,7 @@ PackSplit read_split(const std::string& path, const std::string& split, const Im
                       << " is outside the " << k << " classes");
   if (note)
     *note = "pack " + path + ": split " + split + ", " + std::to_string(out.n) + " images " + std::to_string(S) + "x" +
-            std::to_string(S) + "x" + std::to_string(C) +
+            std::to_string(S) + "x" + std::to_string(C) + " " + dtype_name(bits) +
             (S != opt.image_size || C != opt.channels ? " (converted to the configured size)" : "") + ", recipe " +
             info.recipe_fingerprint +
             (info.dicom_files > 0 ? ", DICOM window " + window_text(info.dicom_window) : std::string()) +
@@ -447,14 +466,14 @@ PackSplit check_pack_split(const std::string& path, const std::string& split, co
 std::unique_ptr<InMemoryDataset> load_pack_dataset(const std::string& path, const std::string& split,
                                                    const ImageLoadOptions& opt, std::string* note) {
   PackSplit p = read_pack_split(path, split, opt, note);
-  const int64_t n = p.n, per = static_cast<int64_t>(p.size) * p.size * p.channels;
+  const int64_t n = p.n, per = static_cast<int64_t>(p.size) * p.size * p.channels * (p.bits / 8);
   const int64_t s = opt.image_size;
   const int64_t out_per = opt.channels * s * s;
   Tensor t = Tensor::empty({n, opt.channels, s, s});
   float* base = t.data<float>();
   parallel_for(n, 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i)
-      preprocess_image(p.pixels.data() + i * per, p.size, p.size, p.channels, opt, base + i * out_per);
+      preprocess_image_bytes(p.pixels.data() + i * per, p.bits, p.size, p.size, p.channels, opt, base + i * out_per);
   });
   return std::make_unique<InMemoryDataset>(std::move(t), std::move(p.labels), std::move(p.classes));
 }
@@ -489,13 +508,14 @@ int64_t PackReader::label(const std::string& split, int64_t i) const {
   return impl_->labels.at(split)[static_cast<size_t>(i)];
 }
 
-Image8 PackReader::image(const std::string& split, int64_t i) const {
+DecodedImage PackReader::image(const std::string& split, int64_t i) const {
   label(split, i);  // checks the split and the index
-  Image8 img;
+  DecodedImage img;
   img.rows = img.cols = info_.image_size;
   img.channels = info_.channels;
-  img.pixels.resize(static_cast<size_t>(img.rows) * img.cols * img.channels);
-  impl_->file.read_rows(split + "/images", i, 1, H5File::Elem::u8, img.pixels.data());
+  img.bits = info_.bit_depth;
+  img.pixels.resize(static_cast<size_t>(img.rows) * img.cols * img.channels * (img.bits / 8));
+  impl_->file.read_rows(split + "/images", i, 1, elem_of(img.bits), img.pixels.data());
   return img;
 }
 

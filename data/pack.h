@@ -4,23 +4,29 @@
 // MedMNIST .npz) decoded, put through the preprocessing recipe and resized once, so training
 // reads pixels instead of decoding files. Layout (plain HDF5, readable with h5py):
 //   /                 attributes (strings): format "lancet-pack", version "2", classes (JSON
-//                     list of names), image_size, channels, dtype "uint8", recipe (the
+//                     list of names), image_size, channels, dtype "uint8" or "uint16" (the
+//                     data.bit_depth it was made at: 8 or 16), recipe (the
 //                     canonical recipe JSON), recipe_fingerprint (PreprocessRecipe::fingerprint),
 //                     dicom_window (JSON: [centre, width] as configured, [] for each file's
 //                     own), dicom_files (how many packed images were DICOMs, decoded with that
 //                     window), source, hash_algorithm "fnv1a64"
-//   /<split>/images   uint8 [N, S, S] (1 channel) or [N, S, S, 3] (RGB), chunked one image per
+//   /<split>/images   uint8 or uint16 [N, S, S] (1 channel) or uint8 [N, S, S, 3] (RGB; 16-bit
+//                     packs are grayscale, as data.bit_depth 16 is), chunked one image per
 //                     chunk ([1, S, S(, 3)]) so that one sample is one chunk read; optionally
 //                     gzip-compressed
 //   /<split>/labels   int64 [N]
 //   /<split>          attributes: hash, 16 hex digits, FNV-1a 64-bit over the images' bytes in
-//                     C order, then the labels as int64 little-endian; skipped, the number of
+//                     C order (uint16 samples little-endian), then the labels as int64
+//                     little-endian; skipped, the number of
 //                     source images left out (--on-bad-sample skip), and skipped_files, a JSON
 //                     list of their "<file>: <reason>" lines
 // Version 1 packs (before dicom_window was recorded) are refused: run lancet prep again.
 // The stored pixels are resize_image() of the decoded, recipe-applied images (image_folder.h),
 // so loading a pack at its own image_size and channels gives bit for bit the tensors that
-// loading the source directly gives.
+// loading the source directly gives. A pack is read at the data.bit_depth it was made at: a
+// uint8 pack cannot give what 16 bits would have kept, and narrowing a uint16 pack would not
+// give what an 8-bit read of the source gives (the resize rounds at another depth), so a
+// different data.bit_depth is refused (prep again).
 #pragma once
 #include <cstdint>
 #include <iosfwd>
@@ -35,7 +41,8 @@
 namespace lancet {
 
 struct PackOptions {
-  // channels, image_size (the pack's S), recipe and dicom_window are used; mean/std are not.
+  // channels, image_size (the pack's S), bit_depth (the pack's dtype), recipe, dicom_window and
+  // classes are used; mean/std are not.
   ImageLoadOptions load;
   // Splits to pack; empty: whichever of train, val, test the source has (at least one).
   std::vector<std::string> splits;
@@ -75,6 +82,7 @@ struct PackInfo {
   std::vector<std::string> classes;
   std::vector<std::string> splits;
   int image_size = 0, channels = 0;
+  int bit_depth = 8;               // 8 (dtype uint8) or 16 (uint16)
   std::string recipe;              // canonical JSON
   std::string recipe_fingerprint;
   std::vector<double> dicom_window;  // the data.dicom.window its DICOMs were decoded with; empty: the files' own
@@ -86,8 +94,9 @@ struct PackInfo {
 PackInfo read_pack_info(const std::string& path);
 
 // Reads one split into memory, checks its content hash (a damaged or tampered pack is
-// refused), that it was made with opt.recipe, with opt.classes when given (the same names in
-// the same order) and, when it holds DICOM images, with opt.dicom_window (else: re-run
+// refused), that it was made with opt.recipe and opt.bit_depth, with opt.classes when given
+// (the same names in the same order) and, when it holds DICOM images, with opt.dicom_window
+// (else: re-run
 // lancet prep), then puts every
 // image through preprocess_image (convert, resize when opt differs from the pack, normalise;
 // the recipe is not applied again). `note`, when set, receives one line for the log.
@@ -95,12 +104,14 @@ std::unique_ptr<InMemoryDataset> load_pack_dataset(const std::string& path, cons
                                                    const ImageLoadOptions& opt, std::string* note = nullptr);
 
 // The checked pixels of one split as stored (the part of load_pack_dataset before
-// preprocess_image): n images of size x size x channels uint8, HWC, C order. Same checks and
-// errors as load_pack_dataset.
+// preprocess_image): n images of size x size x channels samples, HWC, C order, as bytes
+// (uint8, or native-endian uint16 when bits is 16). Same checks and errors as
+// load_pack_dataset.
 struct PackSplit {
   std::vector<uint8_t> pixels;
   int64_t n = 0;
   int size = 0, channels = 0;
+  int bits = 8;
   std::vector<int64_t> labels;
   std::vector<std::string> classes;
 };
@@ -119,7 +130,7 @@ class PackReader {
   const PackInfo& info() const { return info_; }
   int64_t size(const std::string& split) const;
   int64_t label(const std::string& split, int64_t i) const;
-  Image8 image(const std::string& split, int64_t i) const;
+  DecodedImage image(const std::string& split, int64_t i) const;  // at info().bit_depth
 
  private:
   struct Impl;

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "data/dataset.h"
+#include "data/dicom.h"
 #include "tests/expect_error.h"
 #include "data/image_dataset.h"
 #include "data/image_folder.h"
@@ -555,14 +556,14 @@ TEST_F(DataTest, JpegAnd16BitPngsLoadAsOpenCVDecodesThem) {
   };
   for (const std::string rel : {"c/a/card.jpg", "c/b/card16.png", "g/a/gray.jpg", "g/b/gray16.png"}) {
     const cv::Mat want = expected8(path(rel));
-    const Image8 got = decode_image_file(path(rel), raw_options(want.channels(), 48));
+    const DecodedImage got = decode_image_file(path(rel), raw_options(want.channels(), 48));
     ASSERT_EQ(got.rows, 48) << rel;
     ASSERT_EQ(got.cols, 64) << rel;
     ASSERT_EQ(got.channels, want.channels()) << rel;
     EXPECT_EQ(got.pixels, std::vector<uint8_t>(want.data, want.data + want.total() * want.elemSize())) << rel;
   }
   // The 16-bit rule on known values: 65535 -> 255, 128 -> 0, 129 -> 1.
-  const Image8 g16 = decode_image_file(path("g/b/gray16.png"), raw_options(1, 48));
+  const DecodedImage g16 = decode_image_file(path("g/b/gray16.png"), raw_options(1, 48));
   EXPECT_EQ(g16.pixels[0], 255);
   EXPECT_EQ(g16.pixels[1], 0);
   EXPECT_EQ(g16.pixels[2], 1);
@@ -579,6 +580,106 @@ TEST_F(DataTest, JpegAnd16BitPngsLoadAsOpenCVDecodesThem) {
       EXPECT_EQ(sample_values(*ds, i), chw_values(want)) << files[static_cast<size_t>(i)];
     }
   }
+}
+
+TEST_F(DataTest, BitDepth16KeepsSixteenBitsFromDecodeToTheTensor) {
+  // A 16-bit gray PNG whose left and right halves differ by less than one 8-bit step: 8 bits
+  // merge them (both 100 after v / 257), 16 bits keep them apart.
+  cv::Mat g(40, 40, CV_16UC1);
+  for (int y = 0; y < g.rows; ++y)
+    for (int x = 0; x < g.cols; ++x) g.at<uint16_t>(y, x) = static_cast<uint16_t>(x < 20 ? 257 * 100 : 257 * 100 + 100);
+  g.at<uint16_t>(0, 0) = 65535, g.at<uint16_t>(0, 1) = 1;
+  ASSERT_TRUE(write_image(path("g/a/g16.png"), g));
+  cv::Mat g8 = test_card(CV_8U);
+  cv::cvtColor(g8, g8, cv::COLOR_BGR2GRAY);
+  ASSERT_TRUE(write_image(path("g/b/g8.png"), g8));
+  ASSERT_TRUE(write_image(path("g/b/rgb8.png"), test_card(CV_8U)));
+
+  ImageLoadOptions lo = raw_options(1, 40);
+  lo.bit_depth = 16;
+  // decode_image_file: the 16-bit file as stored, the 8-bit ones widened exactly (v * 257).
+  const DecodedImage d16 = decode_image_file(path("g/a/g16.png"), lo);
+  ASSERT_EQ(d16.bits, 16);
+  ASSERT_EQ(d16.pixels.size(), 40u * 40u * 2u);
+  std::vector<uint16_t> v16(40 * 40);
+  std::memcpy(v16.data(), d16.pixels.data(), d16.pixels.size());
+  EXPECT_EQ(v16, std::vector<uint16_t>(g.ptr<uint16_t>(), g.ptr<uint16_t>() + g.total()));
+  const DecodedImage d8 = decode_image_file(path("g/b/g8.png"), lo);
+  ASSERT_EQ(d8.bits, 16);
+  cv::Mat want8;
+  g8.convertTo(want8, CV_16U, 257.0);
+  EXPECT_EQ(0, std::memcmp(d8.pixels.data(), want8.data, d8.pixels.size()));
+  EXPECT_EQ(widen_to_16_bits(decode_image_file(path("g/b/g8.png"), raw_options(1, 40))).pixels, d8.pixels);
+
+  // Through the folder source: gray conversion and INTER_AREA resize at 16 bits, then / 65535.
+  lo.image_size = 24;
+  const auto ds = load_image_dataset(path("g"), "", lo);
+  ASSERT_EQ(ds->size(), 3);
+  const std::vector<std::string> files = {"g/a/g16.png", "g/b/g8.png", "g/b/rgb8.png"};
+  for (size_t i = 0; i < files.size(); ++i) {
+    cv::Mat m = cv::imread(path(files[i]), cv::IMREAD_UNCHANGED);
+    if (m.channels() == 3) cv::cvtColor(m, m, cv::COLOR_BGR2RGB);
+    if (m.depth() == CV_8U) m.convertTo(m, CV_16U, 257.0);
+    if (m.channels() == 3) cv::cvtColor(m, m, cv::COLOR_RGB2GRAY);
+    cv::resize(m, m, cv::Size(24, 24), 0, 0, cv::INTER_AREA);
+    const float* x = ds->images().data<float>() + static_cast<int64_t>(i) * 24 * 24;
+    for (int k = 0; k < 24 * 24; ++k)
+      ASSERT_EQ(x[k], static_cast<float>(m.ptr<uint16_t>()[k]) / 65535.0f) << files[i] << " pixel " << k;
+  }
+  // The halves: apart at 16 bits, one value at 8.
+  const float* x16 = ds->images().data<float>();
+  EXPECT_NE(x16[12 * 24 + 2], x16[12 * 24 + 21]);
+  const auto ds8 = load_image_dataset(path("g"), "", raw_options(1, 24));
+  EXPECT_EQ(ds8->images().data<float>()[12 * 24 + 2], ds8->images().data<float>()[12 * 24 + 21]);
+  // The cached dataset (the trainer's) keeps 16-bit pixels and gives the same tensors,
+  // augmentation (a flip) included.
+  const auto cached = load_cached_dataset(path("g"), "", lo);
+  EXPECT_EQ(cached->bits(), 16);
+  EXPECT_EQ(cached->image(0).size(), 24u * 24u * 2u);
+  std::vector<float> one(24 * 24), flipped(24 * 24);
+  for (int64_t i = 0; i < 3; ++i) {
+    cached->get(i, one.data());
+    EXPECT_EQ(0, std::memcmp(one.data(), ds->images().data<float>() + i * 24 * 24, one.size() * sizeof(float))) << i;
+  }
+  AugmentConfig flip;
+  flip.hflip = 1.0;
+  cached->get_augmented(0, flip, 7, 0, false, flipped.data());
+  for (int y = 0; y < 24; ++y)
+    for (int x = 0; x < 24; ++x) ASSERT_EQ(flipped[y * 24 + x], x16[y * 24 + 23 - x]) << y << "," << x;
+
+  // Bad settings, by name.
+  ImageLoadOptions bad = lo;
+  bad.bit_depth = 12;
+  expect_error([&] { load_image_dataset(path("g"), "", bad); }, {"data.bit_depth must be 8 or 16, got 12"});
+  bad.bit_depth = 16, bad.channels = 3;
+  expect_error([&] { load_cached_dataset(path("g"), "", bad); }, {"data.bit_depth 16 is for grayscale"});
+}
+
+TEST_F(DataTest, BitDepth16DicomsAreWindowedTo16Bits) {
+  if (!dicom_supported()) GTEST_SKIP() << "built without DCMTK";
+  const std::string real = std::string(LANCET_SOURCE_DIR) + "/tests/data/real/dicom/";
+  ImageLoadOptions lo = raw_options(1, 32);
+  lo.bit_depth = 16;
+  // Monochrome (CT, 16-bit signed, with a window; MR; MONOCHROME1 CR): read_dicom at 16 bits.
+  for (const char* name : {"pydicom__CT_small.dcm", "pydicom__MR_small.dcm", "pydicom__dicomdirtests_CR1_6154.dcm"}) {
+    DicomOptions dopt;
+    dopt.bits = 16;
+    const DicomPixels px = read_dicom(real + name, dopt);
+    const DecodedImage d = decode_image_file(real + name, lo);
+    ASSERT_EQ(d.bits, 16) << name;
+    ASSERT_EQ(d.pixels.size(), px.u16.size() * 2) << name;
+    EXPECT_EQ(0, std::memcmp(d.pixels.data(), px.u16.data(), d.pixels.size())) << name;
+  }
+  // With a configured window too.
+  lo.dicom_window = {40, 400};
+  DicomOptions w;
+  w.bits = 16, w.window = DicomWindow{40, 400};
+  const DicomPixels ct = read_dicom(real + "pydicom__CT_small.dcm", w);
+  EXPECT_EQ(0, std::memcmp(decode_image_file(real + "pydicom__CT_small.dcm", lo).pixels.data(), ct.u16.data(),
+                           ct.u16.size() * 2));
+  // Colour DICOMs go through the recipe at 8 bits, then are widened like any 8-bit image.
+  const std::string rgb = real + "pydicom__SC_rgb_rle.dcm";
+  EXPECT_EQ(decode_image_file(rgb, lo).pixels, widen_to_16_bits(decode_image_file(rgb, raw_options(3, 32))).pixels);
 }
 
 TEST_F(DataTest, UnsupportedPixelDepthIsRefusedNamingTheFile) {

@@ -106,7 +106,7 @@ TEST_F(EvalRecipe, EvalDefaultsToTheTrainedRecipe) {
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_TRUE(contains(r.output, "eval: preprocessing as in training (" + final_h5() + "): data.dicom.window null, "
                                  "data.preprocess [{\"clip_limit\":3.0,\"op\":\"clahe\",\"tile_grid\":4}], "
-                                 "data.image_size 24, data.mean [0.4"))
+                                 "data.image_size 24, data.bit_depth 8, data.mean [0.4"))
       << r.output;
   EXPECT_FALSE(contains(r.output, "given, but")) << r.output;
   // The figures the run itself reported for the same images.
@@ -118,7 +118,7 @@ TEST_F(EvalRecipe, EvalDefaultsToTheTrainedRecipe) {
   r = eval(final_h5(), kRecipe, "explicit");
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_FALSE(contains(r.output, "given, but")) << r.output;
-  EXPECT_TRUE(contains(r.output, "eval: preprocessing as in training (" + final_h5() + "): data.dicom.window null, data.classes []\n"))
+  EXPECT_TRUE(contains(r.output, "eval: preprocessing as in training (" + final_h5() + "): data.dicom.window null, data.bit_depth 8, data.classes []\n"))
       << r.output;  // the settings not given
   EXPECT_EQ(predictions("explicit"), predictions("implicit"));
 

@@ -5,7 +5,7 @@
 // skipped and listed (--on-bad-sample skip); a killed prep's temporary files are removed; one
 // image per chunk (random access reads one chunk), gzip; progress lines; labels outside the
 // classes; declared classes (data.classes) packed and a mismatch refused; load_dataset
-// dispatch; the CLI.
+// dispatch; 16-bit packs (data.bit_depth 16); the CLI.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -218,7 +218,7 @@ TEST_F(PackTest, HashChangesWithOnePixelAndDamageIsDetected) {
 
   // Damage one stored pixel of the pack on disk (uncompressed chunks hold the raw pixels).
   PackReader reader(path("a.h5"));
-  const Image8 first = reader.image("train", 1);
+  const DecodedImage first = reader.image("train", 1);
   std::vector<uint8_t> bytes = read_bytes(path("a.h5"));
   const auto at = std::search(bytes.begin(), bytes.end(), first.pixels.begin(), first.pixels.end());
   ASSERT_NE(at, bytes.end());
@@ -244,7 +244,7 @@ TEST_F(PackTest, RandomAccessReadsOneChunk) {
   std::vector<std::string> classes;
   const auto items = list_images(src, "train", &classes);
   for (int64_t i : {7, 0, 9}) {
-    const Image8 img = decode_image_file(items[static_cast<size_t>(i)].file, po.load);
+    const DecodedImage img = decode_image_file(items[static_cast<size_t>(i)].file, po.load);
     EXPECT_EQ(reader.image("train", i).pixels, resize_image(img.pixels.data(), img.rows, img.cols, 1, 1, 24)) << i;
     EXPECT_EQ(reader.label("train", i), items[static_cast<size_t>(i)].label);
   }
@@ -340,6 +340,117 @@ TEST_F(PackTest, DicomWindowIsPartOfThePack) {
   EXPECT_NE(cli.output.find("1 DICOM, window [40.0,400.0]"), std::string::npos) << cli.output;
   ImageLoadOptions at16 = pack_options(16, 1).load;
   expect_error([&] { load_cached_dataset(path("cli.h5"), "train", at16); }, {"cli.h5", "[40.0,400.0]"});
+}
+
+TEST_F(PackTest, SixteenBitPacksAreBitIdenticalToTheSourceAtSixteenBits) {
+  // A folder of 16-bit gray PNGs with fine grey levels, an 8-bit PNG and (with DCMTK) a CT
+  // DICOM, packed at data.bit_depth 16 with a 16-bit recipe (CLAHE, gamma).
+  for (int k = 0; k < 6; ++k) {
+    cv::Mat g(30 + k, 34, CV_16UC1);
+    cv::randu(g, cv::Scalar(1000 * k), cv::Scalar(20000 + 1000 * k));
+    ASSERT_TRUE(cv::imwrite(path(std::string("src/") + (k < 4 ? "train/" : "val/") + (k % 2 ? "a" : "b") + "/g" +
+                                 std::to_string(k) + ".png"),
+                            g));
+  }
+  cv::Mat g8(20, 20, CV_8UC1);
+  cv::randu(g8, cv::Scalar(0), cv::Scalar(255));
+  ASSERT_TRUE(cv::imwrite(path("src/train/a/eight.png"), g8));
+  if (dicom_supported()) fs::copy_file(kReal + "dicom/pydicom__CT_small.dcm", path("src/train/b/ct.dcm"));
+  PackOptions po = pack_options(24, 1);
+  po.load.bit_depth = 16;
+  po.load.recipe = std::make_shared<const PreprocessRecipe>(PreprocessRecipe::from_json(
+      Json::parse(R"([{"op":"clahe","clip_limit":2.0,"tile_grid":4},{"op":"gamma","gamma":0.8}])")));
+  const auto summary = write_pack(path("src"), path("p16.h5"), po);
+  ASSERT_EQ(summary.size(), 2u);
+  EXPECT_EQ(summary[0].count, dicom_supported() ? 6 : 5);
+  const PackInfo info = read_pack_info(path("p16.h5"));
+  EXPECT_EQ(info.bit_depth, 16);
+  {
+    const H5File f = H5File::open_read(path("p16.h5"));
+    EXPECT_EQ(f.get_attr("/", "dtype").value_or(""), "uint16");
+    EXPECT_EQ(f.element_size_of("train/images"), 2);
+  }
+  // The pack keeps more than 8 bits: not every stored value is a multiple of 257.
+  const DecodedImage first = PackReader(path("p16.h5")).image("train", 0);
+  ASSERT_EQ(first.bits, 16);
+  std::vector<uint16_t> v(first.pixels.size() / 2);
+  std::memcpy(v.data(), first.pixels.data(), first.pixels.size());
+  EXPECT_TRUE(std::any_of(v.begin(), v.end(), [](uint16_t x) { return x % 257 != 0; }));
+
+  // Every way of loading the pack gives bit for bit what the folder gives at 16 bits: the
+  // float tensors, the cache (pixels and samples), streaming, and another image size.
+  ImageLoadOptions lo = po.load;
+  lo.mean = {0.3f}, lo.std = {0.2f};
+  for (const char* split : {"train", "val"}) {
+    std::string note;
+    EXPECT_TRUE(same_dataset(*load_pack_dataset(path("p16.h5"), split, lo, &note),
+                             *load_image_dataset(path("src"), split, lo)))
+        << split;
+    EXPECT_NE(note.find("24x24x1 uint16"), std::string::npos) << note;
+    const auto from_src = load_cached_dataset(path("src"), split, lo);
+    for (bool stream : {false, true}) {
+      const auto from_pack = load_cached_dataset(path("p16.h5"), split, lo, BadSample::error, nullptr, stream);
+      ASSERT_EQ(from_pack->size(), from_src->size());
+      std::vector<float> a(24 * 24), b(24 * 24);
+      for (int64_t i = 0; i < from_src->size(); ++i) {
+        EXPECT_EQ(from_pack->image(i), from_src->image(i)) << split << " " << i;
+        from_pack->get(i, a.data()), from_src->get(i, b.data());
+        EXPECT_EQ(a, b) << split << " " << i;
+      }
+    }
+    // At another size the pack's images are resized again (at 16 bits), the same way by
+    // the float loader and the cache.
+    ImageLoadOptions at16 = lo;
+    at16.image_size = 16;
+    const auto f16 = load_pack_dataset(path("p16.h5"), split, at16);
+    const auto c16 = load_cached_dataset(path("p16.h5"), split, at16);
+    EXPECT_EQ(c16->image(0).size(), 16u * 16u * 2u);
+    std::vector<float> x(16 * 16);
+    for (int64_t i = 0; i < c16->size(); ++i) {
+      c16->get(i, x.data());
+      EXPECT_EQ(0, std::memcmp(x.data(), f16->images().data<float>() + i * 256, x.size() * sizeof(float))) << i;
+    }
+  }
+  // Read only at the depth it was made at, either way round.
+  ImageLoadOptions at8 = lo;
+  at8.bit_depth = 8;
+  expect_error([&] { load_pack_dataset(path("p16.h5"), "train", at8); },
+               {"p16.h5", "16-bit images (dtype uint16) but data.bit_depth is 8", "set data.bit_depth 16",
+                "lancet prep again with data.bit_depth 8"});
+  po.load.bit_depth = 8;
+  write_pack(path("src"), path("p8.h5"), po);
+  EXPECT_EQ(read_pack_info(path("p8.h5")).bit_depth, 8);
+  expect_error([&] { load_cached_dataset(path("p8.h5"), "val", lo); },
+               {"p8.h5", "8-bit images (dtype uint8) but data.bit_depth is 16"});
+  // One changed sample in a 16-bit pack is caught by the content hash.
+  {
+    std::vector<uint8_t> bytes = read_bytes(path("p16.h5"));
+    const auto at = std::search(bytes.begin(), bytes.end(), first.pixels.begin(), first.pixels.end());
+    ASSERT_NE(at, bytes.end());
+    *(at + 301) ^= 0x01;  // the high byte of one sample: a change no 8-bit pack could hold
+    std::ofstream(path("p16.h5"), std::ios::binary | std::ios::trunc)
+        .write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  }
+  expect_error([&] { load_pack_dataset(path("p16.h5"), "train", lo); }, {"p16.h5", "damaged or was modified"});
+
+  // The command line: prep --bit-depth 16, then training from the pack at 16 bits; without
+  // --bit-depth 16 training is refused naming the pack's depth.
+  const auto prep = lancet::testing::run_lancet("prep --data " + path("src") + " --out " + path("cli16.h5") +
+                                                " --image-size 16 --bit-depth 16 --threads 1");
+  ASSERT_EQ(prep.status, 0) << prep.output;
+  EXPECT_NE(prep.output.find("16x16x1 uint16"), std::string::npos) << prep.output;
+  const std::string train = "train --data " + path("cli16.h5") +
+                            " --image-size 16 --epochs 1 --batch-size 4 --threads 1 --set data.workers=1 --set "
+                            "train.tensorboard=false --out " +
+                            path("run");
+  const auto refused = lancet::testing::run_lancet(train);
+  EXPECT_NE(refused.status, 0);
+  EXPECT_NE(refused.output.find("16-bit images (dtype uint16) but data.bit_depth is 8"), std::string::npos)
+      << refused.output;
+  const auto trained = lancet::testing::run_lancet(train + " --bit-depth 16");
+  ASSERT_EQ(trained.status, 0) << trained.output;
+  EXPECT_NE(trained.output.find("uint16"), std::string::npos) << trained.output;
+  EXPECT_TRUE(fs::exists(path("run/final.h5")));
 }
 
 TEST_F(PackTest, PrepSkipsBadImagesWhenAskedAndListsThem) {

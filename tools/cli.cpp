@@ -15,6 +15,7 @@ const Flag kFlags[] = {
     {"--data", "data.dir", "dataset: a folder (class sub-folders or manifest.csv), a .npz or a pack .h5; empty = synthetic default", false},
     {"--image-size", "data.image_size", "input resolution (square)", false},
     {"--channels", "data.channels", "input channels (1 grayscale, 3 RGB)", false},
+    {"--bit-depth", "data.bit_depth", "8 | 16: depth images keep up to normalisation (16: grayscale DICOM, 16-bit PNG/TIFF)", false},
     {"--on-bad-sample", "data.on_bad_sample", "error (stop naming the file) | skip (drop unreadable files, listed in the log)", false},
     {"--batch-size", "train.batch_size", "images per step", false},
     {"--device", "train.device", "cpu or cuda[:N]", false},

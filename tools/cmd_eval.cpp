@@ -45,8 +45,8 @@ void write_atomically(const std::string& path, const std::function<void(std::ost
 // windowed, the recipe, the resize and the normalisation; and data.classes, which decides which
 // output a label is (a run that declared its class order must be evaluated in that order).
 // data.channels is the model's in_channels, which the weights hold.
-const char* const kPixelSettings[] = {"data.dicom.window", "data.preprocess", "data.image_size", "data.mean",
-                                      "data.std", "data.classes"};
+const char* const kPixelSettings[] = {"data.dicom.window", "data.preprocess", "data.image_size", "data.bit_depth",
+                                      "data.mean", "data.std", "data.classes"};
 
 Json::json_pointer setting_pointer(const std::string& key) {  // "data.dicom.window" -> /data/dicom/window
   std::string p = "/" + key;
@@ -191,6 +191,7 @@ void register_eval(CLI::App& app) {
       j["preprocessing"] = {{"dicom_window", config["data"]["dicom"]["window"]},
                             {"preprocess", config["data"]["preprocess"]},
                             {"image_size", dc.image_size},
+                            {"bit_depth", dc.bit_depth},
                             {"channels", dc.channels},
                             {"mean", dc.mean},
                             {"std", dc.std}};

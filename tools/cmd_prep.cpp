@@ -29,7 +29,7 @@ void register_prep(CLI::App& app) {
   sub->add_option("--compress", a->compress, "gzip level 1-9 for the images (0 = uncompressed)")
       ->check(CLI::Range(0, 9))
       ->capture_default_str();
-  // --data, --image-size, --channels, --on-bad-sample, --threads, --config (data.preprocess,
+  // --data, --image-size, --channels, --bit-depth, --on-bad-sample, --threads, --config (data.preprocess,
   // data.dicom.window), --set.
   add_config_options(*sub, a->config, /*with_training_flags=*/false);
   sub->callback([a]() {
@@ -41,6 +41,7 @@ void register_prep(CLI::App& app) {
     PackOptions po;
     po.load.channels = dc.channels;
     po.load.image_size = dc.image_size;
+    po.load.bit_depth = dc.bit_depth;
     po.load.dicom_window = dc.dicom_window;
     po.load.classes = dc.classes;
     if (!dc.preprocess.empty())

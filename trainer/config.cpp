@@ -24,7 +24,7 @@ Json default_config() {
     "model": {"name": "medicalcnn"},
     "data": {
       "dir": "", "train_split": "train", "val_split": "val",
-      "image_size": 64, "channels": 1, "mean": [0.5], "std": [0.25],
+      "image_size": 64, "channels": 1, "bit_depth": 8, "mean": [0.5], "std": [0.25],
       "synth": {"train": 2000, "val": 500, "size": 128, "seed": 1234},
       "dicom": {"window": null},
       "preprocess": [],
@@ -250,6 +250,7 @@ DataConfig data_config(const Json& c) {
   d.val_split = get<std::string>(c, "data", "val_split");
   d.image_size = get<int>(c, "data", "image_size");
   d.channels = get<int>(c, "data", "channels");
+  d.bit_depth = get<int>(c, "data", "bit_depth");
   d.mean = get<std::vector<float>>(c, "data", "mean");
   d.std = get<std::vector<float>>(c, "data", "std");
   const Json& s = c.at("data").at("synth");
@@ -292,6 +293,9 @@ DataConfig data_config(const Json& c) {
   LANCET_CHECK(d.prefetch >= 1, "data.prefetch must be >= 1, got " << d.prefetch);
   LANCET_CHECK(d.image_size >= 8, "data.image_size must be at least 8, got " << d.image_size);
   LANCET_CHECK(d.channels == 1 || d.channels == 3, "data.channels must be 1 or 3, got " << d.channels);
+  LANCET_CHECK(d.bit_depth == 8 || d.bit_depth == 16, "data.bit_depth must be 8 or 16, got " << d.bit_depth);
+  LANCET_CHECK(d.bit_depth == 8 || d.channels == 1,
+               "data.bit_depth 16 is for grayscale images (data.channels 1), got data.channels " << d.channels);
   LANCET_CHECK(!d.mean.empty() && !d.std.empty(), "data.mean and data.std need at least one value");
   for (float v : d.std) LANCET_CHECK(v > 0, "data.std values must be positive, got " << v);
   return d;

@@ -40,6 +40,7 @@ struct DataConfig {
   std::string train_split, val_split;
   int image_size;
   int channels;
+  int bit_depth = 8;  // 8 or 16: the depth images keep up to normalisation (data/image_folder.h)
   std::vector<float> mean, std;
   int64_t synth_train, synth_val;
   int synth_size;

@@ -307,6 +307,7 @@ DataSplits load_data(const DataConfig& cfg, std::ostream& log) {
   ImageLoadOptions lo;
   lo.channels = cfg.channels;
   lo.image_size = cfg.image_size;
+  lo.bit_depth = cfg.bit_depth;
   lo.mean = cfg.mean;
   lo.std = cfg.std;
   lo.dicom_window = cfg.dicom_window;
@@ -335,7 +336,7 @@ DataSplits load_data(const DataConfig& cfg, std::ostream& log) {
     d.source = dir;
   }
   // A folder, a MedMNIST .npz or a pack from lancet prep (whose recipe and hash are checked),
-  // cached as 8-bit images (data/image_dataset.h) that the loader augments and normalises.
+  // cached as 8- or 16-bit images (data/image_dataset.h) that the loader augments and normalises.
   const BadSample on_bad = parse_bad_sample(cfg.on_bad_sample);
   auto load = [&](const std::string& split) {
     std::string note;

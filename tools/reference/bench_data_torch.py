@@ -2,9 +2,10 @@
 """The PyTorch peer of `lancet bench data`: images/s of a torch DataLoader that serves the
 training split of a lancet pack (HDF5 from `lancet prep`) the way lancet's loader does.
 
-Same work per sample as lancet: the split's 8-bit images held in memory (read once, as
-lancet's cache holds them), a random horizontal flip with probability --hflip, conversion to
-float, (x / 255 - mean) / std, batched by a DataLoader with shuffling. The loader's worker
+Same work per sample as lancet: the split's 8-bit (or, from a uint16 pack, 16-bit) images held
+in memory (read once, as lancet's cache holds them), a random horizontal flip with probability
+--hflip, conversion to float, (x / 255 - mean) / std (x / 65535 for uint16), batched by a
+DataLoader with shuffling. torch has few uint16 ops, so 16-bit samples become int32 first. The loader's worker
 processes are the peer of lancet's worker threads. Prints one JSON object per worker count.
 
     python3 tools/reference/bench_data_torch.py PACK.h5 --workers 0,1,2 --batches 60
@@ -22,22 +23,24 @@ from torch.utils.data import DataLoader, Dataset
 class PackSplit(Dataset):
     def __init__(self, path, split, hflip, mean, std):
         with h5py.File(path, "r") as f:
-            self.images = f[split + "/images"][...]  # [n, H, W] or [n, H, W, C], uint8
+            self.images = f[split + "/images"][...]  # [n, H, W] or [n, H, W, C], uint8 or uint16
             self.labels = f[split + "/labels"][...]
         self.hflip, self.mean, self.std = hflip, mean, std
+        self.max = 65535.0 if self.images.dtype == np.uint16 else 255.0
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, i):
-        img = torch.from_numpy(self.images[i])
+        a = self.images[i]
+        img = torch.from_numpy(a.astype(np.int32) if a.dtype == np.uint16 else a)
         if img.ndim == 2:
             img = img.unsqueeze(0)
         else:
             img = img.permute(2, 0, 1)
         if self.hflip > 0 and torch.rand(()) < self.hflip:
             img = img.flip(-1)
-        x = (img.float() / 255.0 - self.mean) / self.std
+        x = (img.float() / self.max - self.mean) / self.std
         return x, int(self.labels[i])
 
 
