@@ -123,6 +123,9 @@ std::unique_ptr<CachedImageDataset> build(int64_t n, const std::function<Decoded
                                           std::vector<int64_t> labels, std::vector<std::string> classes,
                                           std::vector<std::string> names, const ImageLoadOptions& opt, BadSample on_bad,
                                           bool stream) {
+  // One decode per task across lancet's threads (or, streamed, per loader worker): OpenCV's
+  // own threads would oversubscribe the cores, so it runs single-threaded inside each task.
+  cv::setNumThreads(0);
   if (stream) {
     LANCET_CHECK(on_bad == BadSample::error,
                  "data.on_bad_sample skip needs data.cache true: bad files are found when the cache is built; a "
@@ -133,9 +136,6 @@ std::unique_ptr<CachedImageDataset> build(int64_t n, const std::function<Decoded
   std::vector<uint8_t> pixels(static_cast<size_t>(n) * per);
   std::vector<std::string> errors(static_cast<size_t>(n));
   std::vector<char> bad(static_cast<size_t>(n), 0);
-  // One decode per task across lancet's worker threads; OpenCV's own threads would
-  // oversubscribe the cores, so it runs single-threaded inside each task.
-  cv::setNumThreads(0);
   parallel_for(n, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const size_t u = static_cast<size_t>(i);

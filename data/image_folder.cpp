@@ -79,11 +79,11 @@ void preprocess_mat(cv::Mat m, const ImageLoadOptions& opt, float* out) {
     const float sd = opt.std[opt.std.size() == 1 ? 0 : static_cast<size_t>(c)];
     const size_t sc = mc == 1 ? 0 : static_cast<size_t>(c);
     float* o = out + static_cast<size_t>(c) * plane;
+    // Computed per pixel rather than looked up in a 256-entry table: the same floats (the
+    // same expression), and the loop vectorises where a table gather does not.
     if (m.depth() == CV_8U) {
-      float lut[256];
-      for (int v = 0; v < 256; ++v) lut[v] = (static_cast<float>(v) / 255.0f - mean) / sd;
       const uint8_t* src = m.ptr<uint8_t>();
-      for (size_t i = 0; i < plane; ++i) o[i] = lut[src[i * mc + sc]];
+      for (size_t i = 0; i < plane; ++i) o[i] = (static_cast<float>(src[i * mc + sc]) / 255.0f - mean) / sd;
     } else {
       const uint16_t* src = m.ptr<uint16_t>();
       for (size_t i = 0; i < plane; ++i) o[i] = (static_cast<float>(src[i * mc + sc]) / 65535.0f - mean) / sd;

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <opencv2/core.hpp>
 #include <ostream>
 
 #include "data/dicom.h"
@@ -233,6 +234,9 @@ std::vector<PackSplitSummary> write_pack(const std::string& source, const std::s
     LANCET_CHECK(src.has(s), source << ": no split '" << s << "'");
   }
 
+  // One image per task across lancet's threads (--threads): OpenCV's own threads (CLAHE,
+  // resize) would oversubscribe the cores and make --threads 1 no serial baseline.
+  cv::setNumThreads(0);
   for (const auto& f : remove_stale_temp_files_of(out))
     if (opt.log) *opt.log << "prep: removed " << f << " (left by a killed prep)\n";
   const int S = opt.load.image_size, C = opt.load.channels, bits = opt.load.bit_depth;

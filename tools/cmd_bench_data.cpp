@@ -223,6 +223,7 @@ void run_bench_data(const BenchDataArgs& a, const ConfigArgs& args, bool json) {
                   {"config",
                    {{"image_size", dc.image_size},
                     {"channels", dc.channels},
+                    {"bit_depth", dc.bit_depth},
                     {"batch_size", tc.batch_size},
                     {"batches", a.batches},
                     {"prefetch", dc.prefetch},
