@@ -133,6 +133,13 @@ TEST(Training, CliDefaultsAndErrors) {
       << r.output;
   EXPECT_NE(r.output.find("train.device is 'cpu'"), std::string::npos) << r.output;
   EXPECT_EQ(r.output.find("generating"), std::string::npos) << "work started before the refusal: " << r.output;
+  // A model whose output count is not the data's class count: the data and its classes named.
+  r = run_lancet("train --set model.num_classes=3 --set data.synth.train=8 --set data.synth.val=4 "
+                 "--set data.synth.size=32 --image-size 32 --max-steps 1");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("model.num_classes 3 but synthetic chest X-rays in "), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("has 2 classes [normal, opacity] (leave model.num_classes out"), std::string::npos)
+      << r.output;
   // --help names every config section.
   r = run_lancet("train --help");
   EXPECT_EQ(r.status, 0);

@@ -530,7 +530,9 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
   LANCET_CHECK(model_cfg["in_channels"].get<int>() == dc.channels,
                "model.in_channels " << model_cfg["in_channels"] << " but data.channels " << dc.channels);
   LANCET_CHECK(model_cfg["num_classes"].get<int>() == num_classes,
-               "model.num_classes " << model_cfg["num_classes"] << " but the data has " << num_classes << " classes");
+               "model.num_classes " << model_cfg["num_classes"] << " but " << data.source << " has " << num_classes
+                                    << " classes " << class_list_text(data.train->class_names())
+                                    << " (leave model.num_classes out to take it from the data)");
   auto model = make_model(model_cfg, tc.seed);
   model_cfg = model->config().to_json();
   // Every rank draws its own dropout masks (rank 0's are the single-process ones).
