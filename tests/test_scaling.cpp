@@ -347,6 +347,23 @@ TEST(BenchComm, FitsALinkBetweenTwoRanks) {
   EXPECT_NE(one.output.find("bench comm needs at least 2 ranks"), std::string::npos) << one.output;
 }
 
+// bench train under mpirun compares every setting across ranks, as training does: an MPMD job
+// whose second rank normalises differently is refused naming the setting and both values.
+TEST(BenchTrain, RanksWithDifferentSettingsAreRefused) {
+  if (std::string(LANCET_MPIEXEC).empty()) GTEST_SKIP() << "no MPI in this build";
+  const std::string bench = testing::lancet_binary() + " bench train --steps 1 --warmup 0 --batch-size 4 " + kTiny;
+  const std::string cmd = std::string(LANCET_MPIEXEC) + " --allow-run-as-root --oversubscribe -np 1 " + bench +
+                          " : --allow-run-as-root --oversubscribe -np 1 " + bench + " --set 'data.std=[0.3]' 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
+  EXPECT_NE(pclose(p), 0) << out;
+  EXPECT_NE(out.find("the ranks disagree on data.std: rank 0 has [0.25], rank 1 has [0.3"), std::string::npos) << out;
+}
+
 
 // Pipeline rows: bench mode times the two-stage pipeline in one process beside the unpipelined
 // rows (speedup against the serial run); a pipeline on several ranks is a reported failed row

@@ -288,11 +288,13 @@ void run_bench(const BenchArgs& a, Communicator& comm) {
   LANCET_CHECK(train || ranks == 1, "bench infer runs in one process (launched with " << ranks << " tasks)");
   LANCET_CHECK(tc.batch_size % ranks == 0, "bench: train.batch_size " << tc.batch_size << " (the global batch) is not a multiple of the "
                                                                       << ranks << " ranks");
-  check_same_on_all_ranks(comm, {{"model", config.at("model").dump()},
-                                 {"train.batch_size", std::to_string(tc.batch_size)},
-                                 {"data.image_size", std::to_string(dc.image_size)},
-                                 {"train.threads", std::to_string(threads)},
-                                 {"steps", std::to_string(a.warmup) + "+" + std::to_string(a.steps)}});
+  // The same job on every rank: every setting but the per-rank ones, as the trainer compares
+  // them (trainer/ddp.h), plus the resolved thread count (a rank's share of the cores decides
+  // the figures) and the bench's own step counts.
+  auto same = config_fields(config);
+  same.push_back({"train.threads (resolved)", std::to_string(threads)});
+  same.push_back({"steps", std::to_string(a.warmup) + "+" + std::to_string(a.steps)});
+  check_same_on_all_ranks(comm, same);
 
   Json model_cfg = config.at("model");
   if (!model_cfg.contains("in_channels")) model_cfg["in_channels"] = dc.channels;
