@@ -329,15 +329,10 @@ TEST(Sweep, TrainModeRunsRealTrainingWithLoaderWorkersAndTimeToAccuracy) {
 TEST(BenchComm, FitsALinkBetweenTwoRanks) {
   if (std::string(LANCET_MPIEXEC).empty()) GTEST_SKIP() << "no MPI in this build";
   const std::string cmd = std::string(LANCET_MPIEXEC) + " --allow-run-as-root --oversubscribe -np 2 " +
-                          testing::lancet_binary() + " bench comm --json --steps 2 --warmup 1 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  ASSERT_NE(p, nullptr);
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
-  ASSERT_EQ(pclose(p), 0) << out;
-  const Json j = Json::parse(out.substr(out.find('{')));
+                          testing::lancet_binary() + " bench comm --json --steps 2 --warmup 1";
+  const auto r = testing::run_command(cmd);
+  ASSERT_EQ(r.status, 0) << r.output;
+  const Json j = Json::parse(r.output.substr(r.output.find('{')));
   EXPECT_EQ(j["ranks"], 2);
   EXPECT_EQ(j["sizes"].size(), 8u);  // 4 KiB .. 64 MiB by 4x
   EXPECT_GT(j["fit"]["beta_GBps"].get<double>(), 0);
@@ -353,15 +348,11 @@ TEST(BenchTrain, RanksWithDifferentSettingsAreRefused) {
   if (std::string(LANCET_MPIEXEC).empty()) GTEST_SKIP() << "no MPI in this build";
   const std::string bench = testing::lancet_binary() + " bench train --steps 1 --warmup 0 --batch-size 4 " + kTiny;
   const std::string cmd = std::string(LANCET_MPIEXEC) + " --allow-run-as-root --oversubscribe -np 1 " + bench +
-                          " : --allow-run-as-root --oversubscribe -np 1 " + bench + " --set 'data.std=[0.3]' 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  ASSERT_NE(p, nullptr);
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
-  EXPECT_NE(pclose(p), 0) << out;
-  EXPECT_NE(out.find("the ranks disagree on data.std: rank 0 has [0.25], rank 1 has [0.3"), std::string::npos) << out;
+                          " : --allow-run-as-root --oversubscribe -np 1 " + bench + " --set 'data.std=[0.3]'";
+  const auto r = testing::run_command(cmd);
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("the ranks disagree on data.std: rank 0 has [0.25], rank 1 has [0.3"), std::string::npos)
+      << r.output;
 }
 
 
