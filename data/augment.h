@@ -7,7 +7,7 @@
 // How the loader calls it (DataLoader's workers, through CachedImageDataset::get_augmented,
 // data/loader.h and data/image_dataset.h): per training sample, after preprocessing —
 // decode, convert to the configured channels, resize to image_size x image_size — and before
-// the (pixel / 255 - mean) / std normalisation:
+// the (pixel / max - mean) / std normalisation (max 255, or 65535 at data.bit_depth 16):
 //
 //   const bool minority = minority_flags[label];            // minority_classes(train labels)
 //   augment(img, cfg, train.seed, epoch, sample_index, minority, image_size);

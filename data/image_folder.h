@@ -54,7 +54,8 @@ struct ImageLoadOptions {
   // data.classes: the class names in label order; empty: inferred from the source (above).
   std::vector<std::string> classes;
   // Applied to every decoded image (RGB order, at its stored depth; DICOM: after windowing to
-  // 8 bits) before the steps above; null or empty: none. Shared read-only by the workers.
+  // bit_depth bits, colour DICOMs to 8) before the steps above; null or empty: none. Shared
+  // read-only by the workers.
   std::shared_ptr<const PreprocessRecipe> recipe;
 };
 

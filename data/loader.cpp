@@ -75,7 +75,7 @@ DataLoader::DataLoader(const Dataset& ds, LoaderOptions opt)
                                               << alloc_->device().str());
   if (opt_.augment.enabled()) {
     images_ = dynamic_cast<const CachedImageDataset*>(&ds);
-    LANCET_CHECK(images_, "data.augment needs the training images as 8-bit pixels (a CachedImageDataset), "
+    LANCET_CHECK(images_, "data.augment needs the training images as 8- or 16-bit pixels (a CachedImageDataset), "
                           "this dataset holds normalised floats");
     LANCET_CHECK(static_cast<int>(opt_.minority.size()) == ds.num_classes() || opt_.minority.empty(),
                  "DataLoader: " << opt_.minority.size() << " minority flags for " << ds.num_classes() << " classes");

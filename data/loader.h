@@ -84,7 +84,7 @@ struct LoaderOptions {
   // allocator should cache its blocks. Must outlive the batches.
   Allocator* allocator = nullptr;
   // Training augmentation (off by default). When enabled the dataset must be a
-  // CachedImageDataset (data/image_dataset.h): augmentation works on the 8-bit images.
+  // CachedImageDataset (data/image_dataset.h): augmentation works on its 8- or 16-bit images.
   AugmentConfig augment;
   uint64_t seed = 0;              // train.seed: the augmentation's draws
   std::vector<bool> minority;     // per class: augmented with minority_strength (minority_classes)
@@ -99,7 +99,7 @@ struct Batch {
 class DataLoader {
  public:
   // Starts the workers (idle until start_epoch). `ds` must outlive the loader. Throws on bad
-  // options (workers < 0, prefetch < 1, augmentation on a dataset without 8-bit images).
+  // options (workers < 0, prefetch < 1, augmentation on a dataset without 8- or 16-bit images).
   DataLoader(const Dataset& ds, LoaderOptions opt);
   // Stops the workers and joins them: a worker finishes the batch it is building, nothing
   // more. Safe whenever the consumer stops (an exception, max_steps, early stopping).

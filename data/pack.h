@@ -96,10 +96,9 @@ PackInfo read_pack_info(const std::string& path);
 // Reads one split into memory, checks its content hash (a damaged or tampered pack is
 // refused), that it was made with opt.recipe and opt.bit_depth, with opt.classes when given
 // (the same names in the same order) and, when it holds DICOM images, with opt.dicom_window
-// (else: re-run
-// lancet prep), then puts every
-// image through preprocess_image (convert, resize when opt differs from the pack, normalise;
-// the recipe is not applied again). `note`, when set, receives one line for the log.
+// (else: re-run lancet prep), then puts every image through preprocess_image (convert, resize
+// when opt differs from the pack, normalise; the recipe is not applied again). `note`, when
+// set, receives one line for the log.
 std::unique_ptr<InMemoryDataset> load_pack_dataset(const std::string& path, const std::string& split,
                                                    const ImageLoadOptions& opt, std::string* note = nullptr);
 

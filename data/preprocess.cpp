@@ -14,9 +14,15 @@ using Kind = PreprocessOp::Kind;
 
 namespace {
 
-// Bump when any op's output changes for the same parameters: caches keyed by fingerprint()
-// then go stale.
-constexpr int kRecipeVersion = 1;
+// The version of an op's output: bump it when the output changes for the same parameters, so
+// that caches keyed by the fingerprint of the recipes using it (packs) go stale while the
+// others stay valid. A recipe's version is the highest of its ops' (1 when empty).
+int op_version(const PreprocessOp& op) {
+  // 2: pad_value became an 8-bit level at every depth (16-bit images were padded with the raw
+  // value, so 255 was black there).
+  if (op.kind == Kind::resize && op.keep_aspect && op.pad_value != 0) return 2;
+  return 1;
+}
 
 constexpr Kind kKinds[] = {Kind::resize,        Kind::clahe,
                            Kind::gamma,         Kind::median_blur,
@@ -49,7 +55,8 @@ class OpFields {
  public:
   OpFields(const Json& obj, std::string where) : obj_(obj), where_(std::move(where)) {}
 
-  int integer(const char* key, int def, int lo, int hi, bool required = false) const {
+  // `note` follows the range in the error (what the value means).
+  int integer(const char* key, int def, int lo, int hi, bool required = false, const char* note = "") const {
     const Json* v = find(key);
     if (!v) {
       LANCET_CHECK(!required, where_ << "." << key << ": required (an integer in [" << lo << ", " << hi << "])");
@@ -66,7 +73,8 @@ class OpFields {
       ok = true;
     }
     LANCET_CHECK(ok && x >= lo && x <= hi,
-                 where_ << "." << key << ": expected an integer in [" << lo << ", " << hi << "], got " << v->dump());
+                 where_ << "." << key << ": expected an integer in [" << lo << ", " << hi << "]" << note << ", got "
+                        << v->dump());
     return static_cast<int>(x);
   }
 
@@ -141,7 +149,8 @@ PreprocessOp parse_op(const Json& obj, const std::string& where) {
     case Kind::resize:
       op.size = f.integer("size", 0, 1, 65536, /*required=*/true);
       op.keep_aspect = f.boolean("keep_aspect", false);
-      op.pad_value = f.integer("pad_value", 0, 0, 65535);
+      op.pad_value = f.integer("pad_value", 0, 0, 255, /*required=*/false,
+                               " (an 8-bit level at every depth: 16-bit images are padded with pad_value * 257)");
       break;
     case Kind::clahe:
       op.clip_limit = f.number("clip_limit", 2.0, 0.0, /*lo_open=*/true);
@@ -188,10 +197,11 @@ Json op_to_json(const PreprocessOp& op) {
 // ---- the ops: each reads `in` and writes a new `out` (or shares `in` when there is nothing
 // to do) ----
 
-void resize_op(const PreprocessOp& op, const cv::Mat& in, cv::Mat& out, const std::string& at) {
+void resize_op(const PreprocessOp& op, const cv::Mat& in, cv::Mat& out) {
   const int s = op.size, w = in.cols, h = in.rows;
-  LANCET_CHECK(op.pad_value <= (in.depth() == CV_8U ? 255 : 65535),
-               at << ": pad_value " << op.pad_value << " does not fit an 8-bit image (0..255)");
+  // The same grey at either depth (v * 257 is exact), so one recipe pads 8-bit files, 16-bit
+  // files and DICOMs (windowed to 8 or 16 bits by data.bit_depth) alike.
+  const int pad = in.depth() == CV_8U ? op.pad_value : op.pad_value * 257;
   int nw = s, nh = s;
   if (op.keep_aspect) {
     if (w >= h) nh = std::max(1, static_cast<int>(std::lround(static_cast<double>(h) * s / w)));
@@ -210,7 +220,7 @@ void resize_op(const PreprocessOp& op, const cv::Mat& in, cv::Mat& out, const st
   }
   const int top = (s - nh) / 2, left = (s - nw) / 2;
   cv::copyMakeBorder(scaled, out, top, s - nh - top, left, s - nw - left, cv::BORDER_CONSTANT,
-                     cv::Scalar::all(op.pad_value));
+                     cv::Scalar::all(pad));
 }
 
 void clahe_op(const PreprocessOp& op, const cv::Mat& in, cv::Mat& out, const std::string& at) {
@@ -293,7 +303,7 @@ void contrast_op(const PreprocessOp& op, const cv::Mat& in, cv::Mat& out) {
 void run_op(const PreprocessOp& op, const std::vector<uint8_t>& lut8, const std::vector<uint16_t>& lut16,
             const cv::Mat& in, cv::Mat& out, const std::string& at) {
   switch (op.kind) {
-    case Kind::resize: resize_op(op, in, out, at); break;
+    case Kind::resize: resize_op(op, in, out); break;
     case Kind::clahe: clahe_op(op, in, out, at); break;
     case Kind::gamma: gamma_op(lut8, lut16, in, out); break;
     case Kind::median_blur:
@@ -362,7 +372,9 @@ Json PreprocessRecipe::to_json() const {
 
 std::string PreprocessRecipe::fingerprint() const {
   // FNV-1a 64: stable across platforms and library versions (unlike std::hash).
-  const std::string text = "lancet-preprocess-v" + std::to_string(kRecipeVersion) + ":" + to_json().dump();
+  int version = 1;
+  for (const auto& op : ops_) version = std::max(version, op_version(op));
+  const std::string text = "lancet-preprocess-v" + std::to_string(version) + ":" + to_json().dump();
   uint64_t h = 14695981039346656037ull;
   for (unsigned char c : text) {
     h ^= c;
@@ -370,7 +382,7 @@ std::string PreprocessRecipe::fingerprint() const {
   }
   char buf[24];
   std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h));
-  return "pp" + std::to_string(kRecipeVersion) + "-" + buf;
+  return "pp" + std::to_string(version) + "-" + buf;
 }
 
 void PreprocessRecipe::apply(cv::Mat& image) const {
@@ -379,7 +391,7 @@ void PreprocessRecipe::apply(cv::Mat& image) const {
     const int depth = image.depth(), channels = image.channels();
     LANCET_CHECK(!image.empty() && (depth == CV_8U || depth == CV_16U) && (channels == 1 || channels == 3),
                  at << ": unsupported image " << (image.empty() ? "(empty)" : cv::typeToString(image.type()))
-                    << " (need 8-bit gray or RGB, or 16-bit gray)");
+                    << " (need 8- or 16-bit gray or RGB)");
     cv::Mat out;
     try {
       run_op(ops_[i], lut8_[i], lut16_[i], image, out, at);

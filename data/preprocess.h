@@ -7,10 +7,16 @@
 //       size is required. Output size x size; INTER_AREA when no side grows, INTER_LINEAR
 //       otherwise. keep_aspect scales the longer side to `size` (the shorter one rounded,
 //       at least 1) and pads to a centred square with the constant pad_value (every channel;
-//       the extra row/column goes to the bottom/right).
+//       the extra row/column goes to the bottom/right). pad_value is an 8-bit level, 0..255,
+//       at every depth: 16-bit images are padded with pad_value * 257, the same grey, so one
+//       recipe pads 8-bit files, 16-bit files and DICOMs (windowed to 8 or 16 bits by
+//       data.bit_depth) alike.
 //   {"op":"clahe", "clip_limit":2.0, "tile_grid":8}
 //       cv::createCLAHE(clip_limit, tile_grid x tile_grid); gray images (8- or 16-bit)
-//       directly, RGB images on the L channel of Lab (8-bit only).
+//       directly, RGB images on the L channel of Lab (8-bit only). OpenCV scales clip_limit by
+//       the histogram's size, 256 bins at 8 bits but 65536 at 16, so the same clip_limit
+//       enhances a 16-bit image (a 16-bit PNG; a DICOM at data.bit_depth 16) otherwise than
+//       its 8-bit version: tune it at the depth the images go through the recipe at.
 //   {"op":"gamma", "gamma":1.0}
 //       out = round(max * (in / max)^gamma), max = 255 or 65535, as a lookup table.
 //   {"op":"median_blur", "ksize":3}          cv::medianBlur; odd ksize >= 3 (3 or 5 on 16-bit).
@@ -25,8 +31,8 @@
 //   {"op":"to_gray"}  RGB -> gray (cv::COLOR_RGB2GRAY); gray images unchanged.
 //   {"op":"to_rgb"}   gray -> RGB (replicated); RGB images unchanged.
 //
-// Images are 8-bit gray or RGB (CV_8UC1 / CV_8UC3, channels in RGB order, not OpenCV's BGR)
-// or 16-bit (CV_16UC1, and CV_16UC3 after to_rgb); every op keeps the depth.
+// Images are 8- or 16-bit gray or RGB (CV_8UC1 / CV_8UC3 / CV_16UC1 / CV_16UC3, channels in
+// RGB order, not OpenCV's BGR); every op keeps the depth.
 //
 // How the loader calls it: build the recipe once from the resolved config
 // (PreprocessRecipe::from_json(config["data"]["preprocess"])), share it read-only with every
@@ -62,7 +68,7 @@ struct PreprocessOp {
   Kind kind = Kind::to_gray;
   int size = 0;                  // resize
   bool keep_aspect = false;      // resize
-  int pad_value = 0;             // resize with keep_aspect; 0..255 (8-bit) or 0..65535 (16-bit)
+  int pad_value = 0;             // resize with keep_aspect; an 8-bit level 0..255 (* 257 on 16 bits)
   double clip_limit = 2.0;       // clahe; > 0
   int tile_grid = 8;             // clahe; tiles per side
   double gamma = 1.0;            // gamma; > 0
@@ -91,16 +97,16 @@ class PreprocessRecipe {
   // recipe and the output does not depend on how the input spelled its defaults.
   Json to_json() const;
 
-  // A short stable string identifying what apply() does ("pp1-" + 16 hex digits, a hash of
-  // to_json() and a version number that changes whenever an op's output changes): equal
-  // for equal recipes regardless of key order or spelled-out defaults.
+  // A short stable string identifying what apply() does ("pp<version>-" + 16 hex digits, a
+  // hash of to_json() and a version number that changes whenever the output of one of its
+  // ops changes): equal for equal recipes regardless of key order or spelled-out defaults.
   std::string fingerprint() const;
 
   // Replaces `image` with the result of the ops in order. Never writes into the input's
   // pixel buffer (each op produces a new cv::Mat; an op with nothing to do keeps the
   // input), so `image` may wrap memory the caller does not own. Throws lancet::Error (one
   // line, naming where[i] and the op) for an unsupported image type (see above), CLAHE on
-  // 16-bit RGB, median_blur ksize > 5 on 16 bits, or a pad_value beyond the depth's range.
+  // 16-bit RGB, or median_blur ksize > 5 on 16 bits.
   void apply(cv::Mat& image) const;
 
   const std::vector<PreprocessOp>& ops() const { return ops_; }

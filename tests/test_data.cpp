@@ -682,6 +682,28 @@ TEST_F(DataTest, BitDepth16DicomsAreWindowedTo16Bits) {
   EXPECT_EQ(decode_image_file(rgb, lo).pixels, widen_to_16_bits(decode_image_file(rgb, raw_options(3, 32))).pixels);
 }
 
+TEST_F(DataTest, PaddingIsTheSameGreyForEightAndSixteenBitFilesAtEitherDepth) {
+  // At data.bit_depth 16 an 8-bit file goes through the recipe at 8 bits and a 16-bit one (or
+  // a DICOM) at 16: a keep_aspect resize's pad_value 255 must be white for both, at either
+  // depth (it padded 16-bit images with 255 / 65535, black).
+  cv::Mat g16(40, 60, CV_16UC1, cv::Scalar(30000)), g8(40, 60, CV_8UC1, cv::Scalar(117));
+  ASSERT_TRUE(write_image(path("p/a/g16.png"), g16));
+  ASSERT_TRUE(write_image(path("p/b/g8.png"), g8));
+  for (int bits : {8, 16}) {
+    ImageLoadOptions lo = raw_options(1, 60);
+    lo.bit_depth = bits;
+    lo.recipe = std::make_shared<const PreprocessRecipe>(
+        PreprocessRecipe::from_json(Json::parse(R"([{"op":"resize","size":60,"keep_aspect":true,"pad_value":255}])")));
+    const auto ds = load_cached_dataset(path("p"), "", lo);
+    ASSERT_EQ(ds->size(), 2);
+    for (int64_t i = 0; i < 2; ++i) {
+      const std::vector<uint8_t> img = ds->image(i);
+      const int corner = bits == 8 ? img[0] : img[0] | img[1] << 8;  // little-endian uint16
+      EXPECT_EQ(corner, bits == 8 ? 255 : 65535) << ds->name(i) << " at " << bits << " bits";
+    }
+  }
+}
+
 TEST_F(DataTest, UnsupportedPixelDepthIsRefusedNamingTheFile) {
   cv::Mat f(16, 16, CV_32FC1, cv::Scalar(0.5));
   ASSERT_TRUE(write_image(path("f/a/float.tiff"), f));

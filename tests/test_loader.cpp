@@ -1,6 +1,6 @@
-// The data loader (data/loader.h) and the 8-bit image cache (data/image_dataset.h): the cache
-// gives the float path's tensors; batches are the same bytes whatever the worker count, with
-// and without augmentation; augmentation reaches training samples only; the samplers' class
+// The data loader (data/loader.h) and the 8-bit (or 16-bit) image cache (data/image_dataset.h):
+// the cache gives the float path's tensors; batches are the same bytes whatever the worker
+// count, with and without augmentation, at either bit depth; augmentation reaches training samples only; the samplers' class
 // frequencies and their split over ranks; bad files are skipped and listed or refused naming
 // the file; a worker's error reaches the consumer, stopping early never hangs, and at most
 // workers x prefetch batches are in flight.
@@ -185,6 +185,47 @@ TEST(DataLoader, SameBytesWhateverTheWorkerCount) {
         }
       EXPECT_EQ(reference, expect);
     }
+  }
+}
+
+TEST(DataLoader, SixteenBitSamplesAreAugmentedAtSixteenBitsWhateverTheWorkerCount) {
+  // data.bit_depth 16: 16-bit gray PNGs near the top of the range, whose augmented samples
+  // (brightness up to x1.3) saturate at 65535, not at 255, and keep sub-8-bit steps.
+  TempDir tmp("loader_16");
+  std::mt19937 rng(4);
+  for (int i = 0; i < 8; ++i) {
+    cv::Mat img(20, 24, CV_16UC1);
+    for (size_t k = 0; k < img.total(); ++k) img.ptr<uint16_t>()[k] = static_cast<uint16_t>(40000 + rng() % 20000);
+    const fs::path dir = fs::path(tmp / "src") / "train" / (i < 5 ? "c0" : "c1");
+    fs::create_directories(dir);
+    ASSERT_TRUE(cv::imwrite((dir / ("i" + std::to_string(i) + ".png")).string(), img));
+  }
+  ImageLoadOptions lo = options(1);
+  lo.bit_depth = 16;
+  const auto ds = load_cached_dataset(tmp / "src", "train", lo);
+  ASSERT_EQ(ds->bits(), 16);
+  LoaderOptions opt;
+  opt.seed = 11;
+  opt.augment = strong_augment(), opt.minority = minority_classes(ds->labels(), 2);
+  std::vector<uint8_t> reference;
+  for (int workers : {0, 3}) {
+    opt.workers = workers;
+    const auto bytes = run_epochs(*ds, opt, 2);
+    if (reference.empty()) reference = bytes;
+    EXPECT_EQ(bytes, reference) << workers << " workers";
+  }
+  // A sample is augment.h's apply_augment on the cached uint16 pixels, then / 65535.
+  for (int64_t i = 0; i < ds->size(); ++i) {
+    const std::vector<uint8_t> bytes = ds->image(i);
+    PixelImage<uint16_t> img{16, 16, 1, std::vector<uint16_t>(16 * 16)};
+    std::memcpy(img.data.data(), bytes.data(), bytes.size());
+    const bool minority = opt.minority[static_cast<size_t>(ds->label(i))];
+    augment(img, opt.augment, opt.seed, 1, i, minority, 16);
+    std::vector<float> got(16 * 16);
+    ds->get_augmented(i, opt.augment, opt.seed, 1, minority, got.data());
+    for (size_t k = 0; k < got.size(); ++k)
+      ASSERT_EQ(got[k], (static_cast<float>(img.data[k]) / 65535.0f - 0.5f) / 0.25f) << i << " pixel " << k;
+    EXPECT_GT(*std::max_element(img.data.begin(), img.data.end()), 255) << i;
   }
 }
 

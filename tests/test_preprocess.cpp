@@ -263,17 +263,40 @@ TEST(Preprocess, ResizeKeepAspectPadsACentredSquare) {
   cv::copyMakeBorder(expected, expected, 9, 10, 0, 0, cv::BORDER_CONSTANT, cv::Scalar::all(0));
   expect_same(apply(recipe(R"([{"op":"resize","size":64,"keep_aspect":true}])"), g), expected, "gray8");
 
-  // 16-bit pad values beyond 255.
+  // pad_value is an 8-bit level at every depth: 16-bit images are padded with pad_value * 257.
   const cv::Mat g16 = gray16();  // 33 x 47 -> 22 x 32 (area), 5 rows of pad above and below
   cv::resize(g16, expected, cv::Size(32, 22), 0, 0, cv::INTER_AREA);
-  cv::copyMakeBorder(expected, expected, 5, 5, 0, 0, cv::BORDER_CONSTANT, cv::Scalar::all(40000));
-  expect_same(apply(recipe(R"([{"op":"resize","size":32,"keep_aspect":true,"pad_value":40000}])"), g16), expected,
+  cv::copyMakeBorder(expected, expected, 5, 5, 0, 0, cv::BORDER_CONSTANT, cv::Scalar::all(200 * 257));
+  expect_same(apply(recipe(R"([{"op":"resize","size":32,"keep_aspect":true,"pad_value":200}])"), g16), expected,
               "gray16");
 
   // Already the right size: unchanged, same buffer.
   const cv::Mat sq = make_image(24, 24, CV_8UC1, 0, 255, 6);
   const cv::Mat same = apply(recipe(R"([{"op":"resize","size":24}])"), sq);
   EXPECT_EQ(buffer(same), buffer(sq));
+}
+
+TEST(Preprocess, PadValueIsTheSameGreyAtEitherDepth) {
+  // One recipe, an 8-bit image and its exact 16-bit version (v * 257, as data.bit_depth 16
+  // widens 8-bit files): padding then widening equals widening then padding, and narrowing
+  // the padded 16-bit image (v / 257) gives the padded 8-bit one, so 8-bit files, 16-bit files
+  // and DICOMs (windowed to 8 or 16 bits) are padded alike. 255 was black on 16 bits before.
+  const cv::Mat g8 = make_image(30, 50, CV_8UC1, 0, 255, 11);
+  cv::Mat g16;
+  g8.convertTo(g16, CV_16U, 257.0);
+  for (int pad : {0, 1, 128, 255}) {
+    const PreprocessRecipe r =
+        recipe(R"([{"op":"resize","size":50,"keep_aspect":true,"pad_value":)" + std::to_string(pad) + "}]");
+    const cv::Mat p8 = apply(r, g8), p16 = apply(r, g16);
+    ASSERT_EQ(p16.size(), cv::Size(50, 50));
+    EXPECT_EQ(p16.at<uint16_t>(0, 0), pad * 257) << pad;
+    EXPECT_EQ(p8.at<uint8_t>(0, 0), pad) << pad;
+    cv::Mat widened, narrowed;
+    p8.convertTo(widened, CV_16U, 257.0);
+    p16.convertTo(narrowed, CV_8U, 1.0 / 257.0);
+    expect_same(widened, p16, "pad " + std::to_string(pad) + ": padded then widened");
+    expect_same(narrowed, p8, "pad " + std::to_string(pad) + ": padded then narrowed");
+  }
 }
 
 TEST(Preprocess, ContrastNormalizeStretchesToTheFullRangeAndKeepsConstantImages) {
@@ -351,7 +374,9 @@ TEST(Preprocess, RecipeErrorsNameTheSetting) {
   bad(R"([{"op":"resize","size":18446744073709551615}])", {"data.preprocess[0].size:", "integer"});
   bad(R"([{"op":"resize","size":9,"keep_aspect":1}])", {"data.preprocess[0].keep_aspect:", "true or false"});
   bad(R"([{"op":"resize","size":9,"pad_value":-1}])", {"data.preprocess[0].pad_value:", "-1"});
-  bad(R"([{"op":"resize","size":9,"pad_value":65536}])", {"data.preprocess[0].pad_value:", "65536"});
+  bad(R"([{"op":"resize","size":9,"pad_value":256}])",
+      {"data.preprocess[0].pad_value:", "[0, 255] (an 8-bit level at every depth", "pad_value * 257", "256"});
+  bad(R"([{"op":"resize","size":9,"pad_value":40000}])", {"data.preprocess[0].pad_value:", "40000"});
   bad(R"([{"op":"clahe","clip_limit":0}])", {"data.preprocess[0].clip_limit:", "> 0"});
   bad(R"([{"op":"clahe","clip_limit":"high"}])", {"data.preprocess[0].clip_limit:", "\"high\""});
   bad(R"([{"op":"clahe","tile_grid":0}])", {"data.preprocess[0].tile_grid:", "got 0"});
@@ -381,8 +406,6 @@ TEST(Preprocess, ApplyErrorsNameTheOpAndCause) {
   bad(R"([{"op":"gamma","gamma":0.5}])", cv::Mat(5, 5, CV_32FC1, cv::Scalar::all(1)), {"unsupported image CV_32FC1"});
   bad(R"([{"op":"gamma","gamma":0.5}])", cv::Mat(), {"data.preprocess[0] (gamma)", "empty"});
   bad(R"([{"op":"median_blur","ksize":7}])", gray16(), {"data.preprocess[0] (median_blur)", "ksize 7", "16-bit"});
-  bad(R"([{"op":"resize","size":8,"keep_aspect":true,"pad_value":300}])", gray8(),
-      {"data.preprocess[0] (resize)", "pad_value 300", "8-bit"});
   bad(R"([{"op":"to_rgb"},{"op":"clahe"}])", gray16(), {"data.preprocess[1] (clahe)", "16-bit RGB"});
 }
 
@@ -412,9 +435,17 @@ TEST(Preprocess, FingerprintIsStable) {
   EXPECT_TRUE(fp.size() == 20 && fp.rfind("pp1-", 0) == 0 &&
               fp.find_first_not_of("0123456789abcdef", 4) == std::string::npos)
       << fp;
-  // Pinned: a change here invalidates every preprocessed cache; bump kRecipeVersion instead
-  // of editing this value unless the op semantics are unchanged.
+  // Pinned: a change here invalidates every preprocessed cache; bump the changed op's version
+  // (op_version in data/preprocess.cpp) instead of editing this value unless the op
+  // semantics are unchanged.
   EXPECT_EQ(fp, "pp1-49af5546a3d05d71");
+  // Only recipes whose output changed are at a later version: a padding resize since pad_value
+  // became an 8-bit level at every depth (its packs go stale; the others stay valid).
+  EXPECT_EQ(recipe(R"([{"op":"resize","size":64,"keep_aspect":true,"pad_value":255}])").fingerprint().substr(0, 4),
+            "pp2-");
+  for (const char* unpadded : {R"([{"op":"resize","size":64,"keep_aspect":true}])",
+                               R"([{"op":"resize","size":64,"pad_value":255}])", R"([{"op":"clahe"}])", "[]"})
+    EXPECT_EQ(recipe(unpadded).fingerprint().substr(0, 4), "pp1-") << unpadded;
   // Key order, spelled-out defaults and 2 vs 2.0 do not matter.
   EXPECT_EQ(recipe(R"([{"tile_grid":8,"op":"clahe"}])").fingerprint(),
             recipe(R"([{"op":"clahe","clip_limit":2}])").fingerprint());
