@@ -21,6 +21,10 @@ int op_version(const PreprocessOp& op) {
   // 2: pad_value became an 8-bit level at every depth (16-bit images were padded with the raw
   // value, so 255 was black there).
   if (op.kind == Kind::resize && op.keep_aspect && op.pad_value != 0) return 2;
+  // 2: CLAHE on 16-bit gray images has the 8-bit operator's meaning (clahe16; cv::CLAHE at 16
+  // bits left most images nearly unchanged). 8-bit output is unchanged, but a pack cannot tell
+  // which depth its images went through the recipe at.
+  if (op.kind == Kind::clahe) return 2;
   return 1;
 }
 
@@ -223,7 +227,92 @@ void resize_op(const PreprocessOp& op, const cv::Mat& in, cv::Mat& out) {
                      cv::Scalar::all(pad));
 }
 
+// CLAHE on a 16-bit gray image with the meaning it has at 8 bits (preprocess.h). cv::CLAHE
+// at 16 bits histograms 65536 levels and scales the clip limit by that count, which leaves
+// most images nearly unchanged; here, as cv::CLAHE does at 8 bits: tiles (the image extended
+// by BORDER_REFLECT_101 when the grid does not divide it), a histogram of each tile over the
+// 256 8-bit levels (v / 257 rounded), clipped at max(1, int(clip_limit * tile pixels / 256))
+// with the excess spread evenly and its remainder one count at a time (every
+// max(1, 256 / remainder)-th level), and the cumulative count times 255 / tile pixels as the
+// tile's curve; each pixel bilinearly between its four nearest tiles' curves. Where the 8-bit
+// operator rounds the curve to whole levels and reads it at one level per pixel, this keeps it
+// unrounded and reads it between levels (v / 257 interpolated), so the detail within an 8-bit
+// level survives; on widened 8-bit content (v * 257) the result is the 8-bit operator's to
+// within one 8-bit level.
+cv::Mat clahe16(const cv::Mat& in, double clip_limit, int grid) {
+  constexpr int kLevels = 256;
+  cv::Mat src = in;
+  if (in.cols % grid != 0 || in.rows % grid != 0)  // as cv::CLAHE extends (a whole extra tile row when divisible)
+    cv::copyMakeBorder(in, src, 0, grid - in.rows % grid, 0, grid - in.cols % grid, cv::BORDER_REFLECT_101);
+  const int tw = src.cols / grid, th = src.rows / grid, total = tw * th;
+  const int clip = std::max(1, static_cast<int>(clip_limit * total / kLevels));
+  const auto level = [](uint16_t v) { return static_cast<int>((2u * v + 257u) / 514u); };  // round(v / 257)
+  std::vector<float> curves(static_cast<size_t>(grid) * grid * kLevels);
+  std::vector<int> hist(kLevels);
+  for (int ty = 0; ty < grid; ++ty)
+    for (int tx = 0; tx < grid; ++tx) {
+      std::fill(hist.begin(), hist.end(), 0);
+      for (int y = ty * th; y < (ty + 1) * th; ++y) {
+        const uint16_t* row = src.ptr<uint16_t>(y) + tx * tw;
+        for (int x = 0; x < tw; ++x) ++hist[static_cast<size_t>(level(row[x]))];
+      }
+      int clipped = 0;
+      for (int& h : hist)
+        if (h > clip) clipped += h - clip, h = clip;
+      const int batch = clipped / kLevels;
+      int residual = clipped - batch * kLevels;
+      for (int& h : hist) h += batch;
+      if (residual > 0) {
+        const int step = std::max(kLevels / residual, 1);
+        for (int i = 0; i < kLevels && residual > 0; i += step, --residual) ++hist[static_cast<size_t>(i)];
+      }
+      float* curve = curves.data() + (static_cast<size_t>(ty) * grid + tx) * kLevels;
+      const float scale = static_cast<float>(kLevels - 1) / static_cast<float>(total);
+      int sum = 0;
+      for (int i = 0; i < kLevels; ++i) sum += hist[static_cast<size_t>(i)], curve[i] = static_cast<float>(sum) * scale;
+    }
+  // A pixel's value on one tile's curve, in 8-bit units, between the levels around v / 257.
+  const auto on_curve = [](const float* curve, int i0, float frac) {
+    return i0 >= kLevels - 1 ? curve[kLevels - 1] : curve[i0] + (curve[i0 + 1] - curve[i0]) * frac;
+  };
+  cv::Mat out(in.size(), CV_16UC1);
+  const float inv_tw = 1.0f / static_cast<float>(tw), inv_th = 1.0f / static_cast<float>(th);
+  std::vector<int> tx1(static_cast<size_t>(in.cols)), tx2(static_cast<size_t>(in.cols));
+  std::vector<float> xa(static_cast<size_t>(in.cols));
+  for (int x = 0; x < in.cols; ++x) {
+    const float txf = static_cast<float>(x) * inv_tw - 0.5f;
+    const int t = static_cast<int>(std::floor(txf));
+    xa[static_cast<size_t>(x)] = txf - static_cast<float>(t);
+    tx1[static_cast<size_t>(x)] = std::max(t, 0), tx2[static_cast<size_t>(x)] = std::min(t + 1, grid - 1);
+  }
+  for (int y = 0; y < in.rows; ++y) {
+    const float tyf = static_cast<float>(y) * inv_th - 0.5f;
+    const int t = static_cast<int>(std::floor(tyf));
+    const float ya = tyf - static_cast<float>(t);
+    const float* row1 = curves.data() + static_cast<size_t>(std::max(t, 0)) * grid * kLevels;
+    const float* row2 = curves.data() + static_cast<size_t>(std::min(t + 1, grid - 1)) * grid * kLevels;
+    const uint16_t* s = in.ptr<uint16_t>(y);
+    uint16_t* d = out.ptr<uint16_t>(y);
+    for (int x = 0; x < in.cols; ++x) {
+      const float v = static_cast<float>(s[x]) / 257.0f;
+      const int i0 = static_cast<int>(v);
+      const float frac = v - static_cast<float>(i0);
+      const size_t a = static_cast<size_t>(tx1[static_cast<size_t>(x)]) * kLevels,
+                   b = static_cast<size_t>(tx2[static_cast<size_t>(x)]) * kLevels;
+      const float w = xa[static_cast<size_t>(x)];
+      const float top = on_curve(row1 + a, i0, frac) * (1 - w) + on_curve(row1 + b, i0, frac) * w;
+      const float bottom = on_curve(row2 + a, i0, frac) * (1 - w) + on_curve(row2 + b, i0, frac) * w;
+      d[x] = cv::saturate_cast<uint16_t>((top * (1 - ya) + bottom * ya) * 257.0f);
+    }
+  }
+  return out;
+}
+
 void clahe_op(const PreprocessOp& op, const cv::Mat& in, cv::Mat& out, const std::string& at) {
+  if (in.channels() == 1 && in.depth() == CV_16U) {
+    out = clahe16(in, op.clip_limit, op.tile_grid);
+    return;
+  }
   // A CLAHE object keeps scratch buffers between apply() calls: one per call keeps
   // concurrent applications independent.
   const cv::Ptr<cv::CLAHE> clahe = cv::createCLAHE(op.clip_limit, cv::Size(op.tile_grid, op.tile_grid));

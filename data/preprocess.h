@@ -12,11 +12,14 @@
 //       recipe pads 8-bit files, 16-bit files and DICOMs (windowed to 8 or 16 bits by
 //       data.bit_depth) alike.
 //   {"op":"clahe", "clip_limit":2.0, "tile_grid":8}
-//       cv::createCLAHE(clip_limit, tile_grid x tile_grid); gray images (8- or 16-bit)
-//       directly, RGB images on the L channel of Lab (8-bit only). OpenCV scales clip_limit by
-//       the histogram's size, 256 bins at 8 bits but 65536 at 16, so the same clip_limit
-//       enhances a 16-bit image (a 16-bit PNG; a DICOM at data.bit_depth 16) otherwise than
-//       its 8-bit version: tune it at the depth the images go through the recipe at.
+//       cv::createCLAHE(clip_limit, tile_grid x tile_grid) on 8-bit gray images, and on the L
+//       channel of Lab for RGB images (8-bit only). 16-bit gray images (a 16-bit PNG; a DICOM
+//       at data.bit_depth 16) get the same operator with the same meaning: tiles, clipping and
+//       redistribution over the 256 8-bit levels exactly as cv::CLAHE does at 8 bits, the
+//       tile curves kept unrounded and read between levels, so detail within a level
+//       survives; on widened 8-bit content it gives the 8-bit result to within one level.
+//       (cv::CLAHE itself, at 16 bits, histograms 65536 levels and divides clip_limit by that
+//       count: most images come out nearly unchanged.)
 //   {"op":"gamma", "gamma":1.0}
 //       out = round(max * (in / max)^gamma), max = 255 or 65535, as a lookup table.
 //   {"op":"median_blur", "ksize":3}          cv::medianBlur; odd ksize >= 3 (3 or 5 on 16-bit).

@@ -253,7 +253,7 @@ TEST(DataLoader, AugmentationChangesSamplesPerEpochAndFollowsAugmentH) {
 
   // Augmentation needs the 8-bit images.
   const ToyDataset toy({0, 1});
-  expect_error([&] { DataLoader l(toy, opt); }, {"data.augment", "8-bit"});
+  expect_error([&] { DataLoader l(toy, opt); }, {"data.augment", "8- or 16-bit pixels"});
 }
 
 TEST(DataLoader, BalancedAndOversampledClassFrequencies) {

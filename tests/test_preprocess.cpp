@@ -178,10 +178,12 @@ std::vector<OpCase> op_cases() {
   };
 }
 
-// Every op case on `img` equals its direct call, and leaves img's pixels untouched.
+// Every op case on `img` equals its direct call, and leaves img's pixels untouched. CLAHE on
+// 16-bit images is not cv::CLAHE's (Preprocess.Clahe16HasThe8BitMeaning checks it).
 void check_all_ops(const cv::Mat& img, const std::string& name) {
   const cv::Mat original = img.clone();
   for (const auto& c : op_cases()) {
+    if (img.depth() == CV_16U && std::string(c.json).find("clahe") != std::string::npos) continue;
     const cv::Mat got = apply(recipe(std::string("[") + c.json + "]"), img);
     expect_same(got, c.direct(img), name + " " + c.json);
     expect_same(img, original, name + " input after " + c.json);
@@ -352,6 +354,57 @@ TEST(Preprocess, OpsEqualDirectOpenCVOnRealImages) {
   check_all_ops(cxr16, "cxr 16-bit");
 }
 
+// CLAHE on 16-bit gray images has its 8-bit meaning (data/preprocess.h): on widened 8-bit
+// content (v * 257, as data.bit_depth 16 widens 8-bit files) it is cv::CLAHE's 8-bit result to
+// within one level, for several clip limits and grids, sizes the grid divides and sizes it
+// does not; and it keeps the detail within an 8-bit level, which the 8-bit operator cannot.
+TEST(Preprocess, Clahe16HasThe8BitMeaning) {
+  std::vector<std::pair<std::string, cv::Mat>> inputs = {{"gray8", gray8()},
+                                                         {"64x64", make_image(64, 64, CV_8UC1, 30, 90, 12)},
+                                                         {"noise", make_image(50, 41, CV_8UC1, 0, 255, 13)}};
+  const auto real = real_images();
+  if (!real.empty()) inputs.emplace_back(real[0].name, real[0].image);
+  for (const auto& [name, g8] : inputs)
+    for (const auto& [clip, grid] : std::vector<std::pair<double, int>>{{2.0, 8}, {4.5, 3}, {1.0, 5}, {40.0, 2}}) {
+      const std::string what = name + " clip " + std::to_string(clip) + " grid " + std::to_string(grid);
+      const std::string json = R"([{"op":"clahe","clip_limit":)" + std::to_string(clip) +
+                               R"(,"tile_grid":)" + std::to_string(grid) + "}]";
+      cv::Mat g16;
+      g8.convertTo(g16, CV_16U, 257.0);
+      const cv::Mat want = direct_clahe(g8, clip, grid), got = apply(recipe(json), g16);
+      ASSERT_EQ(got.type(), CV_16UC1) << what;
+      ASSERT_EQ(got.size(), g8.size()) << what;
+      double sum = 0;
+      int worst = 0;
+      for (int y = 0; y < got.rows; ++y)
+        for (int x = 0; x < got.cols; ++x) {
+          const int d = std::abs(static_cast<int>(std::lround(got.at<uint16_t>(y, x) / 257.0)) - want.at<uint8_t>(y, x));
+          worst = std::max(worst, d), sum += d;
+        }
+      EXPECT_LE(worst, 1) << what;
+      EXPECT_LT(sum / static_cast<double>(got.total()), 0.5) << what;
+      // And it enhances as much as the 8-bit operator: not cv::CLAHE's 16-bit near no-op.
+      EXPECT_GT(cv::norm(want, g8, cv::NORM_L1), 0) << what;
+    }
+  // Detail within a level: a ramp over 2000 16-bit values (8 8-bit levels), one tile. The
+  // output rises with the input (one curve, read between levels) through far more than the
+  // 8 or so values an 8-bit result can take.
+  cv::Mat ramp(40, 50, CV_16UC1);
+  for (int i = 0; i < 2000; ++i) ramp.at<uint16_t>(i / 50, i % 50) = static_cast<uint16_t>(30000 + i);
+  const cv::Mat out = apply(recipe(R"([{"op":"clahe","clip_limit":2.0,"tile_grid":1}])"), ramp);
+  std::vector<uint16_t> seen;
+  for (int i = 0; i < 2000; ++i) {
+    const uint16_t v = out.at<uint16_t>(i / 50, i % 50);
+    if (i > 0) {
+      ASSERT_GE(v, out.at<uint16_t>((i - 1) / 50, (i - 1) % 50)) << i;
+    }
+    seen.push_back(v);
+  }
+  std::sort(seen.begin(), seen.end());
+  EXPECT_GT(std::unique(seen.begin(), seen.end()) - seen.begin(), 500);
+  EXPECT_GT(out.at<uint16_t>(39, 49) - out.at<uint16_t>(0, 0), 2000);  // stretched, as CLAHE does
+}
+
 // ---- errors ----------------------------------------------------------------------------------
 
 TEST(Preprocess, RecipeErrorsNameTheSetting) {
@@ -432,20 +485,22 @@ TEST(Preprocess, ToJsonIsCanonicalAndRoundTrips) {
 
 TEST(Preprocess, FingerprintIsStable) {
   const std::string fp = recipe(kExampleRecipe).fingerprint();
-  EXPECT_TRUE(fp.size() == 20 && fp.rfind("pp1-", 0) == 0 &&
+  EXPECT_TRUE(fp.size() == 20 && fp.rfind("pp2-", 0) == 0 &&
               fp.find_first_not_of("0123456789abcdef", 4) == std::string::npos)
       << fp;
   // Pinned: a change here invalidates every preprocessed cache; bump the changed op's version
   // (op_version in data/preprocess.cpp) instead of editing this value unless the op
   // semantics are unchanged.
-  EXPECT_EQ(fp, "pp1-49af5546a3d05d71");
+  EXPECT_EQ(fp, "pp2-90da70d5e9bc4812");
   // Only recipes whose output changed are at a later version: a padding resize since pad_value
-  // became an 8-bit level at every depth (its packs go stale; the others stay valid).
-  EXPECT_EQ(recipe(R"([{"op":"resize","size":64,"keep_aspect":true,"pad_value":255}])").fingerprint().substr(0, 4),
-            "pp2-");
-  for (const char* unpadded : {R"([{"op":"resize","size":64,"keep_aspect":true}])",
-                               R"([{"op":"resize","size":64,"pad_value":255}])", R"([{"op":"clahe"}])", "[]"})
-    EXPECT_EQ(recipe(unpadded).fingerprint().substr(0, 4), "pp1-") << unpadded;
+  // became an 8-bit level at every depth, CLAHE since it has its 8-bit meaning on 16-bit
+  // images (their packs go stale; the others stay valid).
+  for (const char* changed : {R"([{"op":"resize","size":64,"keep_aspect":true,"pad_value":255}])",
+                              R"([{"op":"clahe"}])", R"([{"op":"gamma"},{"op":"clahe","tile_grid":4}])"})
+    EXPECT_EQ(recipe(changed).fingerprint().substr(0, 4), "pp2-") << changed;
+  for (const char* unchanged : {R"([{"op":"resize","size":64,"keep_aspect":true}])",
+                                R"([{"op":"resize","size":64,"pad_value":255}])", R"([{"op":"gamma"}])", "[]"})
+    EXPECT_EQ(recipe(unchanged).fingerprint().substr(0, 4), "pp1-") << unchanged;
   // Key order, spelled-out defaults and 2 vs 2.0 do not matter.
   EXPECT_EQ(recipe(R"([{"tile_grid":8,"op":"clahe"}])").fingerprint(),
             recipe(R"([{"op":"clahe","clip_limit":2}])").fingerprint());
