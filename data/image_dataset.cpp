@@ -13,21 +13,6 @@
 
 namespace lancet {
 
-namespace {
-// Bytes of one cached image.
-size_t image_bytes(const ImageLoadOptions& opt) {
-  return static_cast<size_t>(opt.image_size) * static_cast<size_t>(opt.image_size) *
-         static_cast<size_t>(opt.channels) * static_cast<size_t>(opt.bit_depth / 8);
-}
-
-// A decoded sample at the dataset's depth, resized to its size and channels, as bytes.
-std::vector<uint8_t> resized(const DecodedImage& img, const ImageLoadOptions& opt) {
-  LANCET_CHECK(img.bits == opt.bit_depth,
-               "a " << img.bits << "-bit image where data.bit_depth is " << opt.bit_depth);
-  return resize_image(img, opt.channels, opt.image_size);
-}
-}  // namespace
-
 BadSample parse_bad_sample(const std::string& s) {
   if (s == "error") return BadSample::error;
   if (s == "skip") return BadSample::skip;
@@ -44,7 +29,7 @@ CachedImageDataset::CachedImageDataset(std::vector<uint8_t> pixels, std::vector<
       skipped_(std::move(skipped)),
       opt_(opt) {
   check_load_options(opt_);
-  per_ = image_bytes(opt_);
+  per_ = image_bytes(opt_.image_size, opt_.image_size, opt_.channels, opt_.bit_depth);
   LANCET_CHECK(pixels_.size() == labels_.size() * per_ && names_.size() == labels_.size(),
                "CachedImageDataset: " << pixels_.size() << " bytes of pixels and " << names_.size() << " names for "
                                       << labels_.size() << " labels of " << per_ << "-byte images");
@@ -64,7 +49,7 @@ CachedImageDataset::CachedImageDataset(SampleSource source, std::vector<int64_t>
       source_(std::move(source)) {
   check_load_options(opt_);
   LANCET_CHECK(source_, "CachedImageDataset: streaming without a sample source");
-  per_ = image_bytes(opt_);
+  per_ = image_bytes(opt_.image_size, opt_.image_size, opt_.channels, opt_.bit_depth);
   LANCET_CHECK(names_.size() == labels_.size(),
                "CachedImageDataset: " << names_.size() << " names for " << labels_.size() << " labels");
   const int64_t k = static_cast<int64_t>(class_names_.size());
@@ -83,7 +68,7 @@ std::vector<uint8_t> CachedImageDataset::image(int64_t i) const {
     const uint8_t* p = pixels(i);
     return std::vector<uint8_t>(p, p + per_);
   }
-  return resized(source_(i), opt_);
+  return resize_image(source_(i), opt_);
 }
 
 void CachedImageDataset::get(int64_t i, float* out) const {
@@ -132,7 +117,7 @@ std::unique_ptr<CachedImageDataset> build(int64_t n, const std::function<Decoded
                  "streamed dataset stops at the first bad file it reads");
     return std::make_unique<CachedImageDataset>(decode, std::move(labels), std::move(classes), std::move(names), opt);
   }
-  const size_t per = image_bytes(opt);
+  const size_t per = image_bytes(opt.image_size, opt.image_size, opt.channels, opt.bit_depth);
   std::vector<uint8_t> pixels(static_cast<size_t>(n) * per);
   std::vector<std::string> errors(static_cast<size_t>(n));
   std::vector<char> bad(static_cast<size_t>(n), 0);
@@ -140,7 +125,7 @@ std::unique_ptr<CachedImageDataset> build(int64_t n, const std::function<Decoded
     for (int64_t i = b; i < e; ++i) {
       const size_t u = static_cast<size_t>(i);
       try {  // exceptions must not escape an OpenMP region
-        const std::vector<uint8_t> r = resized(decode(i), opt);
+        const std::vector<uint8_t> r = resize_image(decode(i), opt);
         std::copy(r.begin(), r.end(), pixels.begin() + static_cast<std::ptrdiff_t>(u * per));
       } catch (const std::exception& ex) {
         bad[u] = 1;
@@ -228,8 +213,7 @@ std::unique_ptr<CachedImageDataset> load_pack(const std::string& path, const std
   }
   PackSplit p = read_pack_split(path, split, opt, note);
   for (int64_t i = 0; i < p.n; ++i) names.push_back(path + ":" + split + "[" + std::to_string(i) + "]");
-  const size_t per = static_cast<size_t>(p.size) * static_cast<size_t>(p.size) * static_cast<size_t>(p.channels) *
-                     static_cast<size_t>(p.bits / 8);
+  const size_t per = image_bytes(p.size, p.size, p.channels, p.bits);
   if (p.size == opt.image_size && p.channels == opt.channels)  // as stored: nothing to convert
     return std::make_unique<CachedImageDataset>(std::move(p.pixels), std::move(p.labels), std::move(p.classes),
                                                 std::move(names), opt);

@@ -107,8 +107,7 @@ std::vector<uint8_t> resize_mat(cv::Mat m, int channels, int size) {
 cv::Mat image_mat(const DecodedImage& img) {
   LANCET_CHECK(img.bits == 8 || img.bits == 16, "image depth must be 8 or 16 bits, got " << img.bits);
   LANCET_CHECK(img.channels == 1 || img.channels == 3, "image channels must be 1 or 3, got " << img.channels);
-  const size_t bytes = static_cast<size_t>(img.rows) * static_cast<size_t>(img.cols) *
-                       static_cast<size_t>(img.channels) * static_cast<size_t>(img.bits / 8);
+  const size_t bytes = image_bytes(img.rows, img.cols, img.channels, img.bits);
   LANCET_CHECK(img.rows > 0 && img.cols > 0 && img.pixels.size() == bytes,
                "image of " << img.rows << "x" << img.cols << "x" << img.channels << " at " << img.bits << " bits holds "
                            << img.pixels.size() << " bytes");
@@ -415,6 +414,16 @@ std::vector<uint8_t> resize_image(const uint8_t* pixels, int height, int width, 
 
 std::vector<uint8_t> resize_image(const DecodedImage& img, int channels, int size) {
   return resize_mat(image_mat(img), channels, size);
+}
+
+std::vector<uint8_t> resize_image(const DecodedImage& img, const ImageLoadOptions& opt) {
+  LANCET_CHECK(img.bits == opt.bit_depth, "a " << img.bits << "-bit image where data.bit_depth is " << opt.bit_depth);
+  return resize_image(img, opt.channels, opt.image_size);
+}
+
+size_t image_bytes(int64_t rows, int64_t cols, int channels, int bits) {
+  return static_cast<size_t>(rows) * static_cast<size_t>(cols) * static_cast<size_t>(channels) *
+         static_cast<size_t>(bits / 8);
 }
 
 std::unique_ptr<InMemoryDataset> load_image_dataset(const std::string& dir, const std::string& split,

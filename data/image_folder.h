@@ -132,6 +132,11 @@ std::vector<uint8_t> resize_image(const uint8_t* pixels, int height, int width, 
                                   int size);
 // The same for an image of either depth: size x size x channels samples at img.bits, as bytes.
 std::vector<uint8_t> resize_image(const DecodedImage& img, int channels, int size);
+// resize_image to opt.channels and opt.image_size, for an image decoded at opt.bit_depth
+// (throws when img.bits differs).
+std::vector<uint8_t> resize_image(const DecodedImage& img, const ImageLoadOptions& opt);
+// Bytes of a rows x cols x channels image at `bits` (8 or 16).
+size_t image_bytes(int64_t rows, int64_t cols, int channels, int bits);
 
 // 8-bit pixels as bit_depth 16 keeps them: v * 257 (exact: 0 -> 0, 255 -> 65535).
 DecodedImage widen_to_16_bits(DecodedImage img);

@@ -240,7 +240,7 @@ std::vector<PackSplitSummary> write_pack(const std::string& source, const std::s
   for (const auto& f : remove_stale_temp_files_of(out))
     if (opt.log) *opt.log << "prep: removed " << f << " (left by a killed prep)\n";
   const int S = opt.load.image_size, C = opt.load.channels, bits = opt.load.bit_depth;
-  const int64_t per = static_cast<int64_t>(S) * S * C * (bits / 8);  // bytes an image
+  const int64_t per = static_cast<int64_t>(image_bytes(S, S, C, bits));
   H5File f = H5File::create_atomic(out);  // discarded (temporary file deleted) unless committed
   std::vector<std::string> classes;
   std::vector<PackSplitSummary> summary;
@@ -274,10 +274,7 @@ std::vector<PackSplitSummary> write_pack(const std::string& source, const std::s
       parallel_for(bn, 1, [&](int64_t begin, int64_t end) {
         for (int64_t j = begin; j < end; ++j) {
           try {  // exceptions must not escape an OpenMP region
-            const DecodedImage img = s.decode(b0 + j);
-            LANCET_CHECK(img.bits == bits, s.names[static_cast<size_t>(b0 + j)]
-                                               << ": decoded at " << img.bits << " bits, not " << bits);
-            const std::vector<uint8_t> px = resize_image(img, C, S);
+            const std::vector<uint8_t> px = resize_image(s.decode(b0 + j), opt.load);
             std::memcpy(block.data() + j * per, px.data(), px.size());
           } catch (const std::exception& e) {
             errors[static_cast<size_t>(j)] = e.what();
@@ -417,7 +414,7 @@ PackSplit read_split(const std::string& path, const std::string& split, const Im
   out.bits = bits;
   out.classes = info.classes;
   uint64_t h = kFnvOffset;
-  const int64_t per = static_cast<int64_t>(S) * S * C * (bits / 8);  // bytes an image
+  const int64_t per = static_cast<int64_t>(image_bytes(S, S, C, bits));
   if (keep_pixels) {
     out.pixels.resize(static_cast<size_t>(out.n * per));
     f.read_rows(images, 0, out.n, elem_of(bits), out.pixels.data());
@@ -470,7 +467,7 @@ PackSplit check_pack_split(const std::string& path, const std::string& split, co
 std::unique_ptr<InMemoryDataset> load_pack_dataset(const std::string& path, const std::string& split,
                                                    const ImageLoadOptions& opt, std::string* note) {
   PackSplit p = read_pack_split(path, split, opt, note);
-  const int64_t n = p.n, per = static_cast<int64_t>(p.size) * p.size * p.channels * (p.bits / 8);
+  const int64_t n = p.n, per = static_cast<int64_t>(image_bytes(p.size, p.size, p.channels, p.bits));
   const int64_t s = opt.image_size;
   const int64_t out_per = opt.channels * s * s;
   Tensor t = Tensor::empty({n, opt.channels, s, s});
@@ -518,7 +515,7 @@ DecodedImage PackReader::image(const std::string& split, int64_t i) const {
   img.rows = img.cols = info_.image_size;
   img.channels = info_.channels;
   img.bits = info_.bit_depth;
-  img.pixels.resize(static_cast<size_t>(img.rows) * img.cols * img.channels * (img.bits / 8));
+  img.pixels.resize(image_bytes(img.rows, img.cols, img.channels, img.bits));
   impl_->file.read_rows(split + "/images", i, 1, elem_of(img.bits), img.pixels.data());
   return img;
 }
