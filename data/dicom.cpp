@@ -152,6 +152,7 @@ uint16_t need_u16(DcmDataset* ds, const DcmTagKey& tag, const char* name, const 
 DicomFrame read_dicom_frame(const std::string& path) {
   init_dcmtk();
   std::error_code ec;
+  LANCET_CHECK(!std::filesystem::is_directory(path, ec), path << ": a directory, not a DICOM file");
   LANCET_CHECK(std::filesystem::is_regular_file(path, ec), path << ": cannot read: no such file");
   DcmFileFormat ff;
   OFCondition st = ff.loadFile(path.c_str(), EXS_Unknown, EGL_noChange, DCM_MaxReadLength, ERM_autoDetect);

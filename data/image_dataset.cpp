@@ -1,7 +1,6 @@
 #include "data/image_dataset.h"
 
 #include <algorithm>
-#include <filesystem>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -178,13 +177,12 @@ std::unique_ptr<CachedImageDataset> load_npz(const std::string& path, const std:
     LANCET_FAIL(path << ": no split '" << split << "' (needs members " << split << "_images and " << split
                      << "_labels; splits present: " << (present.empty() ? "none" : present) << ")");
   }
-  int64_t num_classes = 0;
-  std::vector<int64_t> labels = read_npz_labels(npz, split, &num_classes);
+  std::vector<std::string> classes, names;
+  std::vector<int64_t> labels = read_npz_labels(npz, split, opt.classes, &classes);
   auto images = std::make_shared<const NpyArray>(read_npz_images(npz, split));
   const int64_t n = images->shape[0];
   LANCET_CHECK(n == static_cast<int64_t>(labels.size()),
                path << ": " << n << " images but " << labels.size() << " labels in split '" << split << "'");
-  std::vector<std::string> classes = index_class_names(path, num_classes, opt.classes), names;
   const std::string where = path + ":" + split + "_images";
   for (int64_t i = 0; i < n; ++i) names.push_back(where + "[" + std::to_string(i) + "]");
   return build(
@@ -236,14 +234,12 @@ std::unique_ptr<CachedImageDataset> load_pack(const std::string& path, const std
 std::unique_ptr<CachedImageDataset> load_cached_dataset(const std::string& source, const std::string& split,
                                                         const ImageLoadOptions& opt, BadSample on_bad,
                                                         std::string* note, bool stream) {
-  namespace fs = std::filesystem;
   check_load_options(opt);
-  std::error_code ec;
-  if (fs::is_directory(source, ec)) return load_folder(source, split, opt, on_bad, stream);
-  LANCET_CHECK(fs::exists(source, ec), source << ": no such dataset (a folder, an .npz or a pack .h5)");
-  if (is_pack_path(source)) return load_pack(source, split, opt, on_bad, note, stream);
-  LANCET_CHECK(fs::path(source).extension() == ".npz",
-               source << ": not a dataset (expected a folder, a MedMNIST-style .npz or a pack .h5 from lancet prep)");
+  switch (source_kind(source)) {
+    case SourceKind::folder: return load_folder(source, split, opt, on_bad, stream);
+    case SourceKind::pack: return load_pack(source, split, opt, on_bad, note, stream);
+    case SourceKind::npz: break;
+  }
   return load_npz(source, split, opt, on_bad, stream);
 }
 

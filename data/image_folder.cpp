@@ -131,12 +131,6 @@ void preprocess_image(const uint8_t* pixels, int height, int width, int in_chann
   preprocess_mat(cv::Mat(height, width, CV_8UC(in_channels), const_cast<uint8_t*>(pixels)), opt, out);
 }
 
-void preprocess_image(const uint16_t* pixels, int height, int width, int in_channels, const ImageLoadOptions& opt,
-                      float* out) {
-  LANCET_CHECK(in_channels == 1 || in_channels == 3, "preprocess_image: in_channels must be 1 or 3");
-  preprocess_mat(cv::Mat(height, width, CV_16UC(in_channels), const_cast<uint16_t*>(pixels)), opt, out);
-}
-
 void preprocess_image_bytes(const uint8_t* bytes, int bits, int height, int width, int in_channels,
                             const ImageLoadOptions& opt, float* out) {
   LANCET_CHECK(bits == 8 || bits == 16, "preprocess_image: depth must be 8 or 16 bits, got " << bits);
@@ -195,13 +189,28 @@ std::string index_list_text(const std::vector<int64_t>& v) {
   return s;
 }
 
-std::vector<ImageItem> read_manifest(const fs::path& dir, const std::string& split, std::vector<std::string>* classes,
-                                     const std::vector<std::string>& declared) {
-  const std::string mpath = (dir / "manifest.csv").string();
+// The rows of <dir>/manifest.csv, checked: a header naming path and label (and split), every
+// row with as many columns and a path and a label.
+struct Manifest {
+  struct Row {
+    std::string path, label, split;  // split "" when the manifest has no split column
+    int line;
+  };
+  std::string file;
+  bool has_split = false;
+  std::vector<Row> rows;
+};
+
+Manifest read_manifest_rows(const fs::path& dir) {
+  Manifest m;
+  m.file = (dir / "manifest.csv").string();
+  const std::string& mpath = m.file;
   std::ifstream in(mpath);
   LANCET_CHECK(in, mpath << ": cannot read: " << std::strerror(errno));
   std::string line;
   LANCET_CHECK(std::getline(in, line), mpath << ": empty manifest (expected a header row path,label[,split])");
+  // Excel's "CSV UTF-8" starts the file with a byte-order mark, which would hide the first name.
+  if (line.compare(0, 3, "\xEF\xBB\xBF") == 0) line.erase(0, 3);
   const std::vector<std::string> header = split_csv(line);
   int ip = -1, il = -1, is = -1;
   for (size_t i = 0; i < header.size(); ++i) {
@@ -213,21 +222,34 @@ std::vector<ImageItem> read_manifest(const fs::path& dir, const std::string& spl
   }
   LANCET_CHECK(ip >= 0 && il >= 0, mpath << ":1: the header must name the columns path,label[,split], got '"
                                          << trim(line) << "'");
-  LANCET_CHECK(split.empty() || is >= 0, mpath << ": no split column, so split '" << split << "' cannot be selected");
+  m.has_split = is >= 0;
   const size_t need = static_cast<size_t>(std::max({ip, il, is})) + 1;
-  struct Row {
-    std::string path, label;
-    bool selected;
-    int line;
-  };
-  std::vector<Row> rows;
   for (int ln = 2; std::getline(in, line); ++ln) {
     if (trim(line).empty()) continue;
     const std::vector<std::string> f = split_csv(line);
     LANCET_CHECK(f.size() >= need, mpath << ":" << ln << ": expected " << need << " columns, got " << f.size());
     LANCET_CHECK(!f[ip].empty() && !f[il].empty(), mpath << ":" << ln << ": empty path or label");
-    rows.push_back({f[ip], f[il], split.empty() || f[is] == split, ln});
+    m.rows.push_back({f[ip], f[il], is >= 0 ? f[is] : std::string(), ln});
   }
+  return m;
+}
+
+// The distinct values of the manifest's split column, sorted.
+std::vector<std::string> split_values(const Manifest& m) {
+  std::set<std::string> s;
+  for (const auto& r : m.rows) s.insert(r.split);
+  return {s.begin(), s.end()};
+}
+
+std::vector<ImageItem> read_manifest(const fs::path& dir, const std::string& split, std::vector<std::string>* classes,
+                                     const std::vector<std::string>& declared) {
+  const Manifest m = read_manifest_rows(dir);
+  const std::string& mpath = m.file;
+  LANCET_CHECK(split.empty() || m.has_split, mpath << ": no split column, so split '" << split
+                                                   << "' cannot be selected: add a split column (path,label,split), "
+                                                      "or select every row with an empty split name");
+  using Row = Manifest::Row;
+  const std::vector<Row>& rows = m.rows;
   // The class list comes from every row, so that all splits of one manifest agree on it.
   // Declared names win over indices: labels are indices only when they are not all names.
   const auto declared_index = [&](const std::string& label) {
@@ -272,14 +294,16 @@ std::vector<ImageItem> read_manifest(const fs::path& dir, const std::string& spl
   }
   std::vector<ImageItem> items;
   for (const Row& r : rows) {
-    if (!r.selected) continue;
+    if (!split.empty() && r.split != split) continue;
     const int64_t label = named     ? declared_index(r.label)
                           : numeric ? std::stoll(r.label)
                                     : std::lower_bound(classes->begin(), classes->end(), r.label) - classes->begin();
     const fs::path p(r.path);
     items.push_back({(p.is_absolute() ? p : dir / p).string(), label});
   }
-  LANCET_CHECK(!items.empty(), mpath << ": no rows" << (split.empty() ? "" : " with split '" + split + "'"));
+  LANCET_CHECK(!items.empty(), mpath << ": no rows" << (split.empty() ? "" : " with split '" + split + "'")
+                                     << (split.empty() ? "" : " (its split column has " +
+                                                                  class_list_text(split_values(m)) + ")"));
   return items;
 }
 
@@ -310,9 +334,17 @@ std::vector<ImageItem> read_folders(const fs::path& dir, const std::string& spli
   for (size_t k = 0; k < classes->size(); ++k) {
     const fs::path cdir = root / (*classes)[k];
     if (!std::binary_search(folders.begin(), folders.end(), (*classes)[k])) continue;  // declared, no folder
-    std::vector<std::string> files;
-    for (const auto& e : fs::directory_iterator(cdir))
+    std::vector<std::string> files, subfolders;
+    for (const auto& e : fs::directory_iterator(cdir)) {
       if (e.is_regular_file() && is_image_file(e.path())) files.push_back(e.path().string());
+      if (e.is_directory()) subfolders.push_back(e.path().filename().string());
+    }
+    // <dir>/<split>/<class>/ read without a split: the split folders look like empty classes.
+    std::sort(subfolders.begin(), subfolders.end());
+    LANCET_CHECK(!files.empty() || subfolders.empty() || !split.empty(),
+                 cdir.string() << ": no images, only the sub-folders " << class_list_text(subfolders)
+                               << ": if '" << (*classes)[k] << "' is a split of " << dir.string()
+                               << ", select it (data.train_split, data.val_split, lancet eval --split)");
     LANCET_CHECK(!files.empty(), cdir.string() << ": empty class folder (no .png/.jpg/.jpeg/.bmp/.tif/.tiff/.dcm/.dicom images)");
     std::sort(files.begin(), files.end());
     for (auto& f : files) items.push_back({std::move(f), static_cast<int64_t>(k)});
@@ -351,6 +383,8 @@ bool jpeg_has_eoi(const std::vector<uint8_t>& b) {
 }  // namespace
 
 DecodedImage decode_image_file(const std::string& file, const ImageLoadOptions& opt) {
+  std::error_code ec;
+  LANCET_CHECK(!fs::is_directory(file, ec), file << ": a directory, not an image file");
   cv::Mat img;
   DicomPixels px;  // a DICOM's pixels, which img views
   if (is_dicom_path(file)) {
@@ -370,6 +404,10 @@ DecodedImage decode_image_file(const std::string& file, const ImageLoadOptions& 
     LANCET_CHECK(!bytes.empty(), file << ": empty file");
     const bool jpeg = bytes.size() >= 3 && bytes[0] == 0xFF && bytes[1] == 0xD8 && bytes[2] == 0xFF;
     LANCET_CHECK(!jpeg || jpeg_has_eoi(bytes), file << ": truncated JPEG (no end-of-image marker)");
+    // DICOM files are told by their name (exported series often have none: IM0001, or UIDs).
+    const bool dicom = bytes.size() >= 132 && std::memcmp(bytes.data() + 128, "DICM", 4) == 0;
+    LANCET_CHECK(!dicom, file << ": a DICOM file without the .dcm or .dicom extension that DICOM files are read by "
+                                 "(rename it, or its manifest path)");
     try {
       img = cv::imdecode(bytes, cv::IMREAD_ANYDEPTH | cv::IMREAD_ANYCOLOR);
     } catch (const cv::Exception& e) {
@@ -397,6 +435,11 @@ DecodedImage decode_image_file(const std::string& file, const ImageLoadOptions& 
   if (opt.bit_depth == 8 && img.depth() == CV_16U) img.convertTo(img, CV_8U, 1.0 / 257.0);
   if (opt.bit_depth == 16 && img.depth() == CV_8U) img.convertTo(img, CV_16U, 257.0);
   return from_mat(img);
+}
+
+std::vector<std::string> manifest_splits(const std::string& dir) {
+  const Manifest m = read_manifest_rows(dir);
+  return m.has_split ? split_values(m) : std::vector<std::string>{};
 }
 
 std::vector<ImageItem> list_images(const std::string& dir, const std::string& split, std::vector<std::string>* classes,

@@ -2,12 +2,14 @@
 //
 // Two layouts (the first that applies wins):
 //   1. <dir>/manifest.csv: a header row naming the columns path,label[,split] (any order,
-//      extra columns ignored). path is relative to <dir> (or absolute). label is a class
-//      name — the class list is the sorted unique names over ALL rows of the manifest, so
-//      every split agrees on the indices — or, when every label is a non-negative integer,
-//      the class index itself (class names "0".."max"; every index in 0..max must have a
-//      row: a class without images would be a model output that never trains, so a gap —
-//      labels {0, 5} — is refused naming the missing indices).
+//      extra columns ignored; a UTF-8 byte-order mark before it is skipped). path is relative
+//      to <dir> (or absolute). label is a class name — the class list is the sorted unique
+//      names over ALL rows of the manifest, so every split agrees on the indices — or, when
+//      every label is a non-negative integer, the class index itself (class names
+//      "0".."max"; every index in 0..max must have a row: a class without images would be a
+//      model output that never trains, so a gap — labels {0, 5} — is refused naming the
+//      missing indices). A split named that no row has is refused listing the split column's
+//      values.
 //   2. Class sub-folders: <dir>/<class>/*.{png,jpg,jpeg,bmp,tif,tiff,dcm,dicom}
 //      (case-insensitive), or <dir>/<split>/<class>/... when split is non-empty. Classes are
 //      the sorted folder names; files are taken in sorted name order.
@@ -67,6 +69,13 @@ struct ImageLoadOptions {
 std::unique_ptr<InMemoryDataset> load_image_dataset(const std::string& dir, const std::string& split,
                                                     const ImageLoadOptions& opt);
 
+// What a source path (data.dir) names: a folder (class sub-folders or manifest.csv), a MedMNIST
+// .npz, or a pack .h5 / .hdf5 from lancet prep. Throws "<source>: <reason>" for anything else:
+// a missing path, a manifest.csv named instead of its folder, another file. Defined in
+// data/source.cpp.
+enum class SourceKind { folder, npz, pack };
+SourceKind source_kind(const std::string& source);
+
 // Any source by what its path names: a folder (load_image_dataset), a MedMNIST .npz
 // (data/npz.h, load_npz_dataset) or a pack .h5 written by lancet prep (data/pack.h,
 // load_pack_dataset: `note` receives a line saying which recipe and hash were verified).
@@ -80,11 +89,8 @@ std::unique_ptr<InMemoryDataset> load_dataset(const std::string& source, const s
 // (S = opt.image_size, CHW) to `out`: (pixel / 255 - mean) / std.
 void preprocess_image(const uint8_t* pixels, int height, int width, int in_channels, const ImageLoadOptions& opt,
                       float* out);
-// The same for 16-bit pixels (bit_depth 16): gray conversion and resize at 16 bits, then
-// (pixel / 65535 - mean) / std.
-void preprocess_image(const uint16_t* pixels, int height, int width, int in_channels, const ImageLoadOptions& opt,
-                      float* out);
-// Either of the above by `bits` (8 or 16): `bytes` holds uint8 or native-endian uint16 samples.
+// The same at either depth: `bytes` holds uint8 samples (bits 8) or native-endian uint16 ones
+// (bits 16: gray conversion and resize at 16 bits, then (pixel / 65535 - mean) / std).
 void preprocess_image_bytes(const uint8_t* bytes, int bits, int height, int width, int in_channels,
                             const ImageLoadOptions& opt, float* out);
 
@@ -98,6 +104,10 @@ struct ImageItem {
 // Same errors as load_image_dataset for the layout and the labels.
 std::vector<ImageItem> list_images(const std::string& dir, const std::string& split, std::vector<std::string>* classes,
                                    const std::vector<std::string>& declared = {});
+
+// The distinct values of <dir>/manifest.csv's split column, sorted; empty when it has none.
+// Throws as list_images for a bad manifest.
+std::vector<std::string> manifest_splits(const std::string& dir);
 
 // The class names of a source whose labels are class indices 0..num_classes-1 (a MedMNIST
 // .npz): `declared` when given, else "0".."num_classes-1". Throws "<where>: label <k> is not
@@ -119,8 +129,9 @@ struct DecodedImage {
 // The per-file step of load_image_dataset before preprocess_image: decodes any supported file
 // (DICOM through data/dicom.h with opt.dicom_window), converts to gray or RGB, applies
 // opt.recipe, and brings the result to opt.bit_depth (above). Throws "<file>: <reason>":
-// unreadable or empty, not decodable, a JPEG without its end-of-image marker (truncated:
-// OpenCV would decode it and fill the missing rows), a depth other than 8 or 16 bits.
+// unreadable or empty, a directory, not decodable, a JPEG without its end-of-image marker
+// (truncated: OpenCV would decode it and fill the missing rows), a depth other than 8 or 16
+// bits, a DICOM file (DICM at byte 128) named without .dcm or .dicom.
 DecodedImage decode_image_file(const std::string& file, const ImageLoadOptions& opt);
 
 // The geometric part of preprocess_image: the pixels converted to `channels` (RGB -> gray

@@ -9,6 +9,7 @@
 #include <limits>
 #include <mutex>
 #include <opencv2/core.hpp>
+#include <set>
 #include <sstream>
 
 #include "kernels/error.h"
@@ -340,15 +341,30 @@ NpyArray read_npz_images(const NpzFile& npz, const std::string& split) {
   return images;
 }
 
-std::vector<int64_t> read_npz_labels(const NpzFile& npz, const std::string& split, int64_t* num_classes) {
-  int64_t max_label = -1;
+std::vector<int64_t> read_npz_labels(const NpzFile& npz, const std::string& split,
+                                     const std::vector<std::string>& declared, std::vector<std::string>* classes) {
+  std::set<int64_t> seen;
   std::vector<int64_t> labels;
   for (const auto& s : npz_splits(npz)) {
     std::vector<int64_t> l = read_labels(npz, s + "_labels");
-    for (int64_t v : l) max_label = std::max(max_label, v);
+    seen.insert(l.begin(), l.end());
     if (s == split) labels = std::move(l);
   }
-  *num_classes = max_label + 1;
+  const int64_t max_label = seen.empty() ? -1 : *seen.rbegin();
+  // As for a manifest's integer labels (image_folder.h): an index without a sample in any split
+  // would be a model output that never trains, unless data.classes declares it.
+  const int64_t n_missing = max_label + 1 - static_cast<int64_t>(seen.size());
+  if (declared.empty() && n_missing > 0) {
+    std::string missing;
+    int64_t listed = 0;
+    for (int64_t k = 0; k <= max_label && listed < 10; ++k)
+      if (!seen.count(k)) missing += (listed++ ? ", " : "") + std::to_string(k);
+    LANCET_FAIL(npz.path() << ": labels are class indices 0-" << max_label << ", but " << n_missing
+                           << " of them have no sample in any split (" << missing << (n_missing > 10 ? ", ..." : "")
+                           << "): a class without images is a model output that never trains; relabel 0-"
+                           << seen.size() - 1 << ", or declare every class in data.classes");
+  }
+  *classes = index_class_names(npz.path(), max_label + 1, declared);
   return labels;
 }
 
@@ -383,9 +399,8 @@ std::unique_ptr<InMemoryDataset> load_npz_dataset(const std::string& path, const
                          for (const auto& x : splits) s += (s.empty() ? "" : ", ") + x;
                          return s.empty() ? std::string("none") : s;
                        }() << ")");
-  int64_t num_classes = 0;
-  std::vector<int64_t> labels = read_npz_labels(npz, split, &num_classes);
-  std::vector<std::string> classes = index_class_names(path, num_classes, opt.classes);
+  std::vector<std::string> classes;
+  std::vector<int64_t> labels = read_npz_labels(npz, split, opt.classes, &classes);
   const NpyArray images = read_npz_images(npz, split);
   const std::string where = path + ":" + split + "_images";
   const auto& sh = images.shape;

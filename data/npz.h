@@ -11,9 +11,10 @@
 // MedMNIST layout (load_npz_dataset): members <split>_images and <split>_labels for split in
 // train, val, test; images uint8 [N, H, W] (gray) or [N, H, W, 3] (RGB; [N, H, W, 1] is gray
 // too); labels [N] or [N, 1] of any integer type, values >= 0. Class names are "0".."k-1", k =
-// 1 + the largest label of every <split>_labels member, so all splits agree on them; with
-// data.classes (ImageLoadOptions::classes) they are its names, and a label >= its size is
-// refused naming the file.
+// 1 + the largest label of every <split>_labels member, so all splits agree on them, and every
+// index below k must have a sample in some split (labels {0, 5} are refused naming the missing
+// indices, as for a manifest's integer labels); with data.classes (ImageLoadOptions::classes)
+// they are its names, a label >= its size is refused naming the file, and gaps are allowed.
 #pragma once
 #include <cstdint>
 #include <map>
@@ -79,11 +80,13 @@ std::unique_ptr<InMemoryDataset> load_npz_dataset(const std::string& path, const
                                                   const ImageLoadOptions& opt);
 
 // The pieces of load_npz_dataset, for `lancet prep`: the images member of `split`, checked
-// (uint8, (N, H, W) or (N, H, W, 1|3)); the labels of `split` and the class count over every
-// split; image i with opt.recipe applied (a gray or RGB 8-bit image, widened to 16 bits at
-// opt.bit_depth 16; throws like the recipe).
+// (uint8, (N, H, W) or (N, H, W, 1|3)); the labels of `split` and, in `classes`, the class
+// names over every split (above: `declared`, or "0".."k-1" where a gap is refused); image i
+// with opt.recipe applied (a gray or RGB 8-bit image, widened to 16 bits at opt.bit_depth 16;
+// throws like the recipe).
 NpyArray read_npz_images(const NpzFile& npz, const std::string& split);
-std::vector<int64_t> read_npz_labels(const NpzFile& npz, const std::string& split, int64_t* num_classes);
+std::vector<int64_t> read_npz_labels(const NpzFile& npz, const std::string& split,
+                                     const std::vector<std::string>& declared, std::vector<std::string>* classes);
 DecodedImage npz_image(const NpyArray& images, int64_t i, const ImageLoadOptions& opt);
 
 // The splits of a MedMNIST .npz (names with both members), in train, val, test order first.

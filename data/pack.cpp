@@ -68,11 +68,11 @@ class Source {
  public:
   Source(const std::string& path, const ImageLoadOptions& opt) : path_(path), opt_(opt) {
     std::error_code ec;
-    if (fs::is_regular_file(path, ec)) {
-      npz_ = std::make_shared<NpzFile>(NpzFile::open(path));
-    } else {
-      LANCET_CHECK(fs::is_directory(path, ec), path << ": no such directory or .npz file");
-    }
+    LANCET_CHECK(fs::exists(path, ec), path << ": no such directory or .npz file");
+    const SourceKind kind = source_kind(path);
+    LANCET_CHECK(kind != SourceKind::pack, path << ": a pack from lancet prep already (train from it as it is; "
+                                                   "lancet prep reads folders, CSV manifests and .npz archives)");
+    if (kind == SourceKind::npz) npz_ = std::make_shared<NpzFile>(NpzFile::open(path));
   }
 
   std::vector<std::string> available(const std::vector<std::string>& wanted) const {
@@ -104,9 +104,7 @@ class Source {
   SplitSource open(const std::string& split, std::vector<std::string>* classes) const {
     SplitSource s;
     if (npz_) {
-      int64_t k = 0;
-      s.labels = read_npz_labels(*npz_, split, &k);
-      *classes = index_class_names(path_, k, opt_.classes);
+      s.labels = read_npz_labels(*npz_, split, opt_.classes, classes);
       auto images = std::make_shared<NpyArray>(read_npz_images(*npz_, split));
       LANCET_CHECK(images->shape[0] == static_cast<int64_t>(s.labels.size()),
                    path_ << ": " << images->shape[0] << " images but " << s.labels.size() << " labels in split '"
@@ -148,7 +146,7 @@ H5File::Elem elem_of(int bits) { return bits == 16 ? H5File::Elem::u16 : H5File:
 // data.dicom.window as the pack records it, and as errors show it.
 std::string window_json(const std::vector<double>& w) { return Json(w).dump(); }
 std::string window_text(const std::vector<double>& w) {
-  return w.empty() ? "[] (each file's own window, else min-max)" : window_json(w);
+  return w.empty() ? "null (each file's own window, else min-max)" : window_json(w);
 }
 
 int attr_int(const H5File& f, const char* name) {
@@ -226,6 +224,14 @@ std::vector<PackSplitSummary> write_pack(const std::string& source, const std::s
   std::vector<std::string> splits = opt.splits;
   if (splits.empty()) {
     splits = src.available({"train", "val", "test"});
+    if (splits.empty() && fs::exists(fs::path(source) / "manifest.csv")) {
+      const std::vector<std::string> present = manifest_splits(source);
+      LANCET_CHECK(!present.empty(), (fs::path(source) / "manifest.csv").string()
+                                         << ": no split column; a pack holds named splits: add a split column "
+                                            "(path,label,split)");
+      LANCET_FAIL(source << ": no train, val or test split; the manifest's split column has "
+                         << class_list_text(present) << ": name the splits to pack with --splits");
+    }
     LANCET_CHECK(!splits.empty(), source << ": no train, val or test split (sub-folders, a manifest split column or "
                                             "<split>_images arrays); name the splits to pack with --splits");
   }
@@ -442,6 +448,8 @@ PackSplit read_split(const std::string& path, const std::string& split, const Im
     LANCET_CHECK(out.labels[static_cast<size_t>(i)] >= 0 && out.labels[static_cast<size_t>(i)] < k,
                  path << ": label " << out.labels[static_cast<size_t>(i)] << " of " << split << " sample " << i
                       << " is outside the " << k << " classes");
+  // Images that lancet prep --on-bad-sample skip left out: training from the pack says so too.
+  const std::string left_out = f.get_attr(split, "skipped").value_or("0");
   if (note)
     *note = "pack " + path + ": split " + split + ", " + std::to_string(out.n) + " images " + std::to_string(S) + "x" +
             std::to_string(S) + "x" + std::to_string(C) + " " + dtype_name(bits) +
@@ -449,7 +457,9 @@ PackSplit read_split(const std::string& path, const std::string& split, const Im
             info.recipe_fingerprint +
             (info.dicom_files > 0 ? ", DICOM window " + window_text(info.dicom_window) : std::string()) +
             ", content hash " + hash + " verified" +
-            (keep_pixels ? "" : "; images read from the pack as needed (data.cache false)");
+            (keep_pixels ? "" : "; images read from the pack as needed (data.cache false)") +
+            (left_out == "0" ? "" : "; " + left_out + " bad source image(s) left out by lancet prep (listed in the split's "
+                                    "skipped_files attribute)");
   return out;
 }
 }  // namespace

@@ -127,10 +127,20 @@ class OpFields {
   std::string where_;
 };
 
+// "; YAML reads 'op:clahe' as one key: ..." when a key holds a colon and no value ({op:clahe},
+// written without the space YAML needs after a colon), else "".
+std::string glued_key_hint(const Json& obj) {
+  for (auto it = obj.begin(); it != obj.end(); ++it)
+    if (it.key().find(':') != std::string::npos && it->is_null())
+      return "; YAML reads '" + it.key() + "' as one key: write a space after the colon";
+  return "";
+}
+
 PreprocessOp parse_op(const Json& obj, const std::string& where) {
   LANCET_CHECK(obj.is_object(), where << ": expected an object with an \"op\" key, got " << obj.dump());
   const auto op_it = obj.find("op");
-  LANCET_CHECK(op_it != obj.end(), where << ".op: missing (each op is an object like {\"op\": \"resize\", ...})");
+  LANCET_CHECK(op_it != obj.end(), where << ".op: missing (each op is an object like {\"op\": \"resize\", ...})"
+                                         << glued_key_hint(obj));
   std::vector<std::string> names;
   for (Kind k : kKinds) names.emplace_back(preprocess_op_name(k));
   const std::string name = op_it->is_string() ? op_it->get<std::string>() : op_it->dump();
@@ -145,7 +155,8 @@ PreprocessOp parse_op(const Json& obj, const std::string& where) {
     if (it.key() == "op") continue;
     LANCET_CHECK(std::find(keys.begin(), keys.end(), it.key()) != keys.end(),
                  where << "." << it.key() << ": unknown key for " << name
-                       << (keys.empty() ? " (it takes no parameters)" : " (valid: " + join(keys) + ")"));
+                       << (keys.empty() ? " (it takes no parameters)" : " (valid: " + join(keys) + ")")
+                       << glued_key_hint(obj));
   }
 
   const OpFields f(obj, where);

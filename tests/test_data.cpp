@@ -1,5 +1,6 @@
 // data/: the synthetic chest X-ray generator, the image-folder loader (manifest and folder
-// layouts, errors), the class list (integer labels with gaps refused, data.classes: order,
+// layouts, errors; a byte-order mark, other split names, rows naming folders or DICOMs without
+// .dcm), the class list (integer labels with gaps refused, data.classes: order,
 // labels and class folders outside it), the written-PNG == in-memory contract, JPEG and 16-bit PNG decoding
 // against OpenCV, truncated JPEGs and unsupported depths, make_batch, and real images.
 #include <gtest/gtest.h>
@@ -257,6 +258,9 @@ TEST_F(DataTest, ClassFolderLayouts) {
   EXPECT_EQ(val->class_names(), (std::vector<std::string>{"normal", "opacity"}));
   expect_error([&] { load_image_dataset(s, "test", lo); }, {s, "test"});
   expect_error([&] { load_image_dataset(path("nowhere"), "", lo); }, {path("nowhere"), "no such directory"});
+  // Read without a split, the split folders would be classes without images: the error says so.
+  expect_error([&] { load_image_dataset(s, "", lo); },
+               {s + "/train", "no images, only the sub-folders [normal, opacity]", "if 'train' is a split of", "--split"});
 }
 
 // ---- the class list: inferred or declared (data.classes) ----------------------------------
@@ -386,6 +390,19 @@ TEST_F(DataTest, DataClassesConfigKey) {
   expect_error([&] { data_config(c); }, {"data.classes[1]", "empty"});
 }
 
+// YAML needs a space after a colon: --set 'data.preprocess=[{op:clahe}]' is one key "op:clahe"
+// with no value, and the error says so.
+TEST_F(DataTest, PreprocessOpWrittenWithoutTheSpaceYamlNeedsSaysSo) {
+  Json c = default_config();
+  apply_override(c, "data.preprocess=[{op:clahe}]");
+  expect_error([&] { data_config(c); },
+               {"data.preprocess[0].op: missing", "YAML reads 'op:clahe' as one key", "space after the colon"});
+  apply_override(c, "data.preprocess=[{op: clahe, clip_limit:2.0}]");
+  expect_error([&] { data_config(c); }, {"clip_limit:2.0: unknown key for clahe", "YAML reads 'clip_limit:2.0'"});
+  apply_override(c, "data.preprocess=[{op: clahe, clip_limit: 2.0}]");
+  EXPECT_NO_THROW(data_config(c));
+}
+
 TEST_F(DataTest, BadFilesAreNamed) {
   const std::string s = synth_folder();
   ImageLoadOptions lo;
@@ -405,6 +422,54 @@ TEST_F(DataTest, BadFilesAreNamed) {
   expect_error([&] { load_image_dataset(s, "train", lo); }, {"channels"});
   lo.channels = 3, lo.mean = {0.1f, 0.2f};
   expect_error([&] { load_image_dataset(s, "train", lo); }, {"mean"});
+}
+
+// A manifest row naming a folder, and a DICOM file named without .dcm (exported series often
+// are: IM0001, or UIDs), are refused saying so rather than "cannot read" or "cannot decode".
+TEST_F(DataTest, ManifestRowsNamingFoldersOrUnnamedDicomsSaySo) {
+  const std::string s = synth_folder();
+  ImageLoadOptions lo;
+  lo.image_size = 16;
+  fs::create_directories(path("m/scans/x.png"));
+  fs::create_directories(path("m/scans/y.dcm"));
+  copy(std::string(LANCET_SOURCE_DIR) + "/tests/data/real/dicom/pydicom__CT_small.dcm", "m/scans/1.2.840.113619.2.55");
+  for (const std::string rel : {"scans/x.png", "scans/y.dcm", "scans"}) {
+    write_text("m/manifest.csv", "path,label\n" + s + "/train/normal/0.png,a\n" + rel + ",b\n");
+    expect_error([&] { load_image_dataset(path("m"), "", lo); }, {path("m/" + rel), "a directory, not"});
+    // --on-bad-sample skip lists it as any other bad file.
+    const auto cached = load_cached_dataset(path("m"), "", lo, BadSample::skip);
+    EXPECT_EQ(cached->size(), 1);
+    ASSERT_EQ(cached->skipped().size(), 1u);
+    EXPECT_NE(cached->skipped()[0].find(path("m/" + rel) + ": a directory"), std::string::npos) << cached->skipped()[0];
+  }
+  write_text("m/manifest.csv", "path,label\n" + s + "/train/normal/0.png,a\nscans/1.2.840.113619.2.55,b\n");
+  expect_error([&] { load_image_dataset(path("m"), "", lo); },
+               {path("m/scans/1.2.840.113619.2.55"), "a DICOM file without the .dcm or .dicom extension"});
+}
+
+// Manifests as spreadsheets write them: a UTF-8 byte-order mark before the header (Excel's
+// "CSV UTF-8"); split names other than train/val are listed when the configured one has no
+// rows; a manifest without a split column says how to select its rows.
+TEST_F(DataTest, ManifestWithByteOrderMarkAndOtherSplitNames) {
+  const std::string s = synth_folder();
+  const std::string a = s + "/train/normal/0.png", b = s + "/train/opacity/1.png";
+  ImageLoadOptions lo;
+  lo.image_size = 16;
+  write_text("m/manifest.csv", "\xEF\xBB\xBFpath,label,split\r\n" + a + ",normal,Training\r\n" + b +
+                                   ",opacity,Training\r\n" + a + ",normal,Validation\r\n");
+  const auto train = load_image_dataset(path("m"), "Training", lo);
+  EXPECT_EQ(train->labels(), (std::vector<int64_t>{0, 1}));
+  EXPECT_EQ(train->class_names(), (std::vector<std::string>{"normal", "opacity"}));
+  EXPECT_EQ(manifest_splits(path("m")), (std::vector<std::string>{"Training", "Validation"}));
+  expect_error([&] { load_image_dataset(path("m"), "train", lo); },
+               {path("m/manifest.csv"), "no rows with split 'train'", "its split column has [Training, Validation]"});
+  // Quoted header names after the mark too.
+  write_text("q/manifest.csv", "\xEF\xBB\xBF\"path\",\"label\"\n\"" + a + "\",\"x\"\n");
+  EXPECT_EQ(load_image_dataset(path("q"), "", lo)->size(), 1);
+  EXPECT_TRUE(manifest_splits(path("q")).empty());
+  expect_error([&] { load_image_dataset(path("q"), "train", lo); },
+               {path("q/manifest.csv"), "no split column", "add a split column (path,label,split)",
+                "empty split name"});
 }
 
 namespace {

@@ -199,6 +199,10 @@ TEST(DicomReal, RefusedFilesGiveOneLineErrors) {
   expect_error([] { read_dicom(real("pydicom-data__OT-PAL-8-face.dcm")); },
                {"OT-PAL-8-face.dcm", "unsupported photometric interpretation", "PALETTE COLOR"});
   expect_error([] { read_dicom(real("nonexistent.dcm")); }, {"nonexistent.dcm", "no such file"});
+  const fs::path folder = fs::temp_directory_path() / ("lancet_dicom_" + std::to_string(::getpid()) + "_dir.dcm");
+  fs::create_directories(folder);
+  expect_error([&] { read_dicom(folder.string()); }, {folder.string(), "a directory, not a DICOM file"});
+  fs::remove(folder);
   const std::string png = std::string(LANCET_SOURCE_DIR) + "/tests/data/real/png_jpeg/txv__nih_00000001_000.png";
   expect_error([&] { read_dicom(png); }, {"txv__nih_00000001_000.png"});
 }

@@ -2,7 +2,7 @@
 // shapes, class balance; pixel sums computed with numpy), an archive written by numpy's
 // savez_compressed (tests/data/npz/make_npz.py), hand-built archives (stored and deflated
 // members, ZIP64, every integer label type, RGB), bit-identity with the same pixels loaded
-// from PNG files, and the one-line errors.
+// from PNG files, the one-line errors, and label gaps refused unless data.classes declares them.
 #include <gtest/gtest.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "data/image_dataset.h"
 #include "data/npz.h"
 #include "tests/expect_error.h"
 
@@ -322,4 +323,34 @@ TEST_F(NpzTest, Errors) {
   labels("count.npz", npy("|u1", {3}, Bytes{0, 1, 0}), {"count.npz", "2 images but 3 labels"});
   labels("neg.npz", npy("|i1", {2}, Bytes{0, 0xFF}), {"neg.npz", "label -1", "negative"});
   labels("flt.npz", npy("<f4", {2}, Bytes(8)), {"flt.npz", "integer array", "<f4"});
+}
+
+// Class indices without a sample in any split (labels {0, 5}; or {1, 2}, no 0) are refused as a
+// manifest's integer labels are: those outputs would never train. Declared, they are wanted.
+TEST_F(NpzTest, LabelGapsAreRefusedUnlessDeclared) {
+  const Bytes img = npy("|u1", {2, 3, 3}, pixels(2, 3, 3, 1));
+  ImageLoadOptions lo;
+  lo.image_size = 3;
+  // A gap in train is filled by val: the class list is every split's.
+  const std::string filled = write("filled.npz", make_zip({{"train_images", img},
+                                                           {"train_labels", npy("|u1", {2}, Bytes{0, 2})},
+                                                           {"val_images", img},
+                                                           {"val_labels", npy("|u1", {2}, Bytes{1, 0})}}));
+  EXPECT_EQ(load_npz_dataset(filled, "train", lo)->class_names(), (std::vector<std::string>{"0", "1", "2"}));
+  const std::string gap = write("gap.npz", make_zip({{"train_images", img},
+                                                     {"train_labels", npy("|u1", {2}, Bytes{0, 5})},
+                                                     {"val_images", img},
+                                                     {"val_labels", npy("|u1", {2}, Bytes{5, 0})}}));
+  for (const char* split : {"train", "val"}) {
+    expect_error([&] { load_npz_dataset(gap, split, lo); },
+                 {"gap.npz", "class indices 0-5", "4 of them have no sample in any split (1, 2, 3, 4)", "data.classes"});
+    expect_error([&] { load_cached_dataset(gap, split, lo); }, {"gap.npz", "(1, 2, 3, 4)"});
+  }
+  const std::string no_zero =
+      write("nozero.npz", make_zip({{"train_images", img}, {"train_labels", npy("|u1", {2}, Bytes{1, 2})}}));
+  expect_error([&] { load_npz_dataset(no_zero, "train", lo); }, {"nozero.npz", "1 of them have no sample", "(0)"});
+  lo.classes = {"c0", "c1", "c2", "c3", "c4", "c5"};
+  const auto ds = load_npz_dataset(gap, "train", lo);
+  EXPECT_EQ(ds->class_names(), lo.classes);
+  EXPECT_EQ(ds->labels(), (std::vector<int64_t>{0, 5}));
 }

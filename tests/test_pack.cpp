@@ -5,7 +5,8 @@
 // skipped and listed (--on-bad-sample skip); a killed prep's temporary files are removed; one
 // image per chunk (random access reads one chunk), gzip; progress lines; labels outside the
 // classes; declared classes (data.classes) packed and a mismatch refused; load_dataset
-// dispatch; 16-bit packs (data.bit_depth 16); the CLI.
+// dispatch; sources prep cannot pack (a pack, manifest.csv itself, a manifest without a split
+// column or with other split names) say what to do; 16-bit packs (data.bit_depth 16); the CLI.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -300,6 +301,46 @@ TEST_F(PackTest, NotAPackAndStalePacks) {
   expect_error([&] { load_dataset(path("nothing"), "train", ImageLoadOptions{}); }, {"nothing", "no such dataset"});
 }
 
+// What lancet prep cannot pack says what to do: a pack as the source, a manifest.csv named
+// instead of its folder, a manifest without a split column or with other split names.
+TEST_F(PackTest, UnpackableSourcesSayWhatToDo) {
+  const std::string src = synth("s", 4, 2);
+  const PackOptions po = pack_options(16, 1);
+  write_pack(src, path("p.h5"), po);
+  expect_error([&] { write_pack(path("p.h5"), path("q.h5"), po); }, {"p.h5", "a pack from lancet prep already"});
+  expect_error([&] { write_pack(src + "/manifest.csv", path("q.h5"), po); },
+               {"manifest.csv", "read from its folder", "(" + src + ")"});
+  expect_error([&] { load_dataset(src + "/manifest.csv", "train", po.load); }, {"read from its folder"});
+  EXPECT_EQ(source_kind(src), SourceKind::folder);
+  EXPECT_EQ(source_kind(path("p.h5")), SourceKind::pack);
+
+  std::ifstream in(src + "/manifest.csv");
+  std::string line, no_split = "path,label\n", renamed = "path,label,split\n";
+  std::getline(in, line);
+  while (std::getline(in, line)) {
+    const size_t c = line.rfind(',');
+    no_split += line.substr(0, c) + "\n";
+    renamed += line.substr(0, c) + (line.substr(c + 1) == "train" ? ",Training\n" : ",Validation\n");
+  }
+  for (const auto& [name, text] : std::vector<std::pair<std::string, std::string>>{{"n", no_split}, {"r", renamed}})
+    std::ofstream(path(name + "/manifest.csv")) << text;
+  fs::copy(src + "/train", path("n/train"), fs::copy_options::recursive);
+  fs::copy(src + "/val", path("n/val"), fs::copy_options::recursive);
+  fs::copy(src + "/train", path("r/train"), fs::copy_options::recursive);
+  fs::copy(src + "/val", path("r/val"), fs::copy_options::recursive);
+  EXPECT_TRUE(manifest_splits(path("n")).empty());
+  EXPECT_EQ(manifest_splits(path("r")), (std::vector<std::string>{"Training", "Validation"}));
+  expect_error([&] { write_pack(path("n"), path("q.h5"), po); },
+               {path("n/manifest.csv"), "no split column", "add a split column (path,label,split)"});
+  expect_error([&] { write_pack(path("r"), path("q.h5"), po); },
+               {"no train, val or test split", "split column has [Training, Validation]", "--splits"});
+  PackOptions named = po;
+  named.splits = {"Training", "Validation"};
+  write_pack(path("r"), path("r.h5"), named);
+  EXPECT_EQ(read_pack_info(path("r.h5")).splits, (std::vector<std::string>{"Training", "Validation"}));
+  EXPECT_TRUE(leftovers("q.h5").empty());
+}
+
 TEST_F(PackTest, DicomWindowIsPartOfThePack) {
   if (!dicom_supported()) GTEST_SKIP() << "built without DCMTK";
   const std::string src = synth("d", 4, 2);
@@ -319,16 +360,16 @@ TEST_F(PackTest, DicomWindowIsPartOfThePack) {
   // ...and is refused, naming both windows, under another window or none (the files' own).
   lo.dicom_window.clear();
   expect_error([&] { load_pack_dataset(path("w.h5"), "train", lo); },
-               {"w.h5", "data.dicom.window [40.0,400.0]", "data.dicom.window is [] (each file's own window",
+               {"w.h5", "data.dicom.window [40.0,400.0]", "data.dicom.window is null (each file's own window",
                 "lancet prep"});
-  expect_error([&] { load_cached_dataset(path("w.h5"), "val", lo); }, {"w.h5", "[40.0,400.0]", "[]"});
+  expect_error([&] { load_cached_dataset(path("w.h5"), "val", lo); }, {"w.h5", "[40.0,400.0]", "null"});
   lo.dicom_window = {50, 400};
   expect_error([&] { load_pack_dataset(path("w.h5"), "train", lo); }, {"[40.0,400.0]", "is [50.0,400.0]"});
   // A pack made without a window is refused under one.
   po.load.dicom_window.clear();
   write_pack(src, path("own.h5"), po);
   EXPECT_TRUE(read_pack_info(path("own.h5")).dicom_window.empty());
-  expect_error([&] { load_pack_dataset(path("own.h5"), "val", lo); }, {"own.h5", "[] (each file's own", "[50.0,400.0]"});
+  expect_error([&] { load_pack_dataset(path("own.h5"), "val", lo); }, {"own.h5", "null (each file's own", "[50.0,400.0]"});
   // Without DICOM images the window changes nothing, so it is not checked.
   write_pack(synth("png", 2, 2), path("png.h5"), po);
   EXPECT_EQ(read_pack_info(path("png.h5")).dicom_files, 0);
@@ -484,7 +525,9 @@ TEST_F(PackTest, PrepSkipsBadImagesWhenAskedAndListsThem) {
   EXPECT_EQ(f.get_attr("val", "skipped"), std::optional<std::string>("1"));
   EXPECT_EQ(f.shape_of("train/images"), (Shape{6, 16, 16}));
   for (const char* split : {"train", "val"}) {
-    const auto from_pack = load_cached_dataset(path("s.h5"), split, po.load);
+    std::string note;  // training from the pack says that prep left images out
+    const auto from_pack = load_cached_dataset(path("s.h5"), split, po.load, BadSample::error, &note);
+    EXPECT_NE(note.find("1 bad source image(s) left out by lancet prep"), std::string::npos) << note;
     const auto from_src = load_cached_dataset(src, split, po.load, BadSample::skip);
     ASSERT_EQ(from_pack->size(), from_src->size()) << split;
     EXPECT_EQ(from_pack->labels(), from_src->labels()) << split;
