@@ -227,6 +227,7 @@ void run_bench_data(const BenchDataArgs& a, const ConfigArgs& args, bool json) {
                     {"batch_size", tc.batch_size},
                     {"batches", a.batches},
                     {"prefetch", dc.prefetch},
+                    {"cache", dc.cache},
                     {"sampler", dc.sampler},
                     {"preprocess", dc.preprocess},
                     {"augment", lo.augment.to_json()},

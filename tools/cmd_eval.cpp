@@ -127,7 +127,7 @@ void register_eval(CLI::App& app) {
   };
   auto a = std::make_shared<Args>();
   sub->add_option("--weights", a->weights, "weights file (interchange HDF5)")->required()->check(CLI::ExistingFile);
-  sub->add_option("--split", a->split, "split to evaluate (manifest split or sub-folder; '' = all)");
+  sub->add_option("--split", a->split, "split to evaluate (manifest split or sub-folder; '' = every row of a manifest without a split column, or a folder of class folders)");
   sub->add_option("--report", a->report, "also write the full report as JSON to this file");
   sub->add_option("--predictions", a->predictions,
                   "write per-sample rows (index,label,predicted,prob_<class>...) as CSV to this file");

@@ -346,7 +346,7 @@ DataSplits load_data(const DataConfig& cfg, std::ostream& log) {
     return ds;
   };
   d.train = load(cfg.train_split);
-  d.val = load(cfg.val_split);
+  d.val = cfg.val_split == cfg.train_split ? d.train : load(cfg.val_split);
   LANCET_CHECK(d.train->size() > 0, dir << ": no training images (split '" << cfg.train_split << "')");
   LANCET_CHECK(d.train->class_names() == d.val->class_names(),
                dir << ": training and validation splits have different classes");

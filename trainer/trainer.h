@@ -151,10 +151,11 @@ TrainSummary run_training(const Json& config, Communicator& comm, std::ostream& 
 // The datasets a config names: the folder in data.dir, or (dir empty) the default job's
 // synthetic chest X-ray set, generated once into the cache folder and reused.
 struct DataSplits {
-  std::unique_ptr<Dataset> train, val;
+  std::shared_ptr<const Dataset> train, val;  // one dataset when both name the same split
   std::string source;  // for the log
 };
-// Both splits are CachedImageDataset (data/image_dataset.h): 8-bit images, normalised on read.
+// Both splits are CachedImageDataset (data/image_dataset.h): 8- or 16-bit images (data.bit_depth),
+// normalised on read. When data.val_split names data.train_split (lancet eval) it is loaded once.
 // With data.on_bad_sample skip, the files dropped are listed in the log (skipped_report).
 DataSplits load_data(const DataConfig& cfg, std::ostream& log);
 // "data.on_bad_sample skip: N bad <split> file(s) skipped (not used):" and one indented line
