@@ -162,6 +162,15 @@ TEST(Metrics, PredictionsCsv) {
             "0,0,0,0.75,0.25\n"
             "1,0,1,0.25,0.75\n"
             "2,1,1,0.5,0.5\n");
+  // With each sample's source (quoted where CSV needs it).
+  std::ostringstream with;
+  write_predictions_csv(with, r, probs, {"a/x.png", "b,y.png", "pack.h5:val[2]"});
+  EXPECT_EQ(with.str(),
+            "index,source,label,predicted,prob_normal,\"prob_covid,19\"\n"
+            "0,a/x.png,0,0,0.75,0.25\n"
+            "1,\"b,y.png\",0,1,0.25,0.75\n"
+            "2,pack.h5:val[2],1,1,0.5,0.5\n");
+  expect_error([&] { write_predictions_csv(with, r, probs, {"one"}); }, {"predictions csv", "1 sources for 3 samples"});
 }
 
 TEST(Metrics, ReportErrorsNameTheCause) {

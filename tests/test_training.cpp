@@ -89,8 +89,16 @@ TEST(Training, RunFolderHoldsMetricsAndWeights) {
   EXPECT_EQ(report["compute"]["precision"], "fp32");
   std::ifstream csv(tmp / "p.csv");
   int rows = 0;
-  for (std::string line; std::getline(csv, line);) ++rows;
+  std::string header, first;
+  for (std::string line; std::getline(csv, line); ++rows) {
+    if (rows == 0) header = line;
+    if (rows == 1) first = line;
+  }
   EXPECT_EQ(rows, 1 + 64);
+  // Each row says which image it is: its file in the synthetic set's folder.
+  EXPECT_EQ(header.rfind("index,source,label,predicted,prob_", 0), 0u) << header;
+  EXPECT_EQ(first.rfind("0," + (tmp / "cache"), 0), 0u) << first;
+  EXPECT_NE(first.find(".png,"), std::string::npos) << first;
   r = run_lancet_env(env, "eval --weights " + (tmp / "run/final.h5") + " " + flags + " --precision fp16 --report " +
                               (tmp / "r16.json"));
   ASSERT_EQ(r.status, 0) << r.output;

@@ -379,16 +379,21 @@ std::string ClassificationReport::to_text() const {
   return os.str();
 }
 
-void write_predictions_csv(std::ostream& os, const ClassificationReport& report, const std::vector<float>& probs) {
+void write_predictions_csv(std::ostream& os, const ClassificationReport& report, const std::vector<float>& probs,
+                           const std::vector<std::string>& sources) {
   const size_t n = report.predicted.size(), k = static_cast<size_t>(report.num_classes);
   LANCET_CHECK(probs.size() == n * k, "predictions csv: probs has " << probs.size() << " values, the report "
                                                                     << n << " samples x " << k << " classes");
-  os << "index,label,predicted";
+  LANCET_CHECK(sources.empty() || sources.size() == n,
+               "predictions csv: " << sources.size() << " sources for " << n << " samples");
+  os << (sources.empty() ? "index,label,predicted" : "index,source,label,predicted");
   for (const auto& name : report.class_names) os << "," << csv_field("prob_" + name);
   const std::streamsize precision = os.precision(std::numeric_limits<float>::max_digits10);  // round-trips
   os << "\n";
   for (size_t i = 0; i < n; ++i) {
-    os << i << "," << report.labels[i] << "," << report.predicted[i];
+    os << i << ",";
+    if (!sources.empty()) os << csv_field(sources[i]) << ",";
+    os << report.labels[i] << "," << report.predicted[i];
     for (size_t c = 0; c < k; ++c) os << "," << probs[i * k + c];
     os << "\n";
   }

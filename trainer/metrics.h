@@ -91,7 +91,9 @@ ClassificationReport classification_report(const std::vector<float>& probs, cons
                                            int num_classes, const std::vector<std::string>& class_names,
                                            const ReportOptions& options = {});
 
-// One CSV row per sample: index,label,predicted,prob_<class>... (labels as class indices).
-void write_predictions_csv(std::ostream& os, const ClassificationReport& report, const std::vector<float>& probs);
+// One CSV row per sample: index,label,predicted,prob_<class>... (labels as class indices); with
+// `sources` (one per sample: where it came from, e.g. its file), index,source,label,...
+void write_predictions_csv(std::ostream& os, const ClassificationReport& report, const std::vector<float>& probs,
+                           const std::vector<std::string>& sources = {});
 
 }  // namespace lancet
