@@ -57,6 +57,12 @@ CachedImageDataset::CachedImageDataset(SampleSource source, std::vector<int64_t>
                  names_[i] << ": label " << labels_[i] << " is outside the " << k << " classes");
 }
 
+void CachedImageDataset::set_origins(std::vector<std::string> origins) {
+  LANCET_CHECK(origins.size() == labels_.size(),
+               "CachedImageDataset: " << origins.size() << " origins for " << labels_.size() << " samples");
+  origins_ = std::move(origins);
+}
+
 const uint8_t* CachedImageDataset::pixels(int64_t i) const {
   LANCET_CHECK(!streaming(), name(i) << ": the dataset streams its samples (data.cache false): no cached pixels");
   return pixels_.data() + static_cast<size_t>(i) * per_;
@@ -205,17 +211,23 @@ std::unique_ptr<CachedImageDataset> load_pack(const std::string& path, const std
     PackSplit p = check_pack_split(path, split, opt, note);  // hash verified; no pixels kept
     for (int64_t i = 0; i < p.n; ++i) names.push_back(path + ":" + split + "[" + std::to_string(i) + "]");
     auto reader = std::make_shared<const PackReader>(path);
-    return build(
+    auto ds = build(
         p.n, [reader, split](int64_t i) { return reader->image(split, i); }, std::move(p.labels),
         std::move(p.classes), std::move(names), opt, on_bad, /*stream=*/true);
+    if (!p.sources.empty()) ds->set_origins(std::move(p.sources));
+    return ds;
   }
   PackSplit p = read_pack_split(path, split, opt, note);
   for (int64_t i = 0; i < p.n; ++i) names.push_back(path + ":" + split + "[" + std::to_string(i) + "]");
   const size_t per = image_bytes(p.size, p.size, p.channels, p.bits);
-  if (p.size == opt.image_size && p.channels == opt.channels)  // as stored: nothing to convert
-    return std::make_unique<CachedImageDataset>(std::move(p.pixels), std::move(p.labels), std::move(p.classes),
-                                                std::move(names), opt);
-  return build(
+  std::unique_ptr<CachedImageDataset> ds;
+  if (p.size == opt.image_size && p.channels == opt.channels) {  // as stored: nothing to convert
+    ds = std::make_unique<CachedImageDataset>(std::move(p.pixels), std::move(p.labels), std::move(p.classes),
+                                              std::move(names), opt);
+    if (!p.sources.empty()) ds->set_origins(std::move(p.sources));
+    return ds;
+  }
+  ds = build(
       p.n,
       [&](int64_t i) {
         DecodedImage img;
@@ -227,6 +239,8 @@ std::unique_ptr<CachedImageDataset> load_pack(const std::string& path, const std
         return img;
       },
       std::move(p.labels), std::move(p.classes), std::move(names), opt, on_bad, /*stream=*/false);
+  if (!p.sources.empty()) ds->set_origins(std::move(p.sources));  // build drops nothing from a checked pack
+  return ds;
 }
 
 }  // namespace

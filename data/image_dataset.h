@@ -73,13 +73,20 @@ class CachedImageDataset final : public Dataset {
   int bits() const { return opt_.bit_depth; }
   const std::vector<int64_t>& labels() const { return labels_; }
   const std::string& name(int64_t i) const { return names_[static_cast<size_t>(i)]; }
+  // The file sample i was made from: for a pack, the source file lancet prep recorded
+  // (relative to the folder it packed; packs without the record: name(i)); else name(i).
+  const std::string& origin(int64_t i) const {
+    return origins_.empty() ? name(i) : origins_[static_cast<size_t>(i)];
+  }
+  // Sets origin(i) for every sample (one each; throws otherwise).
+  void set_origins(std::vector<std::string> origins);
   const std::vector<std::string>& skipped() const { return skipped_; }
   const ImageLoadOptions& options() const { return opt_; }
 
  private:
   std::vector<uint8_t> pixels_;
   std::vector<int64_t> labels_;
-  std::vector<std::string> class_names_, names_, skipped_;
+  std::vector<std::string> class_names_, names_, skipped_, origins_;
   ImageLoadOptions opt_;
   size_t per_;  // bytes an image
   SampleSource source_;  // streaming; empty when cached

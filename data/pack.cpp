@@ -140,6 +140,12 @@ std::string recipe_fingerprint(const ImageLoadOptions& opt) {
 std::string recipe_json(const ImageLoadOptions& opt) {
   return (opt.recipe ? opt.recipe->to_json() : PreprocessRecipe().to_json()).dump();
 }
+// `name` relative to the folder `source` when it lies inside it, else as it is.
+std::string relative_to(const std::string& name, const std::string& source) {
+  const fs::path rel = fs::path(name).lexically_relative(source);
+  return rel.empty() || *rel.begin() == ".." ? name : rel.string();
+}
+
 const char* dtype_name(int bits) { return bits == 16 ? "uint16" : "uint8"; }
 H5File::Elem elem_of(int bits) { return bits == 16 ? H5File::Elem::u16 : H5File::Elem::u8; }
 
@@ -268,7 +274,8 @@ std::vector<PackSplitSummary> write_pack(const std::string& source, const std::s
     f.create_chunked(images, elem_of(bits), dims, chunk, opt.gzip);
     PackSplitSummary sum;
     sum.name = split;
-    std::vector<int64_t> labels;  // of the images kept, in source order
+    std::vector<int64_t> labels;        // of the images kept, in source order
+    std::vector<std::string> sources;  // their files, relative to the packed folder
     uint64_t h = kFnvOffset;
     std::vector<uint8_t> block;
     const auto t0 = Clock::now();
@@ -300,6 +307,7 @@ std::vector<PackSplitSummary> write_pack(const std::string& source, const std::s
         }
         if (kept != j) std::memmove(block.data() + kept * per, block.data() + j * per, static_cast<size_t>(per));
         labels.push_back(s.labels[static_cast<size_t>(b0 + j)]);
+        sources.push_back(relative_to(s.names[static_cast<size_t>(b0 + j)], source));
         if (is_dicom_path(s.names[static_cast<size_t>(b0 + j)])) ++dicom_files;
         ++kept;
       }
@@ -324,6 +332,10 @@ std::vector<PackSplitSummary> write_pack(const std::string& source, const std::s
     Tensor lt = Tensor::empty({sum.count}, DType::i64);
     std::copy(labels.begin(), labels.end(), lt.data<int64_t>());
     f.write(split + "/labels", lt);
+    const std::string listed = Json(sources).dump();
+    Tensor st = Tensor::empty({static_cast<int64_t>(listed.size())}, DType::u8);
+    std::copy(listed.begin(), listed.end(), st.data<uint8_t>());
+    f.write(split + "/sources", st);
     sum.hash = hex16(h);
     sum.per_class.assign(classes.size(), 0);
     for (int64_t l : labels)
@@ -448,6 +460,19 @@ PackSplit read_split(const std::string& path, const std::string& split, const Im
     LANCET_CHECK(out.labels[static_cast<size_t>(i)] >= 0 && out.labels[static_cast<size_t>(i)] < k,
                  path << ": label " << out.labels[static_cast<size_t>(i)] << " of " << split << " sample " << i
                       << " is outside the " << k << " classes");
+  if (f.has(split + "/sources")) {
+    const Tensor st = f.read(split + "/sources");
+    LANCET_CHECK(st.dtype() == DType::u8 && st.ndim() == 1, path << ": '" << split << "/sources' must be uint8 [bytes]");
+    try {
+      out.sources = Json::parse(std::string(st.data<uint8_t>(), st.data<uint8_t>() + st.numel()))
+                        .get<std::vector<std::string>>();
+    } catch (const std::exception&) {
+      LANCET_FAIL(path << ": '" << split << "/sources' is damaged (not a JSON list of file names; run lancet prep again)");
+    }
+    LANCET_CHECK(static_cast<int64_t>(out.sources.size()) == out.n,
+                 path << ": '" << split << "/sources' names " << out.sources.size() << " files for " << out.n
+                      << " images (damaged; run lancet prep again)");
+  }
   // Images that lancet prep --on-bad-sample skip left out: training from the pack says so too.
   const std::string left_out = f.get_attr(split, "skipped").value_or("0");
   if (note)

@@ -15,6 +15,10 @@
 //                     chunk ([1, S, S(, 3)]) so that one sample is one chunk read; optionally
 //                     gzip-compressed
 //   /<split>/labels   int64 [N]
+//   /<split>/sources  uint8 [bytes]: a JSON list of the N source files the images were made from
+//                     (relative to the packed folder; an .npz's "<path>:<split>_images[i]"), for
+//                     reports (lancet eval --predictions); not part of the hash; optional (packs
+//                     made before it was written have none)
 //   /<split>          attributes: hash, 16 hex digits, FNV-1a 64-bit over the images' bytes in
 //                     C order (uint16 samples little-endian), then the labels as int64
 //                     little-endian; skipped, the number of
@@ -112,6 +116,7 @@ struct PackSplit {
   int size = 0, channels = 0;
   int bits = 8;
   std::vector<int64_t> labels;
+  std::vector<std::string> sources;  // /<split>/sources, when the pack has it (else empty)
   std::vector<std::string> classes;
 };
 PackSplit read_pack_split(const std::string& path, const std::string& split, const ImageLoadOptions& opt,

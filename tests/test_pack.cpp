@@ -122,6 +122,30 @@ TEST_F(PackTest, FolderPackLoadsBitIdenticalToTheFolder) {
   }
 }
 
+// A pack records the file each image was made from (/<split>/sources): a pack-trained model's
+// per-sample report (lancet eval --predictions) can name the files, cached, streamed or resized.
+TEST_F(PackTest, PacksRecordTheirSourceFilesForReports) {
+  const std::string src = synth("s", 4, 2);
+  const PackOptions po = pack_options(24, 1);
+  write_pack(src, path("s.h5"), po);
+  for (const char* split : {"train", "val"}) {
+    const auto from_src = load_cached_dataset(src, split, po.load);
+    for (int size : {24, 16})
+      for (bool stream : {false, true}) {
+        ImageLoadOptions lo = po.load;
+        lo.image_size = size;
+        const auto from_pack = load_cached_dataset(path("s.h5"), split, lo, BadSample::error, nullptr, stream);
+        ASSERT_EQ(from_pack->size(), from_src->size());
+        for (int64_t i = 0; i < from_pack->size(); ++i) {
+          EXPECT_EQ(from_pack->origin(i), fs::path(from_src->name(i)).lexically_relative(src).string()) << split << i;
+          EXPECT_EQ(from_pack->name(i), path("s.h5") + ":" + split + "[" + std::to_string(i) + "]");
+          EXPECT_EQ(from_src->origin(i), from_src->name(i));
+        }
+      }
+  }
+  EXPECT_EQ(read_pack_split(path("s.h5"), "val", po.load).sources.size(), 2u);
+}
+
 TEST_F(PackTest, RgbManifestAndRecipeAndNpz) {
   // A manifest of real images: the fundus photo (RGB JPEG) and a chest X-ray (gray PNG).
   fs::copy_file(kReal + "png_jpeg/napari__fundus_normal_right_eye_600px.jpg", path("m/a.jpg"));

@@ -131,7 +131,7 @@ void register_eval(CLI::App& app) {
   sub->add_option("--split", a->split, "split to evaluate (manifest split or sub-folder; '' = every row of a manifest without a split column, or a folder of class folders)");
   sub->add_option("--report", a->report, "also write the full report as JSON to this file");
   sub->add_option("--predictions", a->predictions,
-                  "write per-sample rows (index,source,label,predicted,prob_<class>...; source: the file, or pack:split[i]) as CSV to this file");
+                  "write per-sample rows (index,source,label,predicted,prob_<class>...; source: the file, for a pack the file it was packed from) as CSV to this file");
   sub->add_option("--threshold", a->threshold, "binary tasks: predict class 1 when P(class 1) >= T (default 0.5)");
   sub->add_option("--target-sensitivity", a->target_sensitivity,
                   "binary tasks: also report the largest threshold reaching this sensitivity, in (0, 1]");
@@ -201,10 +201,11 @@ void register_eval(CLI::App& app) {
       write_atomically(a->report, [&](std::ostream& os) { os << j.dump(2) << "\n"; });
     }
     if (!a->predictions.empty()) {
-      // Where each sample came from (its file; "<pack>:<split>[i]" for a pack), for error analysis.
+      // Where each sample came from (its file; for a pack, the file it was packed from), for
+      // error analysis.
       std::vector<std::string> sources;
       if (const auto* cached = dynamic_cast<const CachedImageDataset*>(data.val.get()))
-        for (int64_t i = 0; i < cached->size(); ++i) sources.push_back(cached->name(i));
+        for (int64_t i = 0; i < cached->size(); ++i) sources.push_back(cached->origin(i));
       write_atomically(a->predictions, [&](std::ostream& os) { write_predictions_csv(os, report, r.probs, sources); });
     }
   });
