@@ -256,7 +256,10 @@ cv::Mat clahe16(const cv::Mat& in, double clip_limit, int grid) {
   if (in.cols % grid != 0 || in.rows % grid != 0)  // as cv::CLAHE extends (a whole extra tile row when divisible)
     cv::copyMakeBorder(in, src, 0, grid - in.rows % grid, 0, grid - in.cols % grid, cv::BORDER_REFLECT_101);
   const int tw = src.cols / grid, th = src.rows / grid, total = tw * th;
-  const int clip = std::max(1, static_cast<int>(clip_limit * total / kLevels));
+  // A clip at or above the tile's pixel count clips nothing (and a huge clip_limit must not
+  // overflow the int).
+  const double clip_at = clip_limit * total / kLevels;
+  const int clip = clip_at >= total ? total : std::max(1, static_cast<int>(clip_at));
   const auto level = [](uint16_t v) { return static_cast<int>((2u * v + 257u) / 514u); };  // round(v / 257)
   std::vector<float> curves(static_cast<size_t>(grid) * grid * kLevels);
   std::vector<int> hist(kLevels);

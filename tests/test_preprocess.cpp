@@ -386,6 +386,18 @@ TEST(Preprocess, Clahe16HasThe8BitMeaning) {
       // And it enhances as much as the 8-bit operator: not cv::CLAHE's 16-bit near no-op.
       EXPECT_GT(cv::norm(want, g8, cv::NORM_L1), 0) << what;
     }
+  // A clip limit far above any tile's pixel count clips nothing, as a merely large one does at
+  // 8 bits (and overflows nothing).
+  {
+    cv::Mat g16;
+    gray8().convertTo(g16, CV_16U, 257.0);
+    const cv::Mat got = apply(recipe(R"([{"op":"clahe","clip_limit":1e12}])"), g16);
+    const cv::Mat want = direct_clahe(gray8(), 1000.0, 8);
+    for (int y = 0; y < got.rows; ++y)
+      for (int x = 0; x < got.cols; ++x)
+        ASSERT_LE(std::abs(static_cast<int>(std::lround(got.at<uint16_t>(y, x) / 257.0)) - want.at<uint8_t>(y, x)), 1)
+            << y << "," << x;
+  }
   // Detail within a level: a ramp over 2000 16-bit values (8 8-bit levels), one tile. The
   // output rises with the input (one curve, read between levels) through far more than the
   // 8 or so values an 8-bit result can take.
